@@ -1,0 +1,159 @@
+//! The static memory budget: the worst case of every fixed-capacity buffer, computed from
+//! the config, line by line. `check-config` prints it; `run` refuses a config whose total
+//! exceeds `budget.memory_mib`.
+
+use crate::config::Config;
+
+/// Bytes a panel session may queue for its socket before it stops reading the journal.
+pub const PANEL_WRITE_BUFFER: usize = 16 * 1024;
+/// Bytes of inbound frames a panel session buffers (client ops are at most 4 KiB).
+pub const PANEL_READ_BUFFER: usize = 8 * 1024;
+/// Per-panel state besides buffers: cursor, filters, task.
+pub const PANEL_STATE: usize = 4 * 1024;
+/// `SO_SNDBUF` asked for each panel socket (the kernel doubles it for bookkeeping).
+pub const PANEL_SNDBUF: usize = 16 * 1024;
+/// Most filters one panel may hold.
+pub const MAX_FILTERS: usize = 8;
+/// Largest inbound panel frame.
+pub const MAX_CLIENT_FRAME: usize = 4 * 1024;
+/// Per-journal-slot index overhead.
+pub const JOURNAL_SLOT: usize = 16;
+/// Executable, runtime, allocator and thread stacks in use: a measured ceiling.
+pub const RUNTIME_BASE: usize = 8 << 20;
+/// Per AMQP link: decode buffers and the tracker entry of each unsettled delivery.
+pub const AMQP_LINK: usize = 64 * 1024;
+pub const TRACKER_ENTRY: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub item: &'static str,
+    pub detail: String,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    pub lines: Vec<Line>,
+    pub limit_bytes: usize,
+}
+
+impl Budget {
+    pub fn total(&self) -> usize {
+        self.lines.iter().map(|l| l.bytes).sum()
+    }
+
+    pub fn fits(&self) -> bool {
+        self.total() <= self.limit_bytes
+    }
+
+    /// The budget as a table.
+    pub fn render(&self) -> String {
+        let mut s = String::from("memory budget (worst case)\n");
+        for l in &self.lines {
+            s += &format!("  {:<28} {:>10}  {}\n", l.item, mib(l.bytes), l.detail);
+        }
+        s += &format!("  {:<28} {:>10}\n", "total", mib(self.total()));
+        s += &format!(
+            "  {:<28} {:>10}  {}\n",
+            "budget.memory_mib",
+            mib(self.limit_bytes),
+            if self.fits() { "ok" } else { "EXCEEDED" }
+        );
+        s
+    }
+}
+
+fn mib(b: usize) -> String {
+    format!("{:.2} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// The worst-case memory this config can use.
+pub fn compute(c: &Config) -> Budget {
+    let j = &c.journal;
+    let entry = crate::event::max_entry_bytes(j.max_event_bytes);
+    let links = c.source.subscriptions.len();
+    let mut lines = vec![
+        Line {
+            item: "journal index",
+            detail: format!("{} events x {} B", j.events, JOURNAL_SLOT),
+            bytes: j.events * JOURNAL_SLOT,
+        },
+        Line {
+            item: "journal frames",
+            detail: format!(
+                "journal.memory_mib; one event encodes to {} B at most",
+                entry
+            ),
+            bytes: j.memory_mib << 20,
+        },
+        Line {
+            item: "amqp receive window",
+            detail: format!(
+                "{} unsettled x {} B body + {} link(s) x {} B",
+                j.unsettled, j.max_event_bytes, links, AMQP_LINK
+            ),
+            bytes: j.unsettled * (j.max_event_bytes + TRACKER_ENTRY) + links * AMQP_LINK,
+        },
+        Line {
+            item: "panel sessions",
+            detail: format!(
+                "{} panels x ({} B write + {} B read + {} B state)",
+                c.panels.max_panels, PANEL_WRITE_BUFFER, PANEL_READ_BUFFER, PANEL_STATE
+            ),
+            bytes: c.panels.max_panels * (PANEL_WRITE_BUFFER + PANEL_READ_BUFFER + PANEL_STATE),
+        },
+        Line {
+            item: "panel socket buffers",
+            detail: format!(
+                "{} panels x 2 x SO_SNDBUF {} B (kernel)",
+                c.panels.max_panels, PANEL_SNDBUF
+            ),
+            bytes: c.panels.max_panels * 2 * PANEL_SNDBUF,
+        },
+    ];
+    if let Some(m) = &c.mqtt {
+        lines.push(Line {
+            item: "mqtt in-flight",
+            detail: format!("{} publishes x {} B", m.inflight, entry),
+            bytes: m.inflight * entry + 64 * 1024,
+        });
+    }
+    lines.push(Line {
+        item: "runtime base",
+        detail: "executable, runtime, allocator, stacks".into(),
+        bytes: RUNTIME_BASE,
+    });
+    Budget {
+        lines,
+        limit_bytes: c.budget.memory_mib << 20,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, LoadEnv};
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!(
+            "[source]\nconnection_string = \"Endpoint=sb://h/;SharedAccessKeyName=k;SharedAccessKey=v\"\n[[source.subscriptions]]\ntopic = \"t\"\nsubscription = \"s\"\n{extra}"
+        );
+        Config::parse(&text, &LoadEnv::default()).unwrap()
+    }
+
+    #[test]
+    fn defaults_fit_the_default_budget() {
+        let b = compute(&cfg("[mqtt]\n"));
+        assert!(b.fits(), "{}", b.render());
+        assert!(b.render().contains("journal frames"));
+    }
+
+    #[test]
+    fn budget_grows_with_panels_and_can_be_exceeded() {
+        let small = compute(&cfg(""));
+        let big = compute(&cfg("[panels]\nmax_panels = 5000\n"));
+        assert!(big.total() > small.total());
+        assert!(!big.fits());
+        assert!(big.render().contains("EXCEEDED"));
+    }
+}

@@ -1,0 +1,305 @@
+//! The command line (DESIGN §4). Exit codes: 0 ok, 1 bad config or input, 2 runtime
+//! failure.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{self, Config};
+
+pub const USAGE: &str = "\
+asb-gateway — Azure Service Bus topic subscriptions to WebSocket panels and MQTT
+
+Usage:
+  asb-gateway run [--config FILE]            run the daemon (default /etc/asb-gateway/config.toml)
+  asb-gateway check-config [--config FILE]   validate a config and print its memory budget
+  asb-gateway demo [--listen ADDR] [--mqtt URL] [--rate N]
+                                             emulator + event generator + gateway + panel page
+  asb-gateway emulator [--listen ADDR] [--config FILE] [--admin ADDR]
+                                             the ASB emulator alone
+  asb-gateway --version | --help
+
+Exit codes: 0 ok, 1 bad config or input, 2 runtime failure.
+";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Run {
+        config: PathBuf,
+    },
+    CheckConfig {
+        config: PathBuf,
+    },
+    Demo {
+        listen: SocketAddr,
+        mqtt: Option<String>,
+        rate: f64,
+    },
+    Emulator {
+        listen: SocketAddr,
+        config: Option<PathBuf>,
+        admin: Option<SocketAddr>,
+    },
+    Help,
+    Version,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl From<lexopt::Error> for UsageError {
+    fn from(e: lexopt::Error) -> Self {
+        UsageError(e.to_string())
+    }
+}
+
+fn addr(v: OsString, what: &str) -> Result<SocketAddr, UsageError> {
+    let s = v.to_string_lossy();
+    s.parse().map_err(|_| {
+        UsageError(format!(
+            "{what}: '{s}' is not an address such as 127.0.0.1:8080"
+        ))
+    })
+}
+
+/// Parse the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageError> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let sub = match p.next()? {
+        None => return Err(UsageError("no command given; try --help".into())),
+        Some(Long("help")) | Some(Short('h')) => return Ok(Command::Help),
+        Some(Long("version")) | Some(Short('V')) => return Ok(Command::Version),
+        Some(Value(v)) => v.to_string_lossy().into_owned(),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let mut config: Option<PathBuf> = None;
+    let mut listen: Option<SocketAddr> = None;
+    let mut admin: Option<SocketAddr> = None;
+    let mut mqtt: Option<String> = None;
+    let mut rate: f64 = 5.0;
+    while let Some(arg) = p.next()? {
+        match (sub.as_str(), arg) {
+            (_, Long("help") | Short('h')) => return Ok(Command::Help),
+            ("run" | "check-config" | "emulator", Long("config") | Short('c')) => {
+                config = Some(p.value()?.into())
+            }
+            ("demo" | "emulator", Long("listen")) => listen = Some(addr(p.value()?, "--listen")?),
+            ("emulator", Long("admin")) => admin = Some(addr(p.value()?, "--admin")?),
+            ("demo", Long("mqtt")) => mqtt = Some(p.value()?.to_string_lossy().into_owned()),
+            ("demo", Long("rate")) => {
+                let v = p.value()?.to_string_lossy().into_owned();
+                rate = v
+                    .parse()
+                    .ok()
+                    .filter(|r: &f64| *r > 0.0 && *r <= 100_000.0)
+                    .ok_or_else(|| {
+                        UsageError(format!(
+                            "--rate: '{v}' is not a rate between 0 and 100000 events/s"
+                        ))
+                    })?;
+            }
+            ("run" | "check-config" | "demo" | "emulator", other) => {
+                return Err(UsageError(format!("{sub}: {}", other.unexpected())));
+            }
+            _ => unreachable!("unknown subcommands are rejected below"),
+        }
+    }
+    let default_config = || PathBuf::from(config::DEFAULT_PATH);
+    Ok(match sub.as_str() {
+        "run" => Command::Run {
+            config: config.unwrap_or_else(default_config),
+        },
+        "check-config" => Command::CheckConfig {
+            config: config.unwrap_or_else(default_config),
+        },
+        "demo" => Command::Demo {
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            mqtt,
+            rate,
+        },
+        "emulator" => Command::Emulator {
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5672))),
+            config,
+            admin,
+        },
+        other => return Err(UsageError(format!("unknown command '{other}'; try --help"))),
+    })
+}
+
+/// The program: parse, dispatch, map outcomes to exit codes.
+pub fn main() -> ExitCode {
+    let cmd = match parse(std::env::args_os().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("asb-gateway: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cmd {
+        Command::Help => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("asb-gateway {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => run(&config),
+        Command::Demo { .. } => not_built("demo needs the emulator and panel server (issues 3, 4)"),
+        Command::Emulator { .. } => not_built("the emulator is not built yet (issue 3)"),
+    }
+}
+
+fn not_built(what: &str) -> ExitCode {
+    eprintln!("asb-gateway: {what}");
+    ExitCode::from(2)
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            let b = crate::budget::compute(&c);
+            print!("{}", b.render());
+            if b.fits() {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "{}: budget.memory_mib: the worst case exceeds the budget",
+                    path.display()
+                );
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let budget = crate::budget::compute(&config);
+    if !budget.fits() {
+        eprint!("{}", budget.render());
+        eprintln!(
+            "{}: budget.memory_mib: the worst case exceeds the budget; refusing to start",
+            path.display()
+        );
+        return ExitCode::from(1);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("asb-gateway: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.panels.listen)
+            .await
+            .map_err(|e| crate::app::RunError::Part {
+                part: "panels",
+                reason: format!("cannot listen on {}: {e}", config.panels.listen),
+            })?;
+        let ctx = crate::app::Context::new(config);
+        crate::app::run(ctx, listener, termination()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("asb-gateway: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, UsageError> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(
+            p(&["run"]).unwrap(),
+            Command::Run {
+                config: PathBuf::from(config::DEFAULT_PATH)
+            }
+        );
+        assert_eq!(
+            p(&["check-config", "--config", "x.toml"]).unwrap(),
+            Command::CheckConfig {
+                config: "x.toml".into()
+            }
+        );
+        assert_eq!(
+            p(&[
+                "emulator",
+                "--listen",
+                "127.0.0.1:5673",
+                "--admin",
+                "127.0.0.1:9"
+            ])
+            .unwrap(),
+            Command::Emulator {
+                listen: "127.0.0.1:5673".parse().unwrap(),
+                config: None,
+                admin: Some("127.0.0.1:9".parse().unwrap()),
+            }
+        );
+        assert!(matches!(
+            p(&["demo", "--mqtt", "mqtt://127.0.0.1:1883"]).unwrap(),
+            Command::Demo { mqtt: Some(_), .. }
+        ));
+        assert_eq!(p(&["--version"]).unwrap(), Command::Version);
+        assert_eq!(p(&["run", "--help"]).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn rejects_bad_usage() {
+        assert!(p(&[]).is_err());
+        assert!(p(&["frobnicate"]).is_err());
+        assert!(p(&["run", "--listen", "x"]).is_err());
+        assert!(p(&["demo", "--listen", "nope"]).is_err());
+        assert!(p(&["demo", "--rate", "-1"]).is_err());
+        assert!(p(&["check-config", "--config"]).is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! Azure Service Bus connection strings, as the SDKs accept them:
+//! `Endpoint=sb://HOST[:PORT]/;SharedAccessKeyName=K;SharedAccessKey=V[;EntityPath=E]`
+//! or `...;SharedAccessSignature=SharedAccessSignature sr=...`, plus
+//! `UseDevelopmentEmulator=true` for plain AMQP (default port 5672) instead of AMQPS (5671).
+//! Errors name the part that is wrong and never echo a value.
+
+use super::Secret;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConnStrError {
+    #[error("connection string is empty")]
+    Empty,
+    #[error("connection string part {0} is not of the form Key=Value")]
+    NotKeyValue(usize),
+    #[error("connection string has no Endpoint")]
+    NoEndpoint,
+    #[error("connection string Endpoint must look like sb://HOST[:PORT]/")]
+    BadEndpoint,
+    #[error("connection string Endpoint has an invalid port")]
+    BadPort,
+    #[error(
+        "connection string needs SharedAccessKeyName and SharedAccessKey, or SharedAccessSignature"
+    )]
+    NoCredentials,
+    #[error("connection string has SharedAccessKeyName without SharedAccessKey (or the reverse)")]
+    HalfKey,
+    #[error("connection string has both a shared access key and a SharedAccessSignature")]
+    BothCredentials,
+    #[error("connection string has {0} more than once")]
+    Repeated(&'static str),
+    #[error("connection string UseDevelopmentEmulator must be true or false")]
+    BadEmulatorFlag,
+    #[error("connection string SharedAccessSignature must start with 'SharedAccessSignature '")]
+    BadSignature,
+}
+
+/// How to authenticate.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// Key name and key: tokens are signed locally and refreshed.
+    Key { name: String, key: Secret },
+    /// A ready-made SAS token (`SharedAccessSignature sr=…`): used as given, not renewed.
+    Signature(Secret),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Key { name, .. } => f
+                .debug_struct("Key")
+                .field("name", name)
+                .field("key", &"***")
+                .finish(),
+            Credential::Signature(_) => f.write_str("Signature(***)"),
+        }
+    }
+}
+
+/// A parsed connection string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionString {
+    pub host: String,
+    pub port: u16,
+    /// AMQPS (TLS from the first byte) unless `UseDevelopmentEmulator=true`.
+    pub tls: bool,
+    pub credential: Credential,
+    pub entity_path: Option<String>,
+    pub emulator: bool,
+}
+
+impl ConnectionString {
+    pub fn parse(s: &str) -> Result<Self, ConnStrError> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(ConnStrError::Empty);
+        }
+        let mut endpoint = None;
+        let mut key_name = None;
+        let mut key = None;
+        let mut sas = None;
+        let mut entity = None;
+        let mut emulator = None;
+        fn set<'a>(
+            slot: &mut Option<&'a str>,
+            v: &'a str,
+            name: &'static str,
+        ) -> Result<(), ConnStrError> {
+            if slot.replace(v).is_some() {
+                return Err(ConnStrError::Repeated(name));
+            }
+            Ok(())
+        }
+        for (i, part) in s.split(';').enumerate() {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let (k, v) = part
+                .split_once('=')
+                .ok_or(ConnStrError::NotKeyValue(i + 1))?;
+            let v = v.trim();
+            match k.trim().to_ascii_lowercase().as_str() {
+                "endpoint" => set(&mut endpoint, v, "Endpoint")?,
+                "sharedaccesskeyname" => set(&mut key_name, v, "SharedAccessKeyName")?,
+                "sharedaccesskey" => set(&mut key, v, "SharedAccessKey")?,
+                "sharedaccesssignature" => set(&mut sas, v, "SharedAccessSignature")?,
+                "entitypath" => set(&mut entity, v, "EntityPath")?,
+                "usedevelopmentemulator" => set(&mut emulator, v, "UseDevelopmentEmulator")?,
+                // Other keys the SDKs know (TransportType, ...) do not change how we
+                // connect: accepted and ignored.
+                _ => {}
+            }
+        }
+        let emulator = match emulator.map(|v| v.to_ascii_lowercase()) {
+            None => false,
+            Some(v) if v == "true" => true,
+            Some(v) if v == "false" => false,
+            Some(_) => return Err(ConnStrError::BadEmulatorFlag),
+        };
+        let endpoint = endpoint.ok_or(ConnStrError::NoEndpoint)?;
+        let rest = endpoint
+            .strip_prefix("sb://")
+            .or_else(|| endpoint.strip_prefix("amqps://"))
+            .or_else(|| endpoint.strip_prefix("amqp://"))
+            .ok_or(ConnStrError::BadEndpoint)?;
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.is_empty() || authority.contains('@') {
+            return Err(ConnStrError::BadEndpoint);
+        }
+        let default_port = if emulator { 5672 } else { 5671 };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| ConnStrError::BadPort)?)
+            }
+            _ => (authority, default_port),
+        };
+        if host.is_empty() || port == 0 {
+            return Err(ConnStrError::BadEndpoint);
+        }
+        let credential = match (key_name, key, sas) {
+            (Some(_), Some(_), Some(_)) => return Err(ConnStrError::BothCredentials),
+            (Some(n), Some(k), None) if !n.is_empty() && !k.is_empty() => Credential::Key {
+                name: n.to_string(),
+                key: Secret::new(k),
+            },
+            (None, None, Some(sig)) => {
+                if !sig.starts_with("SharedAccessSignature ") {
+                    return Err(ConnStrError::BadSignature);
+                }
+                Credential::Signature(Secret::new(sig))
+            }
+            (Some(_), None, _) | (None, Some(_), _) => return Err(ConnStrError::HalfKey),
+            (Some(_), Some(_), None) => return Err(ConnStrError::HalfKey),
+            (None, None, None) => return Err(ConnStrError::NoCredentials),
+        };
+        Ok(ConnectionString {
+            host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
+            port,
+            tls: !emulator,
+            credential,
+            entity_path: entity.filter(|e| !e.is_empty()).map(str::to_string),
+            emulator,
+        })
+    }
+
+    /// The namespace URI tokens are scoped to, e.g. `sb://host/`.
+    pub fn resource_uri(&self) -> String {
+        format!("sb://{}/", self.host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "c2VjcmV0LWtleS12YWx1ZQ==";
+
+    #[test]
+    fn all_forms() {
+        let c = ConnectionString::parse(&format!(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=K;SharedAccessKey={KEY}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls),
+            ("ns.servicebus.windows.net", 5671, true)
+        );
+        assert_eq!(
+            c.credential,
+            Credential::Key {
+                name: "K".into(),
+                key: Secret::new(KEY)
+            }
+        );
+        let c = ConnectionString::parse(
+            "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls, c.emulator),
+            ("127.0.0.1", 5673, false, true)
+        );
+        let c = ConnectionString::parse(
+            "Endpoint=sb://localhost;SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=TRUE;",
+        )
+        .unwrap();
+        assert_eq!(c.port, 5672);
+        let c = ConnectionString::parse(
+            "endpoint=sb://ns/;sharedaccesssignature=SharedAccessSignature sr=x&sig=y&se=1&skn=k;EntityPath=topic1;TransportType=Amqp",
+        )
+        .unwrap();
+        assert!(matches!(c.credential, Credential::Signature(_)));
+        assert_eq!(c.entity_path.as_deref(), Some("topic1"));
+        assert_eq!(c.resource_uri(), "sb://ns/");
+    }
+
+    #[test]
+    fn malformed_rejected_without_echoing_secrets() {
+        let cases = [
+            ("", ConnStrError::Empty),
+            (
+                "SharedAccessKeyName=K;SharedAccessKey=SECRETX",
+                ConnStrError::NoEndpoint,
+            ),
+            (
+                "Endpoint=http://x/;SharedAccessKeyName=K;SharedAccessKey=SECRETX",
+                ConnStrError::BadEndpoint,
+            ),
+            (
+                "Endpoint=sb://x:99999/;SharedAccessKeyName=K;SharedAccessKey=SECRETX",
+                ConnStrError::BadPort,
+            ),
+            ("Endpoint=sb://x/", ConnStrError::NoCredentials),
+            (
+                "Endpoint=sb://x/;SharedAccessKey=SECRETX",
+                ConnStrError::HalfKey,
+            ),
+            (
+                "Endpoint=sb://x/;SharedAccessKeyName=K;SharedAccessKey=SECRETX;SharedAccessSignature=SharedAccessSignature SECRETX",
+                ConnStrError::BothCredentials,
+            ),
+            ("Endpoint=sb://x/;SECRETX", ConnStrError::NotKeyValue(2)),
+            (
+                "Endpoint=sb://x/;SharedAccessSignature=SECRETX",
+                ConnStrError::BadSignature,
+            ),
+            (
+                "Endpoint=sb://x/;SharedAccessKeyName=K;SharedAccessKey=SECRETX;SharedAccessKey=SECRETX",
+                ConnStrError::Repeated("SharedAccessKey"),
+            ),
+            (
+                "Endpoint=sb://x/;SharedAccessKeyName=K;SharedAccessKey=SECRETX;UseDevelopmentEmulator=yes",
+                ConnStrError::BadEmulatorFlag,
+            ),
+            (
+                "Endpoint=sb://user@x/;SharedAccessKeyName=K;SharedAccessKey=SECRETX",
+                ConnStrError::BadEndpoint,
+            ),
+        ];
+        for (s, want) in cases {
+            let err = ConnectionString::parse(s).unwrap_err();
+            assert_eq!(err, want, "{s}");
+            assert!(!err.to_string().contains("SECRETX"));
+        }
+    }
+
+    #[test]
+    fn debug_masks_key() {
+        let c = ConnectionString::parse(&format!(
+            "Endpoint=sb://ns/;SharedAccessKeyName=K;SharedAccessKey={KEY}"
+        ))
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains(KEY), "{dbg}");
+        assert!(dbg.contains("***"));
+    }
+}

@@ -1,0 +1,774 @@
+//! Typed configuration (DESIGN §4). Unknown keys are errors naming the key; every error
+//! names the key and the reason (and the line and column where TOML gives one); secrets
+//! are masked in Debug and Display.
+
+mod connstr;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use connstr::{ConnStrError, ConnectionString, Credential};
+
+use crate::routing::{Filter, Template};
+
+/// Name of the systemd credential that carries the connection string.
+pub const CREDENTIAL_NAME: &str = "asb-connection-string";
+/// Default config path for `run`.
+pub const DEFAULT_PATH: &str = "/etc/asb-gateway/config.toml";
+
+/// A secret string: never shown by Debug or Display.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{location}{key}: {reason}")]
+    Syntax {
+        key: String,
+        location: String,
+        reason: String,
+    },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------- the file's shape
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub connection_string: Option<Secret>,
+    pub connection_string_file: Option<PathBuf>,
+    pub subscriptions: Vec<SubscriptionConfig>,
+    /// `cbs` (SASL ANONYMOUS then CBS put-token, as ASB wants) or `plain` (SASL PLAIN
+    /// with the key name and key, for brokers without CBS).
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Lifetime of the SAS tokens the gateway signs; renewed well before expiry.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Cbs,
+    Plain,
+}
+
+fn default_token_ttl() -> u64 {
+    3600
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    pub topic: String,
+    pub subscription: String,
+    /// Link source address; defaults to `<topic>/Subscriptions/<subscription>` (ASB).
+    /// Set it for other AMQP 1.0 brokers (e.g. `/queue/NAME` on RabbitMQ).
+    pub address: Option<String>,
+}
+
+impl SubscriptionConfig {
+    pub fn address(&self) -> String {
+        self.address
+            .clone()
+            .unwrap_or_else(|| format!("{}/Subscriptions/{}", self.topic, self.subscription))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub events: usize,
+    pub max_event_bytes: usize,
+    pub unsettled: usize,
+    /// Bytes of encoded events the journal may hold (MiB); oldest settled events are
+    /// dropped first when either this or `events` is reached.
+    pub memory_mib: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            events: 4096,
+            max_event_bytes: 16384,
+            unsettled: 256,
+            memory_mib: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub topic: String,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            topic: "{subject}".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowPolicy {
+    #[default]
+    Skip,
+    Disconnect,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub sha256: String,
+    #[serde(default = "allow_all")]
+    pub allow: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("sha256", &"***")
+            .field("allow", &self.allow)
+            .finish()
+    }
+}
+
+fn allow_all() -> Vec<String> {
+    vec!["#".into()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PanelsConfig {
+    pub listen: SocketAddr,
+    pub max_panels: usize,
+    pub slow_policy: SlowPolicy,
+    pub allowed_origins: Vec<String>,
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for PanelsConfig {
+    fn default() -> Self {
+        PanelsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_panels: 256,
+            slow_policy: SlowPolicy::Skip,
+            allowed_origins: Vec::new(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    #[default]
+    Body,
+    Json,
+    Postcard,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub url: String,
+    pub client_id: String,
+    pub prefix: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub payload: Payload,
+    pub required: bool,
+    /// `"5"` or `"3.1.1"`.
+    pub protocol: MqttProtocol,
+    /// Publishes awaiting the broker's acknowledgement, at most.
+    pub inflight: usize,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub keep_alive_secs: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "asb-gateway".into(),
+            prefix: "factory/asb".into(),
+            qos: 1,
+            retain: false,
+            payload: Payload::Body,
+            required: true,
+            protocol: MqttProtocol::V5,
+            inflight: 32,
+            username: None,
+            password: None,
+            password_file: None,
+            keep_alive_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    pub memory_mib: usize,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig { memory_mib: 48 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    source: SourceConfig,
+    #[serde(default)]
+    journal: JournalConfig,
+    #[serde(default)]
+    routing: RoutingConfig,
+    #[serde(default)]
+    panels: PanelsConfig,
+    mqtt: Option<MqttConfig>,
+    #[serde(default)]
+    budget: BudgetConfig,
+    #[serde(default)]
+    log: LogConfig,
+}
+
+// ---------------------------------------------------------------- the validated config
+
+/// A panel token: the SHA-256 of the secret token and the filters it may use.
+#[derive(Clone)]
+pub struct PanelToken {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub allow: Vec<Filter>,
+}
+
+impl std::fmt::Debug for PanelToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PanelToken")
+            .field("name", &self.name)
+            .field("sha256", &"***")
+            .field("allow", &self.allow)
+            .finish()
+    }
+}
+
+/// The whole configuration, validated, with the parts derived from it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub journal: JournalConfig,
+    pub routing: RoutingConfig,
+    pub panels: PanelsConfig,
+    pub mqtt: Option<MqttConfig>,
+    pub budget: BudgetConfig,
+    pub log: LogConfig,
+    /// The parsed connection string (from the config, a file, or the credential).
+    pub connection: ConnectionString,
+    /// The parsed routing template.
+    pub template: Template,
+    /// Panel tokens with decoded hashes and parsed filters.
+    pub tokens: Vec<PanelToken>,
+    /// MQTT password resolved from `password` or `password_file`.
+    pub mqtt_password: Option<Secret>,
+}
+
+/// Where to find files a config refers to.
+#[derive(Debug, Clone, Default)]
+pub struct LoadEnv {
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl LoadEnv {
+    pub fn from_process() -> Self {
+        LoadEnv {
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate a config file, with credentials from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, &LoadEnv::from_process())
+    }
+
+    /// Parse and validate config text.
+    pub fn parse(text: &str, env: &LoadEnv) -> Result<Config, ConfigError> {
+        let file = parse_file(text)?;
+        Config::validate(file, env)
+    }
+
+    fn validate(f: ConfigFile, env: &LoadEnv) -> Result<Config, ConfigError> {
+        let connection = resolve_connection(&f.source, env)?;
+        if f.source.subscriptions.is_empty() {
+            return Err(invalid(
+                "source.subscriptions",
+                "at least one [[source.subscriptions]] is required",
+            ));
+        }
+        for (i, s) in f.source.subscriptions.iter().enumerate() {
+            if s.topic.trim().is_empty() {
+                return Err(invalid(
+                    &format!("source.subscriptions[{i}].topic"),
+                    "must not be empty",
+                ));
+            }
+            if s.subscription.trim().is_empty() {
+                return Err(invalid(
+                    &format!("source.subscriptions[{i}].subscription"),
+                    "must not be empty",
+                ));
+            }
+            if f.source.subscriptions[..i].contains(s) {
+                return Err(invalid(
+                    &format!("source.subscriptions[{i}]"),
+                    "the same subscription is listed twice",
+                ));
+            }
+        }
+        if !(60..=86_400).contains(&f.source.token_ttl_secs) {
+            return Err(invalid(
+                "source.token_ttl_secs",
+                "must be between 60 and 86400 seconds",
+            ));
+        }
+        if f.source.auth == AuthMode::Plain
+            && !matches!(connection.credential, Credential::Key { .. })
+        {
+            return Err(invalid(
+                "source.auth",
+                "\"plain\" needs SharedAccessKeyName and SharedAccessKey in the connection string",
+            ));
+        }
+
+        let j = &f.journal;
+        range("journal.events", j.events, 1, 1_000_000)?;
+        range("journal.max_event_bytes", j.max_event_bytes, 64, 4 << 20)?;
+        range("journal.unsettled", j.unsettled, 1, 65_535)?;
+        range("journal.memory_mib", j.memory_mib, 1, 65_536)?;
+        if j.unsettled > j.events {
+            return Err(invalid(
+                "journal.unsettled",
+                format!(
+                    "must not exceed journal.events ({}): unsettled events are kept in the journal",
+                    j.events
+                ),
+            ));
+        }
+        let entry = crate::event::max_entry_bytes(j.max_event_bytes);
+        if j.memory_mib << 20 < entry {
+            return Err(invalid(
+                "journal.memory_mib",
+                format!(
+                    "too small for one event of journal.max_event_bytes ({} bytes encoded at most)",
+                    entry
+                ),
+            ));
+        }
+
+        let template =
+            Template::parse(&f.routing.topic).map_err(|e| invalid("routing.topic", e))?;
+
+        let p = &f.panels;
+        range("panels.max_panels", p.max_panels, 1, 100_000)?;
+        for (i, o) in p.allowed_origins.iter().enumerate() {
+            if o.is_empty() || o.contains(char::is_whitespace) {
+                return Err(invalid(
+                    &format!("panels.allowed_origins[{i}]"),
+                    "must be an origin such as \"http://panel.local:8080\"",
+                ));
+            }
+        }
+        let mut tokens = Vec::new();
+        for (i, t) in p.tokens.iter().enumerate() {
+            let key = format!("panels.tokens[{i}]");
+            if t.name.trim().is_empty() {
+                return Err(invalid(&format!("{key}.name"), "must not be empty"));
+            }
+            if p.tokens[..i].iter().any(|o| o.name == t.name) {
+                return Err(invalid(&format!("{key}.name"), "names must be unique"));
+            }
+            let sha256 = decode_sha256(&t.sha256).ok_or_else(|| {
+                invalid(
+                    &format!("{key}.sha256"),
+                    "must be 64 hex digits (the SHA-256 of the token)",
+                )
+            })?;
+            if t.allow.is_empty() {
+                return Err(invalid(
+                    &format!("{key}.allow"),
+                    "must list at least one filter",
+                ));
+            }
+            let mut allow = Vec::new();
+            for (k, a) in t.allow.iter().enumerate() {
+                allow.push(Filter::parse(a).map_err(|e| invalid(&format!("{key}.allow[{k}]"), e))?);
+            }
+            tokens.push(PanelToken {
+                name: t.name.clone(),
+                sha256,
+                allow,
+            });
+        }
+
+        let mut mqtt_password = None;
+        if let Some(m) = &f.mqtt {
+            validate_mqtt_url(&m.url).map_err(|r| invalid("mqtt.url", r))?;
+            if m.client_id.is_empty() || m.client_id.len() > 128 {
+                return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes"));
+            }
+            if m.prefix.contains(['+', '#', '\0']) || m.prefix.ends_with('/') {
+                return Err(invalid(
+                    "mqtt.prefix",
+                    "must be a topic without wildcards or a trailing '/'",
+                ));
+            }
+            if m.qos > 2 {
+                return Err(invalid("mqtt.qos", "must be 0, 1 or 2"));
+            }
+            range("mqtt.inflight", m.inflight, 1, 65_535)?;
+            if !(5..=3600).contains(&m.keep_alive_secs) {
+                return Err(invalid(
+                    "mqtt.keep_alive_secs",
+                    "must be between 5 and 3600",
+                ));
+            }
+            mqtt_password = match (&m.password, &m.password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "mqtt.password_file",
+                        "set mqtt.password or mqtt.password_file, not both",
+                    ));
+                }
+                (Some(p), None) => Some(p.clone()),
+                (None, Some(path)) => Some(Secret::new(
+                    read_secret_file(path).map_err(|r| invalid("mqtt.password_file", r))?,
+                )),
+                (None, None) => None,
+            };
+            if mqtt_password.is_some() && m.username.is_none() {
+                return Err(invalid(
+                    "mqtt.username",
+                    "is required when a password is set",
+                ));
+            }
+        }
+        range("budget.memory_mib", f.budget.memory_mib, 4, 1 << 20)?;
+        if !matches!(
+            f.log.level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace" | "off"
+        ) {
+            return Err(invalid(
+                "log.level",
+                "must be one of off, error, warn, info, debug, trace",
+            ));
+        }
+
+        Ok(Config {
+            source: f.source,
+            journal: f.journal,
+            routing: f.routing,
+            panels: f.panels,
+            mqtt: f.mqtt,
+            budget: f.budget,
+            log: f.log,
+            connection,
+            template,
+            tokens,
+            mqtt_password,
+        })
+    }
+
+    /// The journal limits this config asks for.
+    pub fn journal_limits(&self) -> crate::journal::Limits {
+        crate::journal::Limits {
+            events: self.journal.events,
+            bytes: self.journal.memory_mib << 20,
+            max_entry_bytes: crate::event::max_entry_bytes(self.journal.max_event_bytes),
+        }
+    }
+}
+
+fn parse_file(text: &str) -> Result<ConfigFile, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| syntax(text, String::new(), e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        syntax(text, path, e.into_inner())
+    })
+}
+
+fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
+    let location = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {col}: ")
+        }
+        None => String::new(),
+    };
+    let reason = e.message().trim().to_string();
+    let mut key = if path == "." { String::new() } else { path };
+    // For an unknown or missing field, name the key itself, not just its table.
+    for marker in ["unknown field `", "missing field `"] {
+        if let Some(rest) = reason.strip_prefix(marker)
+            && let Some(name) = rest.split('`').next()
+        {
+            key = if key.is_empty() {
+                name.to_string()
+            } else if key.ends_with(name) {
+                key
+            } else {
+                format!("{key}.{name}")
+            };
+        }
+    }
+    if key.is_empty() {
+        key = "config".into();
+    }
+    ConfigError::Syntax {
+        key,
+        location,
+        reason,
+    }
+}
+
+fn range(key: &str, v: usize, lo: usize, hi: usize) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(invalid(
+            key,
+            format!("must be between {lo} and {hi} (got {v})"),
+        ));
+    }
+    Ok(())
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(s.to_string())
+}
+
+fn resolve_connection(s: &SourceConfig, env: &LoadEnv) -> Result<ConnectionString, ConfigError> {
+    let (key, text) = match (&s.connection_string, &s.connection_string_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "source.connection_string_file",
+                "set source.connection_string or source.connection_string_file, not both",
+            ));
+        }
+        (Some(c), None) => ("source.connection_string", c.expose().to_string()),
+        (None, Some(p)) => (
+            "source.connection_string_file",
+            read_secret_file(p).map_err(|r| invalid("source.connection_string_file", r))?,
+        ),
+        (None, None) => match &env.credentials_dir {
+            Some(dir) => (
+                "source.connection_string (credential asb-connection-string)",
+                read_secret_file(&dir.join(CREDENTIAL_NAME)).map_err(|r| {
+                    invalid(
+                        "source.connection_string",
+                        format!("not set, and the systemd credential failed: {r}"),
+                    )
+                })?,
+            ),
+            None => {
+                return Err(invalid(
+                    "source.connection_string",
+                    "missing: set connection_string or connection_string_file, or provide the systemd credential asb-connection-string",
+                ));
+            }
+        },
+    };
+    ConnectionString::parse(&text).map_err(|e| invalid(key, e))
+}
+
+fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn validate_mqtt_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("mqtts://"))
+        .ok_or("must start with mqtt:// or mqtts://")?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("put credentials in mqtt.username and mqtt.password, not the URL".into());
+    }
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or("must name a host and port, e.g. mqtt://127.0.0.1:1883")?;
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or("has an invalid port")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
+
+    fn minimal() -> String {
+        format!(
+            "[source]\nconnection_string = \"{CS}\"\n[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n"
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(&minimal(), &LoadEnv::default()).unwrap();
+        assert_eq!(c.journal.events, 4096);
+        assert_eq!(c.journal.unsettled, 256);
+        assert_eq!(c.panels.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.mqtt.is_none());
+        assert_eq!(c.budget.memory_mib, 48);
+        assert_eq!(
+            c.source.subscriptions[0].address(),
+            "operational-events/Subscriptions/edge"
+        );
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("SAS_KEY_VALUE"), "{dbg}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_position() {
+        let text = minimal() + "[journal]\nevnts = 5\n";
+        let e = Config::parse(&text, &LoadEnv::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("journal.evnts"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = minimal() + "[panels]\nmax_panels = \"many\"\n";
+        let e = Config::parse(&text, &LoadEnv::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("panels.max_panels"), "{e}");
+    }
+
+    #[test]
+    fn credential_directory_is_used() {
+        let dir = std::env::temp_dir().join(format!("asbgw-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CREDENTIAL_NAME), format!("{CS}\n")).unwrap();
+        let text = "[[source.subscriptions]]\ntopic = \"t\"\nsubscription = \"s\"\n[source]\n";
+        let text = format!("[source]\n{}", &text[..text.len() - 9]);
+        let env = LoadEnv {
+            credentials_dir: Some(dir.clone()),
+        };
+        let c = Config::parse(&text, &env).unwrap();
+        assert_eq!(c.connection.port, 5672);
+        let e = Config::parse(&text, &LoadEnv::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("source.connection_string"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn sha256_decoding() {
+        assert!(decode_sha256(&"ab".repeat(32)).is_some());
+        assert!(decode_sha256(&"zz".repeat(32)).is_none());
+        assert!(decode_sha256("abcd").is_none());
+    }
+}

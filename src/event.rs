@@ -1,0 +1,561 @@
+//! One event: bounded metadata (heapless), the body classification, and the frames that
+//! panels and the mirror receive. An event is encoded once, at append time, into a JSON
+//! text frame and a postcard binary frame; readers share those bytes by reference.
+
+use bytes::Bytes;
+use heapless::String as HString;
+use serde::{Deserialize, Serialize};
+
+/// Longest message-id, correlation-id and subject kept (bytes).
+pub const ID_MAX: usize = 128;
+/// Longest content-type kept (bytes).
+pub const CONTENT_TYPE_MAX: usize = 64;
+/// Most application properties kept per event.
+pub const PROPS_MAX: usize = 16;
+/// Longest application-property key kept (bytes).
+pub const PROP_KEY_MAX: usize = 64;
+/// Longest application-property value kept (bytes).
+pub const PROP_VALUE_MAX: usize = 256;
+/// Longest routed topic (bytes).
+pub const TOPIC_MAX: usize = 256;
+
+/// Raw metadata bytes one event can carry at most (ids, content type, topic, properties).
+pub const META_RAW_MAX: usize =
+    3 * ID_MAX + CONTENT_TYPE_MAX + TOPIC_MAX + PROPS_MAX * (PROP_KEY_MAX + PROP_VALUE_MAX);
+
+pub type IdString = HString<ID_MAX>;
+pub type ContentType = HString<CONTENT_TYPE_MAX>;
+pub type PropKey = HString<PROP_KEY_MAX>;
+pub type PropValue = HString<PROP_VALUE_MAX>;
+pub type Topic = HString<TOPIC_MAX>;
+pub type Props = heapless::Vec<(PropKey, PropValue), PROPS_MAX>;
+
+/// Copy `s` into a fixed-capacity string. Over-long input is cut at a character
+/// boundary and control characters are replaced by `?` (so the JSON frame stays within
+/// its computed worst case); either sets `*altered`. Never panics.
+pub fn bounded<const N: usize>(s: &str, altered: &mut bool) -> HString<N> {
+    let mut out = HString::new();
+    for c in s.chars() {
+        let c = if c.is_control() {
+            *altered = true;
+            '?'
+        } else {
+            c
+        };
+        if out.push(c).is_err() {
+            *altered = true;
+            break;
+        }
+    }
+    out
+}
+
+/// Metadata of one decoded message, with the limits of DESIGN §3.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventMeta {
+    pub subject: Option<IdString>,
+    pub message_id: Option<IdString>,
+    pub correlation_id: Option<IdString>,
+    pub content_type: Option<ContentType>,
+    /// Enqueued time at the broker, milliseconds since the Unix epoch.
+    pub enqueued_at_ms: Option<i64>,
+    /// The broker's sequence number (`x-opt-sequence-number`).
+    pub asb_seq: Option<i64>,
+    pub props: Props,
+    /// Set when any metadata was cut or altered to fit the limits.
+    pub truncated: bool,
+}
+
+impl EventMeta {
+    /// Add an application property, flagging truncation when the table is full.
+    pub fn push_prop(&mut self, key: &str, value: &str) {
+        let mut altered = false;
+        let k = bounded(key, &mut altered);
+        let v = bounded(value, &mut altered);
+        if self.props.push((k, v)).is_err() {
+            altered = true;
+        }
+        self.truncated |= altered;
+    }
+
+    pub fn prop(&self, name: &str) -> Option<&str> {
+        self.props
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How an event body is carried in a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body<'a> {
+    /// Valid JSON text, embedded as a JSON value in the JSON frame.
+    Json(&'a str),
+    /// UTF-8 text.
+    Text(&'a str),
+    /// Anything else (base64 in the JSON frame).
+    Binary(#[serde(borrow)] &'a [u8]),
+}
+
+impl<'a> Body<'a> {
+    /// Classify a body: JSON when the content type says so and it parses, text when
+    /// UTF-8, else binary.
+    pub fn classify(bytes: &'a [u8], content_type: Option<&str>) -> Body<'a> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                if content_type.is_some_and(is_json_content_type)
+                    && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+                {
+                    Body::Json(text)
+                } else {
+                    Body::Text(text)
+                }
+            }
+            Err(_) => Body::Binary(bytes),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match *self {
+            Body::Json(s) | Body::Text(s) => s.as_bytes(),
+            Body::Binary(b) => b,
+        }
+    }
+}
+
+/// `application/json`, `text/json`, or any `+json` suffix, parameters ignored.
+pub fn is_json_content_type(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("text/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// Why a panel skipped events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GapReason {
+    /// The panel read too slowly and the journal moved on.
+    Lagged,
+    /// The resume point is older than the oldest retained event.
+    Expired,
+    /// The resume point belongs to another journal epoch.
+    Epoch,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Lagged => "lagged",
+            GapReason::Expired => "expired",
+            GapReason::Epoch => "epoch",
+        }
+    }
+}
+
+/// The event as carried in a frame (borrowed view; the postcard schema).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventFrame<'a> {
+    pub seq: u64,
+    pub topic: &'a str,
+    pub subject: Option<&'a str>,
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    /// Milliseconds since the Unix epoch (an RFC 3339 string in JSON frames).
+    pub enqueued_at_ms: Option<i64>,
+    pub asb_seq: Option<i64>,
+    #[serde(borrow)]
+    pub props: Vec<(&'a str, &'a str)>,
+    #[serde(borrow)]
+    pub body: Body<'a>,
+    pub truncated: bool,
+}
+
+/// Server → panel frames of protocol v1. In `asbgw.v1.postcard` these Rust types are the
+/// schema; in `asbgw.v1.json` they are written as the JSON objects of DESIGN §4.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame<'a> {
+    Hello {
+        epoch: &'a str,
+        oldest: u64,
+        latest: u64,
+        #[serde(borrow)]
+        filters: Vec<&'a str>,
+    },
+    Event(#[serde(borrow)] EventFrame<'a>),
+    Gap {
+        from: u64,
+        to: u64,
+        reason: GapReason,
+    },
+    Pong,
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
+}
+
+impl Frame<'_> {
+    /// The postcard encoding.
+    pub fn to_postcard(&self) -> Vec<u8> {
+        // Serialising to a Vec cannot fail for these types.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// The JSON text encoding of DESIGN §4.
+    pub fn to_json(&self) -> String {
+        let mut w = JsonWriter::default();
+        match self {
+            Frame::Hello {
+                epoch,
+                oldest,
+                latest,
+                filters,
+            } => {
+                w.open("hello");
+                w.str_field("epoch", epoch);
+                w.num_field("oldest", *oldest);
+                w.num_field("latest", *latest);
+                w.key("filters");
+                w.out.push('[');
+                for (i, f) in filters.iter().enumerate() {
+                    if i > 0 {
+                        w.out.push(',');
+                    }
+                    w.string(f);
+                }
+                w.out.push(']');
+            }
+            Frame::Event(e) => {
+                w.open("event");
+                w.num_field("seq", e.seq);
+                w.str_field("topic", e.topic);
+                w.opt_str_field("subject", e.subject);
+                w.opt_str_field("message_id", e.message_id);
+                w.opt_str_field("correlation_id", e.correlation_id);
+                w.opt_str_field("content_type", e.content_type);
+                let at = e.enqueued_at_ms.map(format_rfc3339_millis);
+                w.opt_str_field("enqueued_at", at.as_deref());
+                w.key("asb_seq");
+                match e.asb_seq {
+                    Some(n) => w.out.push_str(&n.to_string()),
+                    None => w.out.push_str("null"),
+                }
+                w.key("props");
+                w.out.push('{');
+                for (i, (k, v)) in e.props.iter().enumerate() {
+                    if i > 0 {
+                        w.out.push(',');
+                    }
+                    w.string(k);
+                    w.out.push(':');
+                    w.string(v);
+                }
+                w.out.push('}');
+                w.key("body");
+                match e.body {
+                    Body::Json(raw) => w.out.push_str(raw.trim()),
+                    Body::Text(t) if json_string_len(t) <= base64_len(t.len()) + 2 => w.string(t),
+                    // Text that would more than double when escaped goes as base64,
+                    // which keeps every frame within its computed worst case.
+                    Body::Text(t) => w.base64_body(t.as_bytes()),
+                    Body::Binary(b) => w.base64_body(b),
+                }
+                if e.truncated {
+                    w.key("truncated");
+                    w.out.push_str("true");
+                }
+            }
+            Frame::Gap { from, to, reason } => {
+                w.open("gap");
+                w.num_field("from", *from);
+                w.num_field("to", *to);
+                w.str_field("reason", reason.as_str());
+            }
+            Frame::Pong => w.open("pong"),
+            Frame::Error { code, message } => {
+                w.open("error");
+                w.str_field("code", code);
+                w.str_field("message", message);
+            }
+        }
+        w.out.push('}');
+        w.out
+    }
+}
+
+fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
+/// Length of `s` as a JSON string literal, quotes excluded.
+fn json_string_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+#[derive(Default)]
+struct JsonWriter {
+    out: String,
+}
+
+impl JsonWriter {
+    fn open(&mut self, ty: &str) {
+        self.out.push_str("{\"type\":\"");
+        self.out.push_str(ty);
+        self.out.push('"');
+    }
+    fn key(&mut self, k: &str) {
+        self.out.push_str(",\"");
+        self.out.push_str(k);
+        self.out.push_str("\":");
+    }
+    fn string(&mut self, s: &str) {
+        // serde_json's escaping of a &str cannot fail.
+        self.out
+            .push_str(&serde_json::to_string(s).unwrap_or_default());
+    }
+    fn str_field(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.string(v);
+    }
+    fn opt_str_field(&mut self, k: &str, v: Option<&str>) {
+        self.key(k);
+        match v {
+            Some(v) => self.string(v),
+            None => self.out.push_str("null"),
+        }
+    }
+    fn num_field(&mut self, k: &str, v: u64) {
+        self.key(k);
+        self.out.push_str(&v.to_string());
+    }
+    fn base64_body(&mut self, b: &[u8]) {
+        use base64::Engine;
+        self.out.push('"');
+        base64::engine::general_purpose::STANDARD.encode_string(b, &mut self.out);
+        self.out.push('"');
+        self.key("body_encoding");
+        self.out.push_str("\"base64\"");
+    }
+}
+
+/// `2026-11-24T10:00:00.123Z` for milliseconds since the Unix epoch.
+pub fn format_rfc3339_millis(ms: i64) -> String {
+    let t = if ms >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64)
+    } else {
+        std::time::UNIX_EPOCH
+    };
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Worst-case size of one journal entry (both frames) for a given body limit: the
+/// postcard frame carries the raw body and metadata, the JSON frame at most base64 of
+/// the body (or the raw JSON body) and metadata escaped at most twice (control
+/// characters are replaced before encoding).
+pub fn max_entry_bytes(max_event_bytes: usize) -> usize {
+    let postcard = max_event_bytes + META_RAW_MAX + 256;
+    let json = base64_len(max_event_bytes) + 2 * META_RAW_MAX + 512;
+    postcard + json + std::mem::size_of::<EncodedEvent>()
+}
+
+/// One event after encoding, as stored in the journal and shared by every reader.
+#[derive(Debug)]
+pub struct EncodedEvent {
+    pub seq: u64,
+    pub topic: Topic,
+    /// The complete `asbgw.v1.json` frame.
+    pub json: Bytes,
+    /// The complete `asbgw.v1.postcard` frame.
+    pub postcard: Bytes,
+}
+
+impl EncodedEvent {
+    /// Encode an event once, for every reader.
+    pub fn encode(seq: u64, topic: &Topic, meta: &EventMeta, body: &[u8]) -> Self {
+        let props: Vec<(&str, &str)> = meta
+            .props
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let frame = Frame::Event(EventFrame {
+            seq,
+            topic: topic.as_str(),
+            subject: meta.subject.as_deref(),
+            message_id: meta.message_id.as_deref(),
+            correlation_id: meta.correlation_id.as_deref(),
+            content_type: meta.content_type.as_deref(),
+            enqueued_at_ms: meta.enqueued_at_ms,
+            asb_seq: meta.asb_seq,
+            props,
+            body: Body::classify(body, meta.content_type.as_deref()),
+            truncated: meta.truncated,
+        });
+        EncodedEvent {
+            seq,
+            topic: topic.clone(),
+            json: Bytes::from(frame.to_json()),
+            postcard: Bytes::from(frame.to_postcard()),
+        }
+    }
+
+    /// A borrowed view of the event (decoded from the postcard frame without copying).
+    pub fn frame(&self) -> Option<EventFrame<'_>> {
+        match postcard::from_bytes::<Frame<'_>>(&self.postcard) {
+            Ok(Frame::Event(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The body bytes, shared with the stored frame (no copy).
+    pub fn body(&self) -> Bytes {
+        match self.frame() {
+            Some(e) => self.postcard.slice_ref(e.body.as_bytes()),
+            None => Bytes::new(),
+        }
+    }
+
+    /// Bytes this entry holds on the heap, for the journal's byte accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.json.len() + self.postcard.len() + std::mem::size_of::<Self>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> EventMeta {
+        let mut m = EventMeta {
+            subject: Some(IdString::try_from("temp").unwrap()),
+            message_id: Some(IdString::try_from("m-1").unwrap()),
+            content_type: Some(ContentType::try_from("application/json").unwrap()),
+            enqueued_at_ms: Some(1_795_000_000_123),
+            asb_seq: Some(1234),
+            ..Default::default()
+        };
+        m.push_prop("line", "line1");
+        m
+    }
+
+    #[test]
+    fn json_frame_embeds_json_body() {
+        let topic = Topic::try_from("line1/temp").unwrap();
+        let ev = EncodedEvent::encode(43, &topic, &meta(), br#"{"t": 21.5}"#);
+        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["seq"], 43);
+        assert_eq!(v["topic"], "line1/temp");
+        assert_eq!(v["subject"], "temp");
+        assert_eq!(v["correlation_id"], serde_json::Value::Null);
+        assert_eq!(v["asb_seq"], 1234);
+        assert_eq!(v["props"]["line"], "line1");
+        assert_eq!(v["body"]["t"], 21.5);
+        assert!(v["enqueued_at"].as_str().unwrap().ends_with('Z'));
+        assert!(v.get("truncated").is_none());
+        assert!(v.get("body_encoding").is_none());
+    }
+
+    #[test]
+    fn text_and_binary_bodies() {
+        let topic = Topic::try_from("t").unwrap();
+        let mut m = meta();
+        m.content_type = Some(ContentType::try_from("text/plain").unwrap());
+        let ev = EncodedEvent::encode(1, &topic, &m, b"hello \"x\"");
+        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["body"], "hello \"x\"");
+        let ev = EncodedEvent::encode(2, &topic, &m, &[0xff, 0x00, 0x10]);
+        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["body"], "/wAQ");
+        assert_eq!(v["body_encoding"], "base64");
+        assert_eq!(&ev.body()[..], &[0xff, 0x00, 0x10]);
+        // JSON content type that does not parse is carried as text
+        let ev = EncodedEvent::encode(3, &topic, &meta(), b"{not json");
+        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["body"], "{not json");
+    }
+
+    #[test]
+    fn control_heavy_text_goes_base64_within_worst_case() {
+        let topic = Topic::try_from("t").unwrap();
+        let body = vec![1u8; 4096];
+        let ev = EncodedEvent::encode(1, &topic, &EventMeta::default(), &body);
+        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["body_encoding"], "base64");
+        assert!(ev.heap_bytes() <= max_entry_bytes(4096));
+    }
+
+    #[test]
+    fn worst_case_entry_is_an_upper_bound() {
+        let mut m = EventMeta::default();
+        let long = "\"\\".repeat(400);
+        m.subject = Some(bounded(&long, &mut m.truncated));
+        m.message_id = Some(bounded(&long, &mut m.truncated));
+        m.correlation_id = Some(bounded(&long, &mut m.truncated));
+        m.content_type = Some(bounded(&long, &mut m.truncated));
+        for i in 0..20 {
+            m.push_prop(&format!("{i}{long}"), &long);
+        }
+        let topic: Topic = bounded(&long, &mut m.truncated);
+        let body = vec![0xffu8; 1000];
+        let ev = EncodedEvent::encode(u64::MAX, &topic, &m, &body);
+        assert!(m.truncated);
+        assert!(ev.heap_bytes() <= max_entry_bytes(1000));
+        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["truncated"], true);
+    }
+
+    #[test]
+    fn bounded_cuts_at_char_boundary_and_flags() {
+        let mut t = false;
+        let s: HString<4> = bounded("aé€", &mut t);
+        assert_eq!(s.as_str(), "aé");
+        assert!(t);
+        let mut t = false;
+        let s: HString<8> = bounded("a\u{0}b", &mut t);
+        assert_eq!(s.as_str(), "a?b");
+        assert!(t);
+        let mut t = false;
+        let s: HString<8> = bounded("ok", &mut t);
+        assert_eq!(s.as_str(), "ok");
+        assert!(!t);
+    }
+
+    #[test]
+    fn postcard_roundtrip_and_other_frames() {
+        let f = Frame::Gap {
+            from: 100,
+            to: 180,
+            reason: GapReason::Lagged,
+        };
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"gap","from":100,"to":180,"reason":"lagged"}"#
+        );
+        let bytes = f.to_postcard();
+        assert_eq!(postcard::from_bytes::<Frame>(&bytes).unwrap(), f);
+        let h = Frame::Hello {
+            epoch: "e1",
+            oldest: 1,
+            latest: 42,
+            filters: vec!["#"],
+        };
+        assert_eq!(
+            h.to_json(),
+            r##"{"type":"hello","epoch":"e1","oldest":1,"latest":42,"filters":["#"]}"##
+        );
+        assert_eq!(Frame::Pong.to_json(), r#"{"type":"pong"}"#);
+        let e = Frame::Error {
+            code: "bad_op",
+            message: "unknown \"op\"",
+        };
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["message"], "unknown \"op\"");
+    }
+}

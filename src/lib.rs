@@ -1,0 +1,22 @@
+//! asb-gateway: Azure Service Bus topic subscriptions → a bounded journal → WebSocket
+//! panels and an MQTT mirror, under a static memory budget. See DESIGN.md.
+//!
+//! One module per part of the data flow:
+//! - [`config`]: typed TOML config, connection strings, secrets.
+//! - [`event`]: bounded event metadata and the panel frames.
+//! - [`journal`]: the fixed-capacity ring of encoded events.
+//! - [`routing`]: topic templates and MQTT-style filters.
+//! - [`budget`]: the worst-case memory of a config.
+//! - [`metrics`]: counters, gauges, health.
+//! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
+//! - [`cli`]: the command line.
+
+pub mod app;
+pub mod budget;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod journal;
+pub mod metrics;
+pub mod routing;
+pub mod shutdown;

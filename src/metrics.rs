@@ -1,0 +1,443 @@
+//! Counters and gauges shared by every part of the data flow, rendered as Prometheus
+//! text on `GET /metrics` (names prefixed `asbgw_`), and the part states behind
+//! `GET /healthz`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+
+/// Why the gateway dead-lettered a message (DeadLetterReason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    PayloadTooLarge,
+    Undecodable,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 2] = [
+        DeadLetterReason::PayloadTooLarge,
+        DeadLetterReason::Undecodable,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::PayloadTooLarge => "PayloadTooLarge",
+            DeadLetterReason::Undecodable => "Undecodable",
+        }
+    }
+}
+
+/// Why a panel upgrade was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Unauthorized,
+    Origin,
+    Full,
+    BadRequest,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::Unauthorized,
+        RejectReason::Origin,
+        RejectReason::Full,
+        RejectReason::BadRequest,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Unauthorized => "unauthorized",
+            RejectReason::Origin => "origin",
+            RejectReason::Full => "full",
+            RejectReason::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// State of one part (source or mirror).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PartState {
+    Starting = 0,
+    Up = 1,
+    Down = 2,
+    Disabled = 3,
+}
+
+impl PartState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartState::Starting => "starting",
+            PartState::Up => "up",
+            PartState::Down => "down",
+            PartState::Disabled => "disabled",
+        }
+    }
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => PartState::Up,
+            2 => PartState::Down,
+            3 => PartState::Disabled,
+            _ => PartState::Starting,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct StateCell(AtomicU8);
+
+impl StateCell {
+    pub fn set(&self, s: PartState) {
+        self.0.store(s as u8, Relaxed)
+    }
+    pub fn get(&self) -> PartState {
+        PartState::from_u8(self.0.load(Relaxed))
+    }
+}
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed)
+    }
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn dec(&self) {
+        // saturating: a gauge never wraps below zero
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    // source
+    pub received: Counter,
+    pub completed: Counter,
+    pub dead_lettered_too_large: Counter,
+    pub dead_lettered_undecodable: Counter,
+    pub released: Counter,
+    pub abandoned_on_link_loss: Counter,
+    pub duplicates: Counter,
+    pub credit: Gauge,
+    pub unsettled: Gauge,
+    pub source_reconnects: Counter,
+    pub token_refreshes: Counter,
+    pub source_state: StateCell,
+    // journal
+    pub journal_events: Gauge,
+    pub journal_bytes: Gauge,
+    pub journal_capacity_events: Gauge,
+    pub journal_capacity_bytes: Gauge,
+    // panels
+    pub panels_connected: Gauge,
+    pub panels_rejected_unauthorized: Counter,
+    pub panels_rejected_origin: Counter,
+    pub panels_rejected_full: Counter,
+    pub panels_rejected_bad_request: Counter,
+    pub frames_sent: Counter,
+    pub gaps: Counter,
+    pub events_skipped: Counter,
+    pub panels_disconnected_slow: Counter,
+    // mirror
+    pub mqtt_published: Counter,
+    pub mqtt_acked: Counter,
+    pub mqtt_inflight: Gauge,
+    pub mqtt_reconnects: Counter,
+    pub mirror_state: StateCell,
+    // budget
+    pub budget_bytes: Gauge,
+    pub budget_limit_bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn dead_lettered(&self, r: DeadLetterReason) -> &Counter {
+        match r {
+            DeadLetterReason::PayloadTooLarge => &self.dead_lettered_too_large,
+            DeadLetterReason::Undecodable => &self.dead_lettered_undecodable,
+        }
+    }
+
+    pub fn rejected(&self, r: RejectReason) -> &Counter {
+        match r {
+            RejectReason::Unauthorized => &self.panels_rejected_unauthorized,
+            RejectReason::Origin => &self.panels_rejected_origin,
+            RejectReason::Full => &self.panels_rejected_full,
+            RejectReason::BadRequest => &self.panels_rejected_bad_request,
+        }
+    }
+
+    /// Healthy when the source is up and the mirror, if any, is up.
+    pub fn healthy(&self) -> bool {
+        self.source_state.get() == PartState::Up
+            && matches!(self.mirror_state.get(), PartState::Up | PartState::Disabled)
+    }
+
+    /// The `/healthz` body.
+    pub fn health_json(&self) -> String {
+        format!(
+            "{{\"status\":\"{}\",\"source\":\"{}\",\"mirror\":\"{}\",\"panels\":{}}}",
+            if self.healthy() { "ok" } else { "degraded" },
+            self.source_state.get().as_str(),
+            self.mirror_state.get().as_str(),
+            self.panels_connected.get()
+        )
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP asbgw_{name} {help}");
+            let _ = writeln!(out, "# TYPE asbgw_{name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "asbgw_{name}{labels} {v}");
+            }
+        };
+        metric(
+            "received_total",
+            "counter",
+            "Messages received from the source.",
+            &[("", self.received.get())],
+        );
+        metric(
+            "completed_total",
+            "counter",
+            "Messages completed (accepted) at the source.",
+            &[("", self.completed.get())],
+        );
+        let dl: Vec<(String, u64)> = DeadLetterReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.as_str()),
+                    self.dead_lettered(*r).get(),
+                )
+            })
+            .collect();
+        let dl: Vec<(&str, u64)> = dl.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "dead_lettered_total",
+            "counter",
+            "Messages dead-lettered by the gateway, by reason.",
+            &dl,
+        );
+        metric(
+            "released_total",
+            "counter",
+            "Messages released back to the source.",
+            &[("", self.released.get())],
+        );
+        metric(
+            "abandoned_total",
+            "counter",
+            "Unsettled messages whose link was lost (the broker redelivers them).",
+            &[("", self.abandoned_on_link_loss.get())],
+        );
+        metric(
+            "duplicates_suppressed_total",
+            "counter",
+            "Redeliveries suppressed before panels.",
+            &[("", self.duplicates.get())],
+        );
+        metric(
+            "credit",
+            "gauge",
+            "Link credit currently granted to the source.",
+            &[("", self.credit.get())],
+        );
+        metric(
+            "unsettled",
+            "gauge",
+            "Messages received and not yet settled.",
+            &[("", self.unsettled.get())],
+        );
+        metric(
+            "source_reconnects_total",
+            "counter",
+            "Source reconnections.",
+            &[("", self.source_reconnects.get())],
+        );
+        metric(
+            "token_refreshes_total",
+            "counter",
+            "CBS token renewals.",
+            &[("", self.token_refreshes.get())],
+        );
+        metric(
+            "source_up",
+            "gauge",
+            "1 when the source is connected.",
+            &[("", u64::from(self.source_state.get() == PartState::Up))],
+        );
+        metric(
+            "journal_events",
+            "gauge",
+            "Events held in the journal.",
+            &[("", self.journal_events.get())],
+        );
+        metric(
+            "journal_bytes",
+            "gauge",
+            "Bytes of encoded events held in the journal.",
+            &[("", self.journal_bytes.get())],
+        );
+        metric(
+            "journal_capacity_events",
+            "gauge",
+            "Journal capacity in events.",
+            &[("", self.journal_capacity_events.get())],
+        );
+        metric(
+            "journal_capacity_bytes",
+            "gauge",
+            "Journal capacity in bytes.",
+            &[("", self.journal_capacity_bytes.get())],
+        );
+        metric(
+            "panels_connected",
+            "gauge",
+            "Panels connected.",
+            &[("", self.panels_connected.get())],
+        );
+        let rj: Vec<(String, u64)> = RejectReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.as_str()),
+                    self.rejected(*r).get(),
+                )
+            })
+            .collect();
+        let rj: Vec<(&str, u64)> = rj.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "panels_rejected_total",
+            "counter",
+            "Panel upgrades refused, by reason.",
+            &rj,
+        );
+        metric(
+            "frames_sent_total",
+            "counter",
+            "Frames written to panels.",
+            &[("", self.frames_sent.get())],
+        );
+        metric(
+            "gaps_total",
+            "counter",
+            "Gap frames sent to panels.",
+            &[("", self.gaps.get())],
+        );
+        metric(
+            "events_skipped_total",
+            "counter",
+            "Events panels missed because they fell behind.",
+            &[("", self.events_skipped.get())],
+        );
+        metric(
+            "panels_disconnected_slow_total",
+            "counter",
+            "Panels closed by slow_policy = disconnect.",
+            &[("", self.panels_disconnected_slow.get())],
+        );
+        metric(
+            "mqtt_published_total",
+            "counter",
+            "Events published to MQTT.",
+            &[("", self.mqtt_published.get())],
+        );
+        metric(
+            "mqtt_acked_total",
+            "counter",
+            "MQTT publishes acknowledged by the broker.",
+            &[("", self.mqtt_acked.get())],
+        );
+        metric(
+            "mqtt_inflight",
+            "gauge",
+            "MQTT publishes awaiting acknowledgement.",
+            &[("", self.mqtt_inflight.get())],
+        );
+        metric(
+            "mqtt_reconnects_total",
+            "counter",
+            "MQTT reconnections.",
+            &[("", self.mqtt_reconnects.get())],
+        );
+        metric(
+            "mirror_up",
+            "gauge",
+            "1 when the MQTT mirror is connected.",
+            &[("", u64::from(self.mirror_state.get() == PartState::Up))],
+        );
+        metric(
+            "budget_bytes",
+            "gauge",
+            "Worst-case memory of this config.",
+            &[("", self.budget_bytes.get())],
+        );
+        metric(
+            "budget_limit_bytes",
+            "gauge",
+            "budget.memory_mib in bytes.",
+            &[("", self.budget_limit_bytes.get())],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_is_prometheus_text() {
+        let m = Metrics::default();
+        m.received.add(3);
+        m.dead_lettered(DeadLetterReason::PayloadTooLarge).inc();
+        let text = m.render();
+        assert!(text.contains("asbgw_received_total 3\n"));
+        assert!(text.contains("asbgw_dead_lettered_total{reason=\"PayloadTooLarge\"} 1\n"));
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("asbgw_"), "{line}");
+            value.parse::<f64>().unwrap();
+        }
+    }
+
+    #[test]
+    fn health_needs_source_and_mirror() {
+        let m = Metrics::default();
+        assert!(!m.healthy());
+        m.source_state.set(PartState::Up);
+        m.mirror_state.set(PartState::Disabled);
+        assert!(m.healthy());
+        m.mirror_state.set(PartState::Down);
+        assert!(!m.healthy());
+        assert!(m.health_json().contains("\"mirror\":\"down\""));
+    }
+}

@@ -1,0 +1,333 @@
+//! Routing: the topic template that names each event, and MQTT-style topic filters
+//! (`+` one level, `#` the rest) used by panels, tokens and the mirror.
+
+use crate::event::{EventMeta, Topic};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RoutingError {
+    #[error(
+        "unknown placeholder {{{0}}} (known: subject, topic, subscription, content_type, correlation_id, prop:NAME)"
+    )]
+    UnknownPlaceholder(String),
+    #[error("unclosed '{{' at byte {0}")]
+    Unclosed(usize),
+    #[error("template is empty")]
+    Empty,
+    #[error("filter is empty")]
+    EmptyFilter,
+    #[error("'#' must be the last level and alone in it")]
+    MisplacedHash,
+    #[error("'+' must be alone in its level")]
+    MisplacedPlus,
+    #[error("filter longer than {0} bytes")]
+    FilterTooLong(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Subject,
+    Topic,
+    Subscription,
+    ContentType,
+    CorrelationId,
+    Prop(String),
+}
+
+/// A parsed topic template such as `{prop:line}/{subject}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+/// Where an event came from, for `{topic}` and `{subscription}`.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub topic: &'a str,
+    pub subscription: &'a str,
+}
+
+impl Template {
+    pub fn parse(s: &str) -> Result<Self, RoutingError> {
+        if s.is_empty() {
+            return Err(RoutingError::Empty);
+        }
+        let mut parts = Vec::new();
+        let mut rest = s;
+        let mut offset = 0;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or(RoutingError::Unclosed(offset + open))?;
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "subject" => Part::Subject,
+                "topic" => Part::Topic,
+                "subscription" => Part::Subscription,
+                "content_type" => Part::ContentType,
+                "correlation_id" => Part::CorrelationId,
+                n if n.starts_with("prop:") && n.len() > 5 => Part::Prop(n[5..].to_string()),
+                n => return Err(RoutingError::UnknownPlaceholder(n.to_string())),
+            });
+            offset += open + close + 1;
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// Render the topic for an event. Missing or empty values become `_`; characters
+    /// that are illegal in MQTT topic names (`+`, `#`, NUL) become `_`. Returns the topic
+    /// and whether it had to be cut to [`crate::event::TOPIC_MAX`] bytes.
+    pub fn render(&self, meta: &EventMeta, origin: Origin<'_>) -> (Topic, bool) {
+        let mut out = Topic::new();
+        let mut cut = false;
+        for part in &self.parts {
+            let value: Option<&str> = match part {
+                Part::Lit(l) => {
+                    push_clean(&mut out, l, &mut cut);
+                    continue;
+                }
+                Part::Subject => meta.subject.as_deref(),
+                Part::Topic => Some(origin.topic),
+                Part::Subscription => Some(origin.subscription),
+                Part::ContentType => meta.content_type.as_deref(),
+                Part::CorrelationId => meta.correlation_id.as_deref(),
+                Part::Prop(name) => meta.prop(name),
+            };
+            match value {
+                Some(v) if !v.is_empty() => push_clean(&mut out, v, &mut cut),
+                _ => push_clean(&mut out, "_", &mut cut),
+            }
+        }
+        (out, cut)
+    }
+}
+
+fn push_clean(out: &mut Topic, s: &str, cut: &mut bool) {
+    for c in s.chars() {
+        let c = match c {
+            '+' | '#' | '\0' => '_',
+            c => c,
+        };
+        if out.push(c).is_err() {
+            *cut = true;
+            return;
+        }
+    }
+}
+
+/// Longest filter accepted (bytes).
+pub const FILTER_MAX: usize = 256;
+
+/// A validated MQTT-style topic filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter(heapless::String<FILTER_MAX>);
+
+impl Filter {
+    pub fn parse(s: &str) -> Result<Self, RoutingError> {
+        if s.is_empty() {
+            return Err(RoutingError::EmptyFilter);
+        }
+        let levels: Vec<&str> = s.split('/').collect();
+        for (i, level) in levels.iter().enumerate() {
+            if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+                return Err(RoutingError::MisplacedHash);
+            }
+            if level.contains('+') && *level != "+" {
+                return Err(RoutingError::MisplacedPlus);
+            }
+        }
+        heapless::String::try_from(s)
+            .map(Filter)
+            .map_err(|_| RoutingError::FilterTooLong(FILTER_MAX))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Does this filter match the topic? (MQTT rules: `+` one level, `#` this level and
+    /// all below, including the parent; wildcards at the first level do not match
+    /// topics starting with `$`.)
+    pub fn matches(&self, topic: &str) -> bool {
+        filter_matches(&self.0, topic)
+    }
+
+    /// Is every topic this filter matches also matched by `outer`? Used to check a
+    /// subscription against the filters a token is allowed.
+    pub fn within(&self, outer: &Filter) -> bool {
+        let mut inner = self.0.split('/');
+        let mut out = outer.0.split('/');
+        loop {
+            match (out.next(), inner.next()) {
+                (Some("#"), _) => return true,
+                (None, None) => return true,
+                (Some("+"), Some(i)) if i != "#" => {}
+                (Some(o), Some(i)) if o == i && o != "+" && o != "#" => {}
+                _ => return false,
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// MQTT topic-filter matching on strings (the filter is assumed valid).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ContentType, IdString};
+
+    fn meta() -> EventMeta {
+        let mut m = EventMeta {
+            subject: Some(IdString::try_from("temp").unwrap()),
+            content_type: Some(ContentType::try_from("application/json").unwrap()),
+            ..Default::default()
+        };
+        m.push_prop("line", "line1");
+        m.push_prop("odd", "a+b#c");
+        m
+    }
+
+    const O: Origin<'static> = Origin {
+        topic: "operational-events",
+        subscription: "edge",
+    };
+
+    #[test]
+    fn templates_render() {
+        let cases = [
+            ("{subject}", "temp"),
+            ("{prop:line}/{subject}", "line1/temp"),
+            ("{topic}/{subscription}", "operational-events/edge"),
+            ("x/{correlation_id}/{prop:nope}", "x/_/_"),
+            ("{content_type}", "application/json"),
+            ("{prop:odd}", "a_b_c"),
+            ("plain", "plain"),
+            ("ünï/{subject}", "ünï/temp"),
+        ];
+        for (tpl, want) in cases {
+            let (t, cut) = Template::parse(tpl).unwrap().render(&meta(), O);
+            assert_eq!(t.as_str(), want, "template {tpl}");
+            assert!(!cut);
+        }
+        let mut m = meta();
+        m.subject = Some(IdString::try_from("").unwrap());
+        assert_eq!(
+            Template::parse("{subject}")
+                .unwrap()
+                .render(&m, O)
+                .0
+                .as_str(),
+            "_"
+        );
+    }
+
+    #[test]
+    fn long_topics_are_cut_and_flagged() {
+        let mut m = meta();
+        m.push_prop("long", &"é".repeat(120));
+        let (t, cut) = Template::parse("{prop:long}/{prop:long}/{prop:long}")
+            .unwrap()
+            .render(&m, O);
+        assert!(cut);
+        assert!(t.len() <= crate::event::TOPIC_MAX);
+    }
+
+    #[test]
+    fn bad_templates() {
+        assert_eq!(
+            Template::parse("{nope}"),
+            Err(RoutingError::UnknownPlaceholder("nope".into()))
+        );
+        assert_eq!(
+            Template::parse("a/{subject"),
+            Err(RoutingError::Unclosed(2))
+        );
+        assert_eq!(Template::parse(""), Err(RoutingError::Empty));
+        assert!(Template::parse("{prop:}").is_err());
+    }
+
+    #[test]
+    fn filters_match() {
+        let cases = [
+            ("#", "a/b", true),
+            ("#", "a", true),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("a/#", "b/a", false),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/+", "a", false),
+            ("+/+", "a/b", true),
+            ("+", "a", true),
+            ("+", "", true),
+            ("a//b", "a//b", true),
+            ("a/+/b", "a//b", true),
+            ("a/b", "a/b/", false),
+            ("line1/#", "line2/temp", false),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("ünï/+", "ünï/temp", true),
+        ];
+        for (f, t, want) in cases {
+            assert_eq!(Filter::parse(f).unwrap().matches(t), want, "{f} vs {t}");
+        }
+    }
+
+    #[test]
+    fn invalid_filters() {
+        for f in ["", "a/#/b", "a#", "#/a", "a+/b", "a/b+", "++"] {
+            assert!(Filter::parse(f).is_err(), "{f} should be invalid");
+        }
+        assert!(Filter::parse(&"a".repeat(FILTER_MAX + 1)).is_err());
+    }
+
+    #[test]
+    fn filter_within_allowed() {
+        let allow = Filter::parse("line1/#").unwrap();
+        for (f, want) in [
+            ("line1/#", true),
+            ("line1/temp", true),
+            ("line1/+/x", true),
+            ("#", false),
+            ("+/temp", false),
+            ("line2/temp", false),
+        ] {
+            assert_eq!(Filter::parse(f).unwrap().within(&allow), want, "{f}");
+        }
+        let plus = Filter::parse("+/temp").unwrap();
+        assert!(Filter::parse("line1/temp").unwrap().within(&plus));
+        assert!(!Filter::parse("line1/#").unwrap().within(&plus));
+        assert!(!Filter::parse("line1/+").unwrap().within(&plus));
+        assert!(Filter::parse("+/temp").unwrap().within(&plus));
+    }
+}
