@@ -10,7 +10,8 @@
 //! - [`metrics`]: counters, gauges, health.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
 //! - [`cli`]: the command line.
-//! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo).
+//! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo);
+//!   [`generator`]: synthetic factory events for the demo.
 
 pub mod app;
 pub mod budget;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod emulator;
 pub mod event;
+pub mod generator;
 pub mod journal;
 pub mod metrics;
 pub mod routing;
