@@ -9,9 +9,11 @@
 //! - [`budget`]: the worst-case memory of a config.
 //! - [`metrics`]: counters, gauges, health.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
+//! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
 //! - [`cli`]: the command line.
 
 pub mod app;
+pub mod appliance;
 pub mod budget;
 pub mod cli;
 pub mod config;
