@@ -203,6 +203,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(1);
     }
+    crate::appliance::logging::init(&config.log.level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

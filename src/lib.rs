@@ -9,11 +9,13 @@
 //! - [`budget`]: the worst-case memory of a config.
 //! - [`metrics`]: counters, gauges, health.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
+//! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
 //! - [`cli`]: the command line.
 //! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo);
 //!   [`generator`]: synthetic factory events for the demo.
 
 pub mod app;
+pub mod appliance;
 pub mod budget;
 pub mod cli;
 pub mod config;
