@@ -41,7 +41,7 @@ pub use entities::{
     DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, Entities, EntityConfig, TopicConfig,
     parse_iso8601_duration,
 };
-pub use store::{DeadLetter, EntityStats, Store};
+pub use store::{DEFAULT_ENTITY_CAPACITY, DeadLetter, EntityStats, PublishError, Store};
 
 /// The well-known emulator key name and key (Microsoft's emulator uses the same).
 pub const DEFAULT_KEY_NAME: &str = "RootManageSharedAccessKey";
