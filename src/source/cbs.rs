@@ -8,8 +8,8 @@ use fe2o3_amqp_management::error::Error as MgmtError;
 use fe2o3_amqp_types::primitives::Timestamp;
 
 use super::SourceError;
-use super::sas;
 use crate::config::{ConnectionString, Credential};
+use crate::sas;
 
 /// The token type ASB expects for SAS tokens.
 pub const TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
@@ -61,9 +61,7 @@ impl Tokens {
                     Some(expiry),
                 )
             }
-            Credential::Signature(sig) => {
-                (sig.expose().to_string(), sas::token_expiry(sig.expose()))
-            }
+            Credential::Signature(sig) => (sig.expose().to_string(), token_expiry(sig.expose())),
         }
     }
 
@@ -76,6 +74,16 @@ impl Tokens {
             .await
             .map_err(|e| put_error(audience, e))
     }
+}
+
+/// The expiry (`se=`) of a ready-made SAS token, if it has one.
+fn token_expiry(token: &str) -> Option<u64> {
+    token
+        .strip_prefix(sas::PREFIX)?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("se="))?
+        .parse()
+        .ok()
 }
 
 /// A put-token failure as a clear error. The broker's status and description only:
@@ -149,5 +157,6 @@ mod tests {
         assert!(!t.renewable());
         assert_eq!(t.token("sb://ns/x"), (sig.to_string(), Some(1_900_000_000)));
         assert!(!format!("{t:?}").contains("abc"));
+        assert_eq!(token_expiry("SharedAccessSignature sr=x&sig=y"), None);
     }
 }

@@ -15,7 +15,6 @@
 
 mod cbs;
 pub mod decode;
-mod sas;
 pub mod tls;
 pub mod tracker;
 
@@ -51,7 +50,6 @@ use crate::shutdown::Shutdown;
 
 pub use cbs::TOKEN_TYPE;
 use decode::{Decoded, Rejection};
-pub use sas::sas_token;
 use tracker::{Dedup, DedupKey, Held, Tracker, fingerprint, plan_credit};
 
 /// The condition ASB reads as "dead-letter this message".
@@ -341,6 +339,17 @@ impl Source {
         }))
     }
 
+    /// ASB (CBS auth) gets peek-lock as its SDKs ask for it: unsettled sends, receiver
+    /// settle mode second. Other brokers (SASL PLAIN) get mode first, which every AMQP
+    /// 1.0 broker supports (RabbitMQ refuses second); sends stay unsettled, so it is still
+    /// peek-lock: nothing leaves the broker before our disposition.
+    fn settle_mode(&self) -> ReceiverSettleMode {
+        match self.ctx.config.source.auth {
+            AuthMode::Cbs => ReceiverSettleMode::Second,
+            AuthMode::Plain => ReceiverSettleMode::First,
+        }
+    }
+
     /// Connect, authenticate and attach every link.
     async fn connect(&mut self) -> Result<Conn, SourceError> {
         let cs = &self.ctx.config.connection;
@@ -417,14 +426,24 @@ impl Source {
             cbs,
             refresh_at,
         };
+        let mode = self.settle_mode();
         for i in 0..self.links.len() {
-            match attach(&mut conn.session, &self.links[i].address, i, step).await {
+            match attach(
+                &mut conn.session,
+                &self.links[i].address,
+                i,
+                step,
+                mode.clone(),
+            )
+            .await
+            {
                 Ok(r) => {
                     let l = &mut self.links[i];
                     l.receiver = Some(r);
                     l.retry_at = None;
                     l.backoff.reset();
                 }
+                Err(e) if conn.session.is_ended() => return Err(e),
                 Err(e) => {
                     // The connection is fine; this entity is not (yet). Retry it alone.
                     log::warn!("source: {e}; retrying this subscription with backoff");
@@ -522,7 +541,16 @@ impl Source {
             if conn.session.is_ended() {
                 return Err(SourceError::ConnectionLost("session ended".into()));
             }
-            match attach(&mut conn.session, &self.links[i].address, i, step).await {
+            let mode = self.settle_mode();
+            match attach(
+                &mut conn.session,
+                &self.links[i].address,
+                i,
+                step,
+                mode.clone(),
+            )
+            .await
+            {
                 Ok(r) => {
                     let l = &mut self.links[i];
                     log::info!("source: link to {} re-attached", l.address);
@@ -798,13 +826,14 @@ async fn attach(
     address: &str,
     i: usize,
     step: Duration,
+    mode: ReceiverSettleMode,
 ) -> Result<Receiver, SourceError> {
     let name = format!("asb-gateway-{i}-{:08x}", fastrand::u32(..));
     let fut = Receiver::builder()
         .name(name)
         .source(address.to_string())
         .sender_settle_mode(SenderSettleMode::Unsettled)
-        .receiver_settle_mode(ReceiverSettleMode::Second)
+        .receiver_settle_mode(mode)
         .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
         .attach(session);
     match timeout(step, fut).await {
