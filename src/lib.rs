@@ -8,6 +8,7 @@
 //! - [`routing`]: topic templates and MQTT-style filters.
 //! - [`budget`]: the worst-case memory of a config.
 //! - [`metrics`]: counters, gauges, health.
+//! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal).
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
 //! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
 //! - [`cli`]: the command line.
@@ -27,3 +28,4 @@ pub mod metrics;
 pub mod routing;
 pub mod sas;
 pub mod shutdown;
+pub mod source;

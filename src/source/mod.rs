@@ -1,0 +1,926 @@
+//! The source (DESIGN §2, §5): one AMQP 1.0 receiver link per configured subscription,
+//! peek-lock only, with credit set by demand: the total credit across links never exceeds
+//! the free room of the unsettled window (`journal.unsettled` minus what is in it) nor the
+//! journal's room. Each message is decoded, routed and appended to the journal (this task
+//! is the journal's only writer), then settled:
+//! - completed (accepted) right after the append, or — when the mirror is required — once
+//!   the mirror acknowledges its seq on `acks`;
+//! - dead-lettered (`com.microsoft:dead-letter`) when too large or undecodable;
+//! - released on graceful shutdown.
+//!
+//! Redeliveries (same subscription and `x-opt-sequence-number`, same message-id and
+//! enqueued time) within a recent window are not appended again. Connection loss, link
+//! detach and token rejection are retried with exponential backoff and jitter; deliveries
+//! held on a link that died are counted and left to the broker to redeliver.
+
+mod cbs;
+pub mod decode;
+pub mod tls;
+pub mod tracker;
+
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::delivery::{Delivery, DeliveryInfo};
+use fe2o3_amqp::link::{ErrorRecovery, RecvError};
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Connection, Receiver, Session};
+use fe2o3_amqp_cbs::client::CbsClient;
+use fe2o3_amqp_types::definitions::{
+    self, ErrorCondition, Fields, ReceiverSettleMode, SenderSettleMode,
+};
+use fe2o3_amqp_types::messaging::Body;
+use fe2o3_amqp_types::primitives::{Symbol, Value};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::app::Context;
+use crate::config::{AuthMode, Credential};
+use crate::event::EncodedEvent;
+use crate::journal::JournalError;
+use crate::metrics::{DeadLetterReason, PartState};
+use crate::routing::Origin;
+use crate::shutdown::Shutdown;
+
+pub use cbs::TOKEN_TYPE;
+use decode::{Decoded, Rejection};
+use tracker::{Dedup, DedupKey, Held, Tracker, fingerprint, plan_credit};
+
+/// The condition ASB reads as "dead-letter this message".
+pub const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("AMQP open with {addr} failed: {reason}")]
+    Open { addr: String, reason: String },
+    #[error("AMQP session failed: {0}")]
+    Session(String),
+    #[error("CBS token for {audience} rejected: {reason}")]
+    TokenRejected { audience: String, reason: String },
+    #[error("CBS: {0}")]
+    Cbs(String),
+    #[error("cannot attach a receiver to {address}: {reason}")]
+    Attach { address: String, reason: String },
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+}
+
+impl SourceError {
+    /// A coarse kind, to log a failure once rather than on every retry.
+    fn kind(&self) -> &'static str {
+        match self {
+            SourceError::Tls(_) => "tls",
+            SourceError::Connect { .. } => "connect",
+            SourceError::Open { .. } => "open",
+            SourceError::Session(_) => "session",
+            SourceError::TokenRejected { .. } => "token",
+            SourceError::Cbs(_) => "cbs",
+            SourceError::Attach { .. } => "attach",
+            SourceError::ConnectionLost(_) => "lost",
+        }
+    }
+}
+
+/// Tuning that is not part of the config file (tests, benchmarks).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Re-put CBS tokens this often; default: 80% of the token lifetime.
+    pub token_refresh: Option<Duration>,
+    /// Lifetime of signed tokens; default `source.token_ttl_secs`.
+    pub token_ttl: Option<Duration>,
+    /// First and longest reconnect delay (jittered, doubling).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Bound on TCP connect, TLS, AMQP open, CBS and attach, each.
+    pub step_timeout: Duration,
+    /// AMQP idle timeout announced to the peer (it must send something this often).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token_refresh: None,
+            token_ttl: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            step_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Run the source until `shutdown`. Returns an error only for what retrying cannot fix
+/// (no TLS roots); everything else is retried with backoff.
+pub async fn run(
+    ctx: Arc<Context>,
+    acks: mpsc::Receiver<u64>,
+    shutdown: Shutdown,
+) -> Result<(), SourceError> {
+    run_with(ctx, acks, shutdown, Options::default()).await
+}
+
+/// [`run`] with explicit [`Options`].
+pub async fn run_with(
+    ctx: Arc<Context>,
+    mut acks: mpsc::Receiver<u64>,
+    mut shutdown: Shutdown,
+    opts: Options,
+) -> Result<(), SourceError> {
+    let mut src = Source::new(ctx, opts)?;
+    let mut backoff = Backoff::new(src.opts.backoff_min, src.opts.backoff_max);
+    let mut logged: Option<&'static str> = None;
+    let mut attempts: u64 = 0;
+    let cs = &src.ctx.config.connection;
+    let addr = format!("{}:{}", cs.host, cs.port);
+    loop {
+        if shutdown.is_shutdown() {
+            break;
+        }
+        if attempts > 0 {
+            src.ctx.metrics.source_reconnects.inc();
+        }
+        attempts += 1;
+        let connected = tokio::select! {
+            biased;
+            _ = shutdown.recv() => break,
+            r = src.connect() => r,
+        };
+        let failure = match connected {
+            Ok(mut conn) => {
+                backoff.reset();
+                src.ctx.metrics.source_state.set(PartState::Up);
+                log::info!(
+                    "source up: connected to {addr} ({} subscription(s))",
+                    src.links.len()
+                );
+                logged = None;
+                match src.serve(&mut conn, &mut acks, &mut shutdown).await {
+                    Stop::Shutdown => {
+                        src.close(conn).await;
+                        src.ctx.metrics.source_state.set(PartState::Down);
+                        log::info!("source stopped");
+                        return Ok(());
+                    }
+                    Stop::Lost(e) => {
+                        src.lose_all_links();
+                        // The peer is gone or misbehaving: do not wait long for it.
+                        let _ = timeout(Duration::from_millis(200), conn.connection.close()).await;
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        src.ctx.metrics.source_state.set(PartState::Down);
+        if logged != Some(failure.kind()) {
+            log::warn!("source down: {failure}; reconnecting with backoff");
+            logged = Some(failure.kind());
+        } else {
+            log::debug!("source still down: {failure}");
+        }
+        let delay = backoff.next();
+        if src.wait(delay, &mut acks, &mut shutdown).await {
+            break;
+        }
+    }
+    src.ctx.metrics.source_state.set(PartState::Down);
+    log::info!("source stopped");
+    Ok(())
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling from
+/// `min` to `max`.
+#[derive(Debug, Clone)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    cur: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, cur: min }
+    }
+
+    fn reset(&mut self) {
+        self.cur = self.min;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        let half = d / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+/// Why serving a connection ended.
+enum Stop {
+    Shutdown,
+    Lost(SourceError),
+}
+
+/// One subscription's link.
+struct Link {
+    address: String,
+    audience: String,
+    receiver: Option<Receiver>,
+    /// Bumped whenever the link is lost: deliveries of an older generation are void.
+    generation: u64,
+    /// When to try to attach again (link lost while the connection lives).
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+/// A live connection.
+struct Conn {
+    connection: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+    cbs: Option<CbsClient>,
+    refresh_at: Option<Instant>,
+}
+
+/// The state of the source that survives reconnects.
+struct Source {
+    ctx: Arc<Context>,
+    opts: Options,
+    tokens: cbs::Tokens,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    links: Vec<Link>,
+    tracker: Tracker<DeliveryInfo>,
+    dedup: Dedup,
+    required: bool,
+    acks_open: bool,
+    /// Rotates which link is polled and served credit first.
+    rotate: usize,
+    scratch: Vec<Held<DeliveryInfo>>,
+    credit_now: Vec<Option<u32>>,
+    credit_new: Vec<Option<u32>>,
+}
+
+// Lives on the stack for one loop turn; boxing the delivery would allocate per message.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Shutdown,
+    Ack(Option<u64>),
+    Refresh,
+    Retry,
+    Delivery(usize, Result<Delivery<Body<Value>>, RecvError>),
+}
+
+impl Source {
+    fn new(ctx: Arc<Context>, opts: Options) -> Result<Self, SourceError> {
+        let cfg = &ctx.config;
+        let ttl = opts
+            .token_ttl
+            .unwrap_or(Duration::from_secs(cfg.source.token_ttl_secs));
+        let tokens = cbs::Tokens::new(&cfg.connection, ttl);
+        let tls = if cfg.connection.tls {
+            Some(tls::client_config()?)
+        } else {
+            None
+        };
+        let links: Vec<Link> = cfg
+            .source
+            .subscriptions
+            .iter()
+            .map(|s| {
+                let address = s.address();
+                Link {
+                    audience: tokens.audience(&address),
+                    address,
+                    receiver: None,
+                    generation: 0,
+                    retry_at: None,
+                    backoff: Backoff::new(opts.backoff_min, opts.backoff_max),
+                }
+            })
+            .collect();
+        let n = links.len();
+        let unsettled = cfg.journal.unsettled;
+        Ok(Source {
+            required: ctx.mirror_required(),
+            tracker: Tracker::new(unsettled),
+            dedup: Dedup::new(cfg.journal.events),
+            scratch: Vec::with_capacity(unsettled),
+            credit_now: vec![None; n],
+            credit_new: vec![None; n],
+            acks_open: true,
+            rotate: 0,
+            links,
+            tokens,
+            tls,
+            opts,
+            ctx,
+        })
+    }
+
+    fn refresh_interval(&self) -> Option<Duration> {
+        if self.ctx.config.source.auth != AuthMode::Cbs || !self.tokens.renewable() {
+            return None;
+        }
+        Some(self.opts.token_refresh.unwrap_or_else(|| {
+            let ttl = self
+                .opts
+                .token_ttl
+                .unwrap_or(Duration::from_secs(self.ctx.config.source.token_ttl_secs));
+            ttl.mul_f64(0.8)
+        }))
+    }
+
+    /// ASB (CBS auth) gets peek-lock as its SDKs ask for it: unsettled sends, receiver
+    /// settle mode second. Other brokers (SASL PLAIN) get mode first, which every AMQP
+    /// 1.0 broker supports (RabbitMQ refuses second); sends stay unsettled, so it is still
+    /// peek-lock: nothing leaves the broker before our disposition.
+    fn settle_mode(&self) -> ReceiverSettleMode {
+        match self.ctx.config.source.auth {
+            AuthMode::Cbs => ReceiverSettleMode::Second,
+            AuthMode::Plain => ReceiverSettleMode::First,
+        }
+    }
+
+    /// Connect, authenticate and attach every link.
+    async fn connect(&mut self) -> Result<Conn, SourceError> {
+        let cs = &self.ctx.config.connection;
+        let addr = format!("{}:{}", cs.host, cs.port);
+        let step = self.opts.step_timeout;
+        let tcp = timeout(step, TcpStream::connect((cs.host.as_str(), cs.port)))
+            .await
+            .map_err(|_| SourceError::Connect {
+                addr: addr.clone(),
+                reason: "timed out".into(),
+            })?
+            .map_err(|e| SourceError::Connect {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let sasl = match self.ctx.config.source.auth {
+            AuthMode::Cbs => SaslProfile::Anonymous,
+            AuthMode::Plain => match &cs.credential {
+                Credential::Key { name, key } => SaslProfile::Plain {
+                    username: name.clone(),
+                    password: key.expose().to_string(),
+                },
+                // Config validation refuses `plain` without a key.
+                Credential::Signature(_) => SaslProfile::Anonymous,
+            },
+        };
+        let container = format!("asb-gateway-{:08x}", fastrand::u32(..));
+        let builder = Connection::builder()
+            .container_id(container)
+            .hostname(cs.host.as_str())
+            .sasl_profile(sasl)
+            .idle_time_out(self.opts.idle_timeout.as_millis() as u32);
+        let open_err = |reason: String| SourceError::Open {
+            addr: addr.clone(),
+            reason,
+        };
+        let opened = match &self.tls {
+            Some(cfg) => {
+                let stream = timeout(step, tls::connect(cfg.clone(), &cs.host, tcp))
+                    .await
+                    .map_err(|_| {
+                        SourceError::Tls(format!("TLS handshake with {addr} timed out"))
+                    })??;
+                timeout(step, builder.open_with_stream(stream)).await
+            }
+            None => timeout(step, builder.open_with_stream(tcp)).await,
+        };
+        let mut connection = opened
+            .map_err(|_| open_err("timed out".into()))?
+            .map_err(|e| open_err(e.to_string()))?;
+        let mut session = match timeout(step, Session::begin(&mut connection)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SourceError::Session(e.to_string())),
+            Err(_) => return Err(SourceError::Session("begin timed out".into())),
+        };
+        let mut cbs = None;
+        if self.ctx.config.source.auth == AuthMode::Cbs {
+            let mut client = timeout(step, CbsClient::attach(&mut session))
+                .await
+                .map_err(|_| SourceError::Cbs("attaching to $cbs timed out".into()))?
+                .map_err(|e| SourceError::Cbs(format!("cannot attach to $cbs: {e}")))?;
+            for l in &self.links {
+                timeout(step, self.tokens.put(&mut client, &l.audience))
+                    .await
+                    .map_err(|_| SourceError::Cbs("put-token timed out".into()))??;
+            }
+            cbs = Some(client);
+        }
+        let refresh_at = self.refresh_interval().map(|d| Instant::now() + d);
+        let mut conn = Conn {
+            connection,
+            session,
+            cbs,
+            refresh_at,
+        };
+        let mode = self.settle_mode();
+        for i in 0..self.links.len() {
+            match attach(
+                &mut conn.session,
+                &self.links[i].address,
+                i,
+                step,
+                mode.clone(),
+            )
+            .await
+            {
+                Ok(r) => {
+                    let l = &mut self.links[i];
+                    l.receiver = Some(r);
+                    l.retry_at = None;
+                    l.backoff.reset();
+                }
+                Err(e) if conn.session.is_ended() => return Err(e),
+                Err(e) => {
+                    // The connection is fine; this entity is not (yet). Retry it alone.
+                    log::warn!("source: {e}; retrying this subscription with backoff");
+                    let l = &mut self.links[i];
+                    l.retry_at = Some(Instant::now() + l.backoff.next());
+                }
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Serve a live connection until shutdown or its loss.
+    async fn serve(
+        &mut self,
+        conn: &mut Conn,
+        acks: &mut mpsc::Receiver<u64>,
+        shutdown: &mut Shutdown,
+    ) -> Stop {
+        loop {
+            self.grant_credit().await;
+            let refresh_at = conn.refresh_at;
+            let retry_at = self.links.iter().filter_map(|l| l.retry_at).min();
+            let acks_open = self.acks_open;
+            self.rotate = self.rotate.wrapping_add(1);
+            let rotate = self.rotate;
+            let ev = tokio::select! {
+                biased;
+                _ = shutdown.recv() => Event::Shutdown,
+                a = acks.recv(), if acks_open => Event::Ack(a),
+                _ = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => Event::Refresh,
+                _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Event::Retry,
+                (i, r) = recv_any(&mut self.links, rotate) => Event::Delivery(i, r),
+            };
+            match ev {
+                Event::Shutdown => return Stop::Shutdown,
+                Event::Ack(Some(seq)) => self.on_ack(seq).await,
+                Event::Ack(None) => self.acks_open = false,
+                Event::Refresh => {
+                    if let Err(e) = self.refresh(conn).await {
+                        return Stop::Lost(e);
+                    }
+                }
+                Event::Retry => {
+                    if let Err(e) = self.retry_links(conn).await {
+                        return Stop::Lost(e);
+                    }
+                }
+                Event::Delivery(i, Ok(d)) => self.on_delivery(i, d).await,
+                Event::Delivery(i, Err(RecvError::MessageDecode(e))) => {
+                    self.ctx.metrics.received.inc();
+                    let rej =
+                        Rejection::undecodable(format!("message cannot be decoded: {}", e.source));
+                    self.dead_letter(i, e.info, rej).await;
+                }
+                Event::Delivery(i, Err(e)) => match e.recovery() {
+                    ErrorRecovery::UseLink => {
+                        log::debug!(
+                            "source: {} reported {e}; link still usable",
+                            self.links[i].address
+                        )
+                    }
+                    ErrorRecovery::ReconnectSession | ErrorRecovery::ReconnectConnection => {
+                        return Stop::Lost(SourceError::ConnectionLost(e.to_string()));
+                    }
+                    _ => self.lose_link(i, &e.to_string()),
+                },
+            }
+        }
+    }
+
+    /// Re-put every token on the live connection.
+    async fn refresh(&mut self, conn: &mut Conn) -> Result<(), SourceError> {
+        let step = self.opts.step_timeout;
+        if let Some(client) = conn.cbs.as_mut() {
+            for l in &self.links {
+                timeout(step, self.tokens.put(client, &l.audience))
+                    .await
+                    .map_err(|_| SourceError::Cbs("put-token timed out".into()))??;
+            }
+            self.ctx.metrics.token_refreshes.inc();
+            log::debug!("source: CBS tokens renewed");
+        }
+        conn.refresh_at = self.refresh_interval().map(|d| Instant::now() + d);
+        Ok(())
+    }
+
+    /// Attach again the links whose retry time has come.
+    async fn retry_links(&mut self, conn: &mut Conn) -> Result<(), SourceError> {
+        let now = Instant::now();
+        let step = self.opts.step_timeout;
+        for i in 0..self.links.len() {
+            if self.links[i].retry_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            if conn.session.is_ended() {
+                return Err(SourceError::ConnectionLost("session ended".into()));
+            }
+            let mode = self.settle_mode();
+            match attach(
+                &mut conn.session,
+                &self.links[i].address,
+                i,
+                step,
+                mode.clone(),
+            )
+            .await
+            {
+                Ok(r) => {
+                    let l = &mut self.links[i];
+                    log::info!("source: link to {} re-attached", l.address);
+                    l.receiver = Some(r);
+                    l.retry_at = None;
+                    l.backoff.reset();
+                }
+                Err(e) => {
+                    log::debug!("source: {e}");
+                    let l = &mut self.links[i];
+                    l.retry_at = Some(Instant::now() + l.backoff.next());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Top up link credit so the total stays within the free room.
+    async fn grant_credit(&mut self) {
+        let m = self.ctx.metrics.clone();
+        let used = self.ctx.journal.pinned() + self.tracker.extra();
+        let cap = self.ctx.config.journal.unsettled.saturating_sub(used) as u32;
+        let mut attached = 0u32;
+        let mut outstanding = 0u32;
+        let mut lowest = u32::MAX;
+        for (i, l) in self.links.iter().enumerate() {
+            let c = l.receiver.as_ref().map(|r| r.credit());
+            self.credit_now[i] = c;
+            if let Some(c) = c {
+                attached += 1;
+                outstanding += c;
+                lowest = lowest.min(c);
+            }
+        }
+        m.unsettled.set(used as u64);
+        m.credit.set(outstanding as u64);
+        if attached == 0 || cap == 0 {
+            return;
+        }
+        // Cheap exit: no link is low enough to be topped up (see plan_credit).
+        if lowest > 0 && lowest > cap.div_ceil(attached) / 2 {
+            return;
+        }
+        let budget = cap.min(self.ctx.journal.room().min(u32::MAX as usize) as u32);
+        plan_credit(budget, &self.credit_now, self.rotate, &mut self.credit_new);
+        for i in 0..self.links.len() {
+            let Some(c) = self.credit_new[i] else {
+                continue;
+            };
+            let Some(r) = self.links[i].receiver.as_mut() else {
+                continue;
+            };
+            match r.set_credit(c).await {
+                Ok(()) => outstanding += c - self.credit_now[i].unwrap_or(0),
+                Err(e) => self.lose_link(i, &format!("cannot set credit: {e}")),
+            }
+        }
+        m.credit.set(outstanding as u64);
+    }
+
+    async fn on_delivery(&mut self, i: usize, d: Delivery<Body<Value>>) {
+        self.ctx.metrics.received.inc();
+        let (info, msg) = d.into_parts();
+        match decode::decode(&msg, self.ctx.config.journal.max_event_bytes) {
+            Ok(decoded) => self.append(i, info, decoded).await,
+            Err(rej) => self.dead_letter(i, info, rej).await,
+        }
+    }
+
+    async fn append(&mut self, i: usize, info: DeliveryInfo, decoded: Decoded) {
+        let Decoded { mut meta, body } = decoded;
+        let key = meta.asb_seq.map(|asb_seq| DedupKey { link: i, asb_seq });
+        let fp = fingerprint(meta.message_id.as_deref(), meta.enqueued_at_ms);
+        if let Some(seq) = key.and_then(|k| self.dedup.get(k, fp)) {
+            self.ctx.metrics.duplicates.inc();
+            if self.required && self.ctx.journal.is_pinned(seq) {
+                // Settle it with the event's acknowledgement.
+                self.hold(seq, i, info).await;
+            } else {
+                self.accept(i, info).await;
+            }
+            return;
+        }
+        let cfg = &self.ctx.config;
+        let sub = &cfg.source.subscriptions[i];
+        let (topic, cut) = cfg.template.render(
+            &meta,
+            Origin {
+                topic: &sub.topic,
+                subscription: &sub.subscription,
+            },
+        );
+        meta.truncated |= cut;
+        let ev = EncodedEvent::encode(self.ctx.journal.next_seq(), &topic, &meta, &body);
+        match self.ctx.journal.append(ev, self.required) {
+            Ok(seq) => {
+                if let Some(k) = key {
+                    self.dedup.insert(k, fp, seq);
+                }
+                if self.required {
+                    self.hold(seq, i, info).await;
+                } else {
+                    self.accept(i, info).await;
+                }
+            }
+            Err(JournalError::TooLarge { size, limit }) => {
+                let rej = Rejection {
+                    reason: DeadLetterReason::PayloadTooLarge,
+                    description: format!("encoded event of {size} bytes exceeds {limit} bytes"),
+                };
+                self.dead_letter(i, info, rej).await;
+            }
+            Err(e) => {
+                // Cannot happen while credit respects the room; give the message back.
+                log::warn!("source: journal refused an event ({e}); releasing the message");
+                self.release(i, info).await;
+            }
+        }
+    }
+
+    async fn hold(&mut self, seq: u64, i: usize, info: DeliveryInfo) {
+        let generation = self.links[i].generation;
+        if let Err(h) = self.tracker.hold(Held {
+            seq,
+            link: i,
+            generation,
+            delivery: info,
+        }) {
+            // The window is full (cannot happen while credit respects it).
+            self.release(i, h.delivery).await;
+        }
+    }
+
+    async fn on_ack(&mut self, seq: u64) {
+        self.ctx.journal.handed_on(seq);
+        let mut held = std::mem::take(&mut self.scratch);
+        self.tracker.take_seq(seq, &mut held);
+        for h in held.drain(..) {
+            if self.links[h.link].generation == h.generation {
+                self.accept(h.link, h.delivery).await;
+            }
+        }
+        self.scratch = held;
+    }
+
+    async fn accept(&mut self, i: usize, info: DeliveryInfo) {
+        let Some(r) = self.links[i].receiver.as_ref() else {
+            return;
+        };
+        match r.accept(info).await {
+            Ok(()) => self.ctx.metrics.completed.inc(),
+            Err(e) => log::debug!("source: accept on {} failed: {e}", self.links[i].address),
+        }
+    }
+
+    async fn release(&mut self, i: usize, info: DeliveryInfo) {
+        let Some(r) = self.links[i].receiver.as_ref() else {
+            return;
+        };
+        match r.release(info).await {
+            Ok(()) => self.ctx.metrics.released.inc(),
+            Err(e) => log::debug!("source: release on {} failed: {e}", self.links[i].address),
+        }
+    }
+
+    async fn dead_letter(&mut self, i: usize, info: DeliveryInfo, rej: Rejection) {
+        let Some(r) = self.links[i].receiver.as_ref() else {
+            return;
+        };
+        log::warn!(
+            "source: dead-lettering a message from {}: {} ({})",
+            self.links[i].address,
+            rej.reason.as_str(),
+            rej.description
+        );
+        match r.reject(info, dead_letter_error(&rej)).await {
+            Ok(()) => self.ctx.metrics.dead_lettered(rej.reason).inc(),
+            Err(e) => log::debug!("source: reject on {} failed: {e}", self.links[i].address),
+        }
+    }
+
+    /// A link died while the connection may live: forget its deliveries (they cannot be
+    /// settled on a new link) and attach again after a backoff.
+    fn lose_link(&mut self, i: usize, why: &str) {
+        let abandoned = self.tracker.drop_link(i);
+        self.ctx
+            .metrics
+            .abandoned_on_link_loss
+            .add(abandoned as u64);
+        let l = &mut self.links[i];
+        l.receiver = None;
+        l.generation += 1;
+        l.retry_at = Some(Instant::now() + l.backoff.next());
+        log::info!(
+            "source: link to {} lost ({why}); {abandoned} unsettled deliveries left to the broker; re-attaching",
+            l.address
+        );
+    }
+
+    /// The connection died: every link with it.
+    fn lose_all_links(&mut self) {
+        for i in 0..self.links.len() {
+            let abandoned = self.tracker.drop_link(i);
+            self.ctx
+                .metrics
+                .abandoned_on_link_loss
+                .add(abandoned as u64);
+            let l = &mut self.links[i];
+            l.receiver = None;
+            l.generation += 1;
+            l.retry_at = None;
+            l.backoff.reset();
+        }
+        self.ctx.metrics.credit.set(0);
+    }
+
+    /// Wait `delay` before reconnecting; acknowledgements keep being applied to the
+    /// journal. Returns true on shutdown.
+    async fn wait(
+        &mut self,
+        delay: Duration,
+        acks: &mut mpsc::Receiver<u64>,
+        shutdown: &mut Shutdown,
+    ) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            let acks_open = self.acks_open;
+            tokio::select! {
+                biased;
+                _ = shutdown.recv() => return true,
+                a = acks.recv(), if acks_open => match a {
+                    // No link lives: nothing to settle, only unpin.
+                    Some(seq) => {
+                        self.ctx.journal.handed_on(seq);
+                    }
+                    None => self.acks_open = false,
+                },
+                _ = sleep_until(until) => return false,
+            }
+        }
+    }
+
+    /// Graceful shutdown: release what is held, close links, session and connection.
+    async fn close(&mut self, mut conn: Conn) {
+        let budget = Duration::from_millis(2500);
+        let _ = timeout(budget, async {
+            let mut held = std::mem::take(&mut self.scratch);
+            self.tracker.drain_all(&mut held);
+            for h in held.drain(..) {
+                if self.links[h.link].generation == h.generation {
+                    self.release(h.link, h.delivery).await;
+                }
+            }
+            for l in &mut self.links {
+                if let Some(r) = l.receiver.take() {
+                    let _ = timeout(Duration::from_millis(500), r.close()).await;
+                }
+            }
+            if let Some(c) = conn.cbs.take() {
+                let _ = timeout(Duration::from_millis(500), c.close()).await;
+            }
+            let _ = timeout(Duration::from_millis(500), conn.session.end()).await;
+            let _ = timeout(Duration::from_millis(500), conn.connection.close()).await;
+        })
+        .await;
+        self.ctx.metrics.credit.set(0);
+    }
+}
+
+/// Attach a peek-lock receiver with manual credit (0 until granted).
+async fn attach(
+    session: &mut SessionHandle<()>,
+    address: &str,
+    i: usize,
+    step: Duration,
+    mode: ReceiverSettleMode,
+) -> Result<Receiver, SourceError> {
+    let name = format!("asb-gateway-{i}-{:08x}", fastrand::u32(..));
+    let fut = Receiver::builder()
+        .name(name)
+        .source(address.to_string())
+        .sender_settle_mode(SenderSettleMode::Unsettled)
+        .receiver_settle_mode(mode)
+        .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
+        .attach(session);
+    match timeout(step, fut).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(SourceError::Attach {
+            address: address.to_string(),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(SourceError::Attach {
+            address: address.to_string(),
+            reason: "timed out".into(),
+        }),
+    }
+}
+
+/// Receive from whichever attached link has a delivery, starting at a rotating link so
+/// none starves. `recv` is cancel-safe, so a future polled once and dropped loses nothing.
+fn recv_any(
+    links: &mut [Link],
+    start: usize,
+) -> impl Future<Output = (usize, Result<Delivery<Body<Value>>, RecvError>)> + '_ {
+    poll_fn(move |cx| {
+        let n = links.len();
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Some(r) = links[i].receiver.as_mut() {
+                let fut = pin!(r.recv::<Body<Value>>());
+                if let Poll::Ready(res) = fut.poll(cx) {
+                    return Poll::Ready((i, res));
+                }
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// The rejection ASB reads as dead-letter, with reason and description.
+pub fn dead_letter_error(rej: &Rejection) -> definitions::Error {
+    let mut info = Fields::new();
+    info.insert(
+        Symbol::from("DeadLetterReason"),
+        Value::String(rej.reason.as_str().to_string()),
+    );
+    info.insert(
+        Symbol::from("DeadLetterErrorDescription"),
+        Value::String(rej.description.clone()),
+    );
+    definitions::Error {
+        condition: ErrorCondition::Custom(Symbol::from(DEAD_LETTER_CONDITION)),
+        description: Some(rej.description.clone()),
+        info: Some(Box::new(info)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_max() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<Duration> = (0..6).map(|_| b.next()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
+        assert!(d[1] >= Duration::from_millis(100) && d[1] <= Duration::from_millis(200));
+        assert!(d[5] >= Duration::from_millis(500) && d[5] <= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn dead_letter_error_carries_reason() {
+        let e = dead_letter_error(&Rejection {
+            reason: DeadLetterReason::PayloadTooLarge,
+            description: "too big".into(),
+        });
+        assert_eq!(
+            e.condition,
+            ErrorCondition::Custom(Symbol::from("com.microsoft:dead-letter"))
+        );
+        let info = e.info.unwrap();
+        assert_eq!(
+            info.get(&Symbol::from("DeadLetterReason")),
+            Some(&Value::String("PayloadTooLarge".into()))
+        );
+        assert_eq!(
+            info.get(&Symbol::from("DeadLetterErrorDescription")),
+            Some(&Value::String("too big".into()))
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! Bookkeeping of the source, free of I/O so it can be tested alone:
+//! - [`Tracker`]: deliveries held until the mirror acknowledges their event (fixed capacity).
+//! - [`Dedup`]: a bounded window of recently appended broker sequence numbers.
+//! - [`plan_credit`]: how much credit each link gets so the total never exceeds the room.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+/// A delivery held until its event is handed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held<D> {
+    /// Journal seq of the event.
+    pub seq: u64,
+    /// Index of the link (subscription) it arrived on.
+    pub link: usize,
+    /// Generation of that link (a re-attached link has a new one).
+    pub generation: u64,
+    pub delivery: D,
+}
+
+/// Held deliveries ordered by seq. Capacity fixed at construction; several deliveries
+/// may share one seq (a redelivery of an event still awaiting its acknowledgement).
+#[derive(Debug)]
+pub struct Tracker<D> {
+    held: VecDeque<Held<D>>,
+    cap: usize,
+    /// Held deliveries that are not the first for their seq.
+    extra: usize,
+}
+
+impl<D> Tracker<D> {
+    pub fn new(cap: usize) -> Self {
+        Tracker {
+            held: VecDeque::with_capacity(cap),
+            cap,
+            extra: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Held deliveries beyond the first of each seq (each takes a place in the window
+    /// besides its pinned event).
+    pub fn extra(&self) -> usize {
+        self.extra
+    }
+
+    /// Hold a delivery; gives it back when the tracker is full.
+    pub fn hold(&mut self, h: Held<D>) -> Result<(), Held<D>> {
+        if self.held.len() >= self.cap {
+            return Err(h);
+        }
+        let at = self.held.partition_point(|x| x.seq <= h.seq);
+        if at > 0 && self.held[at - 1].seq == h.seq {
+            self.extra += 1;
+        }
+        self.held.insert(at, h);
+        Ok(())
+    }
+
+    /// Remove every delivery held for `seq` into `out`.
+    pub fn take_seq(&mut self, seq: u64, out: &mut Vec<Held<D>>) {
+        let start = self.held.partition_point(|x| x.seq < seq);
+        let end = self.held.partition_point(|x| x.seq <= seq);
+        if end > start {
+            self.extra -= end - start - 1;
+            out.extend(self.held.drain(start..end));
+        }
+    }
+
+    /// Forget every delivery of a link that died (its deliveries cannot be settled on
+    /// a new link). Returns how many were dropped.
+    pub fn drop_link(&mut self, link: usize) -> usize {
+        let before = self.held.len();
+        self.held.retain(|h| h.link != link);
+        self.recount();
+        before - self.held.len()
+    }
+
+    /// Remove everything into `out`.
+    pub fn drain_all(&mut self, out: &mut Vec<Held<D>>) {
+        out.extend(self.held.drain(..));
+        self.extra = 0;
+    }
+
+    fn recount(&mut self) {
+        self.extra = self
+            .held
+            .iter()
+            .zip(self.held.iter().skip(1))
+            .filter(|(a, b)| a.seq == b.seq)
+            .count();
+    }
+}
+
+/// What identifies a message across redeliveries: the subscription and the broker's
+/// sequence number; the fingerprint (message-id and enqueued time) guards against a
+/// broker that restarted its numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DedupKey {
+    pub link: usize,
+    pub asb_seq: i64,
+}
+
+/// A fingerprint of the parts of a message that stay the same across redeliveries.
+pub fn fingerprint(message_id: Option<&str>, enqueued_at_ms: Option<i64>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    message_id.hash(&mut h);
+    enqueued_at_ms.hash(&mut h);
+    h.finish()
+}
+
+/// A bounded window of recently appended messages: key → (journal seq, fingerprint).
+/// The oldest entry is forgotten when full. Capacity fixed at construction.
+#[derive(Debug)]
+pub struct Dedup {
+    order: VecDeque<DedupKey>,
+    map: HashMap<DedupKey, (u64, u64)>,
+    cap: usize,
+}
+
+impl Dedup {
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        Dedup {
+            order: VecDeque::with_capacity(cap),
+            map: HashMap::with_capacity(cap),
+            cap,
+        }
+    }
+
+    /// The journal seq of an earlier delivery of the same message, if within the window.
+    pub fn get(&self, key: DedupKey, fp: u64) -> Option<u64> {
+        self.map
+            .get(&key)
+            .filter(|(_, f)| *f == fp)
+            .map(|(seq, _)| *seq)
+    }
+
+    pub fn insert(&mut self, key: DedupKey, fp: u64, seq: u64) {
+        if self.map.insert(key, (seq, fp)).is_some() {
+            // Same key, new message (the broker renumbered): the order entry stays.
+            return;
+        }
+        if self.order.len() == self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.map.remove(&old);
+        }
+        self.order.push_back(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// Plan the credit of each link. `budget` is the total credit allowed (free room in the
+/// window); `current` holds each link's outstanding credit (`None` = link not attached).
+/// Credit is never lowered (messages may already be on the wire); a link is topped up
+/// towards its fair share of the budget when it has used at least half of it, taking only
+/// what the other links leave: the sum of outstanding credit never exceeds `budget`.
+/// `start` rotates which link is served first. Writes the new credit into `out` for the
+/// links that should get a flow.
+pub fn plan_credit(budget: u32, current: &[Option<u32>], start: usize, out: &mut [Option<u32>]) {
+    let n = current.iter().filter(|c| c.is_some()).count() as u32;
+    for o in out.iter_mut() {
+        *o = None;
+    }
+    if n == 0 || budget == 0 {
+        return;
+    }
+    let outstanding: u32 = current.iter().flatten().sum();
+    let mut available = budget.saturating_sub(outstanding);
+    let fair = budget.div_ceil(n);
+    let len = current.len();
+    for k in 0..len {
+        let i = (start + k) % len;
+        let Some(credit) = current[i] else { continue };
+        if available == 0 {
+            break;
+        }
+        let target = fair.min(credit + available);
+        if target > credit && (credit == 0 || target - credit >= (fair / 2).max(1)) {
+            available -= target - credit;
+            out[i] = Some(target);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(seq: u64, link: usize, d: u32) -> Held<u32> {
+        Held {
+            seq,
+            link,
+            generation: 0,
+            delivery: d,
+        }
+    }
+
+    #[test]
+    fn tracker_holds_in_seq_order_and_counts_extra() {
+        let mut t = Tracker::new(4);
+        t.hold(h(1, 0, 10)).unwrap();
+        t.hold(h(3, 1, 30)).unwrap();
+        t.hold(h(2, 0, 20)).unwrap();
+        assert_eq!(t.extra(), 0);
+        t.hold(h(2, 1, 21)).unwrap();
+        assert_eq!(t.extra(), 1);
+        assert_eq!(t.hold(h(4, 0, 40)).unwrap_err().delivery, 40);
+        let mut out = Vec::new();
+        t.take_seq(2, &mut out);
+        assert_eq!(
+            out.iter().map(|x| x.delivery).collect::<Vec<_>>(),
+            vec![20, 21]
+        );
+        assert_eq!((t.len(), t.extra()), (2, 0));
+        out.clear();
+        t.take_seq(7, &mut out);
+        assert!(out.is_empty());
+        t.hold(h(3, 0, 31)).unwrap();
+        assert_eq!(t.extra(), 1);
+        assert_eq!(t.drop_link(1), 1);
+        assert_eq!((t.len(), t.extra()), (2, 0));
+        t.drain_all(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn dedup_window_is_bounded_and_checks_fingerprint() {
+        let mut d = Dedup::new(3);
+        let k = |s| DedupKey {
+            link: 0,
+            asb_seq: s,
+        };
+        let fp = fingerprint(Some("m"), Some(5));
+        for s in 1..=5 {
+            d.insert(k(s), fp, 100 + s as u64);
+        }
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.get(k(1), fp), None);
+        assert_eq!(d.get(k(5), fp), Some(105));
+        assert_eq!(d.get(k(5), fingerprint(Some("other"), Some(5))), None);
+        assert_eq!(
+            d.get(
+                DedupKey {
+                    link: 1,
+                    asb_seq: 5
+                },
+                fp
+            ),
+            None,
+            "per subscription"
+        );
+        // a renumbered broker reusing a key replaces the entry
+        let fp2 = fingerprint(Some("n"), Some(9));
+        d.insert(k(5), fp2, 200);
+        assert_eq!(d.get(k(5), fp2), Some(200));
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.map.len(), 3);
+    }
+
+    fn plan(budget: u32, current: &[Option<u32>], start: usize) -> Vec<Option<u32>> {
+        let mut out = vec![None; current.len()];
+        plan_credit(budget, current, start, &mut out);
+        out
+    }
+
+    #[test]
+    fn credit_one_link_tops_up_by_halves() {
+        assert_eq!(plan(256, &[Some(0)], 0), vec![Some(256)]);
+        assert_eq!(plan(256, &[Some(200)], 0), vec![None]);
+        assert_eq!(plan(256, &[Some(128)], 0), vec![Some(256)]);
+        // budget shrank below outstanding credit: nothing more, nothing lowered
+        assert_eq!(plan(10, &[Some(50)], 0), vec![None]);
+        assert_eq!(plan(0, &[Some(0)], 0), vec![None]);
+        assert_eq!(plan(1, &[Some(0)], 0), vec![Some(1)]);
+        assert_eq!(plan(5, &[None], 0), vec![None]);
+    }
+
+    #[test]
+    fn credit_total_never_exceeds_budget() {
+        // exhaustive over small cases
+        for budget in 0..12u32 {
+            for a in 0..8u32 {
+                for b in 0..8u32 {
+                    for start in 0..3 {
+                        let cur = [Some(a), None, Some(b)];
+                        let out = plan(budget, &cur, start);
+                        assert_eq!(out[1], None);
+                        let total: u32 = cur
+                            .iter()
+                            .zip(&out)
+                            .map(|(c, o)| o.or(*c).unwrap_or(0))
+                            .sum();
+                        assert!(total <= budget.max(a + b), "{budget} {a} {b} {out:?}");
+                        for (c, o) in cur.iter().zip(&out) {
+                            if let (Some(c), Some(o)) = (c, o) {
+                                assert!(o > c, "never lowered");
+                            }
+                        }
+                        if a + b <= budget {
+                            assert!(total <= budget);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn credit_is_shared_and_rotates() {
+        assert_eq!(plan(10, &[Some(0), Some(0)], 0), vec![Some(5), Some(5)]);
+        // budget 1 over two links: the rotation decides who gets it
+        assert_eq!(plan(1, &[Some(0), Some(0)], 0), vec![Some(1), None]);
+        assert_eq!(plan(1, &[Some(0), Some(0)], 1), vec![None, Some(1)]);
+        // a busy link takes what an idle link leaves, up to its fair share
+        assert_eq!(plan(10, &[Some(5), Some(0)], 0), vec![None, Some(5)]);
+    }
+}
