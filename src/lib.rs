@@ -18,5 +18,6 @@ pub mod config;
 pub mod event;
 pub mod journal;
 pub mod metrics;
+pub mod panels;
 pub mod routing;
 pub mod shutdown;
