@@ -250,8 +250,9 @@ impl Session<'_> {
     async fn pump(&mut self, tx: &mut SplitSink<Ws, Message>) -> Result<(), End> {
         let j = self.ctx.journal.clone();
         let mut sent = 0u64;
+        let mut fed_all_last = true;
         let result = loop {
-            if self.pending >= PANEL_WRITE_BUFFER {
+            if !fed_all_last {
                 break Ok(());
             }
             self.batch.clear();
@@ -282,14 +283,20 @@ impl Session<'_> {
             let mut fed_all = true;
             for i in 0..self.batch.len() {
                 let ev = &self.batch[i];
-                if self.pending >= PANEL_WRITE_BUFFER {
+                if !self.filters.iter().any(|f| f.matches(&ev.topic)) {
+                    continue;
+                }
+                let size = match self.enc {
+                    Encoding::Json => ev.json.len(),
+                    Encoding::Postcard => ev.postcard.len(),
+                } + FRAME_HEADER;
+                // The write buffer holds at most PANEL_WRITE_BUFFER bytes of events (or
+                // one event larger than that on its own).
+                if self.pending > 0 && self.pending + size > PANEL_WRITE_BUFFER {
                     // Read again after the flush; hold no events while waiting.
                     self.cursor = ev.seq;
                     fed_all = false;
                     break;
-                }
-                if !self.filters.iter().any(|f| f.matches(&ev.topic)) {
-                    continue;
                 }
                 let (msg, len) = match self.enc {
                     Encoding::Json => match Utf8Bytes::try_from(ev.json.clone()) {
@@ -304,9 +311,7 @@ impl Session<'_> {
                 }
                 sent += 1;
             }
-            if !fed_all {
-                break Ok(());
-            }
+            fed_all_last = fed_all;
         };
         self.batch.clear();
         self.ctx.metrics.frames_sent.add(sent);
