@@ -25,6 +25,7 @@ pub mod event;
 pub mod generator;
 pub mod journal;
 pub mod metrics;
+pub mod panels;
 pub mod routing;
 pub mod sas;
 pub mod shutdown;
