@@ -8,6 +8,7 @@
 //! - [`routing`]: topic templates and MQTT-style filters.
 //! - [`budget`]: the worst-case memory of a config.
 //! - [`metrics`]: counters, gauges, health.
+//! - [`mirror`]: the MQTT mirror.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
 //! - [`cli`]: the command line.
 
@@ -18,5 +19,6 @@ pub mod config;
 pub mod event;
 pub mod journal;
 pub mod metrics;
+pub mod mirror;
 pub mod routing;
 pub mod shutdown;
