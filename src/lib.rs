@@ -11,14 +11,17 @@
 //! - [`mirror`]: the MQTT mirror.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
 //! - [`cli`]: the command line.
+//! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo).
 
 pub mod app;
 pub mod budget;
 pub mod cli;
 pub mod config;
+pub mod emulator;
 pub mod event;
 pub mod journal;
 pub mod metrics;
 pub mod mirror;
 pub mod routing;
+pub mod sas;
 pub mod shutdown;
