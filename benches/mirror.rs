@@ -56,7 +56,11 @@ fn event(seq: u64) -> EncodedEvent {
 
 /// Counts messages on a filter.
 async fn subscriber(port: u16, filter: &str) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(format!("bench-sub-{}", std::process::id()), "127.0.0.1", port);
+    let mut opts = MqttOptions::new(
+        format!("bench-sub-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut el) = AsyncClient::new(opts, 64);
     let count = Arc::new(AtomicU64::new(0));
@@ -177,7 +181,10 @@ fn main() {
         println!("mirror bench: {n} events of ~200 B body, mosquitto on loopback, QoS 1,");
         println!("required = true (acks coupled), unsettled = {UNSETTLED}\n");
         let off = mirror_off(n).await;
-        println!("{:<44} {:>12.0} events/s", "mirror off (journal + 1 reader)", off);
+        println!(
+            "{:<44} {:>12.0} events/s",
+            "mirror off (journal + 1 reader)", off
+        );
         for (inflight, proto) in [(32, "5"), (8, "5"), (128, "5"), (32, "3.1.1")] {
             let (acked, delivered) = mirror_on(broker.port, n, inflight, proto).await;
             println!(

@@ -20,7 +20,10 @@ fn text(b: &[u8]) -> String {
 fn version_and_help() {
     let o = bin(&["--version"]);
     assert!(o.status.success());
-    assert_eq!(text(&o.stdout).trim(), format!("asb-gateway {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&o.stdout).trim(),
+        format!("asb-gateway {}", env!("CARGO_PKG_VERSION"))
+    );
     let o = bin(&["--help"]);
     assert!(o.status.success());
     for cmd in ["run", "check-config", "demo", "emulator"] {
@@ -30,7 +33,12 @@ fn version_and_help() {
 
 #[test]
 fn bad_usage_exits_1() {
-    for args in [&[][..], &["frobnicate"], &["run", "--bogus"], &["demo", "--rate", "x"]] {
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["run", "--bogus"],
+        &["demo", "--rate", "x"],
+    ] {
         let o = bin(args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         assert!(!o.stderr.is_empty());
@@ -39,10 +47,20 @@ fn bad_usage_exits_1() {
 
 #[test]
 fn check_config_prints_the_budget() {
-    let o = bin(&["check-config", "--config", "tests/fixtures/config/valid/full.toml"]);
+    let o = bin(&[
+        "check-config",
+        "--config",
+        "tests/fixtures/config/valid/full.toml",
+    ]);
     let out = text(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{out}{}", text(&o.stderr));
-    for line in ["journal frames", "panel sessions", "mqtt in-flight", "total", "ok"] {
+    for line in [
+        "journal frames",
+        "panel sessions",
+        "mqtt in-flight",
+        "total",
+        "ok",
+    ] {
         assert!(out.contains(line), "missing {line:?} in {out}");
     }
     assert!(!out.contains("SUPERSECRETKEY"));
@@ -54,7 +72,11 @@ fn check_config_rejects_every_invalid_fixture() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let body = std::fs::read_to_string(&path).unwrap();
-        let key = body.lines().next().unwrap().trim_start_matches("# expect: ");
+        let key = body
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("# expect: ");
         let o = bin(&["check-config", "--config", path.to_str().unwrap()]);
         let err = text(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{}: {err}", path.display());
@@ -72,7 +94,11 @@ fn missing_config_file_exits_1() {
 
 #[test]
 fn run_refuses_over_budget() {
-    let o = bin(&["run", "--config", "tests/fixtures/config/invalid/over-budget.toml"]);
+    let o = bin(&[
+        "run",
+        "--config",
+        "tests/fixtures/config/invalid/over-budget.toml",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("budget.memory_mib"));
 }

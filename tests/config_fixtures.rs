@@ -10,7 +10,9 @@ use asb_gateway::config::{Config, LoadEnv};
 const SECRET: &str = "SUPERSECRETKEY";
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config").join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(kind);
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -58,17 +60,24 @@ fn invalid_fixtures_name_the_key() {
             "{}: error {message:?} does not name {expect:?}",
             path.display()
         );
-        assert!(!message.contains(SECRET), "{}: secret in error", path.display());
+        assert!(
+            !message.contains(SECRET),
+            "{}: secret in error",
+            path.display()
+        );
     }
 }
 
 #[test]
 fn toml_errors_carry_line_and_column() {
     let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/invalid/unknown-key.toml"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/config/invalid/unknown-key.toml"),
     )
     .unwrap();
-    let e = Config::parse(&text, &LoadEnv::default()).unwrap_err().to_string();
+    let e = Config::parse(&text, &LoadEnv::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("line 8, column 1: journal.evnts"), "{e}");
 }
 
@@ -87,9 +96,17 @@ fn connection_string_file_is_read() {
         file
     );
     let c = Config::parse(&text, &LoadEnv::default()).unwrap();
-    assert_eq!((c.connection.host.as_str(), c.connection.port), ("10.0.0.1", 5999));
+    assert_eq!(
+        (c.connection.host.as_str(), c.connection.port),
+        ("10.0.0.1", 5999)
+    );
     std::fs::remove_file(&file).unwrap();
-    let e = Config::parse(&text, &LoadEnv::default()).unwrap_err().to_string();
-    assert!(e.starts_with("source.connection_string_file: cannot read"), "{e}");
+    let e = Config::parse(&text, &LoadEnv::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("source.connection_string_file: cannot read"),
+        "{e}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

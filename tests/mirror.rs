@@ -543,3 +543,49 @@ async fn bad_url_is_an_error_naming_it() {
     assert!(msg.contains("mqtt://broker-without-port"), "{msg}");
     assert!(msg.contains("port"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_rustls_ring_and_the_platform_roots() {
+    support::capture_logs();
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let url = broker.url();
+    assert!(url.starts_with("mqtts://"));
+    // rustls-native-certs reads SSL_CERT_FILE instead of the system store.
+    support::mosquitto::make_ca(broker.dir(), "other-ca");
+    let run = |tag: &str| {
+        context(
+            "events = 64",
+            &format!(
+                "url = \"{url}\"\nclient_id = \"{}\"\nprefix = \"tls\"\n",
+                client_id(tag)
+            ),
+        )
+    };
+    // SAFETY: nextest runs each test in its own process; nothing else reads the
+    // environment concurrently here.
+    unsafe { std::env::set_var("SSL_CERT_FILE", broker.dir().join("other-ca.pem")) };
+    let ctx = run("tls-untrusted");
+    append(&ctx, 1, 3);
+    let mut m = start(&ctx);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(ctx.metrics.mirror_state.get(), PartState::Down);
+    m.no_acks_for(Duration::from_millis(10)).await;
+    m.stop().await;
+    let logs = support::logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("WARN") && l.contains(&url) && l.contains("TLS")),
+        "{logs:#?}"
+    );
+
+    unsafe { std::env::set_var("SSL_CERT_FILE", broker.ca_file()) };
+    let ctx = run("tls-ok");
+    append(&ctx, 1, 10);
+    let mut m = start(&ctx);
+    assert_exactly(m.acks(10).await, 1, 10);
+    assert_eq!(ctx.metrics.mirror_state.get(), PartState::Up);
+    m.stop().await;
+}

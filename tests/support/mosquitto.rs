@@ -17,10 +17,14 @@ pub struct MosquittoOptions {
     pub credentials: Option<(String, String)>,
     /// Keep sessions and queued messages across a graceful restart (persistence on).
     pub persistent: bool,
+    /// Serve TLS on the port with a certificate for 127.0.0.1 signed by a fresh test CA
+    /// ([`Mosquitto::ca_file`]); needs the `openssl` command.
+    pub tls: bool,
 }
 
 pub struct Mosquitto {
     pub port: u16,
+    tls: bool,
     dir: PathBuf,
     conf: PathBuf,
     child: Option<Child>,
@@ -64,6 +68,90 @@ fn unique_dir() -> PathBuf {
     dir
 }
 
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (scripts/setup/mirror.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1/localhost signed by it.
+pub fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=asbgw test CA",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+fn make_certs(dir: &Path) {
+    make_ca(dir, "ca");
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+}
+
 fn current_user() -> String {
     Command::new("id")
         .arg("-un")
@@ -105,6 +193,13 @@ impl Mosquitto {
             } else {
                 text.push_str("persistence false\n");
             }
+            if opts.tls {
+                make_certs(&dir);
+                text.push_str(&format!(
+                    "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+                    d = dir.display()
+                ));
+            }
             match &opts.credentials {
                 Some((user, pass)) => {
                     let pw = dir.join("passwd");
@@ -137,6 +232,7 @@ impl Mosquitto {
             std::fs::write(&conf, text).unwrap();
             let mut m = Mosquitto {
                 port,
+                tls: opts.tls,
                 dir,
                 conf,
                 child: None,
@@ -184,7 +280,18 @@ impl Mosquitto {
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The test CA that signed the broker's certificate (with `tls`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A private directory that is removed with the broker.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn is_running(&self) -> bool {
