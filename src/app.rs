@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::appliance::notify::Liveness;
 use crate::config::Config;
 use crate::journal::{self, Journal};
 use crate::metrics::{Metrics, PartState};
@@ -21,6 +22,8 @@ pub struct Context {
     pub config: Config,
     pub journal: Arc<Journal>,
     pub metrics: Arc<Metrics>,
+    /// Heartbeats of the data path loops; gates the systemd watchdog pings.
+    pub liveness: Arc<Liveness>,
 }
 
 impl Context {
@@ -49,6 +52,7 @@ impl Context {
             config,
             journal,
             metrics,
+            liveness: Liveness::new(),
         })
     }
 

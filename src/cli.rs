@@ -150,7 +150,11 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
         Command::Demo { .. } => not_built("demo needs the emulator and panel server (issues 3, 4)"),
-        Command::Emulator { .. } => not_built("the emulator is not built yet (issue 3)"),
+        Command::Emulator {
+            listen,
+            config,
+            admin,
+        } => crate::emulator::cli_main(listen, config, admin),
     }
 }
 
@@ -199,6 +203,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(1);
     }
+    crate::appliance::logging::init(&config.log.level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -10,15 +10,19 @@
 //! - [`metrics`]: counters, gauges, health.
 //! - [`mirror`]: the MQTT mirror.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
+//! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
 //! - [`cli`]: the command line.
-//! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo).
+//! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo);
+//!   [`generator`]: synthetic factory events for the demo.
 
 pub mod app;
+pub mod appliance;
 pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod emulator;
 pub mod event;
+pub mod generator;
 pub mod journal;
 pub mod metrics;
 pub mod mirror;

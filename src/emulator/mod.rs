@@ -1,4 +1,360 @@
-//! The ASB emulator (DESIGN §6): an AMQP 1.0 broker that behaves like Azure Service Bus
-//! for the parts the gateway uses.
+//! The ASB emulator (DESIGN §6): an AMQP 1.0 broker, built on fe2o3-amqp's acceptor,
+//! that behaves like Azure Service Bus for the parts the gateway uses:
+//! - SASL ANONYMOUS (then CBS) and PLAIN (user = key name, password = key);
+//! - the `$cbs` node: `put-token` (types `jwt` and `servicebus.windows.net:sastoken`,
+//!   both carrying a SAS string) validated against the key; links to entities are
+//!   refused (`amqp:unauthorized-access`) without a live token covering them, and the
+//!   connection is closed when its latest token expires;
+//! - senders to a topic (fan-out, a copy per subscription) or a queue, stamped with
+//!   `x-opt-sequence-number` and `x-opt-enqueued-time`, accepted once stored;
+//! - receivers on `<topic>/Subscriptions/<sub>`, `<queue>` and `…/$DeadLetterQueue`:
+//!   peek-lock with `x-opt-locked-until`, delivery-count, LockDuration expiry and
+//!   redelivery, MaxDeliveryCount → dead-letter queue, credit respected exactly;
+//! - fault injection (drop connections, detach links, expire tokens) and `GET /stats`
+//!   on an admin HTTP address.
+//!
+//! State lives in a [`Store`]; pass the store of a stopped emulator to a new one to
+//! "restart the broker" with its messages (locked ones stay locked until their lock
+//! expires). Without that, a restart starts empty. Nothing is written to disk.
 
+mod admin;
+mod broker;
 pub mod client;
+mod entities;
+mod store;
+mod tap;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use broker::normalize_address;
+pub use entities::{
+    DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, Entities, EntityConfig, TopicConfig,
+    parse_iso8601_duration,
+};
+pub use store::{DeadLetter, EntityStats, Store};
+
+/// The well-known emulator key name and key (Microsoft's emulator uses the same).
+pub const DEFAULT_KEY_NAME: &str = "RootManageSharedAccessKey";
+pub const DEFAULT_KEY: &str = "SAS_KEY_VALUE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("emulator config: {0}")]
+    Config(String),
+    #[error("emulator: cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+}
+
+/// How to run an emulator.
+#[derive(Debug, Clone)]
+pub struct EmulatorOptions {
+    pub entities: Entities,
+    pub key_name: String,
+    pub key: String,
+    /// Serve the admin HTTP endpoint here (port 0: any free port).
+    pub admin: Option<SocketAddr>,
+    /// Reuse the messages of a previous emulator (its entities win over `entities`).
+    pub store: Option<Store>,
+}
+
+impl Default for EmulatorOptions {
+    fn default() -> Self {
+        EmulatorOptions {
+            entities: Entities::default_entities(),
+            key_name: DEFAULT_KEY_NAME.into(),
+            key: DEFAULT_KEY.into(),
+            admin: None,
+            store: None,
+        }
+    }
+}
+
+/// State shared by the accept loop, the connections and the handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) key_name: Arc<str>,
+    pub(crate) key: Arc<str>,
+    conns: Mutex<HashMap<u64, Arc<broker::ConnShared>>>,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn conns(&self) -> Vec<Arc<broker::ConnShared>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn register_conn(&self, c: Arc<broker::ConnShared>) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, c);
+        id
+    }
+
+    pub(crate) fn unregister_conn(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    pub(crate) fn drop_connections(&self) -> usize {
+        let all = self.conns();
+        for c in &all {
+            c.kill.kill();
+        }
+        all.len()
+    }
+
+    pub(crate) fn detach_links(&self) -> usize {
+        let all = self.conns();
+        for c in &all {
+            c.detach_links();
+        }
+        all.len()
+    }
+
+    pub(crate) fn expire_tokens(&self) -> usize {
+        let all = self.conns();
+        for c in &all {
+            c.expire_tokens();
+        }
+        all.len()
+    }
+}
+
+/// A running emulator.
+#[derive(Debug)]
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Start an emulator on `listener`; returns at once (the broker runs in tasks).
+pub async fn start(
+    listener: TcpListener,
+    opts: EmulatorOptions,
+) -> Result<EmulatorHandle, EmulatorError> {
+    let addr = listener.local_addr().map_err(|e| EmulatorError::Listen {
+        addr: "?".into(),
+        reason: e.to_string(),
+    })?;
+    let store = opts.store.unwrap_or_else(|| Store::new(&opts.entities));
+    let shared = Arc::new(Shared {
+        store,
+        key_name: opts.key_name.into(),
+        key: opts.key.into(),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut admin_addr = None;
+    if let Some(a) = opts.admin {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| EmulatorError::Listen {
+                addr: a.to_string(),
+                reason: e.to_string(),
+            })?;
+        admin_addr = l.local_addr().ok();
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(expire_locks(shared.store.clone(), stop_rx)));
+    log::info!("emulator: listening on {addr}");
+    Ok(EmulatorHandle {
+        addr,
+        admin_addr,
+        shared,
+        stop,
+        tasks,
+    })
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => { tokio::spawn(broker::serve(stream, shared.clone())); }
+                Err(e) => {
+                    log::warn!("emulator: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Return messages to their entity when their lock expires.
+async fn expire_locks(store: Store, mut stop: watch::Receiver<bool>) {
+    loop {
+        let next = store.expire_locks(std::time::Instant::now());
+        // Check at least every 100 ms (new locks may expire sooner than `next`).
+        let wait = next
+            .map(|n| n.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or(Duration::from_millis(100))
+            .min(Duration::from_millis(100));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+impl EmulatorHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The connection string for this emulator (plain AMQP, the configured key).
+    pub fn connection_string(&self) -> String {
+        format!(
+            "Endpoint=sb://{}:{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
+            self.addr.ip(),
+            self.addr.port(),
+            self.shared.key_name,
+            self.shared.key
+        )
+    }
+
+    /// The store: pass it in [`EmulatorOptions::store`] to restart with the same state.
+    pub fn store(&self) -> Store {
+        self.shared.store.clone()
+    }
+
+    pub fn stats(&self) -> BTreeMap<String, EntityStats> {
+        self.shared.store.stats()
+    }
+
+    /// The dead-letter queue of a queue or subscription path.
+    pub fn dead_letters(&self, entity: &str) -> Vec<DeadLetter> {
+        self.shared.store.dead_letters(entity)
+    }
+
+    /// Close every connection abruptly at the TCP level (no AMQP close).
+    pub fn drop_connections(&self) {
+        self.shared.drop_connections();
+    }
+
+    /// Detach every receiver link with `amqp:link:detach-forced`; connections stay.
+    pub fn detach_links(&self) {
+        self.shared.detach_links();
+    }
+
+    /// Treat every token as expired now: connections authorised by tokens are closed.
+    pub fn expire_tokens(&self) {
+        self.shared.expire_tokens();
+    }
+
+    /// Stop listening and drop every connection; the port is free when this returns.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        self.shared.drop_connections();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        log::info!("emulator: stopped");
+    }
+}
+
+/// `asb-gateway emulator`: run until SIGTERM/SIGINT. Exit 1 for a bad Config.json, 2
+/// when the emulator cannot run (e.g. the port is in use).
+pub fn cli_main(
+    listen: SocketAddr,
+    config: Option<PathBuf>,
+    admin: Option<SocketAddr>,
+) -> ExitCode {
+    let entities = match config {
+        Some(p) => match Entities::load(&p) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("asb-gateway: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => Entities::default_entities(),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("asb-gateway: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("asb-gateway: emulator: cannot listen on {listen}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let opts = EmulatorOptions {
+            entities,
+            admin,
+            ..Default::default()
+        };
+        let handle = match start(listener, opts).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("asb-gateway: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        eprintln!(
+            "asb-gateway: emulator on {}{}; connection string:\n{}",
+            handle.addr(),
+            handle
+                .admin_addr()
+                .map(|a| format!(", admin http://{a}/stats"))
+                .unwrap_or_default(),
+            handle.connection_string()
+        );
+        crate::cli::termination().await;
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

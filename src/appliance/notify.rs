@@ -1,0 +1,282 @@
+//! The `sd_notify` protocol (a no-op without `NOTIFY_SOCKET`): READY=1 once the gateway
+//! serves, STATUS= lines with the state of the source and mirror, and WATCHDOG=1 pings at
+//! half the `WATCHDOG_USEC` interval, sent only while the data path is alive.
+//!
+//! "Alive" is judged by [`Liveness`]: the loops of the data path (the source's receive
+//! loop, the journal/panel fan-out, the mirror) call [`Liveness::beat`] on every turn,
+//! including an idle timer tick, so a loop that is stuck — blocked on a lock, spinning in a
+//! sync call, deadlocked — stops beating, the pings stop, and systemd restarts the service
+//! (`WatchdogSec=` with `Restart=on-failure`).
+//!
+//! Test hook: if the daemon's environment has `ASBGW_TEST_WEDGE_AFTER_MS=N`, the watchdog
+//! task freezes every heartbeat N ms after it starts ([`Liveness::wedge`]), which is how
+//! the tests show that a wedged data path stops the pings. Nothing else reads it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+use crate::app::Context;
+use crate::metrics::{Metrics, PartState};
+use crate::shutdown::Shutdown;
+
+/// Environment variable of the wedge test hook (milliseconds after the watchdog starts).
+pub const TEST_WEDGE_ENV: &str = "ASBGW_TEST_WEDGE_AFTER_MS";
+/// How often the STATUS line is refreshed when nothing changes.
+pub const STATUS_PERIOD: Duration = Duration::from_secs(5);
+/// How often the status reporter looks for a state change.
+const STATUS_POLL: Duration = Duration::from_millis(250);
+
+/// A part of the data path that must keep beating for the watchdog to be fed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Part {
+    /// The source's receive loop.
+    Source = 0,
+    /// The journal fan-out to panels.
+    Journal = 1,
+    /// The MQTT mirror.
+    Mirror = 2,
+}
+
+impl Part {
+    pub const ALL: [Part; 3] = [Part::Source, Part::Journal, Part::Mirror];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Source => "source",
+            Part::Journal => "journal",
+            Part::Mirror => "mirror",
+        }
+    }
+}
+
+const NEVER: u64 = u64::MAX;
+
+/// Heartbeats of the data path: the last beat of each part, in milliseconds since this
+/// `Liveness` was made. A part is checked once it has beaten (or been registered).
+#[derive(Debug)]
+pub struct Liveness {
+    start: Instant,
+    last: [AtomicU64; Part::ALL.len()],
+    wedged: AtomicBool,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            start: Instant::now(),
+            last: [
+                AtomicU64::new(NEVER),
+                AtomicU64::new(NEVER),
+                AtomicU64::new(NEVER),
+            ],
+            wedged: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Liveness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Declare that `part` runs and must keep beating (same as a first beat).
+    pub fn register(&self, part: Part) {
+        self.beat(part)
+    }
+
+    /// Record that `part` made progress now. Cheap: one atomic store.
+    pub fn beat(&self, part: Part) {
+        if !self.wedged.load(Ordering::Relaxed) {
+            self.last[part as usize].store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Test hook: ignore every beat from now on, as if the whole data path hung.
+    pub fn wedge(&self) {
+        self.wedged.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_wedged(&self) -> bool {
+        self.wedged.load(Ordering::Relaxed)
+    }
+
+    /// The first registered part whose last beat is older than `within`, with its age.
+    pub fn stalled(&self, within: Duration) -> Option<(Part, Duration)> {
+        let now = self.now_ms();
+        let limit = within.as_millis() as u64;
+        Part::ALL.into_iter().find_map(|p| {
+            let last = self.last[p as usize].load(Ordering::Relaxed);
+            let age = now.saturating_sub(last);
+            (last != NEVER && age > limit).then(|| (p, Duration::from_millis(age)))
+        })
+    }
+
+    /// Has every registered part beaten within `within`?
+    pub fn alive(&self, within: Duration) -> bool {
+        self.stalled(within).is_none()
+    }
+}
+
+fn send(state: &[NotifyState]) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if let Err(e) = sd_notify::notify(state) {
+        // Log the first failure only: a broken notify socket is not worth a line a second.
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            log::warn!(target: "systemd", "cannot notify the service manager: {e}");
+        }
+    }
+}
+
+/// READY=1: the panel port listens and the source task runs.
+pub fn ready() {
+    send(&[NotifyState::Ready]);
+}
+
+/// STATUS=… (a free-form line shown by `systemctl status`).
+pub fn status(line: &str) {
+    send(&[NotifyState::Status(line)]);
+}
+
+/// STOPPING=1: shutdown has begun.
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+/// The STATUS line for these metrics.
+pub fn status_line(m: &Metrics) -> String {
+    format!(
+        "source {}, mirror {}; received {}, completed {}, dead-lettered {}; journal {} events; {} panels; mqtt acked {}",
+        m.source_state.get().as_str(),
+        m.mirror_state.get().as_str(),
+        m.received.get(),
+        m.completed.get(),
+        m.dead_lettered_too_large.get() + m.dead_lettered_undecodable.get(),
+        m.journal_events.get(),
+        m.panels_connected.get(),
+        m.mqtt_acked.get(),
+    )
+}
+
+/// Send a STATUS line at once, then whenever the source or mirror state changes, and every
+/// [`STATUS_PERIOD`] otherwise; returns on shutdown.
+pub async fn status_reporter(ctx: Arc<Context>, mut shutdown: Shutdown) {
+    let m = &ctx.metrics;
+    let states = || (m.source_state.get(), m.mirror_state.get());
+    let mut last_states: Option<(PartState, PartState)> = None;
+    let mut last_sent = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(STATUS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let now = states();
+        if last_states != Some(now) || last_sent.elapsed() >= STATUS_PERIOD {
+            status(&status_line(m));
+            last_states = Some(now);
+            last_sent = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Feed the systemd watchdog: WATCHDOG=1 every half `WATCHDOG_USEC` while every part of
+/// the data path beats within the watchdog interval; withhold it otherwise so systemd
+/// restarts the service. Returns at once when the watchdog is not enabled, or on
+/// shutdown.
+pub async fn watchdog(liveness: Arc<Liveness>, mut shutdown: Shutdown) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let wedge_at = std::env::var(TEST_WEDGE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    if wedge_at.is_some() {
+        log::warn!(target: "systemd", "test hook {TEST_WEDGE_ENV} is set: the data path will be wedged");
+    }
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut withholding = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(at) = wedge_at
+            && tokio::time::Instant::now() >= at
+            && !liveness.is_wedged()
+        {
+            liveness.wedge();
+        }
+        match liveness.stalled(interval) {
+            None => {
+                if withholding {
+                    log::info!(target: "systemd", "data path alive again; watchdog pings resumed");
+                    withholding = false;
+                }
+                send(&[NotifyState::Watchdog]);
+            }
+            Some((part, age)) => {
+                if !withholding {
+                    log::error!(
+                        target: "systemd",
+                        part = part.as_str();
+                        "{} made no progress for {} ms; withholding watchdog pings",
+                        part.as_str(),
+                        age.as_millis()
+                    );
+                    withholding = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_tracks_registered_parts_only() {
+        let l = Liveness::default();
+        // Nothing registered: alive.
+        assert!(l.alive(Duration::from_millis(1)));
+        l.beat(Part::Source);
+        assert!(l.alive(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            l.stalled(Duration::from_millis(10)).unwrap().0,
+            Part::Source
+        );
+        l.beat(Part::Source);
+        assert!(l.alive(Duration::from_millis(10)));
+        l.wedge();
+        std::thread::sleep(Duration::from_millis(30));
+        l.beat(Part::Source);
+        assert!(
+            !l.alive(Duration::from_millis(10)),
+            "a wedged liveness ignores beats"
+        );
+    }
+
+    #[test]
+    fn status_line_names_states_and_counts() {
+        let m = Metrics::default();
+        m.source_state.set(PartState::Up);
+        m.mirror_state.set(PartState::Disabled);
+        m.received.add(7);
+        let s = status_line(&m);
+        assert!(
+            s.starts_with("source up, mirror disabled; received 7"),
+            "{s}"
+        );
+    }
+}
