@@ -213,3 +213,71 @@ async fn while_the_broker_is_down_messages_wait_in_asb() {
     gw.stop().await;
     emu.shutdown().await;
 }
+
+/// The real daemon in its own process: `online` while it runs and mirrors, and the
+/// broker publishes the last will `offline` when the process is killed with SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_daemon_leaves_offline_by_last_will() {
+    let broker = Mosquitto::start();
+    let emu = emulator().await;
+    let dir = std::env::temp_dir().join(format!(
+        "asbgw-e2e-kill-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nconnection_string = \"{cs}\"\n[[source.subscriptions]]\n\
+             topic = \"operational-events\"\nsubscription = \"edge\"\n\
+             [panels]\nlisten = \"127.0.0.1:0\"\n\
+             [mqtt]\nurl = \"{url}\"\nclient_id = \"e2e-kill-{pid}\"\nprefix = \"kill\"\n",
+            cs = emu.connection_string(),
+            url = broker.url(),
+            pid = std::process::id(),
+        ),
+    )
+    .unwrap();
+    let mut watcher = Subscriber::start(broker.port, "kill/#", false).await;
+    let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start asb-gateway");
+    let online = watcher.next(WAIT).await.expect("status from the daemon");
+    assert_eq!(
+        (online.topic.as_str(), &online.payload[..]),
+        ("kill/status", &b"online"[..]),
+        "{}",
+        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+    );
+    send(&emu, 1, 5).await;
+    let mut seen = BTreeMap::new();
+    collect(&mut watcher, 5, &mut seen).await;
+    wait_until("completed", || emu.stats()[ENTITY].completed == 5).await;
+
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let will = loop {
+        let r = watcher.next(WAIT).await.expect("last will after SIGKILL");
+        if r.topic == "kill/status" {
+            break r;
+        }
+    };
+    assert_eq!(&will.payload[..], b"offline");
+    let mut late = Subscriber::start(broker.port, "kill/status", false).await;
+    let retained = late.next(Duration::from_secs(5)).await.expect("retained");
+    assert_eq!(
+        (&retained.payload[..], retained.retain),
+        (&b"offline"[..], true)
+    );
+    emu.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
