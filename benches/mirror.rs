@@ -96,6 +96,19 @@ async fn subscriber(port: u16, filter: &str) -> (Arc<AtomicU64>, tokio::task::Jo
     (count, task)
 }
 
+/// Wait until the subscriber has `n` messages; a bench must not hang.
+async fn wait_count(count: &AtomicU64, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "subscriber got {} of {n}",
+            count.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Mirror on: the producer appends pinned events, keeping at most UNSETTLED not yet
 /// acknowledged, as the source does. Returns events/s until the subscriber has all.
 async fn mirror_on(port: u16, n: u64, inflight: usize, protocol: &str) -> (f64, f64) {
@@ -127,9 +140,7 @@ async fn mirror_on(port: u16, n: u64, inflight: usize, protocol: &str) -> (f64, 
         }
     }
     let acked_at = start.elapsed();
-    while count.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    wait_count(&count, n).await;
     let all = start.elapsed();
     trigger.fire();
     let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
@@ -233,9 +244,7 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     if let Some((count, _)) = &sub {
-        while count.load(Ordering::Relaxed) < n {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_count(count, n).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     trigger.fire();
@@ -264,7 +273,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let broker = mosquitto::Mosquitto::start();
+    // A subscriber slower than the mirror must not have messages dropped by the broker's
+    // per-client queue limit (default 1000).
+    let broker = mosquitto::Mosquitto::start_with(mosquitto::MosquittoOptions {
+        extra: "max_queued_messages 0\nmax_queued_bytes 0".into(),
+        ..Default::default()
+    });
     rt.block_on(async {
         println!("mirror bench: {n} events of ~200 B body, mosquitto on loopback, QoS 1,");
         println!("required = true (acks coupled), unsettled = {UNSETTLED}\n");

@@ -20,6 +20,8 @@ pub struct MosquittoOptions {
     /// Serve TLS on the port with a certificate for 127.0.0.1 signed by a fresh test CA
     /// ([`Mosquitto::ca_file`]); needs the `openssl` command.
     pub tls: bool,
+    /// More lines for mosquitto.conf (e.g. `max_queued_messages 0` for benchmarks).
+    pub extra: String,
 }
 
 pub struct Mosquitto {
@@ -200,6 +202,8 @@ impl Mosquitto {
                     d = dir.display()
                 ));
             }
+            text.push_str(&opts.extra);
+            text.push('\n');
             match &opts.credentials {
                 Some((user, pass)) => {
                     let pw = dir.join("passwd");
