@@ -118,3 +118,34 @@ async fn tokens_are_renewed_on_the_live_connection_before_expiry() {
         assert!(!l.contains("SAS_KEY_VALUE"), "key in the log: {l}");
     }
 }
+
+#[tokio::test]
+async fn without_renewal_an_expired_token_costs_the_connection() {
+    // The control for the test above: the emulator does close a connection whose
+    // token expired, and the source then reconnects by itself with a fresh token.
+    let h = emulator().await;
+    let opts = Options {
+        token_ttl: Some(Duration::from_secs(2)),
+        token_refresh: Some(Duration::from_secs(600)),
+        ..fast()
+    };
+    let run = start(context(&config(&h.connection_string())), opts);
+    let ctx = run.ctx.clone();
+    wait_for(T, "a reconnect after the token expired", || {
+        ctx.metrics.source_reconnects.get() >= 1
+    })
+    .await;
+    assert_eq!(ctx.metrics.token_refreshes.get(), 0);
+    let mut p = Publisher::connect(&h.connection_string(), "operational-events")
+        .await
+        .unwrap();
+    p.send_json("tick", &[], "{}", "application/json")
+        .await
+        .unwrap();
+    wait_for(T, "the event after reconnecting", || {
+        ctx.journal.latest() == 1
+    })
+    .await;
+    run.stop().await.unwrap();
+    h.shutdown().await;
+}
