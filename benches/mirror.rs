@@ -3,8 +3,11 @@
 //! for the source, keeps at most `unsettled` events unacknowledged), against the same
 //! producer with the mirror off (a journal reader stands in for a panel).
 //!
+//! Then the whole gateway: the ASB emulator → source → journal (→ mirror → mosquitto →
+//! subscriber) → complete, with the mirror on and off, in the same run.
+//!
 //! Run: `cargo bench --bench mirror` (needs mosquitto: scripts/setup/mirror.sh).
-//! Optional: `MIRROR_BENCH_EVENTS=20000`.
+//! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`.
 
 #[allow(dead_code)]
 #[path = "../tests/support/mosquitto.rs"]
@@ -166,6 +169,87 @@ async fn mirror_off(n: u64) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// emulator → source → journal (→ mirror → mosquitto QoS 1 → subscriber) → complete.
+/// N messages are loaded into the emulator first; the time runs from starting the
+/// gateway until the emulator has N completed (and, with the mirror, the subscriber has
+/// all N). Returns events/s.
+async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
+    use asb_gateway::emulator::{self, EmulatorOptions, client::Publisher};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = emulator::start(l, EmulatorOptions::default())
+        .await
+        .unwrap();
+    let mut p = Publisher::connect(&emu.connection_string(), "operational-events")
+        .await
+        .unwrap();
+    let body = format!(
+        "{{\"value\":21.5,\"unit\":\"C\",\"note\":\"{}\"}}",
+        "x".repeat(150)
+    );
+    for i in 0..n {
+        let line = format!("line{}", i % 4);
+        p.send_json(
+            "temp",
+            &[("line", line.as_str())],
+            body.clone(),
+            "application/json",
+        )
+        .await
+        .unwrap();
+    }
+    let _ = p.close().await;
+    let prefix = format!("gw/{with_mirror}");
+    let mqtt = with_mirror.then(|| {
+        format!(
+            "url = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"bench-gwpath\"\n\
+             prefix = \"{prefix}\"\ninflight = 32\nqos = 1\nrequired = true\n"
+        )
+    });
+    let text = format!(
+        "[source]\nconnection_string = \"{}\"\n[[source.subscriptions]]\n\
+         topic = \"operational-events\"\nsubscription = \"edge\"\n\
+         [journal]\nevents = 4096\nunsettled = {UNSETTLED}\n[budget]\nmemory_mib = 256\n{}",
+        emu.connection_string(),
+        mqtt.map(|m| format!("[mqtt]\n{m}\n")).unwrap_or_default()
+    );
+    let ctx = Context::new(Config::parse(&text, &LoadEnv::default()).unwrap());
+    let sub = if with_mirror {
+        Some(subscriber(port, &format!("{prefix}/#")).await)
+    } else {
+        None
+    };
+    let (trigger, sd) = shutdown::channel();
+    let (ack_tx, ack_rx) = mpsc::channel(UNSETTLED * 2);
+    let start = Instant::now();
+    let src = tokio::spawn(asb_gateway::source::run(ctx.clone(), ack_rx, sd.clone()));
+    let mir = if with_mirror {
+        Some(tokio::spawn(mirror::run(ctx.clone(), ack_tx, sd)))
+    } else {
+        drop(ack_tx);
+        None
+    };
+    let entity = "operational-events/Subscriptions/edge";
+    while emu.stats()[entity].completed < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    if let Some((count, _)) = &sub {
+        while count.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    trigger.fire();
+    let _ = tokio::time::timeout(Duration::from_secs(5), src).await;
+    if let Some(m) = mir {
+        let _ = tokio::time::timeout(Duration::from_secs(3), m).await;
+    }
+    if let Some((_, task)) = sub {
+        task.abort();
+    }
+    emu.shutdown().await;
+    rate
+}
+
 fn main() {
     let n: u64 = std::env::var("MIRROR_BENCH_EVENTS")
         .ok()
@@ -176,6 +260,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let gw_n: u64 = std::env::var("MIRROR_BENCH_GATEWAY_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let broker = mosquitto::Mosquitto::start();
     rt.block_on(async {
         println!("mirror bench: {n} events of ~200 B body, mosquitto on loopback, QoS 1,");
@@ -194,5 +282,16 @@ fn main() {
                 delivered
             );
         }
+        println!("\ngateway: {gw_n} messages preloaded in the emulator, unsettled = {UNSETTLED}");
+        let off = gateway_path(broker.port, gw_n, false).await;
+        println!(
+            "{:<44} {:>12.0} events/s completed",
+            "emulator -> gateway, mirror off", off
+        );
+        let on = gateway_path(broker.port, gw_n, true).await;
+        println!(
+            "{:<44} {:>12.0} events/s completed and at the subscriber",
+            "emulator -> gateway -> mosquitto QoS 1", on
+        );
     });
 }

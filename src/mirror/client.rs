@@ -158,6 +158,23 @@ pub struct V5Props {
     pub content_type: Option<String>,
 }
 
+/// Bound on TCP connect, TLS and CONNACK, each attempt.
+const CONNECT_TIMEOUT_SECS: u64 = 5;
+/// The socket's send buffer (SO_SNDBUF): part of the mirror's fixed budget.
+pub const SEND_BUFFER: u32 = 64 * 1024;
+/// The socket's receive buffer: only acknowledgements come back.
+const RECV_BUFFER: u32 = 16 * 1024;
+
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    // Every publish is flushed at once; Nagle would only hold small ones back.
+    n.set_tcp_nodelay(true);
+    n.set_tcp_send_buffer_size(SEND_BUFFER);
+    n.set_tcp_recv_buffer_size(RECV_BUFFER);
+    n.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    n
+}
+
 pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
     let c = o.config;
     let keep_alive = Duration::from_secs(c.keep_alive_secs.max(1));
@@ -182,7 +199,8 @@ pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
             if let Some(user) = &c.username {
                 opts.set_credentials(user, o.password.map(|p| p.expose()).unwrap_or(""));
             }
-            let (client, eventloop) = rumqttc::AsyncClient::new(opts, o.channel);
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, o.channel);
+            eventloop.set_network_options(network_options());
             (Submitter::V4(client), Driver::V4(Box::new(eventloop)))
         }
         MqttProtocol::V5 => {
@@ -192,7 +210,8 @@ pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
                 .set_clean_start(true)
                 .set_outgoing_inflight_upper_limit(o.inflight)
                 .set_transport(transport)
-                .set_connection_timeout(5)
+                .set_connection_timeout(CONNECT_TIMEOUT_SECS)
+                .set_network_options(network_options())
                 .set_last_will(v5::mqttbytes::v5::LastWill::new(
                     &o.status_topic,
                     "offline",
