@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
-use crate::appliance::notify::Liveness;
+use crate::appliance::notify::{self, Liveness};
 use crate::config::Config;
 use crate::journal::{self, Journal};
 use crate::metrics::{Metrics, PartState};
@@ -66,13 +68,13 @@ impl Context {
 pub enum RunError {
     #[error("memory budget exceeded: worst case {total} bytes > budget.memory_mib ({limit} bytes)")]
     OverBudget { total: usize, limit: usize },
-    #[error("{0}")]
-    NotBuilt(&'static str),
     #[error("{part} failed: {reason}")]
     Part { part: &'static str, reason: String },
 }
 
-/// Run the gateway on `listener` (the panel port) until `shutdown` resolves.
+/// Run the gateway on `listener` (the panel port) until `shutdown_signal` resolves or a
+/// part fails. One task per part of the data flow; shutdown by broadcast; tasks get
+/// [`DRAIN_TIMEOUT`] to release unsettled messages and close panels.
 pub async fn run(
     ctx: Arc<Context>,
     listener: TcpListener,
@@ -85,9 +87,88 @@ pub async fn run(
             limit: budget.limit_bytes,
         });
     }
-    let (trigger, _sd) = shutdown::channel();
-    let _ = (listener, shutdown_signal, trigger);
-    Err(RunError::NotBuilt(
-        "the source, panel server and mirror are not built yet (issues 3, 4, 5)",
-    ))
+    let (trigger, shutdown) = shutdown::channel();
+    // Mirror -> source: "this seq is safely with the broker". At most `unsettled` events
+    // can be pinned, so the channel never holds more than that.
+    let (acks_tx, acks_rx) = mpsc::channel(ctx.config.journal.unsettled);
+    let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+
+    let (c, sd) = (ctx.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        (
+            "source",
+            crate::source::run(c, acks_rx, sd)
+                .await
+                .map_err(|e| e.to_string()),
+        )
+    });
+    let (c, sd) = (ctx.clone(), shutdown.clone());
+    let addr = listener.local_addr().ok();
+    tasks.spawn(async move {
+        (
+            "panels",
+            crate::panels::serve(listener, c, sd)
+                .await
+                .map_err(|e| e.to_string()),
+        )
+    });
+    if ctx.config.mqtt.is_some() {
+        let (c, sd) = (ctx.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            (
+                "mirror",
+                crate::mirror::run(c, acks_tx, sd)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    } else {
+        drop(acks_tx);
+    }
+    // Helpers whose end is not a failure (the watchdog returns at once when systemd
+    // asked for none).
+    let mut helpers = JoinSet::new();
+    helpers.spawn(notify::status_reporter(ctx.clone(), shutdown.clone()));
+    helpers.spawn(notify::watchdog(ctx.liveness.clone(), shutdown.clone()));
+    drop(shutdown);
+    // The panel port was bound before we were called and the source task is spawned.
+    notify::ready();
+    log::info!(
+        "asb-gateway {} running: panels on {}, epoch {}",
+        env!("CARGO_PKG_VERSION"),
+        addr.map(|a| a.to_string()).unwrap_or_default(),
+        ctx.journal.epoch()
+    );
+
+    tokio::pin!(shutdown_signal);
+    let mut failure = None;
+    tokio::select! {
+        _ = &mut shutdown_signal => log::info!("shutting down"),
+        Some(done) = tasks.join_next() => {
+            failure = Some(match done {
+                Ok((part, Err(reason))) => RunError::Part { part, reason },
+                Ok((part, Ok(()))) => RunError::Part { part, reason: "stopped unexpectedly".into() },
+                Err(e) => RunError::Part { part: "task", reason: e.to_string() },
+            });
+        }
+    }
+    notify::stopping();
+    trigger.fire();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((part, Err(reason))) = done {
+                log::warn!("{part} stopped with an error: {reason}");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        log::warn!("some tasks did not stop within {DRAIN_TIMEOUT:?}; aborting them");
+        tasks.shutdown().await;
+    }
+    helpers.shutdown().await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -149,18 +149,13 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
-        Command::Demo { .. } => not_built("demo needs the emulator and panel server (issues 3, 4)"),
+        Command::Demo { listen, mqtt, rate } => crate::demo::cli_main(listen, mqtt, rate),
         Command::Emulator {
             listen,
             config,
             admin,
         } => crate::emulator::cli_main(listen, config, admin),
     }
-}
-
-fn not_built(what: &str) -> ExitCode {
-    eprintln!("asb-gateway: {what}");
-    ExitCode::from(2)
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {

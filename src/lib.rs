@@ -9,6 +9,7 @@
 //! - [`budget`]: the worst-case memory of a config.
 //! - [`metrics`]: counters, gauges, health.
 //! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal).
+//! - [`mirror`]: the MQTT mirror.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
 //! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
 //! - [`cli`]: the command line.
@@ -20,11 +21,14 @@ pub mod appliance;
 pub mod budget;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod emulator;
 pub mod event;
 pub mod generator;
 pub mod journal;
 pub mod metrics;
+pub mod mirror;
+pub mod panels;
 pub mod routing;
 pub mod sas;
 pub mod shutdown;

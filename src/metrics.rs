@@ -165,6 +165,10 @@ pub struct Metrics {
     pub mqtt_acked: Counter,
     pub mqtt_inflight: Gauge,
     pub mqtt_reconnects: Counter,
+    /// Events re-sent after a reconnect (the subscriber may see them twice).
+    pub mqtt_republished: Counter,
+    /// Events a best-effort mirror missed because the journal overwrote them.
+    pub mqtt_skipped: Counter,
     pub mirror_state: StateCell,
     // budget
     pub budget_bytes: Gauge,
@@ -384,6 +388,18 @@ impl Metrics {
             "counter",
             "MQTT reconnections.",
             &[("", self.mqtt_reconnects.get())],
+        );
+        metric(
+            "mqtt_republished_total",
+            "counter",
+            "Unacknowledged MQTT publishes re-sent after a reconnect.",
+            &[("", self.mqtt_republished.get())],
+        );
+        metric(
+            "mqtt_skipped_total",
+            "counter",
+            "Events a best-effort mirror missed because the journal moved on.",
+            &[("", self.mqtt_skipped.get())],
         );
         metric(
             "mirror_up",

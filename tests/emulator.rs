@@ -616,6 +616,81 @@ async fn admin_http_serves_stats_dlq_and_faults() {
     h.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_full_entity_refuses_sends_with_quota_exceeded() {
+    let e = entities(Duration::from_secs(60), 10, &["a"]);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opts = EmulatorOptions {
+        store: Some(asb_gateway::emulator::Store::with_capacity(&e, 2)),
+        key: "a-secret-key".into(),
+        ..Default::default()
+    };
+    let dbg = format!("{opts:?}");
+    assert!(!dbg.contains("a-secret-key"), "{dbg}");
+    let h = asb_gateway::emulator::start(l, opts).await.unwrap();
+    assert!(!format!("{h:?}").contains("a-secret-key"));
+    let mut p = within(
+        "publisher",
+        Publisher::connect(&h.connection_string(), "events"),
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        within("send", p.send_json("s", &[], "{}", "application/json"))
+            .await
+            .unwrap();
+    }
+    let err = within("send", p.send_json("s", &[], "{}", "application/json"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("QuotaExceeded"), "{err}");
+    assert_eq!(h.stats()["events/Subscriptions/a"].active, 2);
+    p.close().await.unwrap();
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn generator_publishes_factory_events() {
+    let h = start(entities(Duration::from_secs(60), 10, &["a"])).await;
+    let (trigger, shutdown) = asb_gateway::shutdown::channel();
+    let cs = h.connection_string();
+    let task =
+        tokio::spawn(
+            async move { asb_gateway::generator::run(&cs, "events", 100.0, shutdown).await },
+        );
+    wait_stats(&h, "events/Subscriptions/a", |s| s.active >= 10).await;
+    trigger.fire();
+    within("generator stops", task).await.unwrap().unwrap();
+    let (mut c, auth) = connect_authorized(&h, "SAS_KEY_VALUE").await;
+    auth.unwrap();
+    let mut r = receiver(&mut c, "events/Subscriptions/a", CreditMode::Auto(20)).await;
+    for _ in 0..10 {
+        let d = recv(&mut r).await;
+        let m = d.message();
+        let p = m.properties.as_ref().unwrap();
+        assert!(matches!(
+            p.subject.as_deref(),
+            Some("temp" | "state" | "alarm")
+        ));
+        assert_eq!(
+            p.content_type.as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        let ap = m.application_properties.as_ref().unwrap();
+        let line = match ap.get("line") {
+            Some(SimpleValue::String(s)) => s.clone(),
+            other => panic!("line: {other:?}"),
+        };
+        assert!(line.starts_with("line"));
+        assert!(ap.get("station").is_some());
+        assert_eq!(body_json(&d)["line"], line.as_str());
+        r.accept(&d).await.unwrap();
+    }
+    c.conn.close().await.unwrap();
+    h.shutdown().await;
+}
+
 #[test]
 fn config_json_fixture_parses_and_malformed_is_a_clear_error() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -709,4 +784,102 @@ async fn python_sdk_sends_to_topic() {
     }
     c.conn.close().await.unwrap();
     h.shutdown().await;
+}
+
+fn free_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn cli_runs_until_sigterm_and_reports_bad_input() {
+    use tokio::process::Command;
+    let exe = env!("CARGO_BIN_EXE_asb-gateway");
+    // A malformed Config.json: exit 1, naming the file and the problem.
+    let dir = std::env::temp_dir().join(format!("asbgw-emu-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("Config.json");
+    std::fs::write(&bad, r#"{"UserConfig":{"Namespaces":[{"Name":"n","Queues":[{"Name":"q","Properties":{"LockDuration":"PT1X"}}]}]}}"#).unwrap();
+    let out = within(
+        "cli bad config",
+        Command::new(exe)
+            .args(["emulator", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&bad)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Config.json") && err.contains("LockDuration"),
+        "{err}"
+    );
+    // The port is taken: exit 2.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = within(
+        "cli port in use",
+        Command::new(exe)
+            .args([
+                "emulator",
+                "--listen",
+                &taken.local_addr().unwrap().to_string(),
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    drop(taken);
+    // Runs with the fixture, serves /stats, stops on SIGTERM with exit 0.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/emulator/Config.json");
+    let (listen, admin) = (free_port(), free_port());
+    let mut child = Command::new(exe)
+        .args([
+            "emulator",
+            "--listen",
+            &listen.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--config",
+        ])
+        .arg(&fixture)
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    let stats = loop {
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            break http(admin, "GET", "/stats").await.1;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the emulator never served /stats"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stats: BTreeMap<String, EntityStats> = serde_json::from_str(&stats).unwrap();
+    assert!(stats.contains_key("operational-events/Subscriptions/edge"));
+    assert!(stats.contains_key("queue.1"));
+    let conn = format!(
+        "Endpoint=sb://{listen};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true"
+    );
+    let mut p = within("publisher", Publisher::connect(&conn, "operational-events"))
+        .await
+        .unwrap();
+    within("send", p.send_json("s", &[], "{}", "application/json"))
+        .await
+        .unwrap();
+    p.close().await.unwrap();
+    let pid = child.id().unwrap().to_string();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = within("exit on SIGTERM", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

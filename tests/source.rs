@@ -159,7 +159,7 @@ async fn end_to_end_in_order_each_completed_once() {
     assert_eq!(f.content_type, Some("application/json"));
     assert_eq!(f.props, vec![("line", "line1")]);
     assert!(f.enqueued_at_ms.is_some() && f.message_id.is_some());
-    let json: serde_json::Value = serde_json::from_slice(&evs[3].json).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&evs[3].json).unwrap();
     assert_eq!(json["body"]["i"], 3);
     wait_stats(&h, "edge", "all completed", |s| {
         s.completed == 50 && s.active == 0 && s.locked == 0

@@ -74,6 +74,19 @@ fn install_stderr() -> Backend {
     Backend::Stderr
 }
 
+/// Protocol libraries log normal peer behaviour (a remote end, a closed link) as errors;
+/// the gateway logs the state changes that matter itself, once. Their records are shown
+/// only at debug level and below.
+const QUIET_TARGETS: [&str; 2] = ["fe2o3_amqp", "rumqttc"];
+
+fn wanted(metadata: &Metadata) -> bool {
+    metadata.level() <= log::max_level()
+        && (log::max_level() >= LevelFilter::Debug
+            || !QUIET_TARGETS
+                .iter()
+                .any(|t| metadata.target().starts_with(t)))
+}
+
 /// journald with a `COMPONENT` field (the record's target) in front of the record's own
 /// key-values.
 struct JournalLogger(systemd_journal_logger::JournalLog);
@@ -92,7 +105,7 @@ impl Source for WithComponent<'_> {
 
 impl Log for JournalLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        wanted(metadata)
     }
 
     fn log(&self, record: &Record) {
@@ -123,7 +136,7 @@ struct StderrLogger;
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        wanted(metadata)
     }
 
     fn log(&self, record: &Record) {

@@ -27,11 +27,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::Shared;
-use super::store::{Address, StoredMessage};
+use super::store::{Address, PublishError, StoredMessage};
 use super::tap::{FlowMap, Kill, TapStream};
 
 /// Message format of an ASB batch: each Data section is one encoded message.
 const BATCH_FORMAT: u32 = 0x8001_3700;
+/// Largest message a sender may send (ASB premium allows up to 100 MB; 1 MiB is plenty
+/// for tests and keeps the emulator's memory bounded).
+const MAX_MESSAGE_SIZE: u64 = 1024 * 1024;
 /// Token types the SDKs send; both carry a SAS string.
 const TOKEN_TYPES: [&str; 2] = ["jwt", "servicebus.windows.net:sastoken"];
 
@@ -108,11 +111,20 @@ impl ConnShared {
 }
 
 /// SASL: ANONYMOUS (then CBS) or PLAIN with the key name and key.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Auth {
     key_name: Arc<str>,
     key: Arc<str>,
     conn: Arc<ConnShared>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("key_name", &self.key_name)
+            .field("key", &"***")
+            .finish()
+    }
 }
 
 impl SaslAcceptor for Auth {
@@ -268,6 +280,7 @@ async fn serve_session(
 ) {
     // Client senders get receiver-settle-mode `first`, as ASB answers.
     let for_client_senders = LinkAcceptor::builder()
+        .max_message_size(MAX_MESSAGE_SIZE)
         .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
         .fallback_receiver_settle_mode(ReceiverSettleMode::First)
         .build();
@@ -308,8 +321,8 @@ async fn serve_session(
                     conn.cbs_replies
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(key, tx);
-                    tokio::spawn(cbs_replies(s, rx));
+                        .insert(key.clone(), tx);
+                    tokio::spawn(cbs_replies(s, rx, conn.clone(), key));
                 }
             }
             continue;
@@ -376,28 +389,42 @@ async fn accept_messages(
         };
         let batch = *delivery.message_format() == Some(BATCH_FORMAT);
         let (info, msg) = delivery.into_parts();
-        let mut ok = true;
+        let mut result = Ok(());
         if batch {
             if let Body::Data(sections) = &msg.body {
                 for d in sections.iter() {
-                    match serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(&d.0) {
-                        Ok(Deserializable(m)) => ok &= shared.store.publish(&sink, m),
-                        Err(_) => ok = false,
+                    result = match serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(
+                        &d.0,
+                    ) {
+                        Ok(Deserializable(m)) => shared
+                            .store
+                            .publish(&sink, m)
+                            .map_err(|e| error(AmqpError::ResourceLimitExceeded, e.to_string())),
+                        Err(e) => Err(error(
+                            AmqpError::DecodeError,
+                            format!("A message of the batch cannot be decoded: {e}"),
+                        )),
+                    };
+                    if result.is_err() {
+                        break;
                     }
                 }
             }
         } else {
-            ok = shared.store.publish(&sink, msg);
+            result = shared.store.publish(&sink, msg).map_err(|e| match e {
+                PublishError::Full { .. } => error(AmqpError::ResourceLimitExceeded, e.to_string()),
+                PublishError::NotFound(_) => error(AmqpError::NotFound, e.to_string()),
+            });
         }
-        let r = if ok {
-            receiver.accept(info).await
-        } else {
-            receiver
-                .reject(
-                    info,
-                    error(AmqpError::DecodeError, "The message could not be stored."),
-                )
-                .await
+        let r = match result {
+            Ok(()) => receiver.accept(info).await,
+            Err(err) => {
+                log::info!(
+                    "emulator: message to {sink} refused: {}",
+                    err.description.as_deref().unwrap_or("")
+                );
+                receiver.reject(info, err).await
+            }
         };
         if r.is_err() {
             return;
@@ -593,7 +620,21 @@ fn put_token(msg: &StoredMessage, shared: &Shared, conn: &ConnShared) -> (i32, S
 }
 
 /// The `$cbs` reply link: send the responses put in `rx`.
-async fn cbs_replies(mut sender: Sender, mut rx: mpsc::Receiver<StoredMessage>) {
+async fn cbs_replies(
+    mut sender: Sender,
+    mut rx: mpsc::Receiver<StoredMessage>,
+    conn: Arc<ConnShared>,
+    key: String,
+) {
+    cbs_reply_loop(&mut sender, &mut rx).await;
+    conn.cbs_replies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sender.close()).await;
+}
+
+async fn cbs_reply_loop(sender: &mut Sender, rx: &mut mpsc::Receiver<StoredMessage>) {
     loop {
         tokio::select! {
             m = rx.recv() => {
@@ -606,5 +647,4 @@ async fn cbs_replies(mut sender: Sender, mut rx: mpsc::Receiver<StoredMessage>) 
             _ = sender.on_detach() => return,
         }
     }
-    let _ = sender.close().await;
 }

@@ -18,6 +18,18 @@ use super::entities::{Entities, EntityConfig};
 
 pub type StoredMessage = Message<Body<Value>>;
 
+/// Default [`Store::with_capacity`]: messages per entity.
+pub const DEFAULT_ENTITY_CAPACITY: usize = 100_000;
+
+/// Why a message was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("the messaging entity '{0}' could not be found")]
+    NotFound(String),
+    #[error("QuotaExceeded: the entity '{entity}' holds its maximum of {capacity} messages")]
+    Full { entity: String, capacity: usize },
+}
+
 pub const DLQ_SUFFIX: &str = "/$DeadLetterQueue";
 const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
 
@@ -115,6 +127,8 @@ struct State {
     /// Credit trackers of attached receiver links, by link id: (entity key, tracker).
     links: HashMap<u64, (String, Arc<CreditTracker>)>,
     next_link: u64,
+    /// Most messages one entity holds (active + locked); senders are refused beyond.
+    capacity: usize,
 }
 
 /// What a link address names.
@@ -129,9 +143,19 @@ pub enum Address {
 }
 
 /// The message store, shared by every connection of one (or successive) emulators.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = lock(&self.state);
+        f.debug_struct("Store")
+            .field("entities", &st.entities.len())
+            .field("capacity", &st.capacity)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The link credit a receiver granted, mirrored from its flow frames (see `tap`).
@@ -194,8 +218,19 @@ fn annotate(msg: &mut StoredMessage, key: &str, value: Value) {
 }
 
 impl Store {
+    /// A store holding at most [`DEFAULT_ENTITY_CAPACITY`] messages per entity.
     pub fn new(entities: &Entities) -> Self {
-        let mut st = State::default();
+        Self::with_capacity(entities, DEFAULT_ENTITY_CAPACITY)
+    }
+
+    /// A store holding at most `capacity` messages (active + locked) per entity; a send
+    /// that would exceed it is refused (`amqp:resource-limit-exceeded`, ASB's
+    /// QuotaExceeded), so the emulator's memory is bounded.
+    pub fn with_capacity(entities: &Entities, capacity: usize) -> Self {
+        let mut st = State {
+            capacity,
+            ..State::default()
+        };
         let add = |st: &mut State, path: String, cfg: &EntityConfig| {
             let key = path.to_ascii_lowercase();
             let dlq_path = format!("{path}{DLQ_SUFFIX}");
@@ -264,12 +299,25 @@ impl Store {
     }
 
     /// Store a message sent to a topic (one copy per subscription) or a queue, stamped
-    /// with `x-opt-sequence-number` and `x-opt-enqueued-time`. Returns false when the
-    /// sink does not exist.
-    pub fn publish(&self, sink: &str, mut msg: StoredMessage) -> bool {
+    /// with `x-opt-sequence-number` and `x-opt-enqueued-time`.
+    pub fn publish(&self, sink: &str, mut msg: StoredMessage) -> Result<(), PublishError> {
         let mut st = lock(&self.state);
+        let cap = st.capacity;
+        let Some(s) = st.sinks.get(sink) else {
+            return Err(PublishError::NotFound(sink.to_string()));
+        };
+        for t in &s.targets {
+            if let Some(e) = st.entities.get(t)
+                && e.active.len() + e.locked.len() >= cap
+            {
+                return Err(PublishError::Full {
+                    entity: e.path.clone(),
+                    capacity: cap,
+                });
+            }
+        }
         let Some(s) = st.sinks.get_mut(sink) else {
-            return false;
+            return Err(PublishError::NotFound(sink.to_string()));
         };
         let seq = s.next_seq;
         s.next_seq += 1;
@@ -294,7 +342,7 @@ impl Store {
                 e.notify.notify_one();
             }
         }
-        true
+        Ok(())
     }
 
     /// The notifier of an entity: fires when messages become active.

@@ -1,0 +1,126 @@
+//! Emulator throughput over loopback AMQP (not a timed test; prints figures):
+//! - publish: the test `Publisher`, one message in flight (send, wait for accept);
+//! - fan-out receive: a peek-lock receiver per subscription (credit 200), accepting
+//!   each message, both subscriptions drained concurrently.
+//!
+//! Run: `cargo bench --bench emulator` (optional argument: message count, default 5000).
+
+use std::time::{Duration, Instant};
+
+use asb_gateway::emulator::client::Publisher;
+use asb_gateway::emulator::{EmulatorOptions, Entities, EntityConfig, TopicConfig};
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::{Timestamp, Value};
+use fe2o3_amqp::{Connection, Receiver, Session};
+use fe2o3_amqp_cbs::client::CbsClient;
+use fe2o3_amqp_cbs::token::CbsToken;
+
+async fn drain(addr: std::net::SocketAddr, sub: &str, n: usize) -> Duration {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut conn = Connection::builder()
+        .container_id(format!("bench-{sub}"))
+        .sasl_profile(SaslProfile::Anonymous)
+        .open_with_stream(stream)
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let audience = format!("sb://{addr}/");
+    let expiry = asb_gateway::sas::now_unix() + 600;
+    let token = asb_gateway::sas::sas_token(
+        &audience,
+        "RootManageSharedAccessKey",
+        "SAS_KEY_VALUE",
+        expiry,
+    );
+    let mut cbs = CbsClient::attach(&mut session).await.unwrap();
+    cbs.put_token(
+        audience.as_str(),
+        CbsToken::new(
+            token,
+            "jwt",
+            Some(Timestamp::from_milliseconds(expiry as i64 * 1000)),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut r = Receiver::builder()
+        .name(format!("bench-rx-{sub}"))
+        .source(format!("bench/Subscriptions/{sub}"))
+        .credit_mode(CreditMode::Auto(200))
+        .attach(&mut session)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for _ in 0..n {
+        let d = r.recv::<Body<Value>>().await.unwrap();
+        r.accept(&d).await.unwrap();
+    }
+    let el = t.elapsed();
+    r.close().await.unwrap();
+    conn.close().await.unwrap();
+    el
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let sub = |name: &str| EntityConfig {
+            name: name.into(),
+            lock_duration: Duration::from_secs(60),
+            max_delivery_count: 10,
+        };
+        let entities = Entities {
+            namespace: "bench".into(),
+            queues: vec![],
+            topics: vec![TopicConfig {
+                name: "bench".into(),
+                subscriptions: vec![sub("a"), sub("b")],
+            }],
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let h = asb_gateway::emulator::start(l, EmulatorOptions { entities, ..Default::default() })
+            .await
+            .unwrap();
+        let body = br#"{"line":"line1","station":"press","celsius":41.5}"#.to_vec();
+        let mut p = Publisher::connect(&h.connection_string(), "bench").await.unwrap();
+        let t = Instant::now();
+        for _ in 0..n {
+            p.send_json("temp", &[("line", "line1")], body.clone(), "application/json")
+                .await
+                .unwrap();
+        }
+        let pub_el = t.elapsed();
+        p.close().await.unwrap();
+        println!(
+            "emulator publish (1 in flight, 2 subscriptions): {n} msgs in {:.2?} = {:.0} msg/s",
+            pub_el,
+            n as f64 / pub_el.as_secs_f64()
+        );
+        let t = Instant::now();
+        let addr = h.addr();
+        let (a, b) = tokio::join!(drain(addr, "a", n), drain(addr, "b", n));
+        let all = t.elapsed();
+        println!(
+            "emulator peek-lock receive + accept, credit 200: sub a {:.0} msg/s, sub b {:.0} msg/s, both {:.0} msg/s total",
+            n as f64 / a.as_secs_f64(),
+            n as f64 / b.as_secs_f64(),
+            2.0 * n as f64 / all.as_secs_f64()
+        );
+        let s = h.stats();
+        for sub in ["a", "b"] {
+            let st = &s[&format!("bench/Subscriptions/{sub}")];
+            assert_eq!((st.completed, st.active, st.locked), (n as u64, 0, 0));
+        }
+        h.shutdown().await;
+    });
+}

@@ -1,0 +1,380 @@
+//! One MQTT connection over rumqttc, MQTT 3.1.1 or 5, behind one small interface: the
+//! mirror submits publishes through a [`Submitter`] and drives a [`Driver`] whose events
+//! are reduced to what the mirror needs (connected, a publish left, a publish was
+//! acknowledged, the disconnect left).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{Outgoing, QoS, TlsConfiguration, Transport};
+
+use crate::config::{MqttConfig, MqttProtocol, Secret};
+
+/// Where the broker is, from `mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err("must start with mqtt:// or mqtts://".into());
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.contains('@') {
+            return Err("credentials belong in mqtt.username and mqtt.password".into());
+        }
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or("must name a host and port, e.g. mqtt://127.0.0.1:1883")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("has no host".into());
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or("has an invalid port")?;
+        Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+            tls,
+        })
+    }
+}
+
+/// What the mirror learns from one poll of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ev {
+    /// CONNACK accepted; a new session (clean start) begins.
+    Connected,
+    /// A publish was written to the broker with this packet id (0 for QoS 0).
+    Published(u16),
+    /// The broker acknowledged the publish with this packet id (PUBACK for QoS 1,
+    /// PUBCOMP for QoS 2); `refused` when an MQTT 5 broker answered with a failure reason.
+    Acked {
+        pkid: u16,
+        refused: Option<&'static str>,
+    },
+    /// Our DISCONNECT was written.
+    Disconnected,
+    /// Anything else (pings, PUBREC, …).
+    Other,
+}
+
+/// Why a connection attempt or a connection failed, with the broker named by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnFailure {
+    /// The broker answered CONNACK with a refusal (bad credentials, not authorised, …).
+    Refused(String),
+    /// The network or protocol failed.
+    Network(String),
+}
+
+impl std::fmt::Display for ConnFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnFailure::Refused(r) => write!(f, "refused the connection: {r}"),
+            ConnFailure::Network(r) => f.write_str(r),
+        }
+    }
+}
+
+fn refusal_text(code: &str) -> String {
+    let what = match code {
+        "BadUserNamePassword" => "bad user name or password",
+        "NotAuthorized" => "not authorised",
+        "BadClientId" | "ClientIdentifierNotValid" => "client id rejected",
+        "RefusedProtocolVersion" | "UnsupportedProtocolVersion" => {
+            "protocol version not supported (set mqtt.protocol)"
+        }
+        "ServiceUnavailable" | "ServerUnavailable" | "ServerBusy" => "broker unavailable",
+        _ => "",
+    };
+    if what.is_empty() {
+        format!("CONNACK {code}")
+    } else {
+        format!("{what} (CONNACK {code})")
+    }
+}
+
+/// Options for one connection.
+pub struct Options<'a> {
+    pub config: &'a MqttConfig,
+    pub password: Option<&'a Secret>,
+    pub broker: &'a BrokerUrl,
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// Largest publish we send (bytes, topic and payload).
+    pub max_packet: usize,
+    /// Publishes in flight at rumqttc (events + status), also its packet-id range.
+    pub inflight: u16,
+    /// Capacity of the request channel.
+    pub channel: usize,
+    /// Retained status topic and the will published there.
+    pub status_topic: String,
+}
+
+fn qos_v4(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+fn qos_v5(n: u8) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS as Q;
+    match n {
+        0 => Q::AtMostOnce,
+        2 => Q::ExactlyOnce,
+        _ => Q::AtLeastOnce,
+    }
+}
+
+/// The half that submits requests.
+pub enum Submitter {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The half that drives the connection.
+pub enum Driver {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// MQTT 5 user properties of one publish.
+pub struct V5Props {
+    pub user: Vec<(String, String)>,
+    pub content_type: Option<String>,
+}
+
+/// Bound on TCP connect, TLS and CONNACK, each attempt.
+const CONNECT_TIMEOUT_SECS: u64 = 5;
+/// The socket's send buffer (SO_SNDBUF): part of the mirror's fixed budget.
+pub const SEND_BUFFER: u32 = 64 * 1024;
+/// The socket's receive buffer: only acknowledgements come back.
+const RECV_BUFFER: u32 = 16 * 1024;
+
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    // Every publish is flushed at once; Nagle would only hold small ones back.
+    n.set_tcp_nodelay(true);
+    n.set_tcp_send_buffer_size(SEND_BUFFER);
+    n.set_tcp_recv_buffer_size(RECV_BUFFER);
+    n.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    n
+}
+
+pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
+    let c = o.config;
+    let keep_alive = Duration::from_secs(c.keep_alive_secs.max(1));
+    let transport = match &o.tls {
+        Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
+        None => Transport::tcp(),
+    };
+    match c.protocol {
+        MqttProtocol::V311 => {
+            let mut opts = rumqttc::MqttOptions::new(&c.client_id, &o.broker.host, o.broker.port);
+            opts.set_keep_alive(keep_alive)
+                .set_clean_session(true)
+                .set_inflight(o.inflight)
+                .set_max_packet_size(64 * 1024, o.max_packet)
+                .set_transport(transport)
+                .set_last_will(rumqttc::LastWill::new(
+                    &o.status_topic,
+                    "offline",
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            if let Some(user) = &c.username {
+                opts.set_credentials(user, o.password.map(|p| p.expose()).unwrap_or(""));
+            }
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, o.channel);
+            eventloop.set_network_options(network_options());
+            (Submitter::V4(client), Driver::V4(Box::new(eventloop)))
+        }
+        MqttProtocol::V5 => {
+            use rumqttc::v5;
+            let mut opts = v5::MqttOptions::new(&c.client_id, &o.broker.host, o.broker.port);
+            opts.set_keep_alive(keep_alive)
+                .set_clean_start(true)
+                .set_outgoing_inflight_upper_limit(o.inflight)
+                .set_transport(transport)
+                .set_connection_timeout(CONNECT_TIMEOUT_SECS)
+                .set_network_options(network_options())
+                .set_last_will(v5::mqttbytes::v5::LastWill::new(
+                    &o.status_topic,
+                    "offline",
+                    qos_v5(1),
+                    true,
+                    None,
+                ));
+            if let Some(user) = &c.username {
+                opts.set_credentials(user, o.password.map(|p| p.expose()).unwrap_or(""));
+            }
+            let (client, eventloop) = v5::AsyncClient::new(opts, o.channel);
+            (Submitter::V5(client), Driver::V5(Box::new(eventloop)))
+        }
+    }
+}
+
+/// Topics may not carry wildcards or NUL; replace them so every submit is accepted
+/// (a rejected submit would break the order the mirror relies on).
+fn publishable(topic: String) -> String {
+    if topic.contains(['+', '#', '\0']) {
+        topic.replace(['+', '#', '\0'], "_")
+    } else {
+        topic
+    }
+}
+
+impl Submitter {
+    /// Queue one publish. The channel always has room (the mirror bounds what it
+    /// submits), so this completes at once.
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        payload: Bytes,
+        props: Option<V5Props>,
+    ) -> Result<(), String> {
+        let topic = publishable(topic);
+        match self {
+            Submitter::V4(c) => c
+                .publish_bytes(topic, qos_v4(qos), retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Submitter::V5(c) => {
+                let qos = qos_v5(qos);
+                match props {
+                    Some(p) => {
+                        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                            user_properties: p.user,
+                            content_type: p.content_type,
+                            ..Default::default()
+                        };
+                        c.publish_bytes_with_properties(topic, qos, retain, payload, props)
+                            .await
+                    }
+                    None => c.publish_bytes(topic, qos, retain, payload).await,
+                }
+                .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        match self {
+            Submitter::V4(c) => drop(c.disconnect().await),
+            Submitter::V5(c) => drop(c.disconnect().await),
+        }
+    }
+}
+
+impl Driver {
+    /// Poll the connection once (connecting first when there is none). Not cancel-safe:
+    /// the caller keeps the future alive until it completes.
+    pub async fn poll(&mut self) -> Result<Ev, ConnFailure> {
+        match self {
+            Driver::V4(el) => {
+                use rumqttc::{ConnectionError as E, Event, Incoming};
+                match el.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => Ok(Ev::Connected),
+                    Ok(Event::Incoming(Incoming::PubAck(a))) => Ok(Ev::Acked {
+                        pkid: a.pkid,
+                        refused: None,
+                    }),
+                    Ok(Event::Incoming(Incoming::PubComp(a))) => Ok(Ev::Acked {
+                        pkid: a.pkid,
+                        refused: None,
+                    }),
+                    Ok(Event::Outgoing(o)) => Ok(outgoing(o)),
+                    Ok(_) => Ok(Ev::Other),
+                    Err(E::ConnectionRefused(code)) => {
+                        Err(ConnFailure::Refused(refusal_text(&format!("{code:?}"))))
+                    }
+                    Err(e) => Err(ConnFailure::Network(network_text(&e.to_string()))),
+                }
+            }
+            Driver::V5(el) => {
+                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubCompReason};
+                use rumqttc::v5::{ConnectionError as E, Event, StateError};
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ok(Ev::Connected),
+                    Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::Acked {
+                        pkid: a.pkid,
+                        refused: match a.reason {
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                            PubAckReason::NotAuthorized => Some("not authorised"),
+                            PubAckReason::TopicNameInvalid => Some("topic name invalid"),
+                            PubAckReason::QuotaExceeded => Some("quota exceeded"),
+                            PubAckReason::PayloadFormatInvalid => Some("payload format invalid"),
+                            PubAckReason::PacketIdentifierInUse => Some("packet id in use"),
+                            _ => Some("unspecified error"),
+                        },
+                    }),
+                    Ok(Event::Incoming(Packet::PubComp(a))) => Ok(Ev::Acked {
+                        pkid: a.pkid,
+                        refused: match a.reason {
+                            PubCompReason::Success => None,
+                            PubCompReason::PacketIdentifierNotFound => Some("packet id not found"),
+                        },
+                    }),
+                    Ok(Event::Outgoing(o)) => Ok(outgoing(o)),
+                    Ok(_) => Ok(Ev::Other),
+                    Err(E::ConnectionRefused(code)) => {
+                        Err(ConnFailure::Refused(refusal_text(&format!("{code:?}"))))
+                    }
+                    Err(E::MqttState(StateError::ConnFail { reason })) => {
+                        Err(ConnFailure::Refused(refusal_text(&format!("{reason:?}"))))
+                    }
+                    Err(e) => Err(ConnFailure::Network(network_text(&e.to_string()))),
+                }
+            }
+        }
+    }
+
+    /// After a failure: clear a packet-id collision left over from the lost session
+    /// (rumqttc keeps it across `clean()`, which would stall the next session).
+    pub fn reset_after_failure(&mut self) {
+        match self {
+            Driver::V4(el) => {
+                el.state.collision = None;
+                el.pending.clear();
+            }
+            Driver::V5(el) => {
+                el.state.collision = None;
+                el.pending.clear();
+            }
+        }
+    }
+}
+
+fn outgoing(o: Outgoing) -> Ev {
+    match o {
+        Outgoing::Publish(pkid) => Ev::Published(pkid),
+        Outgoing::Disconnect => Ev::Disconnected,
+        _ => Ev::Other,
+    }
+}
+
+fn network_text(e: &str) -> String {
+    if e.contains("Connection refused") {
+        "connection refused (is the broker running?)".into()
+    } else if e.contains("failed to lookup") || e.contains("Name or service not known") {
+        format!("cannot resolve the host ({e})")
+    } else {
+        e.to_string()
+    }
+}

@@ -1,0 +1,622 @@
+//! The MQTT mirror (DESIGN §2, §4): reads the journal like a panel that must not skip and
+//! publishes every event, in order, to a local broker with a bounded in-flight window.
+//!
+//! - Topic `{prefix}/{event topic}`; payload the raw body, the panel JSON frame or the
+//!   postcard frame; MQTT 5 user properties `seq`, `message_id`, `content_type`.
+//! - Retained `{prefix}/status`: `online` after every connect, `offline` as the last will
+//!   and, explicitly, on a graceful shutdown (a clean DISCONNECT does not fire the will).
+//! - Every broker acknowledgement (PUBACK for QoS 1, PUBCOMP for QoS 2, the publish written
+//!   for QoS 0) is matched to its event: the event is handed on in the journal (unpinned)
+//!   and, when `required`, its seq is sent on `acks` so the source can settle it.
+//! - The connection is a clean session. When it is lost, rumqttc's unacknowledged state is
+//!   dropped and the mirror re-sends every unacknowledged event of its window after the
+//!   reconnect, in order (at-least-once: a subscriber may see an event twice).
+//!
+//! Matching acknowledgements: rumqttc reports `Outgoing::Publish(pkid)` in the order the
+//! publishes leave, which is the order they were submitted, so a FIFO of submissions
+//! tells which event got which packet id; a fixed table maps packet id → event.
+//!
+//! The event loop's `poll` is not cancel-safe (a cancelled write can lose a packet), so
+//! one poll future is kept alive until it completes while the task also waits for new
+//! journal events and shutdown.
+
+mod client;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+pub use client::BrokerUrl;
+use client::{ConnFailure, Driver, Ev, Submitter, V5Props};
+
+use crate::app::Context;
+use crate::config::{MqttConfig, MqttProtocol, Payload};
+use crate::journal::Event;
+use crate::metrics::PartState;
+use crate::shutdown::Shutdown;
+
+/// Delay before the first reconnect attempt; doubles per failure up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Time a graceful shutdown gets to publish `offline` and disconnect.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("mqtt: no [mqtt] section in the config")]
+    NotConfigured,
+    #[error("mqtt.url {url:?} {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("MQTT broker {broker}: TLS setup failed: {reason}")]
+    Tls { broker: String, reason: String },
+    #[error("MQTT broker {broker}: {reason}")]
+    Broker { broker: String, reason: String },
+}
+
+/// The retained status topic for a prefix.
+pub fn status_topic(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "status".into()
+    } else {
+        format!("{prefix}/status")
+    }
+}
+
+/// The topic an event is published on.
+pub fn event_topic(prefix: &str, topic: &str) -> String {
+    if prefix.is_empty() {
+        topic.to_string()
+    } else {
+        format!("{prefix}/{topic}")
+    }
+}
+
+/// Build a rustls client config (ring provider, the platform's roots; `SSL_CERT_FILE`
+/// and `SSL_CERT_DIR` are honoured).
+fn tls_config(broker: &str) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, MirrorError> {
+    use tokio_rustls::rustls;
+    let err = |reason: String| MirrorError::Tls {
+        broker: broker.to_string(),
+        reason,
+    };
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "no certificates found".into());
+        return Err(err(format!("no trusted root certificates ({why})")));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Run the mirror until `shutdown`. Returns an error only for a config that cannot work
+/// (bad URL, no TLS roots); broker failures are retried with backoff.
+pub async fn run(
+    ctx: Arc<Context>,
+    acks: mpsc::Sender<u64>,
+    shutdown: Shutdown,
+) -> Result<(), MirrorError> {
+    let cfg = ctx.config.mqtt.clone().ok_or(MirrorError::NotConfigured)?;
+    let broker = BrokerUrl::parse(&cfg.url).map_err(|reason| MirrorError::BadUrl {
+        url: cfg.url.clone(),
+        reason,
+    })?;
+    let tls = if broker.tls {
+        Some(tls_config(&cfg.url)?)
+    } else {
+        None
+    };
+    let window = cfg.inflight.clamp(1, u16::MAX as usize - 2);
+    let status = status_topic(&cfg.prefix);
+    // The largest event entry plus the topic and v5 properties.
+    let max_packet =
+        crate::event::max_entry_bytes(ctx.config.journal.max_event_bytes) + cfg.prefix.len() + 2048;
+    // rumqttc in-flight = the event window + the status publishes, so `offline` and the
+    // DISCONNECT are never held behind a full window.
+    let rumqttc_inflight = (window + 2) as u16;
+    let opts = client::Options {
+        config: &cfg,
+        password: ctx.config.mqtt_password.as_ref(),
+        broker: &broker,
+        tls,
+        max_packet,
+        inflight: rumqttc_inflight,
+        channel: window + 4,
+        status_topic: status.clone(),
+    };
+    let (submitter, driver) = client::new(&opts);
+    let mut m = Mirror {
+        required: cfg.required,
+        qos: cfg.qos,
+        window_cap: window,
+        window: VecDeque::with_capacity(window),
+        fifo: VecDeque::with_capacity(window + 4),
+        pkids: vec![None; rumqttc_inflight as usize + 1],
+        cursor: ctx.journal.oldest(),
+        read_buf: Vec::with_capacity(window),
+        connected: false,
+        status,
+        cfg,
+        ctx,
+        acks,
+        submitter,
+        refusals_logged: false,
+    };
+    m.run(driver, shutdown).await;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Queued to rumqttc, not yet written.
+    Submitted,
+    /// Written, awaiting the broker's acknowledgement.
+    Sent,
+    /// Acknowledged (kept only until the slots before it are acknowledged too).
+    Acked,
+}
+
+struct Slot {
+    ev: Arc<Event>,
+    state: SlotState,
+}
+
+/// What a submitted publish carries, in submission order.
+#[derive(Debug, Clone, Copy)]
+enum Sub {
+    Event(u64),
+    Status,
+}
+
+struct Mirror {
+    ctx: Arc<Context>,
+    cfg: MqttConfig,
+    acks: mpsc::Sender<u64>,
+    submitter: Submitter,
+    required: bool,
+    qos: u8,
+    /// Events taken from the journal and not yet acknowledged, in seq order.
+    window: VecDeque<Slot>,
+    window_cap: usize,
+    /// Publishes submitted whose `Outgoing::Publish` has not been seen yet.
+    fifo: VecDeque<Sub>,
+    /// Packet id → what it carries, until acknowledged.
+    pkids: Vec<Option<Sub>>,
+    /// Next journal seq to take.
+    cursor: u64,
+    read_buf: Vec<Arc<Event>>,
+    connected: bool,
+    status: String,
+    refusals_logged: bool,
+}
+
+/// Backoff with jitter between reconnect attempts.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+    /// The delay to wait now: between half and all of the current step.
+    fn delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (step * 2).min(BACKOFF_MAX);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+impl Mirror {
+    fn broker(&self) -> &str {
+        &self.cfg.url
+    }
+
+    async fn run(&mut self, mut driver: Driver, mut shutdown: Shutdown) {
+        let metrics = self.ctx.metrics.clone();
+        let mut journal_rx = self.ctx.journal.subscribe();
+        let mut backoff = Backoff::new();
+        // Failed attempts since the last successful connect, and the last failure logged.
+        let mut failures: u64 = 0;
+        let mut last_logged: Option<ConnFailure> = None;
+        let mut ever_connected = false;
+
+        loop {
+            // One poll, kept alive until it completes; meanwhile feed the window.
+            let polled = {
+                let fut = driver.poll();
+                tokio::pin!(fut);
+                loop {
+                    if self.connected {
+                        self.fill().await;
+                    }
+                    let room = self.connected && self.window.len() < self.window_cap;
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.recv() => break None,
+                        r = &mut fut => break Some(r),
+                        changed = journal_rx.changed(), if room => {
+                            if changed.is_err() {
+                                // The journal is gone: nothing more will come.
+                                break None;
+                            }
+                        }
+                    }
+                }
+            };
+            let Some(polled) = polled else {
+                self.graceful_stop(&mut driver).await;
+                return;
+            };
+            match polled {
+                Ok(Ev::Connected) => {
+                    self.connected = true;
+                    metrics.mirror_state.set(PartState::Up);
+                    backoff.reset();
+                    let resend = self.window.iter().filter(|s| s.state != SlotState::Acked);
+                    let resend = resend.count();
+                    if !ever_connected {
+                        log::info!(
+                            "MQTT mirror connected to {} (MQTT {})",
+                            self.broker(),
+                            proto(self.cfg.protocol)
+                        );
+                    } else if failures > 0 || resend > 0 {
+                        log::info!(
+                            "MQTT mirror reconnected to {} after {failures} failed attempt(s); \
+                             re-sending {resend} unacknowledged event(s)",
+                            self.broker()
+                        );
+                    }
+                    ever_connected = true;
+                    failures = 0;
+                    last_logged = None;
+                    self.refusals_logged = false;
+                    self.on_connected().await;
+                }
+                Ok(Ev::Published(pkid)) => self.on_published(pkid).await,
+                Ok(Ev::Acked { pkid, refused }) => self.on_acked(pkid, refused).await,
+                Ok(Ev::Disconnected) | Ok(Ev::Other) => {}
+                Err(failure) => {
+                    self.on_lost();
+                    driver.reset_after_failure();
+                    metrics.mirror_state.set(PartState::Down);
+                    metrics.mqtt_reconnects.inc();
+                    failures += 1;
+                    let err = MirrorError::Broker {
+                        broker: self.cfg.url.clone(),
+                        reason: failure.to_string(),
+                    };
+                    if last_logged.as_ref() != Some(&failure) {
+                        log::warn!("{err}; retrying with backoff");
+                        last_logged = Some(failure);
+                    } else {
+                        log::debug!("{err} (attempt {failures})");
+                    }
+                    let delay = backoff.delay();
+                    tokio::select! {
+                        _ = shutdown.recv() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take events from the journal into the window and submit them.
+    async fn fill(&mut self) {
+        while self.window.len() < self.window_cap {
+            let room = self.window_cap - self.window.len();
+            let mut buf = std::mem::take(&mut self.read_buf);
+            buf.clear();
+            if let Some(gap) = self.ctx.journal.read(&mut self.cursor, &mut buf, room) {
+                // Only a best-effort mirror can fall behind: required events are pinned.
+                self.ctx.metrics.mqtt_skipped.add(gap.missed());
+                log::warn!(
+                    "MQTT mirror fell behind: events {}..={} were overwritten before they \
+                     were published ({} skipped)",
+                    gap.from,
+                    gap.to,
+                    gap.missed()
+                );
+            }
+            let got = buf.len();
+            for ev in buf.drain(..) {
+                self.window.push_back(Slot {
+                    ev: ev.clone(),
+                    state: SlotState::Submitted,
+                });
+                self.submit_event(&ev).await;
+            }
+            self.read_buf = buf;
+            self.ctx.metrics.mqtt_inflight.set(self.window.len() as u64);
+            if got == 0 {
+                break;
+            }
+        }
+    }
+
+    async fn submit_event(&mut self, ev: &Event) {
+        let frame = ev.frame();
+        let payload = match self.cfg.payload {
+            Payload::Body => ev.body(),
+            Payload::Json => Bytes::from(ev.json.clone()),
+            Payload::Postcard => ev.postcard.clone(),
+        };
+        let props = (self.cfg.protocol == MqttProtocol::V5).then(|| {
+            let mut user = Vec::with_capacity(3);
+            user.push(("seq".to_string(), ev.seq.to_string()));
+            let mut ct = None;
+            if let Some(f) = &frame {
+                if let Some(id) = f.message_id {
+                    user.push(("message_id".to_string(), id.to_string()));
+                }
+                if let Some(c) = f.content_type {
+                    user.push(("content_type".to_string(), c.to_string()));
+                    ct = Some(c.to_string());
+                }
+            }
+            V5Props {
+                user,
+                content_type: match self.cfg.payload {
+                    Payload::Body => ct,
+                    Payload::Json => Some("application/json".into()),
+                    Payload::Postcard => None,
+                },
+            }
+        });
+        let topic = event_topic(&self.cfg.prefix, ev.topic.as_str());
+        self.submit(
+            Sub::Event(ev.seq),
+            topic,
+            self.qos,
+            self.cfg.retain,
+            payload,
+            props,
+        )
+        .await;
+    }
+
+    async fn submit(
+        &mut self,
+        sub: Sub,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        payload: Bytes,
+        props: Option<V5Props>,
+    ) {
+        match self
+            .submitter
+            .publish(topic, qos, retain, payload, props)
+            .await
+        {
+            Ok(()) => self.fifo.push_back(sub),
+            // Only possible when the event loop is gone, which it is not while we run.
+            Err(e) => log::error!("MQTT mirror: cannot queue a publish: {e}"),
+        }
+    }
+
+    async fn on_connected(&mut self) {
+        self.fifo.clear();
+        self.pkids.iter_mut().for_each(|p| *p = None);
+        let online = Bytes::from_static(b"online");
+        let topic = self.status.clone();
+        self.submit(Sub::Status, topic, 1, true, online, None).await;
+        // Re-send what the lost session did not get acknowledged, in order.
+        let mut resend = Vec::with_capacity(self.window.len());
+        for slot in self.window.iter_mut() {
+            if slot.state != SlotState::Acked {
+                slot.state = SlotState::Submitted;
+                resend.push(slot.ev.clone());
+            }
+        }
+        if !resend.is_empty() {
+            self.ctx.metrics.mqtt_republished.add(resend.len() as u64);
+        }
+        for ev in resend {
+            self.submit_event(&ev).await;
+        }
+    }
+
+    fn on_lost(&mut self) {
+        self.connected = false;
+        self.fifo.clear();
+        self.pkids.iter_mut().for_each(|p| *p = None);
+    }
+
+    async fn on_published(&mut self, pkid: u16) {
+        let Some(sub) = self.fifo.pop_front() else {
+            log::debug!("MQTT mirror: publish {pkid} left that was not ours");
+            return;
+        };
+        let Sub::Event(seq) = sub else {
+            if pkid != 0 {
+                self.set_pkid(pkid, sub);
+            }
+            return;
+        };
+        self.ctx.metrics.mqtt_published.inc();
+        if pkid == 0 {
+            // QoS 0: written is as acknowledged as it gets.
+            self.acknowledge(seq).await;
+        } else {
+            if let Some(slot) = self.slot_mut(seq) {
+                slot.state = SlotState::Sent;
+            }
+            self.set_pkid(pkid, sub);
+        }
+    }
+
+    fn set_pkid(&mut self, pkid: u16, sub: Sub) {
+        match self.pkids.get_mut(pkid as usize) {
+            Some(p) => *p = Some(sub),
+            None => log::error!("MQTT mirror: packet id {pkid} outside the in-flight window"),
+        }
+    }
+
+    async fn on_acked(&mut self, pkid: u16, refused: Option<&'static str>) {
+        let Some(sub) = self.pkids.get_mut(pkid as usize).and_then(Option::take) else {
+            return;
+        };
+        if let Some(reason) = refused
+            && !self.refusals_logged
+        {
+            log::error!(
+                "MQTT broker {} refused a publish: {reason}; the event is not retried",
+                self.cfg.url
+            );
+            self.refusals_logged = true;
+        }
+        if let Sub::Event(seq) = sub {
+            self.acknowledge(seq).await;
+        }
+    }
+
+    fn slot_mut(&mut self, seq: u64) -> Option<&mut Slot> {
+        let idx = self.window.binary_search_by_key(&seq, |s| s.ev.seq).ok()?;
+        self.window.get_mut(idx)
+    }
+
+    /// The broker has event `seq`: hand it on and tell the source.
+    async fn acknowledge(&mut self, seq: u64) {
+        let Some(slot) = self.slot_mut(seq) else {
+            return;
+        };
+        if slot.state == SlotState::Acked {
+            return;
+        }
+        slot.state = SlotState::Acked;
+        self.ctx.metrics.mqtt_acked.inc();
+        self.ctx.journal.handed_on(seq);
+        if self.required {
+            // The source may be gone during shutdown; nothing to settle then.
+            let _ = self.acks.send(seq).await;
+        }
+        while self
+            .window
+            .front()
+            .is_some_and(|s| s.state == SlotState::Acked)
+        {
+            self.window.pop_front();
+        }
+        self.ctx.metrics.mqtt_inflight.set(self.window.len() as u64);
+    }
+
+    /// Publish `offline` (retained) and disconnect, within [`SHUTDOWN_GRACE`].
+    async fn graceful_stop(&mut self, driver: &mut Driver) {
+        if !self.connected {
+            return;
+        }
+        let offline = Bytes::from_static(b"offline");
+        let topic = self.status.clone();
+        self.submit(Sub::Status, topic, 1, true, offline, None)
+            .await;
+        self.submitter.disconnect().await;
+        let drain = async {
+            loop {
+                match driver.poll().await {
+                    Ok(Ev::Disconnected) | Err(_) => break,
+                    Ok(Ev::Published(pkid)) => self.on_published(pkid).await,
+                    Ok(Ev::Acked { pkid, refused }) => self.on_acked(pkid, refused).await,
+                    Ok(_) => {}
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            log::warn!(
+                "MQTT mirror: {} did not take the disconnect in time",
+                self.cfg.url
+            );
+        } else {
+            log::info!("MQTT mirror disconnected from {}", self.cfg.url);
+        }
+        self.connected = false;
+        self.ctx.metrics.mirror_state.set(PartState::Down);
+    }
+}
+
+fn proto(p: MqttProtocol) -> &'static str {
+    match p {
+        MqttProtocol::V311 => "3.1.1",
+        MqttProtocol::V5 => "5",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            BrokerUrl::parse("mqtt://127.0.0.1:1883").unwrap(),
+            BrokerUrl {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false
+            }
+        );
+        let u = BrokerUrl::parse("mqtts://broker.local:8883/").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.host, "broker.local");
+        assert_eq!(BrokerUrl::parse("mqtt://[::1]:1883").unwrap().host, "::1");
+        assert!(BrokerUrl::parse("tcp://x:1").is_err());
+        assert!(BrokerUrl::parse("mqtt://x").is_err());
+        assert!(BrokerUrl::parse("mqtt://u:p@x:1").is_err());
+        assert!(BrokerUrl::parse("mqtt://:1").is_err());
+        assert!(BrokerUrl::parse("mqtt://x:0").is_err());
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(status_topic("factory/asb"), "factory/asb/status");
+        assert_eq!(
+            event_topic("factory/asb", "line1/temp"),
+            "factory/asb/line1/temp"
+        );
+        assert_eq!(event_topic("", "t"), "t");
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new();
+        let d1 = b.delay();
+        assert!(d1 >= BACKOFF_MIN / 2 && d1 <= BACKOFF_MIN);
+        let d2 = b.delay();
+        assert!(d2 >= BACKOFF_MIN && d2 <= BACKOFF_MIN * 2);
+        for _ in 0..20 {
+            assert!(b.delay() <= BACKOFF_MAX);
+        }
+        b.reset();
+        assert!(b.delay() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn tls_config_uses_ring() {
+        // The platform may have no roots in a minimal container; both outcomes name
+        // the broker and never panic.
+        match tls_config("mqtts://b:8883") {
+            Ok(cfg) => assert!(!cfg.crypto_provider().cipher_suites.is_empty()),
+            Err(e) => assert!(e.to_string().contains("mqtts://b:8883")),
+        }
+    }
+}

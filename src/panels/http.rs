@@ -1,0 +1,392 @@
+//! HTTP/1.1 on the panel port (hyper): routes, the WebSocket upgrade checks (origin,
+//! token, query, subprotocol, panel limit), and the hand-over to a session.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use super::protocol::{self, Access, Encoding, StreamQuery};
+use super::session::{self, Params};
+use super::{PanelSlot, Server};
+use crate::metrics::RejectReason;
+use crate::shutdown::Shutdown;
+
+const PAGE_HTML: &str = include_str!("page.html");
+const PAGE_JS: &str = include_str!("page.js");
+/// The page loads only its own script and talks only to its own origin.
+const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+                        connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+                        form-action 'none'; frame-ancestors 'none'";
+/// Largest request head accepted (hyper's read buffer).
+const MAX_REQUEST_BUF: usize = 16 * 1024;
+
+type Body = Full<Bytes>;
+
+/// An accepted upgrade waiting for the 101 response to go out.
+struct Upgrade {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    params: Params,
+    slot: PanelSlot,
+}
+
+/// Serve one TCP connection: HTTP requests until it closes, or one upgrade and then the
+/// panel session.
+pub(super) async fn connection(
+    server: Arc<Server>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut sd: Shutdown,
+) {
+    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
+    let svc = {
+        let server = server.clone();
+        let upgrade = upgrade.clone();
+        service_fn(move |req| {
+            let resp = route(&server, req, peer, &upgrade);
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.opts.handshake_timeout)
+        .max_buf_size(MAX_REQUEST_BUF)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut closing = false;
+    let res = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = sd.recv(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    };
+    if let Err(e) = res {
+        log::debug!("http {peer}: {e}");
+    }
+    let pending = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(up) = pending else { return };
+    let upgraded = match tokio::time::timeout(server.opts.handshake_timeout, up.on_upgrade).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            log::debug!("panel {peer}: upgrade failed: {e}");
+            return;
+        }
+        Err(_) => {
+            log::debug!("panel {peer}: upgrade timed out");
+            return;
+        }
+    };
+    let ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(server.ws_config),
+    )
+    .await;
+    log::info!(
+        "panel {peer} connected ({}, filters {:?})",
+        up.params.encoding.subprotocol(),
+        up.params
+            .filters
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+    );
+    session::run(ws, up.params, &server.ctx, &server.opts, sd).await;
+    drop(up.slot);
+    log::info!("panel {peer} disconnected");
+}
+
+fn route(
+    server: &Arc<Server>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    upgrade: &Mutex<Option<Upgrade>>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
+    match path {
+        "/v1/stream" => stream(server, &mut req, peer, upgrade),
+        "/" | "/index.html" | "/page.js" | "/healthz" | "/metrics" if !read_only => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        "/" | "/index.html" => {
+            let mut r = response(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from_static(PAGE_HTML.as_bytes()),
+            );
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(PAGE_CSP),
+            );
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+        "/page.js" => {
+            let mut r = response(
+                StatusCode::OK,
+                "text/javascript; charset=utf-8",
+                Bytes::from_static(PAGE_JS.as_bytes()),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+        "/healthz" => {
+            let m = &server.ctx.metrics;
+            let status = if m.healthy() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            response(status, "application/json", Bytes::from(m.health_json()))
+        }
+        "/metrics" => {
+            let (ctx, m) = (&server.ctx, &server.ctx.metrics);
+            m.journal_events.set(ctx.journal.len() as u64);
+            m.journal_bytes.set(ctx.journal.bytes() as u64);
+            response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(m.render()),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn reject(
+    server: &Server,
+    reason: RejectReason,
+    status: StatusCode,
+    peer: SocketAddr,
+    why: String,
+) -> Response<Body> {
+    server.ctx.metrics.rejected(reason).inc();
+    log::debug!("panel {peer}: refused ({status}): {why}");
+    let mut r = text(status, why + "\n");
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Does a comma-separated header contain `token` (case-insensitive)?
+fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn origin_allowed(server: &Server, h: &HeaderMap) -> bool {
+    let allowed = &server.ctx.config.panels.allowed_origins;
+    // Non-browser clients send no Origin; browsers always do.
+    let Some(origin) = header_str(h, header::ORIGIN) else {
+        return true;
+    };
+    if allowed.is_empty() {
+        return true;
+    }
+    let origin = origin.trim_end_matches('/');
+    // The built-in page talks to the host that served it.
+    if let Some(host) = header_str(h, header::HOST)
+        && let Some(rest) = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+        && rest.eq_ignore_ascii_case(host)
+    {
+        return true;
+    }
+    allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    let v = header_str(h, header::AUTHORIZATION)?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// `GET /v1/stream`: check everything, reserve a panel slot, answer 101.
+fn stream(
+    server: &Arc<Server>,
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    upgrade: &Mutex<Option<Upgrade>>,
+) -> Response<Body> {
+    let h = req.headers();
+    if req.method() != Method::GET {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    let is_ws =
+        has_token(h, header::UPGRADE, "websocket") && has_token(h, header::CONNECTION, "upgrade");
+    let key = h.get(header::SEC_WEBSOCKET_KEY);
+    if !is_ws || key.is_none() {
+        return reject(
+            server,
+            RejectReason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            peer,
+            "expected a WebSocket upgrade (protocol v1, see DESIGN §4)".into(),
+        );
+    }
+    if header_str(h, header::SEC_WEBSOCKET_VERSION) != Some("13") {
+        let mut r = reject(
+            server,
+            RejectReason::BadRequest,
+            StatusCode::UPGRADE_REQUIRED,
+            peer,
+            "WebSocket version 13 required".into(),
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    if !origin_allowed(server, h) {
+        let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
+        return reject(
+            server,
+            RejectReason::Origin,
+            StatusCode::FORBIDDEN,
+            peer,
+            format!("origin {origin} is not in panels.allowed_origins"),
+        );
+    }
+    let query = match StreamQuery::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => {
+            return reject(
+                server,
+                RejectReason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                peer,
+                e.to_string(),
+            );
+        }
+    };
+    let presented = query.token.as_deref().or_else(|| bearer(h));
+    let tokens = &server.ctx.config.tokens;
+    let allow = match protocol::authorize(tokens, presented) {
+        Access::Open => None,
+        Access::Token(i) => Some(tokens[i].allow.clone()),
+        Access::Denied => {
+            let why = if presented.is_some() {
+                "unknown token"
+            } else {
+                "a token is required (token= or Authorization: Bearer)"
+            };
+            return reject(
+                server,
+                RejectReason::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                peer,
+                why.into(),
+            );
+        }
+    };
+    let offered = header_str(h, header::SEC_WEBSOCKET_PROTOCOL);
+    let chosen = match protocol::choose_subprotocol(offered) {
+        Ok(c) => c,
+        Err(e) => {
+            return reject(
+                server,
+                RejectReason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                peer,
+                e.to_string(),
+            );
+        }
+    };
+    let Some(slot) = server.reserve_panel() else {
+        return reject(
+            server,
+            RejectReason::Full,
+            StatusCode::SERVICE_UNAVAILABLE,
+            peer,
+            format!(
+                "panel limit reached ({} panels)",
+                server.ctx.config.panels.max_panels
+            ),
+        );
+    };
+    let accept = derive_accept_key(key.map(|k| k.as_bytes()).unwrap_or_default());
+    let params = Params {
+        encoding: chosen.unwrap_or(Encoding::Json),
+        filters: query.filters,
+        since: query.since,
+        allow,
+        peer,
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    *upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upgrade {
+        on_upgrade,
+        params,
+        slot,
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(enc) = chosen {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(enc.subprotocol()),
+        );
+    }
+    r
+}

@@ -1,0 +1,210 @@
+//! The panel server: HTTP on one port (hyper 1) with the built-in page, `/healthz`,
+//! `/metrics`, and the WebSocket stream `GET /v1/stream` (protocol v1, DESIGN §4).
+//!
+//! - One task per TCP connection; after a WebSocket upgrade the same task runs the panel
+//!   session ([`session`]), which reads the journal through its own cursor.
+//! - Fixed per-connection resources: `SO_SNDBUF` = [`budget::PANEL_SNDBUF`], a bounded
+//!   WebSocket write buffer, at most [`budget::MAX_FILTERS`] filters, inbound frames of at
+//!   most [`budget::MAX_CLIENT_FRAME`]; at most `max_panels` panels plus
+//!   [`HTTP_EXTRA_CONNECTIONS`] other HTTP connections at a time.
+//! - Shutdown: stop accepting, close every panel with 1001, return within
+//!   [`Options::shutdown_grace`].
+
+mod http;
+pub mod protocol;
+mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::app::Context;
+use crate::budget;
+use crate::shutdown::{self, Shutdown};
+
+/// HTTP connections (page, metrics, health, refused upgrades) allowed besides panels.
+pub const HTTP_EXTRA_CONNECTIONS: usize = 32;
+
+/// Timing and sizing knobs of the panel server. [`Options::default`] is what the daemon
+/// uses; tests shorten the intervals.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The server pings each panel this often.
+    pub ping_interval: Duration,
+    /// A panel that sent nothing (not even a pong) for this long is dropped.
+    pub idle_timeout: Duration,
+    /// Time allowed for a complete HTTP request head (slowloris guard); also the idle
+    /// limit of a keep-alive connection between requests.
+    pub handshake_timeout: Duration,
+    /// `serve` returns at most this long after shutdown is fired.
+    pub shutdown_grace: Duration,
+    /// How long a closing session waits for its close frame to go out and the peer to
+    /// close.
+    pub close_linger: Duration,
+    /// Events read from the journal per lock.
+    pub batch: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+            close_linger: Duration::from_secs(1),
+            batch: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PanelsError {
+    #[error("panel listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Serve panels on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+) -> Result<(), PanelsError> {
+    serve_with(listener, ctx, shutdown, Options::default()).await
+}
+
+/// [`serve`] with explicit [`Options`].
+pub async fn serve_with(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    mut shutdown: Shutdown,
+    opts: Options,
+) -> Result<(), PanelsError> {
+    let addr = listener.local_addr().map_err(PanelsError::Listener)?;
+    let server = Arc::new(Server::new(ctx, opts));
+    let (trigger, conn_sd) = shutdown::channel();
+    let permits = Arc::new(Semaphore::new(
+        server.ctx.config.panels.max_panels + HTTP_EXTRA_CONNECTIONS,
+    ));
+    let mut tasks = JoinSet::new();
+    let mut refusing = false;
+    log::info!("panel server listening on http://{addr}/");
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.recv() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        if !refusing {
+                            log::warn!("panel server: connection limit reached, refusing connections");
+                            refusing = true;
+                        }
+                        drop(stream);
+                        continue;
+                    };
+                    refusing = false;
+                    configure(&stream);
+                    let server = server.clone();
+                    let sd = conn_sd.clone();
+                    tasks.spawn(async move {
+                        http::connection(server, stream, peer, sd).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    log::warn!("panel server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    trigger.fire();
+    drop(conn_sd);
+    let grace = server.opts.shutdown_grace;
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        log::warn!(
+            "panel server: {} connection(s) did not close within {grace:?}; aborting them",
+            tasks.len()
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    log::info!("panel server stopped");
+    Ok(())
+}
+
+/// Per-socket limits: a fixed kernel send buffer and no Nagle delay.
+fn configure(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    if let Err(e) = sock.set_send_buffer_size(budget::PANEL_SNDBUF) {
+        log::debug!("SO_SNDBUF: {e}");
+    }
+    if let Err(e) = stream.set_nodelay(true) {
+        log::debug!("TCP_NODELAY: {e}");
+    }
+}
+
+/// State shared by every connection of one server.
+pub(crate) struct Server {
+    ctx: Arc<Context>,
+    opts: Options,
+    /// Panels connected (or upgrading); never above `max_panels`.
+    panels: AtomicUsize,
+    ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+}
+
+impl Server {
+    fn new(ctx: Arc<Context>, opts: Options) -> Self {
+        // The write buffer holds PANEL_WRITE_BUFFER of events or one larger frame, plus
+        // control frames; the WebSocket layer writes only on flush.
+        let out_cap = budget::panel_write_capacity(ctx.config.journal.max_event_bytes);
+        let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(budget::PANEL_READ_BUFFER)
+            .write_buffer_size(out_cap)
+            .max_write_buffer_size(out_cap + 1)
+            .max_message_size(Some(budget::MAX_CLIENT_FRAME))
+            .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
+        Server {
+            ctx,
+            opts,
+            panels: AtomicUsize::new(0),
+            ws_config,
+        }
+    }
+
+    /// Reserve a panel slot, or `None` when `max_panels` are connected.
+    fn reserve_panel(self: &Arc<Self>) -> Option<PanelSlot> {
+        let max = self.ctx.config.panels.max_panels;
+        self.panels
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.ctx.metrics.panels_connected.inc();
+        Some(PanelSlot {
+            server: self.clone(),
+        })
+    }
+}
+
+/// A reserved panel slot; released on drop.
+pub(crate) struct PanelSlot {
+    server: Arc<Server>,
+}
+
+impl Drop for PanelSlot {
+    fn drop(&mut self) {
+        self.server.panels.fetch_sub(1, Ordering::AcqRel);
+        self.server.ctx.metrics.panels_connected.dec();
+    }
+}

@@ -1,0 +1,354 @@
+//! Protocol v1 pieces that need no socket: the `/v1/stream` query, resume points, client
+//! ops, subprotocol choice and token checks (DESIGN §4).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::budget::MAX_FILTERS;
+use crate::config::PanelToken;
+use crate::routing::Filter;
+
+/// JSON text frames (the default).
+pub const PROTO_JSON: &str = "asbgw.v1.json";
+/// Postcard binary frames; the Rust types in [`crate::event::Frame`] are the schema.
+pub const PROTO_POSTCARD: &str = "asbgw.v1.postcard";
+
+/// Longest epoch accepted in a resume point (the journal's are 12 hex digits).
+pub const EPOCH_MAX: usize = 64;
+
+/// How frames are encoded on one panel connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    Postcard,
+}
+
+impl Encoding {
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => PROTO_JSON,
+            Encoding::Postcard => PROTO_POSTCARD,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("query parameter {0} is not valid percent-encoded UTF-8")]
+    BadEncoding(&'static str),
+    #[error("at most {MAX_FILTERS} filters per panel")]
+    TooManyFilters,
+    #[error("filter {filter:?}: {reason}")]
+    BadFilter { filter: String, reason: String },
+    #[error("since must be EPOCH:SEQ (e.g. 0193ab12cd34:42)")]
+    BadSince,
+    #[error("none of the offered subprotocols is supported (use {PROTO_JSON} or {PROTO_POSTCARD})")]
+    Subprotocol,
+}
+
+/// A resume point: the last event a panel has seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: heapless::String<EPOCH_MAX>,
+    pub seq: u64,
+}
+
+impl Since {
+    pub fn parse(s: &str) -> Result<Since, ProtocolError> {
+        let (epoch, seq) = s.rsplit_once(':').ok_or(ProtocolError::BadSince)?;
+        if epoch.is_empty() {
+            return Err(ProtocolError::BadSince);
+        }
+        let epoch = heapless::String::try_from(epoch).map_err(|_| ProtocolError::BadSince)?;
+        let seq = seq.parse::<u64>().map_err(|_| ProtocolError::BadSince)?;
+        Ok(Since { epoch, seq })
+    }
+}
+
+pub fn parse_filter(s: &str) -> Result<Filter, ProtocolError> {
+    Filter::parse(s).map_err(|e| ProtocolError::BadFilter {
+        filter: s.chars().take(64).collect(),
+        reason: e.to_string(),
+    })
+}
+
+/// The query of `GET /v1/stream`.
+#[derive(Debug, Default, PartialEq)]
+pub struct StreamQuery {
+    /// Filters asked for, in order (empty = the default).
+    pub filters: Vec<Filter>,
+    pub since: Option<Since>,
+    pub token: Option<String>,
+}
+
+fn decode<'a>(v: &'a str, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
+    // `+` is an MQTT wildcard here, not a space: only percent-escapes are decoded.
+    percent_encoding::percent_decode_str(v)
+        .decode_utf8()
+        .map_err(|_| ProtocolError::BadEncoding(name))
+}
+
+impl StreamQuery {
+    /// Parse `filter=…&since=…&token=…`; other parameters are ignored.
+    pub fn parse(query: Option<&str>) -> Result<StreamQuery, ProtocolError> {
+        let mut q = StreamQuery::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "filter" => {
+                    if q.filters.len() == MAX_FILTERS {
+                        return Err(ProtocolError::TooManyFilters);
+                    }
+                    let f = parse_filter(&decode(v, "filter")?)?;
+                    if !q.filters.contains(&f) {
+                        q.filters.push(f);
+                    }
+                }
+                "since" => q.since = Some(Since::parse(&decode(v, "since")?)?),
+                "token" => q.token = Some(decode(v, "token")?.into_owned()),
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// Pick the subprotocol from a `Sec-WebSocket-Protocol` header: the first one offered
+/// that the server speaks; no header means the default, JSON. `Ok(None)` = none asked.
+pub fn choose_subprotocol(offered: Option<&str>) -> Result<Option<Encoding>, ProtocolError> {
+    let Some(offered) = offered else {
+        return Ok(None);
+    };
+    for p in offered.split(',').map(str::trim) {
+        if p.eq_ignore_ascii_case(PROTO_JSON) {
+            return Ok(Some(Encoding::Json));
+        }
+        if p.eq_ignore_ascii_case(PROTO_POSTCARD) {
+            return Ok(Some(Encoding::Postcard));
+        }
+    }
+    Err(ProtocolError::Subprotocol)
+}
+
+/// Outcome of checking a presented token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No tokens are configured: everything is allowed.
+    Open,
+    /// The token with this index in `config.tokens` matched.
+    Token(usize),
+    Denied,
+}
+
+/// Compare the SHA-256 of the presented token against every configured hash, in
+/// constant time (every hash is compared in full, whether or not one matched).
+pub fn authorize(tokens: &[PanelToken], presented: Option<&str>) -> Access {
+    if tokens.is_empty() {
+        return Access::Open;
+    }
+    let Some(presented) = presented else {
+        return Access::Denied;
+    };
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let mut found = usize::MAX;
+    for (i, t) in tokens.iter().enumerate() {
+        let diff = t
+            .sha256
+            .iter()
+            .zip(digest.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        // Branch-free select of the matching index.
+        let is_match = std::hint::black_box(diff) == 0;
+        found = if is_match && found == usize::MAX {
+            i
+        } else {
+            found
+        };
+    }
+    if found == usize::MAX {
+        Access::Denied
+    } else {
+        Access::Token(found)
+    }
+}
+
+/// Is `filter` allowed by the token's `allow` list? (`None` = no token, all allowed.)
+pub fn allowed(filter: &Filter, allow: Option<&[Filter]>) -> bool {
+    allow.is_none_or(|allow| allow.iter().any(|a| filter.within(a)))
+}
+
+/// A client op (text or binary frame holding JSON).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Op {
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+    Resume(String),
+    Ping,
+}
+
+/// Why a client op was refused: the `code` and `message` of the `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl OpError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        OpError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawOp {
+    op: String,
+    filters: Option<Vec<String>>,
+    since: Option<String>,
+}
+
+impl Op {
+    pub fn parse(bytes: &[u8]) -> Result<Op, OpError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| OpError::new("bad_utf8", "frame is not valid UTF-8"))?;
+        let raw: RawOp = serde_json::from_str(text).map_err(|e| {
+            OpError::new(
+                "bad_json",
+                format!("expected {{\"op\":…}} JSON object: {e}"),
+            )
+        })?;
+        let filters = |f: Option<Vec<String>>| {
+            f.ok_or_else(|| OpError::new("bad_op", "\"filters\" (an array of strings) is missing"))
+        };
+        match raw.op.as_str() {
+            "subscribe" => Ok(Op::Subscribe(filters(raw.filters)?)),
+            "unsubscribe" => Ok(Op::Unsubscribe(filters(raw.filters)?)),
+            "resume" => raw
+                .since
+                .map(Op::Resume)
+                .ok_or_else(|| OpError::new("bad_op", "\"since\" (\"EPOCH:SEQ\") is missing")),
+            "ping" => Ok(Op::Ping),
+            other => Err(OpError::new(
+                "unknown_op",
+                format!(
+                    "unknown op {:?} (known: subscribe, unsubscribe, resume, ping)",
+                    other.chars().take(32).collect::<String>()
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parses_filters_since_token() {
+        let q = StreamQuery::parse(Some(
+            "filter=line1/%23&filter=line2/+/temp&since=abc:42&token=s%20ecret&x=1",
+        ))
+        .unwrap();
+        let f: Vec<&str> = q.filters.iter().map(|f| f.as_str()).collect();
+        assert_eq!(f, ["line1/#", "line2/+/temp"]);
+        assert_eq!(q.since.as_ref().unwrap().epoch.as_str(), "abc");
+        assert_eq!(q.since.unwrap().seq, 42);
+        assert_eq!(q.token.as_deref(), Some("s ecret"));
+        assert_eq!(StreamQuery::parse(None).unwrap(), StreamQuery::default());
+    }
+
+    #[test]
+    fn query_rejects_bad_input() {
+        let nine = (0..9).map(|i| format!("filter=a{i}")).collect::<Vec<_>>();
+        assert_eq!(
+            StreamQuery::parse(Some(&nine.join("&"))),
+            Err(ProtocolError::TooManyFilters)
+        );
+        assert!(matches!(
+            StreamQuery::parse(Some("filter=a/%23/b")),
+            Err(ProtocolError::BadFilter { .. })
+        ));
+        assert_eq!(
+            StreamQuery::parse(Some("since=42")),
+            Err(ProtocolError::BadSince)
+        );
+        assert_eq!(
+            StreamQuery::parse(Some("since=e:-1")),
+            Err(ProtocolError::BadSince)
+        );
+        assert_eq!(
+            StreamQuery::parse(Some("token=%ff")),
+            Err(ProtocolError::BadEncoding("token"))
+        );
+    }
+
+    #[test]
+    fn subprotocols() {
+        assert_eq!(choose_subprotocol(None), Ok(None));
+        assert_eq!(
+            choose_subprotocol(Some("x, asbgw.v1.postcard, asbgw.v1.json")),
+            Ok(Some(Encoding::Postcard))
+        );
+        assert_eq!(
+            choose_subprotocol(Some("asbgw.v1.json")),
+            Ok(Some(Encoding::Json))
+        );
+        assert_eq!(
+            choose_subprotocol(Some("mqtt")),
+            Err(ProtocolError::Subprotocol)
+        );
+    }
+
+    fn token(name: &str, secret: &str, allow: &[&str]) -> PanelToken {
+        PanelToken {
+            name: name.into(),
+            sha256: Sha256::digest(secret.as_bytes()).into(),
+            allow: allow.iter().map(|a| Filter::parse(a).unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn tokens_are_checked_by_hash() {
+        assert_eq!(authorize(&[], None), Access::Open);
+        let t = [
+            token("a", "alpha", &["#"]),
+            token("b", "beta", &["line1/#"]),
+        ];
+        assert_eq!(authorize(&t, Some("beta")), Access::Token(1));
+        assert_eq!(authorize(&t, Some("alpha")), Access::Token(0));
+        assert_eq!(authorize(&t, Some("gamma")), Access::Denied);
+        assert_eq!(authorize(&t, None), Access::Denied);
+        let allow = &t[1].allow;
+        assert!(allowed(&Filter::parse("line1/temp").unwrap(), Some(allow)));
+        assert!(!allowed(&Filter::parse("#").unwrap(), Some(allow)));
+        assert!(allowed(&Filter::parse("#").unwrap(), None));
+    }
+
+    #[test]
+    fn ops_parse_or_explain() {
+        assert_eq!(Op::parse(br#"{"op":"ping"}"#), Ok(Op::Ping));
+        assert_eq!(
+            Op::parse(br#"{"op":"subscribe","filters":["a/#"]}"#),
+            Ok(Op::Subscribe(vec!["a/#".into()]))
+        );
+        assert_eq!(
+            Op::parse(br#"{"op":"resume","since":"e:1"}"#),
+            Ok(Op::Resume("e:1".into()))
+        );
+        assert_eq!(Op::parse(b"\xff\xfe").unwrap_err().code, "bad_utf8");
+        assert_eq!(Op::parse(b"{nope").unwrap_err().code, "bad_json");
+        assert_eq!(
+            Op::parse(br#"{"op":"dance"}"#).unwrap_err().code,
+            "unknown_op"
+        );
+        assert_eq!(
+            Op::parse(br#"{"op":"subscribe"}"#).unwrap_err().code,
+            "bad_op"
+        );
+        assert_eq!(Op::parse(br#"{"op":"resume"}"#).unwrap_err().code, "bad_op");
+    }
+}
