@@ -17,6 +17,7 @@ use asb_gateway::panels::{self, Options};
 use asb_gateway::shutdown;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 struct Scenario {
     panels: usize,
@@ -130,9 +131,15 @@ fn run(s: &Scenario, rate: u64, secs: u64) -> Result {
                 sock.set_recv_buffer_size(2048).unwrap();
             }
             let stream = sock.connect(addr).await.unwrap();
-            let (mut ws, _) = tokio_tungstenite::client_async(
+            // small client buffers, so the process RSS is mostly the server's
+            let config = WebSocketConfig::default()
+                .read_buffer_size(4096)
+                .write_buffer_size(0)
+                .max_write_buffer_size(16 * 1024);
+            let (mut ws, _) = tokio_tungstenite::client_async_with_config(
                 format!("ws://{addr}/v1/stream"),
                 tokio_tungstenite::MaybeTlsStream::Plain(stream),
+                Some(config),
             )
             .await
             .unwrap();

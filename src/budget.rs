@@ -4,14 +4,19 @@
 
 use crate::config::Config;
 
-/// Bytes a panel session may queue for its socket before it stops reading the journal.
+/// Bytes of events a panel session queues for its socket before it flushes and stops
+/// reading the journal (one larger event is queued on its own).
 pub const PANEL_WRITE_BUFFER: usize = 16 * 1024;
+/// Room for control frames (hello, error, pong, ping, close) on top of the events.
+pub const CONTROL_ROOM: usize = 4096;
+/// Largest WebSocket frame header the server writes (unmasked, 64-bit length).
+pub const FRAME_HEADER: usize = 14;
 /// Bytes of inbound frames a panel session buffers (client ops are at most 4 KiB).
 pub const PANEL_READ_BUFFER: usize = 8 * 1024;
 /// Per-panel state besides buffers: cursor, filters, task.
 pub const PANEL_STATE: usize = 4 * 1024;
 /// `SO_SNDBUF` asked for each panel socket (the kernel doubles it for bookkeeping).
-pub const PANEL_SNDBUF: usize = 16 * 1024;
+pub const PANEL_SNDBUF: usize = 8 * 1024;
 /// Most filters one panel may hold.
 pub const MAX_FILTERS: usize = 8;
 /// Largest inbound panel frame.
@@ -23,6 +28,13 @@ pub const RUNTIME_BASE: usize = 8 << 20;
 /// Per AMQP link: decode buffers and the tracker entry of each unsettled delivery.
 pub const AMQP_LINK: usize = 64 * 1024;
 pub const TRACKER_ENTRY: usize = 256;
+
+/// The most a panel's WebSocket write buffer ever holds: `PANEL_WRITE_BUFFER` of events
+/// or one larger event frame, plus control frames. The panel server caps the buffer here.
+pub fn panel_write_capacity(max_event_bytes: usize) -> usize {
+    PANEL_WRITE_BUFFER.max(crate::event::max_frame_bytes(max_event_bytes) + FRAME_HEADER)
+        + CONTROL_ROOM
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
@@ -72,6 +84,8 @@ pub fn compute(c: &Config) -> Budget {
     let j = &c.journal;
     let entry = crate::event::max_entry_bytes(j.max_event_bytes);
     let links = c.source.subscriptions.len();
+    let panel_write = panel_write_capacity(j.max_event_bytes);
+    let frame = crate::event::max_frame_bytes(j.max_event_bytes);
     let mut lines = vec![
         Line {
             item: "journal index",
@@ -97,10 +111,10 @@ pub fn compute(c: &Config) -> Budget {
         Line {
             item: "panel sessions",
             detail: format!(
-                "{} panels x ({} B write + {} B read + {} B state)",
-                c.panels.max_panels, PANEL_WRITE_BUFFER, PANEL_READ_BUFFER, PANEL_STATE
+                "{} panels x (2 x {} B write (a Vec may double past its fill) + {} B read + {} B state)",
+                c.panels.max_panels, panel_write, PANEL_READ_BUFFER, PANEL_STATE
             ),
-            bytes: c.panels.max_panels * (PANEL_WRITE_BUFFER + PANEL_READ_BUFFER + PANEL_STATE),
+            bytes: c.panels.max_panels * (2 * panel_write + PANEL_READ_BUFFER + PANEL_STATE),
         },
         Line {
             item: "panel socket buffers",
@@ -112,10 +126,15 @@ pub fn compute(c: &Config) -> Budget {
         },
     ];
     if let Some(m) = &c.mqtt {
+        // Publishes share the journal's bytes; the client holds per publish its topic and
+        // properties, and its socket buffers at most a couple of frames.
         lines.push(Line {
             item: "mqtt in-flight",
-            detail: format!("{} publishes x {} B", m.inflight, entry),
-            bytes: m.inflight * entry + 64 * 1024,
+            detail: format!(
+                "{} publishes x 1 KiB + 2 x {} B frame + 64 KiB client",
+                m.inflight, frame
+            ),
+            bytes: m.inflight * 1024 + 2 * frame + 64 * 1024,
         });
     }
     lines.push(Line {

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use heapless::String as HString;
 use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Longest message-id, correlation-id and subject kept (bytes).
 pub const ID_MAX: usize = 128;
@@ -360,9 +361,22 @@ pub fn format_rfc3339_millis(ms: i64) -> String {
 /// the body (or the raw JSON body) and metadata escaped at most twice (control
 /// characters are replaced before encoding).
 pub fn max_entry_bytes(max_event_bytes: usize) -> usize {
-    let postcard = max_event_bytes + META_RAW_MAX + 256;
-    let json = base64_len(max_event_bytes) + 2 * META_RAW_MAX + 512;
-    postcard + json + std::mem::size_of::<EncodedEvent>()
+    max_postcard_frame(max_event_bytes)
+        + max_json_frame(max_event_bytes)
+        + std::mem::size_of::<EncodedEvent>()
+}
+
+fn max_postcard_frame(max_event_bytes: usize) -> usize {
+    max_event_bytes + META_RAW_MAX + 256
+}
+
+fn max_json_frame(max_event_bytes: usize) -> usize {
+    base64_len(max_event_bytes) + 2 * META_RAW_MAX + 512
+}
+
+/// Worst-case size of one event frame on the wire, in either encoding.
+pub fn max_frame_bytes(max_event_bytes: usize) -> usize {
+    max_postcard_frame(max_event_bytes).max(max_json_frame(max_event_bytes))
 }
 
 /// One event after encoding, as stored in the journal and shared by every reader.
@@ -370,8 +384,9 @@ pub fn max_entry_bytes(max_event_bytes: usize) -> usize {
 pub struct EncodedEvent {
     pub seq: u64,
     pub topic: Topic,
-    /// The complete `asbgw.v1.json` frame.
-    pub json: Bytes,
+    /// The complete `asbgw.v1.json` frame, already known to be UTF-8 so that panels
+    /// send it as a text frame without validating it again per panel.
+    pub json: Utf8Bytes,
     /// The complete `asbgw.v1.postcard` frame.
     pub postcard: Bytes,
 }
@@ -400,7 +415,7 @@ impl EncodedEvent {
         EncodedEvent {
             seq,
             topic: topic.clone(),
-            json: Bytes::from(frame.to_json()),
+            json: Utf8Bytes::from(frame.to_json()),
             postcard: Bytes::from(frame.to_postcard()),
         }
     }
@@ -448,7 +463,7 @@ mod tests {
     fn json_frame_embeds_json_body() {
         let topic = Topic::try_from("line1/temp").unwrap();
         let ev = EncodedEvent::encode(43, &topic, &meta(), br#"{"t": 21.5}"#);
-        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["type"], "event");
         assert_eq!(v["seq"], 43);
         assert_eq!(v["topic"], "line1/temp");
@@ -468,16 +483,16 @@ mod tests {
         let mut m = meta();
         m.content_type = Some(ContentType::try_from("text/plain").unwrap());
         let ev = EncodedEvent::encode(1, &topic, &m, b"hello \"x\"");
-        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["body"], "hello \"x\"");
         let ev = EncodedEvent::encode(2, &topic, &m, &[0xff, 0x00, 0x10]);
-        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["body"], "/wAQ");
         assert_eq!(v["body_encoding"], "base64");
         assert_eq!(&ev.body()[..], &[0xff, 0x00, 0x10]);
         // JSON content type that does not parse is carried as text
         let ev = EncodedEvent::encode(3, &topic, &meta(), b"{not json");
-        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["body"], "{not json");
     }
 
@@ -486,7 +501,7 @@ mod tests {
         let topic = Topic::try_from("t").unwrap();
         let body = vec![1u8; 4096];
         let ev = EncodedEvent::encode(1, &topic, &EventMeta::default(), &body);
-        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["body_encoding"], "base64");
         assert!(ev.heap_bytes() <= max_entry_bytes(4096));
     }
@@ -507,7 +522,7 @@ mod tests {
         let ev = EncodedEvent::encode(u64::MAX, &topic, &m, &body);
         assert!(m.truncated);
         assert!(ev.heap_bytes() <= max_entry_bytes(1000));
-        let v: serde_json::Value = serde_json::from_slice(&ev.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["truncated"], true);
     }
 

@@ -620,15 +620,15 @@ async fn admin_http_serves_stats_dlq_and_faults() {
 async fn a_full_entity_refuses_sends_with_quota_exceeded() {
     let e = entities(Duration::from_secs(60), 10, &["a"]);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = asb_gateway::emulator::start(
-        l,
-        EmulatorOptions {
-            store: Some(asb_gateway::emulator::Store::with_capacity(&e, 2)),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let opts = EmulatorOptions {
+        store: Some(asb_gateway::emulator::Store::with_capacity(&e, 2)),
+        key: "a-secret-key".into(),
+        ..Default::default()
+    };
+    let dbg = format!("{opts:?}");
+    assert!(!dbg.contains("a-secret-key"), "{dbg}");
+    let h = asb_gateway::emulator::start(l, opts).await.unwrap();
+    assert!(!format!("{h:?}").contains("a-secret-key"));
     let mut p = within(
         "publisher",
         Publisher::connect(&h.connection_string(), "events"),

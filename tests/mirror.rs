@@ -232,7 +232,7 @@ async fn payload_modes_protocols_and_qos_levels() {
             let seq = k as u64 + 1;
             let ev = ctx.journal.get(seq).unwrap();
             let want = match payload {
-                "json" => ev.json.clone(),
+                "json" => bytes::Bytes::from(ev.json.clone()),
                 "postcard" => ev.postcard.clone(),
                 _ => ev.body(),
             };

@@ -1,6 +1,6 @@
 //! The panel server with real WebSocket clients (tokio-tungstenite) on loopback.
 
-mod common;
+mod panels_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use asb_gateway::event::{Body, Frame, GapReason, format_rfc3339_millis};
 use asb_gateway::metrics::PartState;
 use asb_gateway::panels::Options;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
+use panels_support::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

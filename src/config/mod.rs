@@ -130,7 +130,7 @@ impl Default for JournalConfig {
             events: 4096,
             max_event_bytes: 16384,
             unsettled: 256,
-            memory_mib: 16,
+            memory_mib: 8,
         }
     }
 }

@@ -111,11 +111,20 @@ impl ConnShared {
 }
 
 /// SASL: ANONYMOUS (then CBS) or PLAIN with the key name and key.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Auth {
     key_name: Arc<str>,
     key: Arc<str>,
     conn: Arc<ConnShared>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("key_name", &self.key_name)
+            .field("key", &"***")
+            .finish()
+    }
 }
 
 impl SaslAcceptor for Auth {

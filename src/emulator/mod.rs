@@ -56,7 +56,7 @@ pub enum EmulatorError {
 }
 
 /// How to run an emulator.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmulatorOptions {
     pub entities: Entities,
     pub key_name: String,
@@ -65,6 +65,18 @@ pub struct EmulatorOptions {
     pub admin: Option<SocketAddr>,
     /// Reuse the messages of a previous emulator (its entities win over `entities`).
     pub store: Option<Store>,
+}
+
+impl std::fmt::Debug for EmulatorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorOptions")
+            .field("entities", &self.entities)
+            .field("key_name", &self.key_name)
+            .field("key", &"***")
+            .field("admin", &self.admin)
+            .field("store", &self.store.as_ref().map(|_| "reused"))
+            .finish()
+    }
 }
 
 impl Default for EmulatorOptions {
@@ -80,13 +92,21 @@ impl Default for EmulatorOptions {
 }
 
 /// State shared by the accept loop, the connections and the handle.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) key_name: Arc<str>,
     pub(crate) key: Arc<str>,
     conns: Mutex<HashMap<u64, Arc<broker::ConnShared>>>,
     next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("key_name", &self.key_name)
+            .field("key", &"***")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {

@@ -143,9 +143,19 @@ pub enum Address {
 }
 
 /// The message store, shared by every connection of one (or successive) emulators.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = lock(&self.state);
+        f.debug_struct("Store")
+            .field("entities", &st.entities.len())
+            .field("capacity", &st.capacity)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The link credit a receiver granted, mirrored from its flow frames (see `tap`).

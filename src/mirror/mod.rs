@@ -358,7 +358,7 @@ impl Mirror {
         let frame = ev.frame();
         let payload = match self.cfg.payload {
             Payload::Body => ev.body(),
-            Payload::Json => ev.json.clone(),
+            Payload::Json => Bytes::from(ev.json.clone()),
             Payload::Postcard => ev.postcard.clone(),
         };
         let props = (self.cfg.protocol == MqttProtocol::V5).then(|| {

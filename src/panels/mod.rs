@@ -165,14 +165,9 @@ pub(crate) struct Server {
 
 impl Server {
     fn new(ctx: Arc<Context>, opts: Options) -> Self {
-        use session::{CONTROL_ROOM, FRAME_HEADER};
-        // The largest frame the server writes: one event's JSON frame at worst.
-        let max_frame =
-            crate::event::max_entry_bytes(ctx.config.journal.max_event_bytes) + FRAME_HEADER;
-        // A session feeds events until `PANEL_WRITE_BUFFER` bytes are queued (so at most
-        // one frame beyond it), plus control frames; the WebSocket layer buffers all of
-        // it and writes only on flush.
-        let out_cap = budget::PANEL_WRITE_BUFFER + max_frame.max(CONTROL_ROOM) + CONTROL_ROOM;
+        // The write buffer holds PANEL_WRITE_BUFFER of events or one larger frame, plus
+        // control frames; the WebSocket layer writes only on flush.
+        let out_cap = budget::panel_write_capacity(ctx.config.journal.max_event_bytes);
         let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(budget::PANEL_READ_BUFFER)
             .write_buffer_size(out_cap)

@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use super::Options;
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
 use crate::app::Context;
-use crate::budget::{MAX_FILTERS, PANEL_WRITE_BUFFER};
+use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
 use crate::config::SlowPolicy;
 use crate::event::{Frame, GapReason};
 use crate::journal::Event;
@@ -37,12 +37,6 @@ use crate::routing::Filter;
 use crate::shutdown::Shutdown;
 
 pub(crate) type Ws = WebSocketStream<TokioIo<Upgraded>>;
-
-/// Largest WebSocket frame header the server writes (unmasked, 64-bit length).
-pub(crate) const FRAME_HEADER: usize = 14;
-/// Room for control frames (hello, error, pong, ping, close, automatic pongs) on top of
-/// the event data in the write buffer.
-pub(crate) const CONTROL_ROOM: usize = 4096;
 
 /// What the HTTP side decided for a new panel.
 #[derive(Debug)]
@@ -299,10 +293,7 @@ impl Session<'_> {
                     break;
                 }
                 let (msg, len) = match self.enc {
-                    Encoding::Json => match Utf8Bytes::try_from(ev.json.clone()) {
-                        Ok(t) => (Message::Text(t), ev.json.len()),
-                        Err(_) => continue,
-                    },
+                    Encoding::Json => (Message::Text(ev.json.clone()), ev.json.len()),
                     Encoding::Postcard => (Message::Binary(ev.postcard.clone()), ev.postcard.len()),
                 };
                 if let Err(e) = self.feed(tx, msg, len).await {

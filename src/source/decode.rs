@@ -3,8 +3,9 @@
 //!
 //! - Body: data sections are concatenated; an amqp-value string becomes its UTF-8 text, a
 //!   binary its bytes, any other value its JSON representation; amqp-sequence sections
-//!   become one JSON array. JSON produced here marks the event `application/json` when the
-//!   message names no content type, so panels get it embedded.
+//!   become one JSON array. No body (or an amqp-value null, which is how fe2o3 sends
+//!   a message without body) is undecodable. JSON produced here marks the event
+//!   `application/json` when the message names no content type, so panels embed it.
 //! - Properties: message-id and correlation-id of any AMQP type become strings (ulong in
 //!   decimal, uuid hyphenated, binary in hex), subject, content-type.
 //! - Application properties: every simple value is rendered as a string.
@@ -139,6 +140,11 @@ pub fn body_bytes(body: &Body<Value>, max_body: usize) -> Result<(Vec<u8>, bool)
         Body::Value(v) => match &v.0 {
             Value::String(s) => check(s.as_bytes().to_vec(), max_body, false),
             Value::Binary(b) => check(b.to_vec(), max_body, false),
+            // fe2o3 (and so the emulator) sends a message without body section as an
+            // amqp-value null: it carries nothing to show.
+            Value::Null => Err(Rejection::undecodable(
+                "message has no body (amqp-value null)",
+            )),
             other => check(json_bytes(&value_json(other))?, max_body, true),
         },
         Body::Sequence(batch) => {
@@ -401,6 +407,8 @@ mod tests {
         let r = decode(&msg(Body::Value(AmqpValue(list))), 100).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::PayloadTooLarge);
         let r = decode(&msg(Body::Empty), 100).unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::Undecodable);
+        let r = decode(&msg(Body::Value(AmqpValue(Value::Null))), 100).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::Undecodable);
     }
 
