@@ -8,6 +8,20 @@
 //! sync call, deadlocked — stops beating, the pings stop, and systemd restarts the service
 //! (`WatchdogSec=` with `Restart=on-failure`).
 //!
+//! Wiring (in `app::run`):
+//! ```text
+//! tokio::spawn(notify::watchdog(ctx.liveness.clone(), trigger.listener()));
+//! tokio::spawn(notify::status_reporter(ctx.clone(), trigger.listener()));
+//! // once the panel listener is bound and the source task is spawned:
+//! notify::ready();
+//! // on shutdown, before draining:
+//! notify::stopping();
+//! ```
+//! and in each data-path loop: `ctx.liveness.register(Part::Source)` before the loop, and
+//! `ctx.liveness.beat(Part::Source)` on every turn, with a timer branch (say every 1 s)
+//! in its `select!` so an idle but healthy loop still beats. Beat while reconnecting
+//! too: an unreachable broker is not a wedge, and restarting would not help.
+//!
 //! Test hook: if the daemon's environment has `ASBGW_TEST_WEDGE_AFTER_MS=N`, the watchdog
 //! task freezes every heartbeat N ms after it starts ([`Liveness::wedge`]), which is how
 //! the tests show that a wedged data path stops the pings. Nothing else reads it.
