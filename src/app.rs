@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::appliance::notify::{self, Liveness};
+use crate::appliance::notify::{self, Liveness, Part};
 use crate::config::Config;
 use crate::journal::{self, Journal};
 use crate::metrics::{Metrics, PartState};
@@ -130,6 +130,7 @@ pub async fn run(
     let mut helpers = JoinSet::new();
     helpers.spawn(notify::status_reporter(ctx.clone(), shutdown.clone()));
     helpers.spawn(notify::watchdog(ctx.liveness.clone(), shutdown.clone()));
+    helpers.spawn(journal_heartbeat(ctx.clone(), shutdown.clone()));
     drop(shutdown);
     // The panel port was bound before we were called and the source task is spawned.
     notify::ready();
@@ -170,5 +171,21 @@ pub async fn run(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The journal has no loop of its own: prove at every beat interval that its lock
+/// can be taken (a wedged journal stops the watchdog pings), and keep its gauges current.
+async fn journal_heartbeat(ctx: Arc<Context>, mut shutdown: shutdown::Shutdown) {
+    ctx.liveness.register(Part::Journal);
+    let mut tick = tokio::time::interval(ctx.liveness.beat_interval());
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tick.tick() => {}
+        }
+        ctx.metrics.journal_events.set(ctx.journal.len() as u64);
+        ctx.metrics.journal_bytes.set(ctx.journal.bytes() as u64);
+        ctx.liveness.beat(Part::Journal);
     }
 }

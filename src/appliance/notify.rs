@@ -38,6 +38,9 @@ use crate::shutdown::Shutdown;
 
 /// Environment variable of the wedge test hook (milliseconds after the watchdog starts).
 pub const TEST_WEDGE_ENV: &str = "ASBGW_TEST_WEDGE_AFTER_MS";
+/// How often an idle data-path loop beats at most; shorter when `WATCHDOG_USEC` asks
+/// for a shorter watchdog (see [`Liveness::beat_interval`]).
+pub const BEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the STATUS line is refreshed when nothing changes.
 pub const STATUS_PERIOD: Duration = Duration::from_secs(5);
 /// How often the status reporter looks for a state change.
@@ -75,6 +78,7 @@ pub struct Liveness {
     start: Instant,
     last: [AtomicU64; Part::ALL.len()],
     wedged: AtomicBool,
+    beat_every: Duration,
 }
 
 impl Default for Liveness {
@@ -87,6 +91,11 @@ impl Default for Liveness {
                 AtomicU64::new(NEVER),
             ],
             wedged: AtomicBool::new(false),
+            // A quarter of the watchdog interval, so an idle loop beats several times
+            // between two checks.
+            beat_every: sd_notify::watchdog_enabled()
+                .map(|w| (w / 4).clamp(Duration::from_millis(10), BEAT_INTERVAL))
+                .unwrap_or(BEAT_INTERVAL),
         }
     }
 }
@@ -94,6 +103,11 @@ impl Default for Liveness {
 impl Liveness {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// How often an idle data-path loop should beat.
+    pub fn beat_interval(&self) -> Duration {
+        self.beat_every
     }
 
     fn now_ms(&self) -> u64 {

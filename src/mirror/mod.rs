@@ -33,6 +33,7 @@ pub use client::BrokerUrl;
 use client::{ConnFailure, Driver, Ev, Submitter, V5Props};
 
 use crate::app::Context;
+use crate::appliance::notify::Part;
 use crate::config::{MqttConfig, MqttProtocol, Payload};
 use crate::journal::Event;
 use crate::metrics::PartState;
@@ -231,6 +232,7 @@ impl Mirror {
     }
 
     async fn run(&mut self, mut driver: Driver, mut shutdown: Shutdown) {
+        self.ctx.liveness.register(Part::Mirror);
         let metrics = self.ctx.metrics.clone();
         let mut journal_rx = self.ctx.journal.subscribe();
         let mut backoff = Backoff::new();
@@ -239,12 +241,14 @@ impl Mirror {
         let mut last_logged: Option<ConnFailure> = None;
         let mut ever_connected = false;
 
+        let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
         loop {
             // One poll, kept alive until it completes; meanwhile feed the window.
             let polled = {
                 let fut = driver.poll();
                 tokio::pin!(fut);
                 loop {
+                    self.ctx.liveness.beat(Part::Mirror);
                     if self.connected {
                         self.fill().await;
                     }
@@ -252,6 +256,7 @@ impl Mirror {
                     tokio::select! {
                         biased;
                         _ = shutdown.recv() => break None,
+                        _ = beat.tick() => {}
                         r = &mut fut => break Some(r),
                         changed = journal_rx.changed(), if room => {
                             if changed.is_err() {

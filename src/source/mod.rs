@@ -41,6 +41,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::app::Context;
+use crate::appliance::notify::Part;
 use crate::config::{AuthMode, Credential};
 use crate::event::EncodedEvent;
 use crate::journal::JournalError;
@@ -138,6 +139,7 @@ pub async fn run_with(
     opts: Options,
 ) -> Result<(), SourceError> {
     let mut src = Source::new(ctx, opts)?;
+    src.ctx.liveness.register(Part::Source);
     let mut backoff = Backoff::new(src.opts.backoff_min, src.opts.backoff_max);
     let mut logged: Option<&'static str> = None;
     let mut attempts: u64 = 0;
@@ -273,6 +275,8 @@ struct Source {
 #[allow(clippy::large_enum_variant)]
 enum Event {
     Shutdown,
+    /// The heartbeat timer: an idle loop still proves it turns.
+    Beat,
     Ack(Option<u64>),
     Refresh,
     Retry,
@@ -462,7 +466,9 @@ impl Source {
         acks: &mut mpsc::Receiver<u64>,
         shutdown: &mut Shutdown,
     ) -> Stop {
+        let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
         loop {
+            self.ctx.liveness.beat(Part::Source);
             self.grant_credit().await;
             let refresh_at = conn.refresh_at;
             let retry_at = self.links.iter().filter_map(|l| l.retry_at).min();
@@ -472,6 +478,7 @@ impl Source {
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.recv() => Event::Shutdown,
+                _ = beat.tick() => Event::Beat,
                 a = acks.recv(), if acks_open => Event::Ack(a),
                 _ = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => Event::Refresh,
                 _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Event::Retry,
@@ -479,6 +486,7 @@ impl Source {
             };
             match ev {
                 Event::Shutdown => return Stop::Shutdown,
+                Event::Beat => {}
                 Event::Ack(Some(seq)) => self.on_ack(seq).await,
                 Event::Ack(None) => self.acks_open = false,
                 Event::Refresh => {
@@ -776,11 +784,14 @@ impl Source {
         shutdown: &mut Shutdown,
     ) -> bool {
         let until = Instant::now() + delay;
+        let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
         loop {
+            self.ctx.liveness.beat(Part::Source);
             let acks_open = self.acks_open;
             tokio::select! {
                 biased;
                 _ = shutdown.recv() => return true,
+                _ = beat.tick() => {}
                 a = acks.recv(), if acks_open => match a {
                     // No link lives: nothing to settle, only unpin.
                     Some(seq) => {
