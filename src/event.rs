@@ -346,13 +346,15 @@ impl JsonWriter {
     }
 }
 
-/// `2026-11-24T10:00:00.123Z` for milliseconds since the Unix epoch.
+/// The last instant RFC 3339 (four-digit years) can express: 9999-12-31T23:59:59.999Z.
+pub const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
+
+/// `2026-11-24T10:00:00.123Z` for milliseconds since the Unix epoch. Times before the
+/// epoch or after year 9999 (a broker or sender can put any value in a timestamp) are
+/// clamped to that range instead of failing.
 pub fn format_rfc3339_millis(ms: i64) -> String {
-    let t = if ms >= 0 {
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64)
-    } else {
-        std::time::UNIX_EPOCH
-    };
+    let ms = ms.clamp(0, RFC3339_MAX_MS) as u64;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -445,6 +447,21 @@ impl EncodedEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_out_of_rfc3339_range_are_clamped_not_a_panic() {
+        assert_eq!(format_rfc3339_millis(i64::MIN), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_rfc3339_millis(-1), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339_millis(RFC3339_MAX_MS),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            format_rfc3339_millis(RFC3339_MAX_MS + 1),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(format_rfc3339_millis(i64::MAX), "9999-12-31T23:59:59.999Z");
+    }
 
     fn meta() -> EventMeta {
         let mut m = EventMeta {

@@ -162,6 +162,11 @@ impl Filter {
     /// Is every topic this filter matches also matched by `outer`? Used to check a
     /// subscription against the filters a token is allowed.
     pub fn within(&self, outer: &Filter) -> bool {
+        // `$` topics are matched by no filter starting with a wildcard (see `matches`),
+        // so a filter reaching them is not within such a filter.
+        if self.0.starts_with('$') && (outer.0.starts_with('+') || outer.0.starts_with('#')) {
+            return false;
+        }
         let mut inner = self.0.split('/');
         let mut out = outer.0.split('/');
         loop {

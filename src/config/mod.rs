@@ -574,6 +574,9 @@ fn parse_file(text: &str) -> Result<ConfigFile, ConfigError> {
     })
 }
 
+/// Keys whose values are secrets: errors about them never show the value.
+const SECRET_KEYS: [&str; 2] = ["connection_string", "password"];
+
 fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
     let location = match e.span() {
         Some(span) => {
@@ -603,6 +606,13 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
     if key.is_empty() {
         key = "config".into();
     }
+    // serde quotes offending values ("invalid type: integer `123456`"): never for a key
+    // that holds a secret.
+    let reason = if SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or("")) {
+        "invalid value (not shown: this key holds a secret); expected a string".to_string()
+    } else {
+        reason
+    };
     ConfigError::Syntax {
         key,
         location,

@@ -300,7 +300,20 @@ impl Store {
 
     /// Store a message sent to a topic (one copy per subscription) or a queue, stamped
     /// with `x-opt-sequence-number` and `x-opt-enqueued-time`.
-    pub fn publish(&self, sink: &str, mut msg: StoredMessage) -> Result<(), PublishError> {
+    pub fn publish(&self, sink: &str, msg: StoredMessage) -> Result<(), PublishError> {
+        self.publish_tampered(sink, msg, |_| {})
+    }
+
+    /// Test hook: [`Store::publish`], then let `tamper` change the stamped message before
+    /// it is stored, e.g. to give the `x-opt-*` annotations the wrong types, as a
+    /// misbehaving broker would.
+    #[doc(hidden)]
+    pub fn publish_tampered(
+        &self,
+        sink: &str,
+        mut msg: StoredMessage,
+        tamper: impl FnOnce(&mut StoredMessage),
+    ) -> Result<(), PublishError> {
         let mut st = lock(&self.state);
         let cap = st.capacity;
         let Some(s) = st.sinks.get(sink) else {
@@ -328,6 +341,7 @@ impl Store {
             "x-opt-enqueued-time",
             Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
         );
+        tamper(&mut msg);
         for t in targets {
             if let Some(e) = st.entities.get_mut(&t) {
                 e.active.insert(

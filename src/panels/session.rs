@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -427,6 +427,14 @@ impl Session<'_> {
             // RFC 6455 §8.1: invalid UTF-8 in a text frame fails the connection.
             Some(Err(WsError::Utf8(_))) => {
                 return Err(End::Close(CloseCode::Invalid, "text frame is not UTF-8"));
+            }
+            // RFC 6455 §7.1.7: a client that breaks the framing rules (unmasked frame,
+            // reserved bits or opcodes, bad fragmentation) is failed with 1002.
+            Some(Err(WsError::Protocol(e)))
+                if !matches!(e, ProtocolError::ResetWithoutClosingHandshake) =>
+            {
+                log::debug!("panel protocol error: {e}");
+                return Err(End::Close(CloseCode::Protocol, "protocol error"));
             }
             Some(Err(e)) => {
                 log::debug!("panel read failed: {e}");

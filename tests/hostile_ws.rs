@@ -1,0 +1,630 @@
+//! A hostile WebSocket battery against the in-process panel server: plain HTTP to the
+//! stream, bad upgrade heads, slowloris, fragmented and unmasked frames, a 10 MiB frame,
+//! invalid UTF-8, a storm of subscribe ops, and a connection flood. Each case asserts its
+//! outcome and that the server then still serves a normal panel.
+
+mod panels_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use asb_gateway::app::Context;
+use asb_gateway::panels::Options;
+use futures_util::{SinkExt, StreamExt};
+use panels_support::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A normal panel connects, gets hello and then a fresh event.
+async fn still_serves(ctx: &Context, addr: SocketAddr) {
+    let mut ws = connect(addr, "filter=check/%23").await;
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let seq = append(ctx, "check/ok", "{\"ok\":true}");
+    loop {
+        let f = next_json(&mut ws).await;
+        if f["type"] == "event" {
+            assert_eq!(f["seq"].as_u64(), Some(seq));
+            break;
+        }
+    }
+}
+
+/// Write `req`, read until the server closes (bounded); the whole response.
+async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // the server may answer (and close) before a huge head is all written
+    let _ = s.write_all(req).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                // enough for a status line; give the body a moment
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(50), s.read(&mut chunk)).await
+                {
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {resp:?}"))
+}
+
+#[tokio::test]
+async fn plain_http_and_bad_upgrade_heads_are_refused() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let a = srv.addr;
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases: Vec<(String, &[u16])> = vec![
+        // plain HTTP GET to the stream
+        (
+            "GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            &[400, 426],
+        ),
+        ("GET /v1/stream HTTP/1.0\r\n\r\n".to_string(), &[400, 426]),
+        (
+            "POST /v1/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".to_string(),
+            &[400, 405, 426],
+        ),
+        // missing key
+        (
+            "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".to_string(),
+            &[400],
+        ),
+        // wrong version, missing version
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}Sec-WebSocket-Version: 8\r\n\r\n"
+            ),
+            &[400, 426],
+        ),
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}\r\n"
+            ),
+            &[400, 426],
+        ),
+        // Upgrade without Connection: Upgrade, and the reverse
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            &[400, 426],
+        ),
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            &[400, 426],
+        ),
+        // an upgrade to something else
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            &[400, 426],
+        ),
+        // garbage request lines and huge headers
+        (
+            "\x16\x03\x01\x02\x00\x01\x00\x01\x7f\x03\x03\r\n\r\n".to_string(),
+            &[400],
+        ),
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(200_000)
+            ),
+            &[400, 431],
+        ),
+        (
+            format!(
+                "GET /v1/stream?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+                "filter=a&".repeat(2000)
+            ),
+            &[400, 414, 426, 431],
+        ),
+    ];
+    for (req, ok) in &cases {
+        let resp = exchange(a, req.as_bytes()).await;
+        if resp.is_empty() {
+            // hyper may drop a connection whose request is unparsable; that is fine
+            // for garbage and oversized heads, but never for well-formed requests.
+            assert!(
+                req.starts_with('\x16') || req.len() > 10_000,
+                "no response to {:?}",
+                &req[..req.len().min(80)]
+            );
+            continue;
+        }
+        let st = status(&resp);
+        assert!(
+            ok.contains(&st),
+            "{st} for {:?}: {resp}",
+            &req[..req.len().min(80)]
+        );
+        assert!(!resp.contains("101 Switching"), "{resp}");
+    }
+    assert_eq!(ctx.metrics.panels_connected.get(), 0);
+    still_serves(&ctx, a).await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_handshake_is_cut_after_the_head_timeout() {
+    let ctx = ctx("");
+    let opts = Options {
+        handshake_timeout: Duration::from_millis(400),
+        ..Options::default()
+    };
+    let srv = start(ctx.clone(), opts).await;
+    let req = "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_string();
+    // several slow clients at once, each trickling one byte every 50 ms
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let addr = srv.addr;
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let t0 = Instant::now();
+            let mut sent = 0;
+            for b in req.as_bytes() {
+                if s.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if t0.elapsed() > Duration::from_secs(8) {
+                    break;
+                }
+            }
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            (
+                t0.elapsed(),
+                sent,
+                String::from_utf8_lossy(&buf).into_owned(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (took, sent, resp) = t.await.unwrap();
+        assert!(
+            sent < req.len(),
+            "the server let a trickled head finish ({took:?})"
+        );
+        assert!(took < Duration::from_secs(4), "cut late: {took:?}");
+        assert!(!resp.contains("101"), "{resp}");
+    }
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+/// A masked client frame.
+fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let n = payload.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n <= 0xffff {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Upgrade a raw socket; returns it after the 101 head.
+async fn raw_ws(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s
+}
+
+/// Server frames (opcode, payload) from raw bytes; incomplete tail ignored.
+fn server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        if b.len() < 2 {
+            return out;
+        }
+        let op = b[0] & 0x0f;
+        let (len, hdr) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 if b.len() >= 10 => (
+                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return out,
+            n => (n as usize, 2),
+        };
+        if b.len() < hdr + len {
+            return out;
+        }
+        out.push((op, b[hdr..hdr + len].to_vec()));
+        b = &b[hdr + len..];
+    }
+}
+
+/// Read until the server closes the TCP connection (bounded); the frames it sent.
+async fn read_all(s: &mut TcpStream, limit: Duration) -> (Vec<(u8, Vec<u8>)>, Duration) {
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut buf)).await;
+    (server_frames(&buf), t0.elapsed())
+}
+
+fn close_code(frames: &[(u8, Vec<u8>)]) -> Option<u16> {
+    frames
+        .iter()
+        .find(|f| f.0 == 0x8)
+        .and_then(|f| (f.1.len() >= 2).then(|| u16::from_be_bytes([f.1[0], f.1[1]])))
+}
+
+#[tokio::test]
+async fn fragmented_frames_are_reassembled_and_bounded() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    // a ping op in three fragments, with a control frame between them
+    let mut s = raw_ws(srv.addr).await;
+    let op = br#"{"op":"ping"}"#;
+    let mut bytes = frame(false, 0x1, &op[..4]);
+    bytes.extend(frame(false, 0x0, &op[4..9]));
+    bytes.extend(frame(true, 0x9, b"hi"));
+    bytes.extend(frame(true, 0x0, &op[9..]));
+    s.write_all(&bytes).await.unwrap();
+    let mut buf = Vec::new();
+    let t0 = Instant::now();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(T, s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the pong");
+        buf.extend_from_slice(&chunk[..n]);
+        let frames = server_frames(&buf);
+        if frames
+            .iter()
+            .any(|f| f.0 == 0x1 && f.1 == br#"{"type":"pong"}"#)
+        {
+            assert!(
+                frames.iter().any(|f| f.0 == 0xA && f.1 == b"hi"),
+                "ping answered"
+            );
+            break;
+        }
+        assert!(t0.elapsed() < T);
+    }
+    // fragments adding up past 4 KiB: closed with 1009
+    let mut s = raw_ws(srv.addr).await;
+    let mut bytes = Vec::new();
+    bytes.extend(frame(false, 0x1, &[b' '; 2000]));
+    bytes.extend(frame(false, 0x0, &[b' '; 2000]));
+    bytes.extend(frame(true, 0x0, &[b' '; 2000]));
+    let _ = s.write_all(&bytes).await;
+    let (frames, took) = read_all(&mut s, T).await;
+    assert_eq!(close_code(&frames), Some(1009), "{frames:?}");
+    assert!(took < Duration::from_secs(3));
+    // a continuation frame with nothing to continue, and a new text frame inside a
+    // fragmented one: protocol errors
+    for bytes in [
+        frame(true, 0x0, b"x"),
+        [frame(false, 0x1, b"{"), frame(true, 0x1, b"}")].concat(),
+        frame(true, 0x3, b"reserved opcode"),
+        [
+            vec![0x80 | 0x40 | 0x1],
+            frame(true, 0x1, b"x")[1..].to_vec(),
+        ]
+        .concat(), // RSV1 set
+        frame(false, 0x9, b"fragmented ping"),
+    ] {
+        let mut s = raw_ws(srv.addr).await;
+        let _ = s.write_all(&bytes).await;
+        let (frames, took) = read_all(&mut s, T).await;
+        assert_eq!(close_code(&frames), Some(1002), "{bytes:?}: {frames:?}");
+        assert!(took < Duration::from_secs(3));
+    }
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn an_unmasked_client_frame_is_a_protocol_error() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let mut s = raw_ws(srv.addr).await;
+    let op = br#"{"op":"ping"}"#;
+    let mut bytes = vec![0x81, op.len() as u8];
+    bytes.extend_from_slice(op);
+    s.write_all(&bytes).await.unwrap();
+    let (frames, took) = read_all(&mut s, T).await;
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f.0 == 0x1 && f.1.windows(4).any(|w| w == b"pong")),
+        "an unmasked op was obeyed: {frames:?}"
+    );
+    assert_eq!(close_code(&frames), Some(1002), "{frames:?}");
+    assert!(took < Duration::from_secs(3));
+    wait_until(|| ctx.metrics.panels_connected.get() == 0).await;
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_10_mib_frame_is_closed_1009_without_buffering_it() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    still_serves(&ctx, srv.addr).await;
+    let before = peak_rss_kib();
+    for opcode in [0x1u8, 0x2] {
+        let mut s = raw_ws(srv.addr).await;
+        let len: u64 = 10 * 1024 * 1024;
+        let mut head = vec![0x80 | opcode, 0x80 | 127];
+        head.extend_from_slice(&len.to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4]);
+        s.write_all(&head).await.unwrap();
+        // stream the payload from one small chunk; the server must give up long before
+        let chunk = vec![b'a'; 64 * 1024];
+        let t0 = Instant::now();
+        let mut written = 0u64;
+        let (mut rd, mut wr) = s.into_split();
+        let writer = tokio::spawn(async move {
+            while written < len {
+                if tokio::time::timeout(Duration::from_secs(2), wr.write_all(&chunk))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    break;
+                }
+                written += chunk.len() as u64;
+            }
+            written
+        });
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(T, rd.read_to_end(&mut buf)).await;
+        let took = t0.elapsed();
+        let written = writer.await.unwrap();
+        let frames = server_frames(&buf);
+        assert_eq!(close_code(&frames), Some(1009), "{frames:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(
+            written < len,
+            "the server read all 10 MiB ({written} bytes)"
+        );
+    }
+    let grew = peak_rss_kib().saturating_sub(before);
+    assert!(grew < 8 * 1024, "peak RSS grew by {grew} KiB");
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_closes_1007_and_binary_garbage_gets_an_error() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    for bad in [
+        &b"\xff\xfe"[..],
+        b"{\"op\":\"ping\xc3\"}",
+        b"\xed\xa0\x80",
+        b"\xc0\xaf",
+    ] {
+        let mut s = raw_ws(srv.addr).await;
+        s.write_all(&frame(true, 0x1, bad)).await.unwrap();
+        let (frames, took) = read_all(&mut s, T).await;
+        assert_eq!(close_code(&frames), Some(1007), "{bad:?}: {frames:?}");
+        assert!(took < Duration::from_secs(3));
+    }
+    // invalid UTF-8 split across fragments
+    let mut s = raw_ws(srv.addr).await;
+    let mut bytes = frame(false, 0x1, b"{\"op\":\"\xe2\x82");
+    bytes.extend(frame(true, 0x0, b"\x28\"}"));
+    s.write_all(&bytes).await.unwrap();
+    let (frames, _) = read_all(&mut s, T).await;
+    assert_eq!(close_code(&frames), Some(1007), "{frames:?}");
+    // in a binary frame it is only a bad op: an error frame, the session goes on
+    let mut ws = connect(srv.addr, "").await;
+    next_json(&mut ws).await;
+    ws.send(Message::binary(b"\xff\xfe".to_vec()))
+        .await
+        .unwrap();
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str()),
+        (Some("error"), Some("bad_utf8"))
+    );
+    barrier(&mut ws).await;
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_storm_of_subscribe_ops_hurts_no_one_else() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let mut calm = connect(srv.addr, "filter=calm/%23").await;
+    next_json(&mut calm).await;
+    let mut storm = connect(srv.addr, "").await;
+    next_json(&mut storm).await;
+    // 5000 ops without reading anything; the last ones alternate valid and invalid
+    let t0 = Instant::now();
+    let sender = {
+        let (mut tx, rx) = storm.split();
+        let h = tokio::spawn(async move {
+            for i in 0..5000u32 {
+                let op = match i % 4 {
+                    0 => json!({"op":"subscribe","filters":[format!("s/{i}/#")]}),
+                    1 => json!({"op":"unsubscribe","filters":[format!("s/{}/#", i - 1)]}),
+                    2 => json!({"op":"subscribe","filters":["a/#/b"]}),
+                    _ => {
+                        json!({"op":"subscribe","filters":(0..9).map(|j| format!("x{j}")).collect::<Vec<_>>()})
+                    }
+                };
+                let r = tokio::time::timeout(T, tx.send(Message::text(op.to_string()))).await;
+                match r {
+                    Ok(Ok(())) => {}
+                    _ => return (tx, i),
+                }
+            }
+            (tx, 5000)
+        });
+        (h, rx)
+    };
+    // meanwhile the calm panel gets its events promptly
+    for i in 0..20 {
+        let seq = append(&ctx, "calm/x", &format!("{{\"i\":{i}}}"));
+        let t = Instant::now();
+        loop {
+            let f = next_json(&mut calm).await;
+            if f["type"] == "event" {
+                assert_eq!(f["seq"].as_u64(), Some(seq));
+                break;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "calm panel waited {:?}",
+            t.elapsed()
+        );
+    }
+    let (h, mut rx) = sender;
+    // read the storm's answers: either it survives to a pong after all its ops, or the
+    // server closed it (back-pressure); both in bounded time
+    let mut errors = 0;
+    let survived = loop {
+        match tokio::time::timeout(T, rx.next())
+            .await
+            .expect("storm panel stuck")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let f: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if f["type"] == "error" {
+                    errors += 1;
+                }
+                if errors >= 2500 {
+                    break true;
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break false,
+            Some(Ok(_)) => {}
+        }
+    };
+    let (tx, sent) = h.await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    if survived {
+        assert_eq!(sent, 5000);
+        let mut storm = tx.reunite(rx).unwrap();
+        let before = barrier(&mut storm).await;
+        assert!(before.iter().all(|f| f["type"] == "error"), "{before:?}");
+        // its filter set is bounded and sane
+        send_op(&mut storm, json!({"op":"subscribe","filters":["z/#"]})).await;
+        let _ = barrier(&mut storm).await;
+        append(&ctx, "z/1", "{}");
+        loop {
+            let f = next_json(&mut storm).await;
+            if f["type"] == "event" {
+                assert_eq!(f["topic"], "z/1");
+                break;
+            }
+        }
+    }
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_flood_past_max_panels_gets_503_and_then_service_resumes() {
+    let ctx: Arc<Context> = ctx("[panels]\nmax_panels = 4\n");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut ws = connect(srv.addr, "").await;
+        next_json(&mut ws).await;
+        held.push(ws);
+    }
+    // 100 more at once: none gets a WebSocket; each gets 503 or (past the HTTP
+    // connection limit) a closed socket
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let a = srv.addr;
+        tasks.push(tokio::spawn(async move {
+            match try_connect(a, "", None, &[]).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }));
+    }
+    let mut by_status = std::collections::BTreeMap::new();
+    for t in tasks {
+        *by_status.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert!(!by_status.contains_key(&101), "{by_status:?}");
+    assert!(
+        by_status.get(&503).copied().unwrap_or(0) >= 1,
+        "{by_status:?}"
+    );
+    assert!(
+        by_status.keys().all(|s| *s == 503 || *s == 0),
+        "{by_status:?}"
+    );
+    assert_eq!(ctx.metrics.panels_connected.get(), 4);
+    // the held panels are unaffected
+    let seq = append(&ctx, "a/b", "{}");
+    for ws in &mut held {
+        assert_eq!(next_json(ws).await["seq"].as_u64(), Some(seq));
+    }
+    drop(held);
+    wait_until(|| ctx.metrics.panels_connected.get() == 0).await;
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
