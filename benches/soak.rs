@@ -14,6 +14,7 @@
 //! 4 panels that stay and a churn of short-lived panels (a new one every 200 ms, each
 //! reading for 0.3–3 s, some with a filter, some postcard).
 
+#[allow(dead_code)]
 #[path = "../tests/support/mosquitto.rs"]
 mod mosquitto;
 
@@ -268,7 +269,7 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
                     _ => "?filter=%2B/temp",
                 };
                 let hold = Duration::from_millis(300 + fastrand::u64(..2700));
-                live.spawn(panel(panels, q, i % 4 == 0, Some(hold), frames.clone()));
+                live.spawn(panel(panels, q, i.is_multiple_of(4), Some(hold), frames.clone()));
                 churned.fetch_add(1, Ordering::Relaxed);
             }
             live.shutdown().await;
