@@ -269,7 +269,13 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
                     _ => "?filter=%2B/temp",
                 };
                 let hold = Duration::from_millis(300 + fastrand::u64(..2700));
-                live.spawn(panel(panels, q, i.is_multiple_of(4), Some(hold), frames.clone()));
+                live.spawn(panel(
+                    panels,
+                    q,
+                    i.is_multiple_of(4),
+                    Some(hold),
+                    frames.clone(),
+                ));
                 churned.fetch_add(1, Ordering::Relaxed);
             }
             live.shutdown().await;

@@ -811,7 +811,7 @@ impl Source {
                     let _ = timeout(Duration::from_millis(200), r.set_credit(0)).await;
                 }
                 while let Some(r) = self.links[i].receiver.as_mut() {
-                    match timeout(Duration::from_millis(100), r.recv::<Body<Value>>()).await {
+                    match timeout(Duration::from_millis(300), r.recv::<Body<Value>>()).await {
                         Ok(Ok(d)) => self.release(i, DeliveryInfo::from(d)).await,
                         Ok(Err(RecvError::MessageDecode(e))) => self.release(i, e.info).await,
                         _ => break,
