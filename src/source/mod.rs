@@ -815,6 +815,20 @@ impl Source {
                     self.release(h.link, h.delivery).await;
                 }
             }
+            // Deliveries that arrived but were not taken yet are locked too: stop the
+            // flow, take what is still coming and give it back.
+            for i in 0..self.links.len() {
+                if let Some(r) = self.links[i].receiver.as_mut() {
+                    let _ = timeout(Duration::from_millis(200), r.set_credit(0)).await;
+                }
+                while let Some(r) = self.links[i].receiver.as_mut() {
+                    match timeout(Duration::from_millis(300), r.recv::<Body<Value>>()).await {
+                        Ok(Ok(d)) => self.release(i, DeliveryInfo::from(d)).await,
+                        Ok(Err(RecvError::MessageDecode(e))) => self.release(i, e.info).await,
+                        _ => break,
+                    }
+                }
+            }
             for l in &mut self.links {
                 if let Some(r) = l.receiver.take() {
                     let _ = timeout(Duration::from_millis(500), r.close()).await;
