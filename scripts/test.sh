@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --tests
-cargo nextest run --profile ci --all-targets
+cargo nextest run --profile ci
 if [ -x scripts/ci/appliance.sh ]; then
     bash scripts/ci/appliance.sh
 fi
