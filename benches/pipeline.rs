@@ -47,7 +47,7 @@ const ENTITY: &str = "operational-events/Subscriptions/edge";
 /// Latency is recorded on at most this many reading panels (bounds the bench's memory).
 const SAMPLED_PANELS: usize = 200;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Peer {
     Gateway,
     GatewayMirror,
@@ -592,7 +592,7 @@ async fn panel(
         return res;
     }
     let t0 = shared.t0;
-    let mut on_body = |res: &mut ClientResult, body: &[u8]| {
+    let on_body = |res: &mut ClientResult, body: &[u8]| {
         if let Some((i, t)) = index_time(body) {
             let now = t0.elapsed().as_nanos() as u64;
             if spec.sample {
