@@ -122,8 +122,14 @@ impl Drop for Server {
     }
 }
 
+/// Cores available at start (before this process pins itself to core 1).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn pinned() -> bool {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2
+    cores() >= 2
 }
 
 /// `cmd args…`, under `taskset -c 0` when 2+ cores exist (taskset execs: same pid).
@@ -1106,7 +1112,7 @@ fn main() {
                 .is_none_or(|o| o.iter().any(|n| n == p.name()))
         })
         .collect();
-    if pinned() {
+    if cores() >= 2 {
         // this process (clients, emulator, sources) on core 1, servers on core 0
         let _ = Command::new("taskset")
             .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
@@ -1141,7 +1147,7 @@ fn main() {
         .to_string();
     println!(
         "pipeline bench: {} cores ({cpu}), {mem}, load {}, {secs} s per scenario, servers {}pinned to core 0, gateway {}",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cores(),
         loadavg(),
         if pinned() { "" } else { "not " },
         gateway_binary()
