@@ -26,7 +26,10 @@ fn collect(sock: &UnixDatagram, until: Instant) -> Vec<(Instant, String)> {
         sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
         if let Ok(n) = sock.recv(&mut buf) {
-            out.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            out.push((
+                Instant::now(),
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+            ));
         }
     }
     out
@@ -35,7 +38,9 @@ fn collect(sock: &UnixDatagram, until: Instant) -> Vec<(Instant, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_notifies_ready_status_and_gates_the_watchdog() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let em = emulator::start(l, EmulatorOptions::default()).await.unwrap();
+    let em = emulator::start(l, EmulatorOptions::default())
+        .await
+        .unwrap();
     let dir = std::env::temp_dir().join(format!("asbgw-notify-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock_path = dir.join("notify.sock");
@@ -78,8 +83,15 @@ async fn daemon_notifies_ready_status_and_gates_the_watchdog() {
         .map(|(t, _)| *t)
         .collect();
     // half of 400 ms: about 5 a second once running
-    assert!(pings.len() >= 5, "only {} pings while healthy: {healthy:?}", pings.len());
-    let gaps: Vec<u128> = pings.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    assert!(
+        pings.len() >= 5,
+        "only {} pings while healthy: {healthy:?}",
+        pings.len()
+    );
+    let gaps: Vec<u128> = pings
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
     assert!(
         gaps.iter().all(|g| *g >= 100 && *g <= 500),
         "ping intervals {gaps:?} ms are not about 200 ms"

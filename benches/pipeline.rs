@@ -1,0 +1,1186 @@
+//! The whole pipeline against peers, side by side in one run (issue 7; not a test).
+//!
+//! Per scenario, a fresh server process is started (pinned to core 0 with `taskset` when
+//! 2+ cores exist) and N WebSocket panel clients, written in Rust (tokio-tungstenite, one
+//! runtime thread, pinned to core 1 with the rest of this process), connect to it. An
+//! open-loop source publishes at a fixed rate, each body `{"i":N,"t":NANOS,"p":"xx…"}`
+//! carrying its index and the publish time (nanoseconds since a base `Instant` of this
+//! process: publisher and panels share the clock). Servers:
+//!
+//! - `gateway` / `gateway+mirror`: `asb-gateway run` (the release binary) fed by the ASB
+//!   emulator (in this process, AMQP 1.0 on loopback); with the mirror, `[mqtt]` points
+//!   at a mosquitto of its own with `required = true` (settle after PUBACK).
+//! - `node-ws`: `bench/node-gateway.js`, the usual first version of a Node.js gateway
+//!   (`ws` broadcast), fed over a WebSocket on `/feed`.
+//! - `mosquitto-ws`: mosquitto's WebSocket listener as the fan-out; the panels speak
+//!   MQTT 3.1.1 over WebSocket (QoS 0, `bench/#`), the source publishes with rumqttc.
+//!
+//! Reported per scenario (one JSON line each, then a Markdown table): events/s published
+//! and ingested, frames/s delivered, completeness (reading panels' first/last index,
+//! missing), latency p50/p99/max (publish → panel receipt), the server's peak RSS
+//! (VmHWM), CPU % (utime+stime of the process), core 0 softirq %, write syscalls per
+//! delivered frame (/proc/PID/io syscw), and the panel clients' CPU %.
+//!
+//! Run: `scripts/bench.sh` (installs the peers, builds, runs this). Env:
+//! `PIPELINE_BENCH_QUICK=1` (a quick subset), `PIPELINE_BENCH_SECS` (default 6),
+//! `PIPELINE_BENCH_ONLY=gateway,gateway+mirror,node-ws,mosquitto-ws`,
+//! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use asb_gateway::config::{Config, LoadEnv};
+use asb_gateway::emulator::{self, EmulatorHandle, EmulatorOptions, client::Publisher};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+const ENTITY: &str = "operational-events/Subscriptions/edge";
+/// Latency is recorded on at most this many reading panels (bounds the bench's memory).
+const SAMPLED_PANELS: usize = 200;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Peer {
+    Gateway,
+    GatewayMirror,
+    Node,
+    Mosquitto,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Gateway => "gateway",
+            Peer::GatewayMirror => "gateway+mirror",
+            Peer::Node => "node-ws",
+            Peer::Mosquitto => "mosquitto-ws",
+        }
+    }
+    fn all() -> [Peer; 4] {
+        [
+            Peer::Gateway,
+            Peer::GatewayMirror,
+            Peer::Node,
+            Peer::Mosquitto,
+        ]
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    kind: &'static str,
+    panels: usize,
+    size: usize,
+    rate: u64,
+    stalled_pct: usize,
+}
+
+/// A server under test and how to feed it.
+struct Server {
+    child: Child,
+    /// Processes that belong to the scenario but are not measured (the mirror's broker).
+    others: Vec<Child>,
+    ws: SocketAddr,
+    path: &'static str,
+    feed: Feed,
+    budget: Option<(f64, u64)>,
+    dir: PathBuf,
+}
+
+enum Feed {
+    Emulator(EmulatorHandle),
+    NodeWs(SocketAddr),
+    Mqtt(u16),
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for c in &mut self.others {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Cores available at start (before this process pins itself to core 1).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn pinned() -> bool {
+    cores() >= 2
+}
+
+/// `cmd args…`, under `taskset -c 0` when 2+ cores exist (taskset execs: same pid).
+fn command(program: &str, args: &[&str]) -> Command {
+    if pinned() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", program]).args(args);
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "asbgw-pipeline-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn wait_port(port: u16) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "port {port} not up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// mosquitto with a plain listener on `tcp` and, if given, a WebSocket listener.
+fn mosquitto(dir: &Path, tcp: u16, ws: Option<u16>, pin: bool) -> Child {
+    let mut conf = format!("listener {tcp} 127.0.0.1\nallow_anonymous true\n");
+    if let Some(ws) = ws {
+        conf += &format!("listener {ws}\nprotocol websockets\n");
+    }
+    let path = dir.join(format!("mosquitto-{tcp}.conf"));
+    std::fs::write(&path, conf).unwrap();
+    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let args = ["-c", path.to_str().unwrap()];
+    let mut cmd = if pin {
+        command(bin, &args)
+    } else {
+        let mut c = Command::new(bin);
+        c.args(args);
+        c
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto: run scripts/setup/bench.sh");
+    wait_port(tcp);
+    if let Some(ws) = ws {
+        wait_port(ws);
+    }
+    child
+}
+
+fn gateway_binary() -> String {
+    std::env::var("PIPELINE_BENCH_GATEWAY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_asb-gateway").to_string())
+}
+
+fn gateway_config(em: &EmulatorHandle, mirror: Option<u16>, memory_mib: u64) -> String {
+    let mqtt = mirror
+        .map(|p| {
+            format!(
+                "[mqtt]\nurl = \"mqtt://127.0.0.1:{p}\"\nclient_id = \"bench-gw\"\n\
+                 prefix = \"bench\"\nqos = 1\nrequired = true\n"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "[source]\nconnection_string = {:?}\n[[source.subscriptions]]\n\
+         topic = \"operational-events\"\nsubscription = \"edge\"\n\
+         [journal]\nevents = 4096\nmax_event_bytes = 8192\nunsettled = 256\n\
+         [panels]\nlisten = \"127.0.0.1:0\"\nmax_panels = 1100\n\
+         [budget]\nmemory_mib = {memory_mib}\n{mqtt}",
+        em.connection_string()
+    )
+}
+
+/// The worst-case budget `check-config` prints for `text`: (total MiB, memory_mib).
+fn budget_of(text: &str) -> asb_gateway::budget::Budget {
+    let c = Config::parse(text, &LoadEnv::default()).expect("bench config parses");
+    asb_gateway::budget::compute(&c)
+}
+
+async fn start_gateway(mirror: bool, print_budget: bool) -> Server {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let em = emulator::start(l, EmulatorOptions::default())
+        .await
+        .unwrap();
+    let dir = temp_dir("gw");
+    let mut others = Vec::new();
+    let mirror_port = mirror.then(|| {
+        let p = free_port();
+        // the mirror's broker runs beside the clients, not on the gateway's core
+        others.push(mosquitto(&dir, p, None, false));
+        p
+    });
+    // memory_mib: the smallest whole MiB (multiple of 8) that the worst case fits in
+    let b = budget_of(&gateway_config(&em, mirror_port, 4096));
+    let mib = (b.total() as f64 / (1 << 20) as f64 / 8.0).ceil() as u64 * 8;
+    let text = gateway_config(&em, mirror_port, mib);
+    let b = budget_of(&text);
+    assert!(b.fits());
+    if print_budget {
+        println!(
+            "check-config budget for the {} config:\n{}",
+            if mirror { "gateway+mirror" } else { "gateway" },
+            b.render()
+        );
+    }
+    let path = dir.join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    let bin = gateway_binary();
+    let mut child = command(&bin, &["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn,asb_gateway::app=info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("panels on ").nth(1)
+                && let Some(t) = tx.take()
+            {
+                let _ = t.send(rest.split(',').next().unwrap().trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("gateway did not start")
+        .parse()
+        .unwrap();
+    Server {
+        child,
+        others,
+        ws: addr,
+        path: "/v1/stream",
+        feed: Feed::Emulator(em),
+        budget: Some((b.total() as f64 / (1 << 20) as f64, mib)),
+        dir,
+    }
+}
+
+fn start_node() -> Server {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/node-gateway.js");
+    let mut child = command("node", &[script.to_str().unwrap(), "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node: run scripts/setup/bench.sh");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("node gateway: {line:?} (run scripts/setup/bench.sh)"))
+        .parse()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    Server {
+        child,
+        others: Vec::new(),
+        ws: addr,
+        path: "/",
+        feed: Feed::NodeWs(addr),
+        budget: None,
+        dir: temp_dir("node"),
+    }
+}
+
+fn start_mosquitto_ws() -> Server {
+    let dir = temp_dir("mq");
+    let (tcp, ws) = (free_port(), free_port());
+    let child = mosquitto(&dir, tcp, Some(ws), true);
+    Server {
+        child,
+        others: Vec::new(),
+        ws: ([127, 0, 0, 1], ws).into(),
+        path: "/",
+        feed: Feed::Mqtt(tcp),
+        budget: None,
+        dir,
+    }
+}
+
+// ---- measurement ----
+
+#[derive(Clone, Copy, Default)]
+struct ProcSample {
+    ticks: u64,
+    syscw: u64,
+    hwm_kib: u64,
+}
+
+fn proc_sample(pid: u32) -> ProcSample {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks = stat
+        .rfind(')')
+        .map(|c| {
+            let f: Vec<&str> = stat[c + 2..].split(' ').collect();
+            f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ProcSample {
+        ticks,
+        syscw: field(&io, "syscw:"),
+        hwm_kib: field(&status, "VmHWM:"),
+    }
+}
+
+/// CPU ticks of this process's threads whose name starts with `prefix`.
+fn thread_ticks(prefix: &str) -> u64 {
+    let mut total = 0;
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    }
+    total
+}
+
+/// softirq ticks of core 0 (where the server runs when pinned) and all its ticks.
+fn core0_softirq() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(if pinned() { "cpu0 " } else { "cpu " }))
+        .unwrap_or("");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (
+        v.get(6).copied().unwrap_or(0),
+        v.iter().take(8).sum::<u64>(),
+    )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---- panel clients ----
+
+#[derive(Default)]
+struct ClientResult {
+    stalled: bool,
+    first: Option<u64>,
+    last: Option<u64>,
+    count: u64,
+    gaps: u64,
+    lat_us: Vec<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Gateway,
+    Plain,
+    Mqtt,
+}
+
+struct Shared {
+    t0: Instant,
+    frames: AtomicU64,
+    last_rx_ns: AtomicU64,
+    ready: AtomicUsize,
+}
+
+/// `{"i":N,"t":T,…` anywhere in `b` → (N, T).
+fn index_time(b: &[u8]) -> Option<(u64, u64)> {
+    const KEY: &[u8] = b"{\"i\":";
+    let at = b.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let num = |s: &[u8]| -> (u64, usize) {
+        let mut v = 0u64;
+        let mut n = 0;
+        while n < s.len() && s[n].is_ascii_digit() {
+            v = v * 10 + (s[n] - b'0') as u64;
+            n += 1;
+        }
+        (v, n)
+    };
+    let (i, n) = num(&b[at..]);
+    let rest = b[at + n..].strip_prefix(b",\"t\":")?;
+    let (t, m) = num(rest);
+    (n > 0 && m > 0).then_some((i, t))
+}
+
+fn mqtt_connect(id: &str) -> Vec<u8> {
+    let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    v.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    v.extend_from_slice(id.as_bytes());
+    let mut p = vec![0x10, v.len() as u8];
+    p.extend(v);
+    p
+}
+
+fn mqtt_subscribe(filter: &str) -> Vec<u8> {
+    let mut v = vec![0, 1];
+    v.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    v.extend_from_slice(filter.as_bytes());
+    v.push(0);
+    let mut p = vec![0x82, v.len() as u8];
+    p.extend(v);
+    p
+}
+
+/// Split complete MQTT packets off the front of `buf`: (first byte, body) each.
+fn mqtt_packets(buf: &mut Vec<u8>, mut each: impl FnMut(u8, &[u8])) {
+    let mut pos = 0;
+    loop {
+        let b = &buf[pos..];
+        if b.len() < 2 {
+            break;
+        }
+        let (mut len, mut mul, mut i) = (0usize, 1usize, 1usize);
+        let complete_header = loop {
+            if i >= b.len() || i > 4 {
+                break false;
+            }
+            len += (b[i] & 0x7f) as usize * mul;
+            mul *= 128;
+            i += 1;
+            if b[i - 1] & 0x80 == 0 {
+                break true;
+            }
+        };
+        if !complete_header || b.len() < i + len {
+            break;
+        }
+        each(b[0], &b[i..i + len]);
+        pos += i + len;
+    }
+    buf.drain(..pos);
+}
+
+struct ClientSpec {
+    proto: Proto,
+    addr: SocketAddr,
+    path: &'static str,
+    stall: bool,
+    sample: bool,
+    capacity: usize,
+    id: usize,
+}
+
+async fn panel(
+    spec: ClientSpec,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> ClientResult {
+    let mut res = ClientResult {
+        stalled: spec.stall,
+        lat_us: Vec::with_capacity(if spec.sample { spec.capacity } else { 0 }),
+        ..Default::default()
+    };
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    if spec.stall {
+        sock.set_recv_buffer_size(2048).unwrap();
+    }
+    let stream = sock.connect(spec.addr).await.expect("panel connect");
+    let _ = stream.set_nodelay(true);
+    let mut req = format!("ws://{}{}", spec.addr, spec.path)
+        .into_client_request()
+        .unwrap();
+    if spec.proto == Proto::Mqtt {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    }
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        req,
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        Some(config),
+    )
+    .await
+    .expect("panel handshake");
+    let mut mqbuf: Vec<u8> = Vec::with_capacity(if spec.proto == Proto::Mqtt { 16384 } else { 0 });
+    match spec.proto {
+        Proto::Gateway => {
+            let _hello = ws.next().await;
+        }
+        Proto::Plain => {}
+        Proto::Mqtt => {
+            ws.send(Message::binary(mqtt_connect(&format!("panel-{}", spec.id))))
+                .await
+                .unwrap();
+            ws.send(Message::binary(mqtt_subscribe("bench/#")))
+                .await
+                .unwrap();
+            // CONNACK, SUBACK
+            let mut acks = 0;
+            while acks < 2 {
+                let Some(Ok(m)) = ws.next().await else {
+                    panic!("mosquitto closed the panel")
+                };
+                mqbuf.extend_from_slice(&m.into_data());
+                mqtt_packets(&mut mqbuf, |h, _| {
+                    if h >> 4 == 2 || h >> 4 == 9 {
+                        acks += 1;
+                    }
+                });
+            }
+        }
+    }
+    shared.ready.fetch_add(1, Relaxed);
+    if spec.stall {
+        let _ = stop.wait_for(|s| *s).await;
+        return res;
+    }
+    let t0 = shared.t0;
+    let on_body = |res: &mut ClientResult, body: &[u8]| {
+        if let Some((i, t)) = index_time(body) {
+            let now = t0.elapsed().as_nanos() as u64;
+            if spec.sample {
+                res.lat_us
+                    .push((now.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32);
+            }
+            res.first.get_or_insert(i);
+            res.last = Some(i);
+            res.count += 1;
+            shared.frames.fetch_add(1, Relaxed);
+            shared.last_rx_ns.fetch_max(now, Relaxed);
+        } else if spec.proto == Proto::Gateway && body.windows(5).any(|w| w == b"\"gap\"") {
+            res.gaps += 1;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some(Ok(msg)) = msg else { break };
+        let data = match msg {
+            Message::Text(t) => t.into(),
+            Message::Binary(b) => b,
+            _ => continue,
+        };
+        if spec.proto == Proto::Mqtt {
+            mqbuf.extend_from_slice(&data);
+            let r = &mut res;
+            mqtt_packets(&mut mqbuf, |h, p| {
+                if h >> 4 == 3 && p.len() >= 2 {
+                    let tl = u16::from_be_bytes([p[0], p[1]]) as usize;
+                    let skip = 2 + tl + if (h >> 1) & 3 > 0 { 2 } else { 0 };
+                    if p.len() >= skip {
+                        on_body(r, &p[skip..]);
+                    }
+                }
+            });
+        } else {
+            on_body(&mut res, &data);
+        }
+    }
+    res
+}
+
+// ---- source ----
+
+fn body(i: u64, t: u64, size: usize, pad: &str) -> String {
+    let head = format!("{{\"i\":{i},\"t\":{t},\"p\":\"");
+    let n = size.saturating_sub(head.len() + 2).min(pad.len());
+    format!("{head}{}\"}}", &pad[..n])
+}
+
+/// Publish `total` events at `rate`/s (open loop: event k is due at k/rate; a late
+/// publisher sends at once, never waits to catch a tick). Stops at `deadline`.
+/// Returns the number published.
+async fn publish(
+    feed: &Feed,
+    total: u64,
+    rate: u64,
+    size: usize,
+    t0: Instant,
+    deadline: Instant,
+) -> u64 {
+    let pad: Arc<str> = "x".repeat(size).into();
+    let start = tokio::time::Instant::now();
+    let due = move |k: u64| start + Duration::from_nanos(k * 1_000_000_000 / rate);
+    let sent = Arc::new(AtomicU64::new(0));
+    match feed {
+        Feed::Emulator(em) => {
+            // one in-flight send per publisher: enough publishers for the rate
+            let n = rate.div_ceil(250).clamp(1, 8);
+            let mut tasks = Vec::new();
+            for j in 0..n {
+                let (cs, pad, sent) = (em.connection_string(), pad.clone(), sent.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut p = Publisher::connect(&cs, "operational-events").await.unwrap();
+                    let mut k = j;
+                    while k < total && Instant::now() < deadline {
+                        tokio::time::sleep_until(due(k)).await;
+                        let t = t0.elapsed().as_nanos() as u64;
+                        p.send_json("temp", &[], body(k, t, size, &pad), "application/json")
+                            .await
+                            .unwrap();
+                        sent.fetch_add(1, Relaxed);
+                        k += n;
+                    }
+                    let _ = p.close().await;
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+        Feed::NodeWs(addr) => {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/feed"))
+                .await
+                .unwrap();
+            let mut k = 0;
+            while k < total && Instant::now() < deadline {
+                tokio::time::sleep_until(due(k)).await;
+                let t = t0.elapsed().as_nanos() as u64;
+                ws.send(Message::text(body(k, t, size, &pad)))
+                    .await
+                    .unwrap();
+                sent.fetch_add(1, Relaxed);
+                k += 1;
+            }
+            let _ = ws.close(None).await;
+        }
+        Feed::Mqtt(port) => {
+            use rumqttc::{AsyncClient, MqttOptions, QoS};
+            let mut opts = MqttOptions::new("bench-source", "127.0.0.1", *port);
+            opts.set_keep_alive(Duration::from_secs(30));
+            opts.set_max_packet_size(64 * 1024, 64 * 1024);
+            let (client, mut el) = AsyncClient::new(opts, 1024);
+            let poll = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+            let mut k = 0;
+            while k < total && Instant::now() < deadline {
+                tokio::time::sleep_until(due(k)).await;
+                let t = t0.elapsed().as_nanos() as u64;
+                client
+                    .publish("bench/e", QoS::AtMostOnce, false, body(k, t, size, &pad))
+                    .await
+                    .unwrap();
+                sent.fetch_add(1, Relaxed);
+                k += 1;
+            }
+            // let the event loop write out what is queued
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = client.disconnect().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            poll.abort();
+        }
+    }
+    sent.load(Relaxed)
+}
+
+// ---- one scenario ----
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+struct Outcome {
+    json: serde_json::Value,
+    row: Row,
+}
+
+#[derive(Clone)]
+struct Row {
+    peer: Peer,
+    sc: Scenario,
+    published_per_s: f64,
+    delivered_per_s: f64,
+    complete_pct: f64,
+    missing: u64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    rss_mib: f64,
+    cpu_pct: f64,
+    softirq_pct: f64,
+    syscw_per_frame: f64,
+    client_cpu_pct: f64,
+    gaps: u64,
+    budget: Option<(f64, u64)>,
+}
+
+fn run_scenario(
+    peer: Peer,
+    sc: &Scenario,
+    secs: f64,
+    src_rt: &tokio::runtime::Runtime,
+    cli_rt: &tokio::runtime::Runtime,
+    print_budget: bool,
+) -> Outcome {
+    let server = match peer {
+        Peer::Gateway => src_rt.block_on(start_gateway(false, print_budget)),
+        Peer::GatewayMirror => src_rt.block_on(start_gateway(true, print_budget)),
+        Peer::Node => start_node(),
+        Peer::Mosquitto => start_mosquitto_ws(),
+    };
+    let pid = server.child.id();
+    let shared = Arc::new(Shared {
+        t0: Instant::now(),
+        frames: AtomicU64::new(0),
+        last_rx_ns: AtomicU64::new(0),
+        ready: AtomicUsize::new(0),
+    });
+    let total = (sc.rate as f64 * secs) as u64;
+    let stalled = sc.panels * sc.stalled_pct / 100;
+    let proto = match peer {
+        Peer::Gateway | Peer::GatewayMirror => Proto::Gateway,
+        Peer::Node => Proto::Plain,
+        Peer::Mosquitto => Proto::Mqtt,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut clients = Vec::new();
+    for i in 0..sc.panels {
+        let spec = ClientSpec {
+            proto,
+            addr: server.ws,
+            path: server.path,
+            // the stalled panels spread among the others
+            stall: stalled > 0
+                && i % (sc.panels / stalled) == 1
+                && i / (sc.panels / stalled) < stalled,
+            sample: i % (sc.panels / SAMPLED_PANELS).max(1) == 0,
+            capacity: total as usize + 16,
+            id: i,
+        };
+        clients.push(cli_rt.spawn(panel(spec, shared.clone(), stop_rx.clone())));
+        if i % 50 == 49 {
+            // do not flood the listen backlog
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let t_connect = Instant::now();
+    while shared.ready.load(Relaxed) < sc.panels {
+        assert!(
+            t_connect.elapsed() < Duration::from_secs(60),
+            "{}: only {} of {} panels connected",
+            peer.name(),
+            shared.ready.load(Relaxed),
+            sc.panels
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let before = proc_sample(pid);
+    let cli_before = thread_ticks("panel-cli");
+    let sirq_before = core0_softirq();
+    let start = Instant::now();
+    let start_ns = shared.t0.elapsed().as_nanos() as u64;
+    let deadline = start + Duration::from_secs_f64(secs + 2.0);
+    let published = src_rt.block_on(publish(
+        &server.feed,
+        total,
+        sc.rate,
+        sc.size,
+        shared.t0,
+        deadline,
+    ));
+    let pub_secs = start.elapsed().as_secs_f64();
+    // drain: until every reading panel has all, or nothing arrives for 1 s (max 10 s)
+    let reading = (sc.panels - stalled) as u64;
+    let drain0 = Instant::now();
+    let mut last = (shared.frames.load(Relaxed), Instant::now());
+    while shared.frames.load(Relaxed) < reading * published
+        && last.1.elapsed() < Duration::from_secs(1)
+        && drain0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let f = shared.frames.load(Relaxed);
+        if f != last.0 {
+            last = (f, Instant::now());
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let after = proc_sample(pid);
+    let cli_after = thread_ticks("panel-cli");
+    let sirq_after = core0_softirq();
+    let ingested = match &server.feed {
+        Feed::Emulator(em) => em.stats().get(ENTITY).map_or(0, |s| s.completed),
+        _ => published,
+    };
+    stop_tx.send(true).unwrap();
+    let results: Vec<ClientResult> = cli_rt.block_on(async {
+        let mut v = Vec::new();
+        for c in clients {
+            v.push(c.await.unwrap());
+        }
+        v
+    });
+    let budget = server.budget;
+    drop_server(server, src_rt);
+
+    let frames = shared.frames.load(Relaxed);
+    let rx_secs = (shared.last_rx_ns.load(Relaxed).saturating_sub(start_ns)) as f64 / 1e9;
+    let mut lat: Vec<u32> = results
+        .iter()
+        .flat_map(|r| r.lat_us.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let readers: Vec<&ClientResult> = results.iter().filter(|r| !r.stalled).collect();
+    let missing: u64 = readers
+        .iter()
+        .map(|r| published - r.count.min(published))
+        .sum();
+    let complete_pct = if published == 0 {
+        0.0
+    } else {
+        100.0 * readers.iter().map(|r| r.count).sum::<u64>() as f64
+            / (readers.len() as u64 * published) as f64
+    };
+    let first = readers.iter().filter_map(|r| r.first).min();
+    let last_i = readers.iter().filter_map(|r| r.last).max();
+    let complete_panels = readers.iter().filter(|r| r.count == published).count();
+    let gaps: u64 = results.iter().map(|r| r.gaps).sum();
+    let ticks_per_s = 100.0;
+    let cpu_pct = (after.ticks - before.ticks) as f64 / ticks_per_s / wall * 100.0;
+    let client_cpu_pct = (cli_after - cli_before) as f64 / ticks_per_s / wall * 100.0;
+    let (s0, a0) = sirq_before;
+    let (s1, a1) = sirq_after;
+    let softirq_pct = if a1 > a0 {
+        100.0 * (s1 - s0) as f64 / (a1 - a0) as f64
+    } else {
+        0.0
+    };
+    let syscw = after.syscw.saturating_sub(before.syscw);
+    let row = Row {
+        peer,
+        sc: sc.clone(),
+        published_per_s: published as f64 / pub_secs,
+        delivered_per_s: if rx_secs > 0.0 {
+            frames as f64 / rx_secs
+        } else {
+            0.0
+        },
+        complete_pct,
+        missing,
+        p50: pct(&lat, 0.50),
+        p99: pct(&lat, 0.99),
+        max: lat.last().map_or(f64::NAN, |v| *v as f64 / 1000.0),
+        rss_mib: after.hwm_kib as f64 / 1024.0,
+        cpu_pct,
+        softirq_pct,
+        syscw_per_frame: if frames > 0 {
+            syscw as f64 / frames as f64
+        } else {
+            f64::NAN
+        },
+        client_cpu_pct,
+        gaps,
+        budget,
+    };
+    let json = serde_json::json!({
+        "scenario": sc.kind,
+        "server": peer.name(),
+        "panels": sc.panels,
+        "stalled": stalled,
+        "event_bytes": sc.size,
+        "rate": sc.rate,
+        "secs": secs,
+        "published": published,
+        "published_per_s": round(row.published_per_s),
+        "ingested": ingested,
+        "frames": frames,
+        "delivered_per_s": round(row.delivered_per_s),
+        "expected_frames": reading * published,
+        "complete_pct": round(complete_pct),
+        "complete_panels": complete_panels,
+        "reading_panels": reading,
+        "first": first,
+        "last": last_i,
+        "missing": missing,
+        "gaps": gaps,
+        "latency_ms": {"p50": round(row.p50), "p99": round(row.p99), "max": round(row.max), "samples": lat.len()},
+        "server_rss_hwm_mib": round(row.rss_mib),
+        "server_cpu_pct": round(cpu_pct),
+        "core0_softirq_pct": round(softirq_pct),
+        "write_syscalls": syscw,
+        "write_syscalls_per_frame": round(row.syscw_per_frame),
+        "client_cpu_pct": round(client_cpu_pct),
+        "budget_total_mib": budget.map(|b| round(b.0)),
+        "budget_memory_mib": budget.map(|b| b.1),
+        "rss_within_budget": budget.map(|b| row.rss_mib <= b.0),
+        "loadavg": loadavg(),
+    });
+    Outcome { json, row }
+}
+
+fn drop_server(server: Server, src_rt: &tokio::runtime::Runtime) {
+    let mut server = server;
+    let feed = std::mem::replace(&mut server.feed, Feed::Mqtt(0));
+    drop(server);
+    if let Feed::Emulator(em) = feed {
+        src_rt.block_on(em.shutdown());
+    }
+}
+
+fn round(v: f64) -> f64 {
+    if v.is_finite() {
+        (v * 100.0).round() / 100.0
+    } else {
+        -1.0
+    }
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let s = |kind, panels, size, rate, stalled_pct| Scenario {
+        kind,
+        panels,
+        size,
+        rate,
+        stalled_pct,
+    };
+    if quick {
+        return vec![
+            s("base", 100, 256, 500, 0),
+            s("stall", 100, 256, 500, 5),
+            s("firehose", 100, 4096, 2000, 0),
+        ];
+    }
+    vec![
+        s("base", 100, 256, 100, 0),
+        s("base", 100, 256, 1000, 0),
+        s("base", 100, 4096, 500, 0),
+        s("base", 1000, 256, 100, 0),
+        s("stall", 1000, 256, 100, 5),
+        s("base", 1000, 256, 200, 0),
+        s("base", 1000, 4096, 50, 0),
+        s("firehose", 1000, 4096, 400, 0),
+    ]
+}
+
+fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| scenario | server | panels | bytes | rate/s | published/s | delivered/s | complete % | missing | p50 ms | p99 ms | max ms | RSS MiB | CPU % | softirq % | writes/frame | client CPU % |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let kind = if r.sc.stalled_pct > 0 {
+            format!("stall {}%", r.sc.stalled_pct)
+        } else {
+            r.sc.kind.to_string()
+        };
+        s += &format!(
+            "| {kind} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {:.1}{} | {:.0} | {:.1} | {:.3} | {:.0} |\n",
+            r.peer.name(),
+            r.sc.panels,
+            r.sc.size,
+            r.sc.rate,
+            r.published_per_s,
+            r.delivered_per_s,
+            r.complete_pct,
+            r.missing,
+            r.p50,
+            r.p99,
+            r.max,
+            r.rss_mib,
+            r.budget
+                .map(|b| format!(" (budget {:.1})", b.0))
+                .unwrap_or_default(),
+            r.cpu_pct,
+            r.softirq_pct,
+            r.syscw_per_frame,
+            r.client_cpu_pct,
+        );
+        if r.gaps > 0 {
+            s.pop();
+            s += &format!(" gaps {}\n", r.gaps);
+        }
+    }
+    s
+}
+
+fn ratios(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| scenario | panels | bytes | rate/s | peer | delivered/s gw÷peer | p99 gw÷peer | RSS gw÷peer |\n|---|---:|---:|---:|---|---:|---:|---:|\n",
+    );
+    for gw in rows.iter().filter(|r| r.peer == Peer::Gateway) {
+        for p in rows.iter().filter(|r| {
+            r.peer != Peer::Gateway
+                && r.sc.kind == gw.sc.kind
+                && r.sc.panels == gw.sc.panels
+                && r.sc.size == gw.sc.size
+                && r.sc.rate == gw.sc.rate
+                && r.sc.stalled_pct == gw.sc.stalled_pct
+        }) {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
+                if gw.sc.stalled_pct > 0 {
+                    "stall"
+                } else {
+                    gw.sc.kind
+                },
+                gw.sc.panels,
+                gw.sc.size,
+                gw.sc.rate,
+                p.peer.name(),
+                gw.delivered_per_s / p.delivered_per_s,
+                gw.p99 / p.p99,
+                gw.rss_mib / p.rss_mib,
+            );
+        }
+    }
+    s
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken from the command line
+    let quick = std::env::var("PIPELINE_BENCH_QUICK").is_ok_and(|v| v != "0");
+    let secs: f64 = std::env::var("PIPELINE_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 3.0 } else { 6.0 });
+    let only: Option<Vec<String>> = std::env::var("PIPELINE_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let peers: Vec<Peer> = Peer::all()
+        .into_iter()
+        .filter(|p| {
+            only.as_ref()
+                .is_none_or(|o| o.iter().any(|n| n == p.name()))
+        })
+        .collect();
+    if cores() >= 2 {
+        // this process (clients, emulator, sources) on core 1, servers on core 0
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let src_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("source")
+        .enable_all()
+        .build()
+        .unwrap();
+    let cli_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("panel-cli")
+        .enable_all()
+        .build()
+        .unwrap();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    println!(
+        "pipeline bench: {} cores ({cpu}), {mem}, load {}, {secs} s per scenario, servers {}pinned to core 0, gateway {}",
+        cores(),
+        loadavg(),
+        if pinned() { "" } else { "not " },
+        gateway_binary()
+    );
+    let t_all = Instant::now();
+    let mut rows = Vec::new();
+    let mut printed = std::collections::HashSet::new();
+    for sc in scenarios(quick) {
+        for &peer in &peers {
+            let out = run_scenario(peer, &sc, secs, &src_rt, &cli_rt, printed.insert(peer));
+            println!("{}", out.json);
+            rows.push(out.row);
+        }
+    }
+    println!("\n{}", markdown(&rows));
+    println!("gateway ÷ peer:\n\n{}", ratios(&rows));
+    for r in rows.iter().filter(|r| r.budget.is_some()) {
+        let (total, mib) = r.budget.unwrap();
+        if r.rss_mib > total {
+            println!(
+                "BUDGET EXCEEDED: {} {} panels {} B {}/s: peak RSS {:.1} MiB > budget {:.1} MiB (memory_mib {mib})",
+                r.peer.name(),
+                r.sc.panels,
+                r.sc.size,
+                r.sc.rate,
+                r.rss_mib,
+                total
+            );
+        }
+    }
+    println!(
+        "done in {:.0} s, load {}",
+        t_all.elapsed().as_secs_f64(),
+        loadavg()
+    );
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The pipeline benchmark, peers side by side in one run (see BENCHMARKS.md, "Pipeline vs
+# peers"). Installs the peers first (idempotent), builds the release binary, then runs
+# benches/pipeline.rs. PIPELINE_BENCH_QUICK=1 runs a quick subset; PIPELINE_BENCH_SECS
+# sets the seconds per scenario (default 6); PIPELINE_BENCH_ONLY=gateway,node,... picks peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup/bench.sh
+# 1,000+ sockets per side
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+cargo build --release --bin asb-gateway
+cargo bench --bench pipeline -- "$@"
