@@ -15,6 +15,8 @@ if [ "${1:-}" = "--tests" ]; then
         flock /tmp/apt.lock apt-get update -qq && touch /tmp/.asbgw-apt-updated
     fi
     for part in scripts/setup/*.sh; do
+        # The benchmark peers (Node.js, npm packages) are for scripts/bench.sh only.
+        [ "$part" = scripts/setup/bench.sh ] && continue
         echo "setup: $part"
         bash "$part"
     done
