@@ -215,6 +215,11 @@ impl Op {
     pub fn parse(bytes: &[u8]) -> Result<Op, OpError> {
         let text = std::str::from_utf8(bytes)
             .map_err(|_| OpError::new("bad_utf8", "frame is not valid UTF-8"))?;
+        // serde would also read a struct from a JSON array (`["ping"]`): only the object
+        // form is protocol v1.
+        if !text.trim_start().starts_with('{') {
+            return Err(OpError::new("bad_json", "expected {\"op\":…} JSON object"));
+        }
         let raw: RawOp = serde_json::from_str(text).map_err(|e| {
             OpError::new(
                 "bad_json",
@@ -246,6 +251,15 @@ impl Op {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_form_ops_are_refused() {
+        for text in [r#"["ping"]"#, r#"["subscribe",[],""]"#, " [\"ping\",null]"] {
+            let e = Op::parse(text.as_bytes()).unwrap_err();
+            assert_eq!(e.code, "bad_json", "{text}");
+        }
+        assert_eq!(Op::parse(br#" {"op":"ping"}"#).unwrap(), Op::Ping);
+    }
 
     #[test]
     fn query_parses_filters_since_token() {
