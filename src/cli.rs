@@ -199,16 +199,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(1);
     }
     crate::appliance::logging::init(&config.log.level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::cli::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("asb-gateway: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.panels.listen)
@@ -227,6 +220,19 @@ fn run(path: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The runtime every subcommand runs on: two worker threads (an edge box has few cores
+/// and the data path is I/O bound). A failure is reported and mapped to exit code 2.
+pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("asb-gateway: cannot start the runtime: {e}");
+            ExitCode::from(2)
+        })
 }
 
 /// Resolves on SIGTERM or SIGINT.

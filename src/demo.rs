@@ -32,16 +32,9 @@ pub fn config_text(connection_string: &str, listen: SocketAddr, mqtt: Option<&st
 
 pub fn cli_main(listen: SocketAddr, mqtt: Option<String>, rate: f64) -> ExitCode {
     crate::appliance::logging::init("info");
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::cli::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("asb-gateway: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     rt.block_on(run(listen, mqtt, rate))
 }
