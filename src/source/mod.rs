@@ -430,29 +430,14 @@ impl Source {
             cbs,
             refresh_at,
         };
-        let mode = self.settle_mode();
         for i in 0..self.links.len() {
-            match attach(
-                &mut conn.session,
-                &self.links[i].address,
-                i,
-                step,
-                mode.clone(),
-            )
-            .await
-            {
-                Ok(r) => {
-                    let l = &mut self.links[i];
-                    l.receiver = Some(r);
-                    l.retry_at = None;
-                    l.backoff.reset();
-                }
+            match self.attach_link(&mut conn.session, i, step).await {
+                Ok(()) => {}
                 Err(e) if conn.session.is_ended() => return Err(e),
                 Err(e) => {
                     // The connection is fine; this entity is not (yet). Retry it alone.
                     log::warn!("source: {e}; retrying this subscription with backoff");
-                    let l = &mut self.links[i];
-                    l.retry_at = Some(Instant::now() + l.backoff.next());
+                    self.schedule_retry(i);
                 }
             }
         }
@@ -538,6 +523,26 @@ impl Source {
         Ok(())
     }
 
+    /// Attach link `i` on `session`; on success it is live and its backoff reset.
+    async fn attach_link(
+        &mut self,
+        session: &mut SessionHandle<()>,
+        i: usize,
+        step: Duration,
+    ) -> Result<(), SourceError> {
+        let r = attach(session, &self.links[i].address, i, step, self.settle_mode()).await?;
+        let l = &mut self.links[i];
+        l.receiver = Some(r);
+        l.retry_at = None;
+        l.backoff.reset();
+        Ok(())
+    }
+
+    fn schedule_retry(&mut self, i: usize) {
+        let l = &mut self.links[i];
+        l.retry_at = Some(Instant::now() + l.backoff.next());
+    }
+
     /// Attach again the links whose retry time has come.
     async fn retry_links(&mut self, conn: &mut Conn) -> Result<(), SourceError> {
         let now = Instant::now();
@@ -549,27 +554,11 @@ impl Source {
             if conn.session.is_ended() {
                 return Err(SourceError::ConnectionLost("session ended".into()));
             }
-            let mode = self.settle_mode();
-            match attach(
-                &mut conn.session,
-                &self.links[i].address,
-                i,
-                step,
-                mode.clone(),
-            )
-            .await
-            {
-                Ok(r) => {
-                    let l = &mut self.links[i];
-                    log::info!("source: link to {} re-attached", l.address);
-                    l.receiver = Some(r);
-                    l.retry_at = None;
-                    l.backoff.reset();
-                }
+            match self.attach_link(&mut conn.session, i, step).await {
+                Ok(()) => log::info!("source: link to {} re-attached", self.links[i].address),
                 Err(e) => {
                     log::debug!("source: {e}");
-                    let l = &mut self.links[i];
-                    l.retry_at = Some(Instant::now() + l.backoff.next());
+                    self.schedule_retry(i);
                 }
             }
         }
