@@ -137,7 +137,7 @@ async fn run_bare(h: &EmulatorHandle, n: usize) -> f64 {
         .name("bare-rx")
         .source(ENTITY)
         .sender_settle_mode(SenderSettleMode::Unsettled)
-        .receiver_settle_mode(ReceiverSettleMode::Second)
+        .receiver_settle_mode(ReceiverSettleMode::First)
         .credit_mode(CreditMode::Manual)
         .attach(&mut session)
         .await

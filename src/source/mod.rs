@@ -343,17 +343,6 @@ impl Source {
         }))
     }
 
-    /// ASB (CBS auth) gets peek-lock as its SDKs ask for it: unsettled sends, receiver
-    /// settle mode second. Other brokers (SASL PLAIN) get mode first, which every AMQP
-    /// 1.0 broker supports (RabbitMQ refuses second); sends stay unsettled, so it is still
-    /// peek-lock: nothing leaves the broker before our disposition.
-    fn settle_mode(&self) -> ReceiverSettleMode {
-        match self.ctx.config.source.auth {
-            AuthMode::Cbs => ReceiverSettleMode::Second,
-            AuthMode::Plain => ReceiverSettleMode::First,
-        }
-    }
-
     /// Connect, authenticate and attach every link.
     async fn connect(&mut self) -> Result<Conn, SourceError> {
         let cs = &self.ctx.config.connection;
@@ -530,7 +519,7 @@ impl Source {
         i: usize,
         step: Duration,
     ) -> Result<(), SourceError> {
-        let r = attach(session, &self.links[i].address, i, step, self.settle_mode()).await?;
+        let r = attach(session, &self.links[i].address, i, step).await?;
         let l = &mut self.links[i];
         l.receiver = Some(r);
         l.retry_at = None;
@@ -835,19 +824,26 @@ impl Source {
 }
 
 /// Attach a peek-lock receiver with manual credit (0 until granted).
+///
+/// Peek-lock is the broker sending unsettled (`snd-settle-mode unsettled`): nothing
+/// leaves the broker before our disposition. Our disposition settles at once
+/// (`rcv-settle-mode first`, what Qpid JMS uses against Service Bus and the only mode
+/// RabbitMQ offers). Mode `second` would add the broker's settled echo, which fe2o3
+/// never shows to us, while keeping each delivery in two fe2o3 maps until that echo
+/// arrives: a peer that never echoes (fe2o3's own acceptor drops it) would grow them
+/// without bound, outside the memory budget.
 async fn attach(
     session: &mut SessionHandle<()>,
     address: &str,
     i: usize,
     step: Duration,
-    mode: ReceiverSettleMode,
 ) -> Result<Receiver, SourceError> {
     let name = format!("asb-gateway-{i}-{:08x}", fastrand::u32(..));
     let fut = Receiver::builder()
         .name(name)
         .source(address.to_string())
         .sender_settle_mode(SenderSettleMode::Unsettled)
-        .receiver_settle_mode(mode)
+        .receiver_settle_mode(ReceiverSettleMode::First)
         .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
         .attach(session);
     match timeout(step, fut).await {
