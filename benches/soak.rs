@@ -45,9 +45,11 @@ struct Sample {
     rss_kib: u64,
     fds: u64,
     threads: u64,
+    /// Tokio tasks alive in the gateway (`asbgw_tasks_alive` from `/metrics`).
+    tasks: u64,
 }
 
-fn sample(pid: u32, t0: Instant) -> Option<Sample> {
+fn sample(pid: u32, panels: SocketAddr, t0: Instant) -> Option<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status
@@ -57,11 +59,16 @@ fn sample(pid: u32, t0: Instant) -> Option<Sample> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    let tasks = http_get(panels, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("asbgw_tasks_alive "))
+        .and_then(|v| v.trim().parse().ok())?;
     Some(Sample {
         t_secs: t0.elapsed().as_secs_f64(),
         rss_kib: field("VmRSS:")?,
         fds,
         threads: field("Threads:")?,
+        tasks,
     })
 }
 
@@ -288,17 +295,18 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     let mut samples = Vec::new();
     let t_measure = Instant::now();
     loop {
-        let s = sample(pid, t0).expect("gateway alive");
+        let s = sample(pid, panels, t0).expect("gateway alive");
         samples.push(s);
         if t_measure.elapsed() >= Duration::from_secs(secs) {
             break;
         }
         eprintln!(
-            "soak: t={:>6.0}s rss={} KiB fds={} threads={} sent={} completed={} panels churned={}",
+            "soak: t={:>6.0}s rss={} KiB fds={} threads={} tasks={} sent={} completed={} panels churned={}",
             s.t_secs,
             s.rss_kib,
             s.fds,
             s.threads,
+            s.tasks,
             sent.load(Ordering::Relaxed),
             em.stats()[ENTITY].completed,
             churned.load(Ordering::Relaxed)
@@ -314,7 +322,7 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     }
     // After the churn: panel sockets and fds come back to the idle level.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = sample(pid, t0).expect("gateway alive");
+    let idle = sample(pid, panels, t0).expect("gateway alive");
     let health_idle = http_get(panels, "/healthz");
     let stats = em.stats()[ENTITY].clone();
 
@@ -349,6 +357,10 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
         "threads_start": first.threads,
         "threads_end": last.threads,
         "threads_idle_after": idle.threads,
+        "tasks_start": first.tasks,
+        "tasks_end": last.tasks,
+        "tasks_max": samples.iter().map(|s| s.tasks).max(),
+        "tasks_idle_after": idle.tasks,
         "healthz_end": health,
         "healthz_idle_after": health_idle,
         "gateway_warnings": warnings.load(Ordering::Relaxed),
@@ -368,6 +380,10 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     println!(
         "| threads | {} | {} | {} |",
         first.threads, last.threads, idle.threads
+    );
+    println!(
+        "| tokio tasks | {} | {} | {} |",
+        first.tasks, last.tasks, idle.tasks
     );
     println!();
     println!(

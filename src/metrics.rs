@@ -419,6 +419,15 @@ impl Metrics {
             "budget.memory_mib in bytes.",
             &[("", self.budget_limit_bytes.get())],
         );
+        // Read where it is rendered: the runtime serving /metrics is the daemon's.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            metric(
+                "tasks_alive",
+                "gauge",
+                "Tokio tasks alive in the runtime (a leak shows as steady growth).",
+                &[("", rt.metrics().num_alive_tasks() as u64)],
+            );
+        }
         out
     }
 }

@@ -750,6 +750,25 @@ async fn metrics_health_page_and_404() {
         m1["asbgw_panels_rejected_total{reason=\"unauthorized\"}"],
         0.0
     );
+    // A panel is a task while it is connected, and gone once it closes.
+    let tasks = |m: &std::collections::BTreeMap<String, f64>| m["asbgw_tasks_alive"];
+    assert!(tasks(&m1) > tasks(&m0), "{} vs {}", tasks(&m1), tasks(&m0));
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = parse_prometheus(&http_get(srv.addr, "/metrics").await.2);
+        if m["asbgw_panels_connected"] == 0.0 && tasks(&m) <= tasks(&m0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "panel task still alive: {} > {}",
+            tasks(&m),
+            tasks(&m0)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // health follows the part states
     let (status, _, body) = http_get(srv.addr, "/healthz").await;
@@ -762,7 +781,7 @@ async fn metrics_health_page_and_404() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         (v["status"].as_str(), v["panels"].as_u64()),
-        (Some("ok"), Some(1))
+        (Some("ok"), Some(0))
     );
 
     let (status, _, page) = http_get(srv.addr, "/").await;
