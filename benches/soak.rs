@@ -14,11 +14,20 @@
 //! 4 panels that stay and a churn of short-lived panels (a new one every 200 ms, each
 //! reading for 0.3–3 s, some with a filter, some postcard).
 
+#[path = "support/http.rs"]
+mod http;
 #[allow(dead_code)]
 #[path = "../tests/support/mosquitto.rs"]
 mod mosquitto;
 
-use std::io::{BufRead, BufReader, Read, Write};
+/// The body of GET `path` ("" when unreachable).
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    http::get(addr, path)
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -86,21 +95,6 @@ fn slope_kib_per_min(s: &[Sample]) -> f64 {
         .sum();
     let den: f64 = s.iter().map(|x| (x.t_secs - mx).powi(2)).sum();
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
-}
-
-/// GET a path on the panel port; the body.
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
 }
 
 /// One panel: connect, read for `hold` (or forever), close.
@@ -335,6 +329,9 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     let first = samples[0];
     let last = *samples.last().unwrap();
     let slope = slope_kib_per_min(&samples);
+    // Allocator high-water marks (a peak of concurrent panels) show as steps early on; a
+    // leak keeps the same slope in the second half.
+    let slope_late = slope_kib_per_min(&samples[samples.len() / 2..]);
     let json = serde_json::json!({
         "bench": "soak",
         "measured_secs": secs,
@@ -351,6 +348,7 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
         "rss_kib_end": last.rss_kib,
         "rss_kib_max": samples.iter().map(|s| s.rss_kib).max(),
         "rss_slope_kib_per_min": (slope * 10.0).round() / 10.0,
+        "rss_slope_second_half_kib_per_min": (slope_late * 10.0).round() / 10.0,
         "fds_start": first.fds,
         "fds_end": last.fds,
         "fds_idle_after": idle.fds,
@@ -387,7 +385,8 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     );
     println!();
     println!(
-        "RSS slope {slope:.1} KiB/min (least squares over {} samples, max {} KiB); \
+        "RSS slope {slope:.1} KiB/min (least squares over {} samples; second half \
+         {slope_late:.1} KiB/min; max {} KiB); \
          {} messages sent, {} completed; {} panel frames; {} panels churned; exit {exit:?}",
         samples.len(),
         samples.iter().map(|s| s.rss_kib).max().unwrap_or(0),
