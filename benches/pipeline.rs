@@ -177,7 +177,10 @@ fn wait_port(port: u16) {
 
 /// mosquitto with a plain listener on `tcp` and, if given, a WebSocket listener.
 fn mosquitto(dir: &Path, tcp: u16, ws: Option<u16>, pin: bool) -> Child {
-    let mut conf = format!("listener {tcp} 127.0.0.1\nallow_anonymous true\n");
+    let mut conf = format!(
+        "listener {tcp} 127.0.0.1\nallow_anonymous true\nlog_dest file {}\n",
+        dir.join("mosquitto.log").display()
+    );
     if let Some(ws) = ws {
         conf += &format!("listener {ws}\nprotocol websockets\n");
     }
@@ -682,6 +685,7 @@ async fn publish(
     size: usize,
     t0: Instant,
     deadline: Instant,
+    source_drops: Arc<AtomicU64>,
 ) -> u64 {
     let pad: Arc<str> = "x".repeat(size).into();
     let start = tokio::time::Instant::now();
@@ -735,7 +739,17 @@ async fn publish(
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_max_packet_size(64 * 1024, 64 * 1024);
             let (client, mut el) = AsyncClient::new(opts, 1024);
-            let poll = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+            // Keep polling through errors: rumqttc reconnects on the next poll. A broker
+            // that drops the publisher under load is reported, not a crash of the bench.
+            let drops = source_drops.clone();
+            let poll = tokio::spawn(async move {
+                loop {
+                    if el.poll().await.is_err() {
+                        drops.fetch_add(1, Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            });
             let mut k = 0;
             while k < total && Instant::now() < deadline {
                 tokio::time::sleep_until(due(k)).await;
@@ -749,9 +763,12 @@ async fn publish(
             }
             // let the event loop write out what is queued
             tokio::time::sleep(Duration::from_millis(200)).await;
+            // what follows is our own disconnect, not a drop
+            let drops_during_run = source_drops.load(Relaxed);
             let _ = client.disconnect().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             poll.abort();
+            source_drops.store(drops_during_run, Relaxed);
         }
     }
     sent.load(Relaxed)
@@ -860,6 +877,7 @@ fn run_scenario(
     let start = Instant::now();
     let start_ns = shared.t0.elapsed().as_nanos() as u64;
     let deadline = start + Duration::from_secs_f64(secs + 2.0);
+    let source_drops = Arc::new(AtomicU64::new(0));
     let published = src_rt.block_on(publish(
         &server.feed,
         total,
@@ -867,7 +885,20 @@ fn run_scenario(
         sc.size,
         shared.t0,
         deadline,
+        source_drops.clone(),
     ));
+    let source_drops = source_drops.load(Relaxed);
+    if source_drops > 0 {
+        eprintln!(
+            "{}: the source's broker connection dropped {source_drops} time(s) during the run",
+            peer.name()
+        );
+        // why the broker dropped the source, from its own log
+        let log = std::fs::read_to_string(server.dir.join("mosquitto.log")).unwrap_or_default();
+        for line in log.lines().filter(|l| l.contains("bench-source")).take(5) {
+            eprintln!("  mosquitto: {line}");
+        }
+    }
     let pub_secs = start.elapsed().as_secs_f64();
     // drain: until every reading panel has all, or nothing arrives for 1 s (max 10 s)
     let reading = (sc.panels - stalled) as u64;
@@ -982,6 +1013,7 @@ fn run_scenario(
         "last": last_i,
         "missing": missing,
         "gaps": gaps,
+        "source_connection_drops": source_drops,
         "latency_ms": {"p50": round(row.p50), "p99": round(row.p99), "max": round(row.max), "samples": lat.len()},
         "server_rss_hwm_mib": round(row.rss_mib),
         "server_cpu_pct": round(cpu_pct),
