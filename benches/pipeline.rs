@@ -441,6 +441,46 @@ fn core0_softirq() -> (u64, u64) {
     )
 }
 
+/// The write-family syscalls the kernel counts for a process while the returned child
+/// runs: `perf stat` on the syscall tracepoints. `/proc/PID/io` `syscw` cannot be used:
+/// it counts write/writev only, and Rust's `TcpStream` and libwebsockets write sockets
+/// with send(). None when perf is missing or not allowed.
+const WRITE_SYSCALLS: &str = "syscalls:sys_enter_write,syscalls:sys_enter_writev,\
+                              syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg";
+
+fn perf_writes_start(pid: u32) -> Option<Child> {
+    Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            WRITE_SYSCALLS,
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()
+}
+
+/// Stop `perf stat` and sum its counts (None if it counted nothing usable).
+fn perf_writes_stop(child: Option<Child>) -> Option<u64> {
+    let child = child?;
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let counts: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("syscalls:sys_enter_"))
+        .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+        .collect();
+    (counts.len() == 4).then(|| counts.iter().sum())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -874,6 +914,7 @@ fn run_scenario(
     let before = proc_sample(pid);
     let cli_before = thread_ticks("panel-cli");
     let sirq_before = core0_softirq();
+    let perf = perf_writes_start(pid);
     let start = Instant::now();
     let start_ns = shared.t0.elapsed().as_nanos() as u64;
     let deadline = start + Duration::from_secs_f64(secs + 2.0);
@@ -918,6 +959,7 @@ fn run_scenario(
     let after = proc_sample(pid);
     let cli_after = thread_ticks("panel-cli");
     let sirq_after = core0_softirq();
+    let perf_writes = perf_writes_stop(perf);
     let ingested = match &server.feed {
         Feed::Emulator(em) => em.stats().get(ENTITY).map_or(0, |s| s.completed),
         _ => published,
@@ -965,7 +1007,9 @@ fn run_scenario(
     } else {
         0.0
     };
-    let syscw = after.syscw.saturating_sub(before.syscw);
+    // perf's count of write/writev/sendto/sendmsg; else syscw (write/writev only)
+    let syscw_only = perf_writes.is_none();
+    let syscw = perf_writes.unwrap_or(after.syscw.saturating_sub(before.syscw));
     let row = Row {
         peer,
         sc: sc.clone(),
@@ -1019,6 +1063,7 @@ fn run_scenario(
         "server_cpu_pct": round(cpu_pct),
         "core0_softirq_pct": round(softirq_pct),
         "write_syscalls": syscw,
+        "write_syscalls_source": if syscw_only { "proc-io-syscw (write/writev only)" } else { "perf (write, writev, sendto, sendmsg)" },
         "write_syscalls_per_frame": round(row.syscw_per_frame),
         "client_cpu_pct": round(client_cpu_pct),
         "budget_total_mib": budget.map(|b| round(b.0)),

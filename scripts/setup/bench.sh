@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Peers for the pipeline benchmark (benches/pipeline.rs): mosquitto (Debian; its
 # WebSocket listener is the fan-out peer), Node.js + npm and the `ws` package (into the
-# gitignored bench/node_modules), taskset (util-linux). Idempotent: installs only what is
-# missing.
+# gitignored bench/node_modules), taskset (util-linux), perf (linux-perf: counts the
+# servers' write/send syscalls). Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -11,6 +11,7 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
