@@ -18,13 +18,15 @@
 //! Reported per scenario (one JSON line each, then a Markdown table): events/s published
 //! and ingested, frames/s delivered, completeness (reading panels' first/last index,
 //! missing), latency p50/p99/max (publish → panel receipt), the server's peak RSS
-//! (VmHWM), CPU % (utime+stime of the process), core 0 softirq %, write syscalls per
-//! delivered frame (/proc/PID/io syscw), and the panel clients' CPU %.
+//! (VmHWM), CPU % (utime+stime of the process), core 0 softirq %, the panel clients'
+//! CPU %, and with `PIPELINE_BENCH_SYSCALLS=1` the server's write-family syscalls per
+//! delivered frame (`perf stat` on the syscall tracepoints: it slows every syscall of the
+//! server, so it is a separate run, not the default).
 //!
 //! Run: `scripts/bench.sh` (installs the peers, builds, runs this). Env:
 //! `PIPELINE_BENCH_QUICK=1` (a quick subset), `PIPELINE_BENCH_SECS` (default 6),
 //! `PIPELINE_BENCH_ONLY=gateway,gateway+mirror,node-ws,mosquitto-ws`,
-//! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary).
+//! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary), `PIPELINE_BENCH_SYSCALLS=1`.
 
 #[path = "support/http.rs"]
 mod http;
@@ -372,7 +374,6 @@ fn start_mosquitto_ws() -> Server {
 #[derive(Clone, Copy, Default)]
 struct ProcSample {
     ticks: u64,
-    syscw: u64,
     hwm_kib: u64,
 }
 
@@ -392,11 +393,9 @@ fn proc_sample(pid: u32) -> ProcSample {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     ProcSample {
         ticks,
-        syscw: field(&io, "syscw:"),
         hwm_kib: field(&status, "VmHWM:"),
     }
 }
@@ -444,7 +443,8 @@ fn core0_softirq() -> (u64, u64) {
 /// The write-family syscalls the kernel counts for a process while the returned child
 /// runs: `perf stat` on the syscall tracepoints. `/proc/PID/io` `syscw` cannot be used:
 /// it counts write/writev only, and Rust's `TcpStream` and libwebsockets write sockets
-/// with send(). None when perf is missing or not allowed.
+/// with send(). None when perf is missing or not allowed. Counting costs the server
+/// CPU on every syscall, hence opt-in.
 const WRITE_SYSCALLS: &str = "syscalls:sys_enter_write,syscalls:sys_enter_writev,\
                               syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg";
 
@@ -856,6 +856,7 @@ fn run_scenario(
     src_rt: &tokio::runtime::Runtime,
     cli_rt: &tokio::runtime::Runtime,
     print_budget: bool,
+    count_syscalls: bool,
 ) -> Outcome {
     let server = match peer {
         Peer::Gateway => src_rt.block_on(start_gateway(false, sc.panels, print_budget)),
@@ -914,7 +915,11 @@ fn run_scenario(
     let before = proc_sample(pid);
     let cli_before = thread_ticks("panel-cli");
     let sirq_before = core0_softirq();
-    let perf = perf_writes_start(pid);
+    let perf = if count_syscalls {
+        perf_writes_start(pid)
+    } else {
+        None
+    };
     let start = Instant::now();
     let start_ns = shared.t0.elapsed().as_nanos() as u64;
     let deadline = start + Duration::from_secs_f64(secs + 2.0);
@@ -1007,9 +1012,6 @@ fn run_scenario(
     } else {
         0.0
     };
-    // perf's count of write/writev/sendto/sendmsg; else syscw (write/writev only)
-    let syscw_only = perf_writes.is_none();
-    let syscw = perf_writes.unwrap_or(after.syscw.saturating_sub(before.syscw));
     let row = Row {
         peer,
         sc: sc.clone(),
@@ -1027,10 +1029,9 @@ fn run_scenario(
         rss_mib: after.hwm_kib as f64 / 1024.0,
         cpu_pct,
         softirq_pct,
-        syscw_per_frame: if frames > 0 {
-            syscw as f64 / frames as f64
-        } else {
-            f64::NAN
+        syscw_per_frame: match perf_writes {
+            Some(w) if frames > 0 => w as f64 / frames as f64,
+            _ => f64::NAN,
         },
         client_cpu_pct,
         gaps,
@@ -1062,9 +1063,8 @@ fn run_scenario(
         "server_rss_hwm_mib": round(row.rss_mib),
         "server_cpu_pct": round(cpu_pct),
         "core0_softirq_pct": round(softirq_pct),
-        "write_syscalls": syscw,
-        "write_syscalls_source": if syscw_only { "proc-io-syscw (write/writev only)" } else { "perf (write, writev, sendto, sendmsg)" },
-        "write_syscalls_per_frame": round(row.syscw_per_frame),
+        "write_syscalls": perf_writes,
+        "write_syscalls_per_frame": perf_writes.map(|_| round(row.syscw_per_frame)),
         "client_cpu_pct": round(client_cpu_pct),
         "budget_total_mib": budget.map(|b| round(b.0)),
         "budget_memory_mib": budget.map(|b| b.1),
@@ -1131,7 +1131,7 @@ fn markdown(rows: &[Row]) -> String {
             r.sc.kind.to_string()
         };
         s += &format!(
-            "| {kind} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {:.1}{} | {:.0} | {:.1} | {:.3} | {:.0} |\n",
+            "| {kind} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {:.1}{} | {:.0} | {:.1} | {} | {:.0} |\n",
             r.peer.name(),
             r.sc.panels,
             r.sc.size,
@@ -1149,7 +1149,11 @@ fn markdown(rows: &[Row]) -> String {
                 .unwrap_or_default(),
             r.cpu_pct,
             r.softirq_pct,
-            r.syscw_per_frame,
+            if r.syscw_per_frame.is_finite() {
+                format!("{:.3}", r.syscw_per_frame)
+            } else {
+                "–".to_string()
+            },
             r.client_cpu_pct,
         );
         if r.gaps > 0 {
@@ -1238,6 +1242,7 @@ fn slow_consumers(rows: &[Row]) -> String {
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken from the command line
     let quick = std::env::var("PIPELINE_BENCH_QUICK").is_ok_and(|v| v != "0");
+    let syscalls = std::env::var("PIPELINE_BENCH_SYSCALLS").is_ok_and(|v| v != "0");
     let secs: f64 = std::env::var("PIPELINE_BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1286,11 +1291,16 @@ fn main() {
         .unwrap_or("")
         .to_string();
     println!(
-        "pipeline bench: {} cores ({cpu}), {mem}, load {}, {secs} s per scenario, servers {}pinned to core 0, gateway {}",
+        "pipeline bench: {} cores ({cpu}), {mem}, load {}, {secs} s per scenario, servers {}pinned to core 0, gateway {}, write syscalls {}",
         cores(),
         loadavg(),
         if pinned() { "" } else { "not " },
-        gateway_binary()
+        gateway_binary(),
+        if syscalls {
+            "counted with perf (slows the servers)"
+        } else {
+            "not counted (PIPELINE_BENCH_SYSCALLS=1)"
+        }
     );
     let t_all = Instant::now();
     let mut rows = Vec::new();
@@ -1298,7 +1308,7 @@ fn main() {
     for sc in scenarios(quick) {
         for &peer in &peers {
             let first = printed.insert((peer, sc.panels));
-            let out = run_scenario(peer, &sc, secs, &src_rt, &cli_rt, first);
+            let out = run_scenario(peer, &sc, secs, &src_rt, &cli_rt, first, syscalls);
             println!("{}", out.json);
             rows.push(out.row);
         }

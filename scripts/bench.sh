@@ -2,7 +2,8 @@
 # The pipeline benchmark, peers side by side in one run (see BENCHMARKS.md, "Pipeline vs
 # peers"). Installs the peers first (idempotent), builds the release binary, then runs
 # benches/pipeline.rs. PIPELINE_BENCH_QUICK=1 runs a quick subset; PIPELINE_BENCH_SECS
-# sets the seconds per scenario (default 6); PIPELINE_BENCH_ONLY=gateway,node,... picks peers.
+# sets the seconds per scenario (default 6); PIPELINE_BENCH_ONLY=gateway,node,... picks peers;
+# PIPELINE_BENCH_SYSCALLS=1 counts write syscalls with perf (a separate run: it slows them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup/bench.sh
