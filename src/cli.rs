@@ -223,10 +223,14 @@ fn run(path: &std::path::Path) -> ExitCode {
 }
 
 /// The runtime every subcommand runs on: two worker threads (an edge box has few cores
-/// and the data path is I/O bound). A failure is reported and mapped to exit code 2.
+/// and the data path is I/O bound), one when the process may use only one CPU (systemd
+/// `CPUAffinity=`, `taskset`, a cgroup quota of one CPU): two workers taking turns on
+/// one core only add cross-thread wake-ups. A failure is reported and mapped to exit
+/// code 2.
 pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cpus.min(2))
         .enable_all()
         .build()
         .map_err(|e| {
