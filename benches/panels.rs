@@ -6,6 +6,9 @@
 //! Run: `cargo bench --bench panels` (env PANELS_BENCH_SECS, PANELS_BENCH_RATE to change
 //! the duration and the event rate).
 
+#[path = "support/procfs.rs"]
+mod procfs;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -43,39 +46,6 @@ fn config(max_panels: usize) -> Config {
          [panels]\nmax_panels = {max_panels}\n"
     );
     Config::parse(&text, &LoadEnv::default()).unwrap()
-}
-
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU ticks (utime + stime) of this process's threads whose name starts with `prefix`.
-fn thread_ticks(prefix: &str) -> u64 {
-    let mut total = 0;
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    for t in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
-        }
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // fields after "(comm) ": state=0 … utime=11 stime=12
-        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    }
-    total
 }
 
 fn seq_of(text: &str) -> Option<u64> {
@@ -180,7 +150,7 @@ fn run(s: &Scenario, rate: u64, secs: u64) -> Result {
     };
     let topic = Topic::try_from("line1/temp").unwrap();
     let body = br#"{"temperature":21.5,"unit":"C","line":"line1","station":7}"#;
-    let ticks0 = thread_ticks("asbgw-srv");
+    let ticks0 = procfs::thread_ticks("asbgw-srv");
     let start = Instant::now();
     let interval = Duration::from_nanos(1_000_000_000 / rate);
     for seq in 1..=total {
@@ -198,7 +168,7 @@ fn run(s: &Scenario, rate: u64, secs: u64) -> Result {
         std::thread::sleep(Duration::from_millis(5));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let ticks = thread_ticks("asbgw-srv") - ticks0;
+    let ticks = procfs::thread_ticks("asbgw-srv") - ticks0;
     let hz = 100.0; // USER_HZ on Linux
     stop.store(true, Relaxed);
     let mut lat: Vec<u32> = Vec::new();
@@ -216,8 +186,8 @@ fn run(s: &Scenario, rate: u64, secs: u64) -> Result {
             .unwrap_or(0) as u64
     };
     let gaps = ctx.metrics.gaps.get();
-    let vm_hwm_kib = status_kib("VmHWM:");
-    let vm_rss_kib = status_kib("VmRSS:");
+    let vm_hwm_kib = procfs::status_field("self", "VmHWM:").unwrap_or(0);
+    let vm_rss_kib = procfs::status_field("self", "VmRSS:").unwrap_or(0);
     trigger.fire();
     let _ =
         server_rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });

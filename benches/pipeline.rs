@@ -30,6 +30,8 @@
 
 #[path = "support/http.rs"]
 mod http;
+#[path = "support/procfs.rs"]
+mod procfs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -386,40 +388,10 @@ fn proc_sample(pid: u32) -> ProcSample {
             f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
         })
         .unwrap_or(0);
-    let field = |text: &str, name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     ProcSample {
         ticks,
-        hwm_kib: field(&status, "VmHWM:"),
+        hwm_kib: procfs::status_field(&pid.to_string(), "VmHWM:").unwrap_or(0),
     }
-}
-
-/// CPU ticks of this process's threads whose name starts with `prefix`.
-fn thread_ticks(prefix: &str) -> u64 {
-    let mut total = 0;
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    for t in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
-        }
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    }
-    total
 }
 
 /// softirq ticks of core 0 (where the server runs when pinned) and all its ticks.
@@ -913,7 +885,7 @@ fn run_scenario(
     std::thread::sleep(Duration::from_millis(300));
 
     let before = proc_sample(pid);
-    let cli_before = thread_ticks("panel-cli");
+    let cli_before = procfs::thread_ticks("panel-cli");
     let sirq_before = core0_softirq();
     let perf = if count_syscalls {
         perf_writes_start(pid)
@@ -962,7 +934,7 @@ fn run_scenario(
     }
     let wall = start.elapsed().as_secs_f64();
     let after = proc_sample(pid);
-    let cli_after = thread_ticks("panel-cli");
+    let cli_after = procfs::thread_ticks("panel-cli");
     let sirq_after = core0_softirq();
     let perf_writes = perf_writes_stop(perf);
     let ingested = match &server.feed {

@@ -19,6 +19,9 @@ mod http;
 #[allow(dead_code)]
 #[path = "../tests/support/mosquitto.rs"]
 mod mosquitto;
+#[allow(dead_code)]
+#[path = "support/procfs.rs"]
+mod procfs;
 
 /// The body of GET `path` ("" when unreachable).
 fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -59,14 +62,8 @@ struct Sample {
 }
 
 fn sample(pid: u32, panels: SocketAddr, t0: Instant) -> Option<Sample> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+    let pid_s = pid.to_string();
+    let field = |name: &str| procfs::status_field(&pid_s, name);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     let tasks = http_get(panels, "/metrics")
         .lines()
