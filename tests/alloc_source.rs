@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{EmulatorOptions, Entities, EntityConfig, TopicConfig};
 use source_support::*;
 
 struct Live;
@@ -53,7 +52,6 @@ unsafe impl GlobalAlloc for Live {
 static GLOBAL: Live = Live;
 
 const T: Duration = Duration::from_secs(30);
-const TOPIC: &str = "events";
 const ROUND: u64 = 500;
 const WARMUP_ROUNDS: u64 = 3;
 const ROUNDS: u64 = 12;
@@ -61,27 +59,12 @@ const MAX_BYTES_PER_MESSAGE: i64 = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_heap_does_not_grow_per_message_once_the_journal_is_full() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let em = asb_gateway::emulator::start(
-        listener,
-        EmulatorOptions {
-            entities: Entities {
-                namespace: "test".into(),
-                queues: Vec::new(),
-                topics: vec![TopicConfig {
-                    name: TOPIC.into(),
-                    subscriptions: vec![EntityConfig {
-                        name: "edge".into(),
-                        lock_duration: Duration::from_secs(30),
-                        max_delivery_count: 10,
-                    }],
-                }],
-            },
-            ..Default::default()
-        },
+    let em = start_emulator(
+        entities(Duration::from_secs(30), &["edge"]),
+        None,
+        "127.0.0.1:0",
     )
-    .await
-    .unwrap();
+    .await;
     let toml = format!(
         "[source]\nconnection_string = \"{}\"\n\
          [[source.subscriptions]]\ntopic = \"{TOPIC}\"\nsubscription = \"edge\"\n\

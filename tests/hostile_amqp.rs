@@ -9,9 +9,7 @@ mod source_support;
 use std::time::Duration;
 
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{
-    EmulatorHandle, EmulatorOptions, Entities, EntityConfig, EntityStats, TopicConfig,
-};
+use asb_gateway::emulator::{EmulatorHandle, EntityStats};
 use asb_gateway::event::{CONTENT_TYPE_MAX, ID_MAX, PROP_KEY_MAX, PROP_VALUE_MAX, PROPS_MAX};
 use fe2o3_amqp::types::messaging::{
     AmqpSequence, AmqpValue, ApplicationProperties, Batch, Body, Data, Message, MessageAnnotations,
@@ -22,31 +20,15 @@ use serde_json::json;
 use source_support::*;
 
 const T: Duration = Duration::from_secs(20);
-const TOPIC: &str = "events";
 const ENTITY: &str = "events/Subscriptions/edge";
 
 async fn emulator() -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    asb_gateway::emulator::start(
-        l,
-        EmulatorOptions {
-            entities: Entities {
-                namespace: "test".into(),
-                queues: Vec::new(),
-                topics: vec![TopicConfig {
-                    name: TOPIC.into(),
-                    subscriptions: vec![EntityConfig {
-                        name: "edge".into(),
-                        lock_duration: Duration::from_secs(30),
-                        max_delivery_count: 10,
-                    }],
-                }],
-            },
-            ..Default::default()
-        },
+    start_emulator(
+        entities(Duration::from_secs(30), &["edge"]),
+        None,
+        "127.0.0.1:0",
     )
     .await
-    .unwrap()
 }
 
 fn msg(id: Option<&str>, body: Body<Value>) -> Message<Body<Value>> {

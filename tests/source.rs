@@ -10,49 +10,13 @@ use std::time::{Duration, Instant};
 
 use asb_gateway::app::Context;
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{
-    EmulatorHandle, EmulatorOptions, Entities, EntityConfig, EntityStats, Store, TopicConfig,
-};
+use asb_gateway::emulator::{EmulatorHandle, EntityStats};
 use fe2o3_amqp::types::messaging::{Body, Data, Message, Properties};
 use fe2o3_amqp::types::primitives::{Binary, Value};
 use source_support::*;
 use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(15);
-const TOPIC: &str = "events";
-
-fn entities(lock: Duration, subs: &[&str]) -> Entities {
-    Entities {
-        namespace: "test".into(),
-        queues: Vec::new(),
-        topics: vec![TopicConfig {
-            name: TOPIC.into(),
-            subscriptions: subs
-                .iter()
-                .map(|s| EntityConfig {
-                    name: s.to_string(),
-                    lock_duration: lock,
-                    max_delivery_count: 10,
-                })
-                .collect(),
-        }],
-    }
-}
-
-async fn emulator(entities: Entities, store: Option<Store>, addr: &str) -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-    asb_gateway::emulator::start(
-        l,
-        EmulatorOptions {
-            entities,
-            store,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-}
-
 fn config(h: &EmulatorHandle, subs: &[&str], extra: &str) -> String {
     let mut s = format!(
         "[source]\nconnection_string = \"{}\"\n",
@@ -136,7 +100,7 @@ fn acker(ctx: Arc<Context>, acks: mpsc::Sender<u64>, paused: Arc<AtomicBool>) {
 
 #[tokio::test]
 async fn end_to_end_in_order_each_completed_once() {
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_secs(30), &["edge"]),
         None,
         "127.0.0.1:0",
@@ -184,7 +148,7 @@ async fn end_to_end_in_order_each_completed_once() {
 
 #[tokio::test]
 async fn back_pressure_credit_never_exceeds_the_window() {
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_secs(30), &["edge"]),
         None,
         "127.0.0.1:0",
@@ -229,7 +193,7 @@ async fn back_pressure_credit_never_exceeds_the_window() {
 #[tokio::test]
 async fn oversize_and_undecodable_are_dead_lettered_and_the_stream_continues() {
     capture_logs();
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_secs(30), &["edge"]),
         None,
         "127.0.0.1:0",
@@ -294,7 +258,7 @@ async fn oversize_and_undecodable_are_dead_lettered_and_the_stream_continues() {
 
 #[tokio::test]
 async fn graceful_shutdown_releases_held_deliveries() {
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_secs(60), &["edge"]),
         None,
         "127.0.0.1:0",
@@ -321,7 +285,7 @@ async fn graceful_shutdown_releases_held_deliveries() {
 
 #[tokio::test]
 async fn two_subscriptions_two_links_each_event_once_per_subscription() {
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_secs(30), &["a", "b"]),
         None,
         "127.0.0.1:0",
@@ -353,7 +317,7 @@ async fn two_subscriptions_two_links_each_event_once_per_subscription() {
 
 #[tokio::test]
 async fn forced_link_detach_is_reattached_without_loss() {
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_millis(800), &["edge"]),
         None,
         "127.0.0.1:0",
@@ -399,7 +363,7 @@ async fn forced_link_detach_is_reattached_without_loss() {
 
 #[tokio::test]
 async fn emulator_killed_and_restarted_reconnects_without_loss_or_duplicates() {
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_millis(800), &["edge"]),
         None,
         "127.0.0.1:0",
@@ -426,7 +390,7 @@ async fn emulator_killed_and_restarted_reconnects_without_loss_or_duplicates() {
     // The mirror acknowledges while the broker is away (events are unpinned).
     paused.store(false, Ordering::SeqCst);
     wait_for(T, "handed on", || ctx.journal.pinned() == 0).await;
-    let h = emulator(
+    let h = start_emulator(
         entities(Duration::from_millis(800), &["edge"]),
         Some(store),
         &addr,

@@ -7,11 +7,55 @@ use std::time::Duration;
 
 use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
+use asb_gateway::emulator::{
+    EmulatorHandle, EmulatorOptions, Entities, EntityConfig, Store, TopicConfig,
+};
 use asb_gateway::journal::Event;
 use asb_gateway::shutdown::{self, Trigger};
 use asb_gateway::source::{self, Options, SourceError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// The topic of the source tests' emulator.
+pub const TOPIC: &str = "events";
+
+/// Topic `TOPIC` with these subscriptions (max delivery count 10).
+pub fn entities(lock: Duration, subs: &[&str]) -> Entities {
+    Entities {
+        namespace: "test".into(),
+        queues: Vec::new(),
+        topics: vec![TopicConfig {
+            name: TOPIC.into(),
+            subscriptions: subs
+                .iter()
+                .map(|s| EntityConfig {
+                    name: s.to_string(),
+                    lock_duration: lock,
+                    max_delivery_count: 10,
+                })
+                .collect(),
+        }],
+    }
+}
+
+/// The emulator on `addr` ("127.0.0.1:0" for any port), with `store` to restart one.
+pub async fn start_emulator(
+    entities: Entities,
+    store: Option<Store>,
+    addr: &str,
+) -> EmulatorHandle {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    asb_gateway::emulator::start(
+        l,
+        EmulatorOptions {
+            entities,
+            store,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
 
 pub fn context(toml: &str) -> Arc<Context> {
     let config = Config::parse(toml, &LoadEnv::default()).expect("test config");
