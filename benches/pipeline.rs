@@ -90,6 +90,13 @@ struct Scenario {
     stalled_pct: usize,
 }
 
+impl Scenario {
+    /// The same panels, event size and rate (stalls and kind aside).
+    fn same_load(&self, o: &Scenario) -> bool {
+        (self.panels, self.size, self.rate) == (o.panels, o.size, o.rate)
+    }
+}
+
 /// A server under test and how to feed it.
 struct Server {
     child: Child,
@@ -1144,9 +1151,7 @@ fn ratios(rows: &[Row]) -> String {
         for p in rows.iter().filter(|r| {
             r.peer != Peer::Gateway
                 && r.sc.kind == gw.sc.kind
-                && r.sc.panels == gw.sc.panels
-                && r.sc.size == gw.sc.size
-                && r.sc.rate == gw.sc.rate
+                && r.sc.same_load(&gw.sc)
                 && r.sc.stalled_pct == gw.sc.stalled_pct
         }) {
             s += &format!(
@@ -1178,13 +1183,10 @@ fn slow_consumers(rows: &[Row]) -> String {
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for st in rows.iter().filter(|r| r.sc.stalled_pct > 0) {
-        let Some(base) = rows.iter().find(|r| {
-            r.peer == st.peer
-                && r.sc.stalled_pct == 0
-                && r.sc.panels == st.sc.panels
-                && r.sc.size == st.sc.size
-                && r.sc.rate == st.sc.rate
-        }) else {
+        let Some(base) = rows
+            .iter()
+            .find(|r| r.peer == st.peer && r.sc.stalled_pct == 0 && r.sc.same_load(&st.sc))
+        else {
             continue;
         };
         let ratio = st.p99 / base.p99;
