@@ -286,6 +286,27 @@ impl Journal {
     }
 }
 
+/// What became of a pinned event downstream: the mirror's word to the source, which
+/// settles the ASB message accordingly (DESIGN §2 "Settlement").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handoff {
+    /// The broker acknowledged event `seq` (PUBACK/PUBCOMP, or written for QoS 0):
+    /// complete the message.
+    Delivered(u64),
+    /// The broker can never take event `seq` (a poison event for the mirror):
+    /// dead-letter the message with reason `MirrorRejected` and this description.
+    Rejected { seq: u64, description: String },
+}
+
+impl Handoff {
+    /// The journal seq the word is about.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Handoff::Delivered(seq) | Handoff::Rejected { seq, .. } => *seq,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 //! - [`journal`]: the fixed-capacity ring of encoded events.
 //! - [`routing`]: topic templates and MQTT-style filters.
 //! - [`budget`]: the worst-case memory of a config.
-//! - [`metrics`]: counters, gauges, health.
+//! - [`metrics`]: counters, gauges, health; [`backoff`]: the one retry backoff.
 //! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal).
 //! - [`mirror`]: the MQTT mirror.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
@@ -18,6 +18,7 @@
 
 pub mod app;
 pub mod appliance;
+pub mod backoff;
 pub mod budget;
 pub mod cli;
 pub mod config;

@@ -10,18 +10,95 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 pub enum DeadLetterReason {
     PayloadTooLarge,
     Undecodable,
+    /// The MQTT broker can never take the event (the mirror's poison event).
+    MirrorRejected,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 2] = [
+    pub const ALL: [DeadLetterReason; 3] = [
         DeadLetterReason::PayloadTooLarge,
         DeadLetterReason::Undecodable,
+        DeadLetterReason::MirrorRejected,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::PayloadTooLarge => "PayloadTooLarge",
             DeadLetterReason::Undecodable => "Undecodable",
+            DeadLetterReason::MirrorRejected => "MirrorRejected",
         }
+    }
+}
+
+/// Why the mirror gave up on an event (`asbgw_mqtt_rejected_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorRejectReason {
+    /// Larger than the broker's Maximum Packet Size (CONNACK) or `mqtt.max_packet_size`.
+    PacketTooLarge,
+    /// An MQTT 5 PUBACK/PUBREC/PUBCOMP reason code of 0x80 or more.
+    Refused,
+    /// The broker closed the connection twice in a row on this publish alone.
+    Disconnected,
+}
+
+impl MirrorRejectReason {
+    pub const ALL: [MirrorRejectReason; 3] = [
+        MirrorRejectReason::PacketTooLarge,
+        MirrorRejectReason::Refused,
+        MirrorRejectReason::Disconnected,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorRejectReason::PacketTooLarge => "packet_too_large",
+            MirrorRejectReason::Refused => "refused",
+            MirrorRejectReason::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// The state of each subscription's link, for `/healthz`: `None` = attached, else why
+/// not. Written by the source on each state change only.
+#[derive(Debug, Default)]
+pub struct LinkStates(std::sync::Mutex<Vec<(String, Option<String>)>>);
+
+impl LinkStates {
+    /// Name the links (entity paths), all not yet attached.
+    pub fn init(&self, addresses: impl IntoIterator<Item = String>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *v = addresses
+            .into_iter()
+            .map(|a| (a, Some("not attached yet".to_string())))
+            .collect();
+    }
+
+    /// Link `i` is attached (`None`) or down for a reason.
+    pub fn set(&self, i: usize, down: Option<String>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = v.get_mut(i) {
+            slot.1 = down;
+        }
+    }
+
+    /// Every link attached (true when there are none registered).
+    pub fn all_attached(&self) -> bool {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.iter().all(|(_, d)| d.is_none())
+    }
+
+    /// `{"ADDRESS":"attached"|"REASON",…}`
+    fn json(&self) -> String {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::from("{");
+        for (k, (addr, down)) in v.iter().enumerate() {
+            if k > 0 {
+                out.push(',');
+            }
+            let state = down.as_deref().unwrap_or("attached");
+            out.push_str(&serde_json::to_string(addr).unwrap_or_default());
+            out.push(':');
+            out.push_str(&serde_json::to_string(state).unwrap_or_default());
+        }
+        out.push('}');
+        out
     }
 }
 
@@ -137,6 +214,13 @@ pub struct Metrics {
     pub completed: Counter,
     pub dead_lettered_too_large: Counter,
     pub dead_lettered_undecodable: Counter,
+    pub dead_lettered_mirror_rejected: Counter,
+    pub lock_renewals: Counter,
+    pub lock_renewal_failures: Counter,
+    /// Held deliveries whose lock was lost before their event was handed on: left to
+    /// the broker's redelivery (which is then settled as a duplicate).
+    pub locks_lost: Counter,
+    pub links: LinkStates,
     pub released: Counter,
     pub abandoned_on_link_loss: Counter,
     pub duplicates: Counter,
@@ -169,6 +253,9 @@ pub struct Metrics {
     pub mqtt_republished: Counter,
     /// Events a best-effort mirror missed because the journal overwrote them.
     pub mqtt_skipped: Counter,
+    pub mqtt_rejected_packet_too_large: Counter,
+    pub mqtt_rejected_refused: Counter,
+    pub mqtt_rejected_disconnected: Counter,
     pub mirror_state: StateCell,
     // budget
     pub budget_bytes: Gauge,
@@ -180,6 +267,15 @@ impl Metrics {
         match r {
             DeadLetterReason::PayloadTooLarge => &self.dead_lettered_too_large,
             DeadLetterReason::Undecodable => &self.dead_lettered_undecodable,
+            DeadLetterReason::MirrorRejected => &self.dead_lettered_mirror_rejected,
+        }
+    }
+
+    pub fn mqtt_rejected(&self, r: MirrorRejectReason) -> &Counter {
+        match r {
+            MirrorRejectReason::PacketTooLarge => &self.mqtt_rejected_packet_too_large,
+            MirrorRejectReason::Refused => &self.mqtt_rejected_refused,
+            MirrorRejectReason::Disconnected => &self.mqtt_rejected_disconnected,
         }
     }
 
@@ -192,18 +288,21 @@ impl Metrics {
         }
     }
 
-    /// Healthy when the source is up and the mirror, if any, is up.
+    /// Healthy when the source is up with every subscription's link attached, and the
+    /// mirror, if any, is up.
     pub fn healthy(&self) -> bool {
         self.source_state.get() == PartState::Up
+            && self.links.all_attached()
             && matches!(self.mirror_state.get(), PartState::Up | PartState::Disabled)
     }
 
     /// The `/healthz` body.
     pub fn health_json(&self) -> String {
         format!(
-            "{{\"status\":\"{}\",\"source\":\"{}\",\"mirror\":\"{}\",\"panels\":{}}}",
+            "{{\"status\":\"{}\",\"source\":\"{}\",\"subscriptions\":{},\"mirror\":\"{}\",\"panels\":{}}}",
             if self.healthy() { "ok" } else { "degraded" },
             self.source_state.get().as_str(),
+            self.links.json(),
             self.mirror_state.get().as_str(),
             self.panels_connected.get()
         )
@@ -288,6 +387,24 @@ impl Metrics {
             "counter",
             "CBS token renewals.",
             &[("", self.token_refreshes.get())],
+        );
+        metric(
+            "lock_renewals_total",
+            "counter",
+            "Peek-lock renewals (com.microsoft:renew-lock) that extended a held message's lock.",
+            &[("", self.lock_renewals.get())],
+        );
+        metric(
+            "lock_renewal_failures_total",
+            "counter",
+            "Peek-lock renewals that failed (lock lost, link gone, timeout).",
+            &[("", self.lock_renewal_failures.get())],
+        );
+        metric(
+            "locks_lost_total",
+            "counter",
+            "Held messages whose lock was lost; the broker's redelivery is settled instead.",
+            &[("", self.locks_lost.get())],
         );
         metric(
             "source_up",
@@ -400,6 +517,22 @@ impl Metrics {
             "counter",
             "Events a best-effort mirror missed because the journal moved on.",
             &[("", self.mqtt_skipped.get())],
+        );
+        let rj: Vec<(String, u64)> = MirrorRejectReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.as_str()),
+                    self.mqtt_rejected(*r).get(),
+                )
+            })
+            .collect();
+        let rj: Vec<(&str, u64)> = rj.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "mqtt_rejected_total",
+            "counter",
+            "Events the MQTT broker can never take (dead-lettered when the mirror is required), by reason.",
+            &rj,
         );
         metric(
             "mirror_up",

@@ -112,7 +112,8 @@ impl Template {
 fn push_clean(out: &mut Topic, s: &str, cut: &mut bool) {
     for c in s.chars() {
         let c = match c {
-            '+' | '#' | '\0' => '_',
+            '+' | '#' => '_',
+            c if mqtt_forbidden(c) => '_',
             c => c,
         };
         if out.push(c).is_err() {
@@ -120,6 +121,33 @@ fn push_clean(out: &mut Topic, s: &str, cut: &mut bool) {
             return;
         }
     }
+}
+
+/// A character an MQTT UTF-8 string must not carry (MQTT 5.0 §1.5.4, 3.1.1 §1.5.3,
+/// as brokers enforce them: mosquitto closes the connection on any of these): U+0000,
+/// the C0 and C1 controls (U+0001–U+001F, U+007F–U+009F) and the Unicode noncharacters
+/// (U+FDD0–U+FDEF and the last two code points of every plane). Surrogates cannot occur
+/// in a Rust `str`.
+pub fn mqtt_forbidden(c: char) -> bool {
+    let u = c as u32;
+    u <= 0x1F || (0x7F..=0x9F).contains(&u) || (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+}
+
+/// `s` with every [`mqtt_forbidden`] character replaced by `repl` and cut to at most
+/// `max` bytes (on a character boundary); borrowed when already clean and short enough.
+pub fn mqtt_clean(s: &str, repl: char, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max && !s.chars().any(mqtt_forbidden) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        let c = if mqtt_forbidden(c) { repl } else { c };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Longest filter accepted (bytes).
@@ -334,5 +362,18 @@ mod tests {
         assert!(!Filter::parse("line1/#").unwrap().within(&plus));
         assert!(!Filter::parse("line1/+").unwrap().within(&plus));
         assert!(Filter::parse("+/temp").unwrap().within(&plus));
+    }
+
+    #[test]
+    fn mqtt_strings_lose_what_brokers_refuse() {
+        for c in ['\0', '\u{1}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{fdd0}', '\u{fdef}', '\u{fffe}', '\u{ffff}', '\u{1fffe}', '\u{10ffff}'] {
+            assert!(mqtt_forbidden(c), "{:x}", c as u32);
+        }
+        for c in ['a', ' ', '\u{a0}', '\u{fdcf}', '\u{fdf0}', '\u{fffd}', '\u{1fffd}', 'ß', '😀'] {
+            assert!(!mqtt_forbidden(c), "{:x}", c as u32);
+        }
+        assert!(matches!(mqtt_clean("line1/temp", '_', 100), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(mqtt_clean("a\u{ffff}b\u{fdd0}", '?', 100), "a?b?");
+        assert_eq!(mqtt_clean("ééé", '?', 5), "éé");
     }
 }

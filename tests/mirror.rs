@@ -11,6 +11,7 @@ use std::time::Duration;
 use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
 use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
+use asb_gateway::journal::Handoff;
 use asb_gateway::metrics::PartState;
 use asb_gateway::{mirror, shutdown};
 use support::mosquitto::{Mosquitto, MosquittoOptions};
@@ -55,7 +56,7 @@ fn append(ctx: &Context, from: u64, to: u64) {
 struct Running {
     trigger: shutdown::Trigger,
     task: JoinHandle<Result<(), mirror::MirrorError>>,
-    acks: mpsc::Receiver<u64>,
+    acks: mpsc::Receiver<Handoff>,
 }
 
 fn start(ctx: &Arc<Context>) -> Running {
@@ -70,22 +71,30 @@ fn start(ctx: &Arc<Context>) -> Running {
 }
 
 impl Running {
-    /// Collect `n` acks (fails after WAIT).
+    /// Collect `n` acks, all `Delivered` (fails after WAIT).
     async fn acks(&mut self, n: usize) -> Vec<u64> {
         let mut got = Vec::new();
         while got.len() < n {
             match tokio::time::timeout(WAIT, self.acks.recv()).await {
-                Ok(Some(s)) => got.push(s),
+                Ok(Some(Handoff::Delivered(s))) => got.push(s),
                 other => panic!("acks: got {} of {n} ({other:?})", got.len()),
             }
         }
         got
     }
 
+    /// The next handoff, whatever it is (fails after WAIT).
+    async fn handoff(&mut self) -> Handoff {
+        match tokio::time::timeout(WAIT, self.acks.recv()).await {
+            Ok(Some(h)) => h,
+            other => panic!("no handoff ({other:?})"),
+        }
+    }
+
     /// No ack arrives within `d`.
     async fn no_acks_for(&mut self, d: Duration) {
         if let Ok(Some(s)) = tokio::time::timeout(d, self.acks.recv()).await {
-            panic!("unexpected ack for seq {s}");
+            panic!("unexpected ack {s:?}");
         }
     }
 
@@ -293,7 +302,7 @@ async fn broker_down_holds_acks_and_nothing_is_lost() {
     wait_state(&ctx, PartState::Down).await;
     let mut acked: Vec<u64> = Vec::new();
     while let Ok(s) = m.acks.try_recv() {
-        acked.push(s);
+        acked.push(s.seq());
     }
     // More while it is down: nothing is acknowledged, everything stays pinned.
     append(&ctx, 121, 150);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use asb_gateway::app::Context;
 use asb_gateway::emulator::client::Publisher;
 use asb_gateway::emulator::{EmulatorHandle, EntityStats};
+use asb_gateway::journal::Handoff;
 use fe2o3_amqp::types::messaging::{Body, Data, Message, Properties};
 use fe2o3_amqp::types::primitives::{Binary, Value};
 use source_support::*;
@@ -79,13 +80,13 @@ fn asb_seqs(ctx: &Context) -> Vec<i64> {
 }
 
 /// Acknowledges every event appended to the journal, as the mirror would, unless paused.
-fn acker(ctx: Arc<Context>, acks: mpsc::Sender<u64>, paused: Arc<AtomicBool>) {
+fn acker(ctx: Arc<Context>, acks: mpsc::Sender<Handoff>, paused: Arc<AtomicBool>) {
     tokio::spawn(async move {
         let mut next = 1u64;
         let mut latest = ctx.journal.subscribe();
         loop {
             while !paused.load(Ordering::SeqCst) && next <= ctx.journal.latest() {
-                if acks.send(next).await.is_err() {
+                if acks.send(Handoff::Delivered(next)).await.is_err() {
                     return;
                 }
                 next += 1;

@@ -238,13 +238,17 @@ pub struct MqttConfig {
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub keep_alive_secs: u64,
+    /// The broker's Maximum Packet Size in bytes, for brokers that do not announce it
+    /// (MQTT 3.1.1); an MQTT 5 broker's CONNACK value applies as well. A publish larger
+    /// than either is a poison event for the mirror (never sent, dead-lettered).
+    pub max_packet_size: Option<usize>,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             url: "mqtt://127.0.0.1:1883".into(),
-            client_id: "asb-gateway".into(),
+            client_id: default_client_id(),
             prefix: "factory/asb".into(),
             qos: 1,
             retain: false,
@@ -256,7 +260,54 @@ impl Default for MqttConfig {
             password: None,
             password_file: None,
             keep_alive_secs: 30,
+            max_packet_size: None,
         }
+    }
+}
+
+/// The default MQTT client id, unique per box so that boxes installed from one image
+/// do not take each other's session over: `asb-gateway-<hostname>-<8 hex>`, the hex an
+/// app-specific hash of `/etc/machine-id` (never the id itself, as systemd advises).
+/// Parts that cannot be read are left out; `asb-gateway` when neither can.
+pub fn default_client_id() -> String {
+    use hmac::{Hmac, Mac};
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let host: String = read("/proc/sys/kernel/hostname")
+        .or_else(|| read("/etc/hostname"))
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(48)
+        .collect();
+    let machine = read("/etc/machine-id")
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .and_then(|m| {
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(m.as_bytes()).ok()?;
+            mac.update(b"asb-gateway mqtt client id");
+            let d = mac.finalize().into_bytes();
+            Some(format!("{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3]))
+        });
+    let mut id = String::from("asb-gateway");
+    for part in [Some(host).filter(|h| !h.is_empty()), machine].into_iter().flatten() {
+        id.push('-');
+        id.push_str(&part);
+    }
+    id
+}
+
+/// A config string that goes on the MQTT wire as-is must be valid there.
+fn mqtt_text(key: &'static str, s: &str) -> Result<(), ConfigError> {
+    match s.chars().find(|c| crate::routing::mqtt_forbidden(*c)) {
+        Some(c) => Err(invalid(
+            key,
+            format!(
+                "contains U+{:04X}, which MQTT forbids in strings (controls, noncharacters)",
+                c as u32
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -493,6 +544,14 @@ impl Config {
             validate_mqtt_url(&m.url).map_err(|r| invalid("mqtt.url", r))?;
             if m.client_id.is_empty() || m.client_id.len() > 128 {
                 return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes"));
+            }
+            mqtt_text("mqtt.client_id", &m.client_id)?;
+            mqtt_text("mqtt.prefix", &m.prefix)?;
+            if let Some(u) = &m.username {
+                mqtt_text("mqtt.username", u)?;
+            }
+            if let Some(n) = m.max_packet_size {
+                range("mqtt.max_packet_size", n, 128, 268_435_455)?;
             }
             if m.prefix.contains(['+', '#', '\0']) || m.prefix.ends_with('/') {
                 return Err(invalid(

@@ -55,8 +55,9 @@ impl BrokerUrl {
 /// What the mirror learns from one poll of the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ev {
-    /// CONNACK accepted; a new session (clean start) begins.
-    Connected,
+    /// CONNACK accepted; a new session (clean start) begins. `max_packet`: the broker's
+    /// Maximum Packet Size (MQTT 5 CONNACK property), if it announced one.
+    Connected { max_packet: Option<u32> },
     /// A publish was written to the broker with this packet id (0 for QoS 0).
     Published(u16),
     /// The broker acknowledged the publish with this packet id (PUBACK for QoS 1,
@@ -228,14 +229,48 @@ pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
     }
 }
 
-/// Topics may not carry wildcards or NUL; replace them so every submit is accepted
-/// (a rejected submit would break the order the mirror relies on).
+/// Longest MQTT UTF-8 string (a two-byte length prefix).
+pub const MQTT_STRING_MAX: usize = 65_535;
+
+/// Topics may not carry wildcards, nor what MQTT forbids in strings
+/// ([`crate::routing::mqtt_forbidden`]); replace them so every submit is accepted (a
+/// rejected submit would break the order the mirror relies on).
 fn publishable(topic: String) -> String {
-    if topic.contains(['+', '#', '\0']) {
-        topic.replace(['+', '#', '\0'], "_")
+    if topic.contains(['+', '#']) || topic.chars().any(crate::routing::mqtt_forbidden) {
+        let t = topic.replace(['+', '#'], "_");
+        crate::routing::mqtt_clean(&t, '_', MQTT_STRING_MAX).into_owned()
     } else {
         topic
     }
+}
+
+/// A server DISCONNECT (MQTT 5 §3.14.2.1), named for an operator.
+fn server_disconnect_text(code: &str, reason: Option<&str>) -> String {
+    let what = match code {
+        "SessionTakenOver" => {
+            "session taken over (DISCONNECT 0x8E): another client connected with the same \
+             client id; give every box its own mqtt.client_id"
+        }
+        "PacketTooLarge" => "packet too large (DISCONNECT 0x95)",
+        "MalformedPacket" => "malformed packet (DISCONNECT 0x81)",
+        "ProtocolError" => "protocol error (DISCONNECT 0x82)",
+        "NotAuthorized" => "not authorised (DISCONNECT 0x87)",
+        "ServerShuttingDown" => "broker shutting down (DISCONNECT 0x8B)",
+        "KeepAliveTimeout" => "keep-alive timeout (DISCONNECT 0x8D)",
+        "TopicNameInvalid" => "topic name invalid (DISCONNECT 0x90)",
+        "QuotaExceeded" => "quota exceeded (DISCONNECT 0x97)",
+        _ => "",
+    };
+    let mut text = if what.is_empty() {
+        format!("the broker disconnected us ({code})")
+    } else {
+        format!("the broker disconnected us: {what}")
+    };
+    if let Some(r) = reason.filter(|r| !r.is_empty()) {
+        text.push_str(": ");
+        text.push_str(r);
+    }
+    text
 }
 
 impl Submitter {
@@ -290,7 +325,9 @@ impl Driver {
             Driver::V4(el) => {
                 use rumqttc::{ConnectionError as E, Event, Incoming};
                 match el.poll().await {
-                    Ok(Event::Incoming(Incoming::ConnAck(_))) => Ok(Ev::Connected),
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        Ok(Ev::Connected { max_packet: None })
+                    }
                     Ok(Event::Incoming(Incoming::PubAck(a))) => Ok(Ev::Acked {
                         pkid: a.pkid,
                         refused: None,
@@ -311,7 +348,9 @@ impl Driver {
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubCompReason};
                 use rumqttc::v5::{ConnectionError as E, Event, StateError};
                 match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ok(Ev::Connected),
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => Ok(Ev::Connected {
+                        max_packet: c.properties.and_then(|p| p.max_packet_size),
+                    }),
                     Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::Acked {
                         pkid: a.pkid,
                         refused: match a.reason {
@@ -339,22 +378,37 @@ impl Driver {
                     Err(E::MqttState(StateError::ConnFail { reason })) => {
                         Err(ConnFailure::Refused(refusal_text(&format!("{reason:?}"))))
                     }
+                    Err(E::MqttState(StateError::ServerDisconnect {
+                        reason_code,
+                        reason_string,
+                    })) => Err(ConnFailure::Network(server_disconnect_text(
+                        &format!("{reason_code:?}"),
+                        reason_string.as_deref(),
+                    ))),
                     Err(e) => Err(ConnFailure::Network(network_text(&e.to_string()))),
                 }
             }
         }
     }
 
-    /// After a failure: clear a packet-id collision left over from the lost session
-    /// (rumqttc keeps it across `clean()`, which would stall the next session).
+    /// After a failure, forget everything of the lost session so the next one starts
+    /// from nothing but what the mirror submits again:
+    /// - the requests rumqttc moved to `pending` (unacknowledged publishes and queued
+    ///   requests): the mirror re-submits what it still needs, in order;
+    /// - a packet-id collision (kept across `clean()`, it would stall the next session);
+    /// - the events rumqttc buffered but had not yielded yet (`Outgoing::Publish`,
+    ///   `PubAck` of the lost session): yielded after the next CONNACK they would be
+    ///   matched to the new session's publishes and acknowledge the wrong events.
     pub fn reset_after_failure(&mut self) {
         match self {
             Driver::V4(el) => {
                 el.state.collision = None;
+                el.state.events.clear();
                 el.pending.clear();
             }
             Driver::V5(el) => {
                 el.state.collision = None;
+                el.state.events.clear();
                 el.pending.clear();
             }
         }
@@ -374,6 +428,10 @@ fn network_text(e: &str) -> String {
         "connection refused (is the broker running?)".into()
     } else if e.contains("failed to lookup") || e.contains("Name or service not known") {
         format!("cannot resolve the host ({e})")
+    } else if e.contains("closed by peer") {
+        "connection closed by the broker (brokers close it on a packet they refuse, or \
+         when another client connects with the same client id)"
+            .into()
     } else {
         e.to_string()
     }

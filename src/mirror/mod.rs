@@ -30,19 +30,25 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 pub use client::BrokerUrl;
-use client::{ConnFailure, Driver, Ev, Submitter, V5Props};
+pub use client::V5Props;
+use client::{ConnFailure, Driver, Ev, Submitter};
 
 use crate::app::Context;
 use crate::appliance::notify::Part;
+use crate::backoff::Backoff;
 use crate::config::{MqttConfig, MqttProtocol, Payload};
-use crate::journal::Event;
-use crate::metrics::PartState;
+use crate::journal::{Event, Handoff};
+use crate::metrics::{MirrorRejectReason, PartState};
+use crate::routing::mqtt_clean;
 use crate::shutdown::Shutdown;
 
 /// Delay before the first reconnect attempt; doubles per failure up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection that lasted this long resets the backoff to [`BACKOFF_MIN`]; one that
+/// ends sooner (a broker dropping us right after CONNACK) keeps it growing.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Time a graceful shutdown gets to publish `offline` and disconnect.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
@@ -106,9 +112,13 @@ fn tls_config(broker: &str) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, M
 
 /// Run the mirror until `shutdown`. Returns an error only for a config that cannot work
 /// (bad URL, no TLS roots); broker failures are retried with backoff.
+///
+/// Every pinned event ends as one [`Handoff`] on `acks` (when `required`): `Delivered`
+/// on the broker's acknowledgement of its own publish, `Rejected` when the broker can
+/// never take it (see [`MirrorRejectReason`]).
 pub async fn run(
     ctx: Arc<Context>,
-    acks: mpsc::Sender<u64>,
+    acks: mpsc::Sender<Handoff>,
     shutdown: Shutdown,
 ) -> Result<(), MirrorError> {
     let cfg = ctx.config.mqtt.clone().ok_or(MirrorError::NotConfigured)?;
@@ -121,6 +131,9 @@ pub async fn run(
     } else {
         None
     };
+    if let Some(w) = packet_limit_warning(&ctx.config) {
+        log::warn!("{w}");
+    }
     let window = cfg.inflight.clamp(1, u16::MAX as usize - 2);
     let status = status_topic(&cfg.prefix);
     // The largest event entry plus the topic and v5 properties.
@@ -150,6 +163,9 @@ pub async fn run(
         cursor: ctx.journal.oldest(),
         read_buf: Vec::with_capacity(window),
         connected: false,
+        broker_max: None,
+        probe: None,
+        resume: false,
         status,
         cfg,
         ctx,
@@ -161,19 +177,69 @@ pub async fn run(
     Ok(())
 }
 
+/// A warning when events the journal accepts can exceed the broker's configured
+/// Maximum Packet Size (they would be dead-lettered as `MirrorRejected`).
+pub fn packet_limit_warning(config: &crate::config::Config) -> Option<String> {
+    let m = config.mqtt.as_ref()?;
+    let limit = m.max_packet_size?;
+    let body = config.journal.max_event_bytes;
+    (body + m.prefix.len() + 64 > limit).then(|| {
+        format!(
+            "warning: journal.max_event_bytes ({body}) plus topic and headers can exceed \
+             mqtt.max_packet_size ({limit}): such events are dead-lettered (MirrorRejected) \
+             instead of mirrored"
+        )
+    })
+}
+
+/// Size in bytes of an MQTT PUBLISH packet (fixed header included): MQTT 3.1.1 §3.3,
+/// MQTT 5 §3.3 (properties: user properties `0x26`, content type `0x03`).
+pub fn publish_packet_size(
+    v5: bool,
+    topic: usize,
+    qos: u8,
+    payload: usize,
+    props: Option<&V5Props>,
+) -> usize {
+    fn varint_len(n: usize) -> usize {
+        match n {
+            0..=127 => 1,
+            128..=16_383 => 2,
+            16_384..=2_097_151 => 3,
+            _ => 4,
+        }
+    }
+    let mut len = 2 + topic + payload + if qos > 0 { 2 } else { 0 };
+    if v5 {
+        let p = props.map_or(0, |p| {
+            p.user
+                .iter()
+                .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
+                .sum::<usize>()
+                + p.content_type.as_ref().map_or(0, |c| 1 + 2 + c.len())
+        });
+        len += varint_len(p) + p;
+    }
+    1 + varint_len(len) + len
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
+    /// In the window, held back while a suspect event is probed alone.
+    Queued,
     /// Queued to rumqttc, not yet written.
     Submitted,
     /// Written, awaiting the broker's acknowledgement.
     Sent,
-    /// Acknowledged (kept only until the slots before it are acknowledged too).
-    Acked,
+    /// Acknowledged or given up on (kept only until the slots before it are done too).
+    Done,
 }
 
 struct Slot {
     ev: Arc<Event>,
     state: SlotState,
+    /// Connections lost while this was the oldest unacknowledged publish on the wire.
+    strikes: u8,
 }
 
 /// What a submitted publish carries, in submission order.
@@ -186,7 +252,7 @@ enum Sub {
 struct Mirror {
     ctx: Arc<Context>,
     cfg: MqttConfig,
-    acks: mpsc::Sender<u64>,
+    acks: mpsc::Sender<Handoff>,
     submitter: Submitter,
     required: bool,
     qos: u8,
@@ -201,29 +267,15 @@ struct Mirror {
     cursor: u64,
     read_buf: Vec<Arc<Event>>,
     connected: bool,
+    /// The Maximum Packet Size the broker announced in its last CONNACK (MQTT 5).
+    broker_max: Option<usize>,
+    /// The suspect event sent alone after a connection was lost with it unacknowledged
+    /// on the wire: acknowledged, it clears; lost on again, it is a poison event.
+    probe: Option<u64>,
+    /// A probe ended while connected: submit the queued slots.
+    resume: bool,
     status: String,
     refusals_logged: bool,
-}
-
-/// Backoff with jitter between reconnect attempts.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff { next: BACKOFF_MIN }
-    }
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-    /// The delay to wait now: between half and all of the current step.
-    fn delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (step * 2).min(BACKOFF_MAX);
-        let half = step / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
 }
 
 impl Mirror {
@@ -235,7 +287,7 @@ impl Mirror {
         self.ctx.liveness.register(Part::Mirror);
         let metrics = self.ctx.metrics.clone();
         let mut journal_rx = self.ctx.journal.subscribe();
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX, HEALTHY_AFTER);
         // Failed attempts since the last successful connect, and the last failure logged.
         let mut failures: u64 = 0;
         let mut last_logged: Option<ConnFailure> = None;
@@ -249,10 +301,11 @@ impl Mirror {
                 tokio::pin!(fut);
                 loop {
                     self.ctx.liveness.beat(Part::Mirror);
-                    if self.connected {
+                    if self.connected && self.probe.is_none() {
                         self.fill().await;
                     }
-                    let room = self.connected && self.window.len() < self.window_cap;
+                    let room =
+                        self.connected && self.probe.is_none() && self.window.len() < self.window_cap;
                     tokio::select! {
                         biased;
                         _ = shutdown.recv() => break None,
@@ -272,17 +325,19 @@ impl Mirror {
                 return;
             };
             match polled {
-                Ok(Ev::Connected) => {
+                Ok(Ev::Connected { max_packet }) => {
                     self.connected = true;
+                    self.broker_max = max_packet.map(|m| m as usize);
                     metrics.mirror_state.set(PartState::Up);
-                    backoff.reset();
-                    let resend = self.window.iter().filter(|s| s.state != SlotState::Acked);
+                    backoff.up();
+                    let resend = self.window.iter().filter(|s| s.state != SlotState::Done);
                     let resend = resend.count();
                     if !ever_connected {
                         log::info!(
-                            "MQTT mirror connected to {} (MQTT {})",
+                            "MQTT mirror connected to {} (MQTT {}, client id {:?})",
                             self.broker(),
-                            proto(self.cfg.protocol)
+                            proto(self.cfg.protocol),
+                            self.cfg.client_id
                         );
                     } else if failures > 0 || resend > 0 {
                         log::info!(
@@ -301,7 +356,8 @@ impl Mirror {
                 Ok(Ev::Acked { pkid, refused }) => self.on_acked(pkid, refused).await,
                 Ok(Ev::Disconnected) | Ok(Ev::Other) => {}
                 Err(failure) => {
-                    self.on_lost();
+                    let was_connected = self.connected;
+                    self.on_lost(was_connected).await;
                     driver.reset_after_failure();
                     metrics.mirror_state.set(PartState::Down);
                     metrics.mqtt_reconnects.inc();
@@ -316,7 +372,7 @@ impl Mirror {
                     } else {
                         log::debug!("{err} (attempt {failures})");
                     }
-                    let delay = backoff.delay();
+                    let delay = backoff.down();
                     tokio::select! {
                         _ = shutdown.recv() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -326,8 +382,12 @@ impl Mirror {
         }
     }
 
-    /// Take events from the journal into the window and submit them.
+    /// Take events from the journal into the window and submit them (after what waited
+    /// behind a probe).
     async fn fill(&mut self) {
+        if std::mem::take(&mut self.resume) {
+            self.submit_queued().await;
+        }
         while self.window.len() < self.window_cap {
             let room = self.window_cap - self.window.len();
             let mut buf = std::mem::take(&mut self.read_buf);
@@ -348,6 +408,7 @@ impl Mirror {
                 self.window.push_back(Slot {
                     ev: ev.clone(),
                     state: SlotState::Submitted,
+                    strikes: 0,
                 });
                 self.submit_event(&ev).await;
             }
@@ -359,6 +420,8 @@ impl Mirror {
         }
     }
 
+    /// Submit the publish of a window event, or give up on it at once when it is larger
+    /// than the broker takes.
     async fn submit_event(&mut self, ev: &Event) {
         let frame = ev.frame();
         let payload = match self.cfg.payload {
@@ -366,17 +429,21 @@ impl Mirror {
             Payload::Json => Bytes::from(ev.json.clone()),
             Payload::Postcard => ev.postcard.clone(),
         };
-        let props = (self.cfg.protocol == MqttProtocol::V5).then(|| {
+        let v5 = self.cfg.protocol == MqttProtocol::V5;
+        let props = v5.then(|| {
+            // Values cut to the limits of DESIGN §3 and cleaned of what MQTT forbids.
+            let text = |s: &str| mqtt_clean(s, '?', client::MQTT_STRING_MAX).into_owned();
             let mut user = Vec::with_capacity(3);
             user.push(("seq".to_string(), ev.seq.to_string()));
             let mut ct = None;
             if let Some(f) = &frame {
                 if let Some(id) = f.message_id {
-                    user.push(("message_id".to_string(), id.to_string()));
+                    user.push(("message_id".to_string(), text(id)));
                 }
                 if let Some(c) = f.content_type {
-                    user.push(("content_type".to_string(), c.to_string()));
-                    ct = Some(c.to_string());
+                    let c = text(c);
+                    user.push(("content_type".to_string(), c.clone()));
+                    ct = Some(c);
                 }
             }
             V5Props {
@@ -389,6 +456,22 @@ impl Mirror {
             }
         });
         let topic = event_topic(&self.cfg.prefix, ev.topic.as_str());
+        let size = publish_packet_size(v5, topic.len(), self.qos, payload.len(), props.as_ref());
+        let limit = [self.broker_max, self.cfg.max_packet_size]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(limit) = limit.filter(|l| size > *l) {
+            let whose = if self.broker_max == Some(limit) {
+                "the broker's Maximum Packet Size (CONNACK)"
+            } else {
+                "mqtt.max_packet_size"
+            };
+            let why = format!("MQTT publish of {size} bytes exceeds {whose} of {limit} bytes");
+            self.reject(ev.seq, MirrorRejectReason::PacketTooLarge, why)
+                .await;
+            return;
+        }
         self.submit(
             Sub::Event(ev.seq),
             topic,
@@ -420,16 +503,23 @@ impl Mirror {
         }
     }
 
+    /// A new session: publish `online`, then re-send what the lost session did not get
+    /// acknowledged, in order — only the suspect while one is being probed.
     async fn on_connected(&mut self) {
         self.fifo.clear();
         self.pkids.iter_mut().for_each(|p| *p = None);
         let online = Bytes::from_static(b"online");
         let topic = self.status.clone();
         self.submit(Sub::Status, topic, 1, true, online, None).await;
-        // Re-send what the lost session did not get acknowledged, in order.
+        let probe = self.probe;
         let mut resend = Vec::with_capacity(self.window.len());
         for slot in self.window.iter_mut() {
-            if slot.state != SlotState::Acked {
+            if slot.state == SlotState::Done {
+                continue;
+            }
+            if probe.is_some_and(|p| p != slot.ev.seq) {
+                slot.state = SlotState::Queued;
+            } else {
                 slot.state = SlotState::Submitted;
                 resend.push(slot.ev.clone());
             }
@@ -442,15 +532,53 @@ impl Mirror {
         }
     }
 
-    fn on_lost(&mut self) {
+    /// The connection is gone. The oldest publish that was on the wire unacknowledged
+    /// is the suspect (brokers handle publishes in order, so those before it were
+    /// taken): a first loss gets it probed alone on the next connection; a loss while
+    /// it was alone on the wire makes it a poison event.
+    async fn on_lost(&mut self, was_connected: bool) {
         self.connected = false;
         self.fifo.clear();
         self.pkids.iter_mut().for_each(|p| *p = None);
+        if !was_connected {
+            return;
+        }
+        let Some(slot) = self.window.iter_mut().find(|s| s.state == SlotState::Sent) else {
+            return;
+        };
+        slot.strikes = slot.strikes.saturating_add(1);
+        let seq = slot.ev.seq;
+        if slot.strikes >= 2 && self.probe == Some(seq) {
+            self.probe = None;
+            let why = "the MQTT broker closed the connection twice on this publish alone \
+                       (too large or malformed for it)"
+                .to_string();
+            self.reject(seq, MirrorRejectReason::Disconnected, why).await;
+        } else {
+            self.probe = Some(seq);
+        }
+    }
+
+    /// Submit what waited behind a probe that has ended.
+    async fn submit_queued(&mut self) {
+        let mut queued = Vec::new();
+        for slot in self.window.iter_mut() {
+            if slot.state == SlotState::Queued {
+                slot.state = SlotState::Submitted;
+                queued.push(slot.ev.clone());
+            }
+        }
+        for ev in queued {
+            self.submit_event(&ev).await;
+        }
     }
 
     async fn on_published(&mut self, pkid: u16) {
         let Some(sub) = self.fifo.pop_front() else {
-            log::debug!("MQTT mirror: publish {pkid} left that was not ours");
+            log::error!(
+                "MQTT mirror: publish {pkid} left that was not submitted in this session; \
+                 its acknowledgement will be ignored"
+            );
             return;
         };
         let Sub::Event(seq) = sub else {
@@ -462,7 +590,7 @@ impl Mirror {
         self.ctx.metrics.mqtt_published.inc();
         if pkid == 0 {
             // QoS 0: written is as acknowledged as it gets.
-            self.acknowledge(seq).await;
+            self.delivered(seq).await;
         } else {
             if let Some(slot) = self.slot_mut(seq) {
                 slot.state = SlotState::Sent;
@@ -482,17 +610,15 @@ impl Mirror {
         let Some(sub) = self.pkids.get_mut(pkid as usize).and_then(Option::take) else {
             return;
         };
-        if let Some(reason) = refused
-            && !self.refusals_logged
-        {
-            log::error!(
-                "MQTT broker {} refused a publish: {reason}; the event is not retried",
-                self.cfg.url
-            );
-            self.refusals_logged = true;
-        }
-        if let Sub::Event(seq) = sub {
-            self.acknowledge(seq).await;
+        let Sub::Event(seq) = sub else {
+            return;
+        };
+        match refused {
+            None => self.delivered(seq).await,
+            Some(reason) => {
+                let why = format!("the MQTT broker refused the publish: {reason}");
+                self.reject(seq, MirrorRejectReason::Refused, why).await;
+            }
         }
     }
 
@@ -502,28 +628,66 @@ impl Mirror {
     }
 
     /// The broker has event `seq`: hand it on and tell the source.
-    async fn acknowledge(&mut self, seq: u64) {
-        let Some(slot) = self.slot_mut(seq) else {
-            return;
-        };
-        if slot.state == SlotState::Acked {
+    async fn delivered(&mut self, seq: u64) {
+        if self.finish(seq) {
+            self.ctx.metrics.mqtt_acked.inc();
+            if self.required {
+                // The source may be gone during shutdown; nothing to settle then.
+                let _ = self.acks.send(Handoff::Delivered(seq)).await;
+            }
+        }
+    }
+
+    /// The broker can never take event `seq`: a poison event for the mirror. Logged once,
+    /// counted, handed on and — when required — dead-lettered at the source.
+    async fn reject(&mut self, seq: u64, reason: MirrorRejectReason, why: String) {
+        if !self.finish(seq) {
             return;
         }
-        slot.state = SlotState::Acked;
-        self.ctx.metrics.mqtt_acked.inc();
-        self.ctx.journal.handed_on(seq);
+        self.ctx.metrics.mqtt_rejected(reason).inc();
+        log::error!(
+            "MQTT mirror: event {seq} is not mirrored: {why}; {}",
+            if self.required {
+                "its message is dead-lettered (MirrorRejected)"
+            } else {
+                "skipped (mirror not required)"
+            }
+        );
         if self.required {
-            // The source may be gone during shutdown; nothing to settle then.
-            let _ = self.acks.send(seq).await;
+            let _ = self
+                .acks
+                .send(Handoff::Rejected {
+                    seq,
+                    description: why,
+                })
+                .await;
         }
+    }
+
+    /// Mark `seq` done in the window and the journal; false when it already was.
+    fn finish(&mut self, seq: u64) -> bool {
+        let Some(slot) = self.slot_mut(seq) else {
+            return false;
+        };
+        if slot.state == SlotState::Done {
+            return false;
+        }
+        slot.state = SlotState::Done;
+        if self.probe == Some(seq) {
+            // The probe ended: what waited behind it goes out with the next fill.
+            self.probe = None;
+            self.resume = true;
+        }
+        self.ctx.journal.handed_on(seq);
         while self
             .window
             .front()
-            .is_some_and(|s| s.state == SlotState::Acked)
+            .is_some_and(|s| s.state == SlotState::Done)
         {
             self.window.pop_front();
         }
         self.ctx.metrics.mqtt_inflight.set(self.window.len() as u64);
+        true
     }
 
     /// Publish `offline` (retained) and disconnect, within [`SHUTDOWN_GRACE`].
@@ -602,17 +766,37 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::new();
-        let d1 = b.delay();
-        assert!(d1 >= BACKOFF_MIN / 2 && d1 <= BACKOFF_MIN);
-        let d2 = b.delay();
-        assert!(d2 >= BACKOFF_MIN && d2 <= BACKOFF_MIN * 2);
-        for _ in 0..20 {
-            assert!(b.delay() <= BACKOFF_MAX);
+    fn publish_size_matches_rumqttc() {
+        use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+        use rumqttc::v5::mqttbytes::QoS;
+        for (topic, payload, qos) in [("a", 0, 1u8), ("factory/asb/x", 100, 1), ("t", 20_000, 1), ("t", 130, 0)] {
+            for with_props in [false, true] {
+                let props = with_props.then(|| V5Props {
+                    user: vec![("seq".into(), "12345".into()), ("message_id".into(), "m".repeat(128))],
+                    content_type: Some("application/json".into()),
+                });
+                let q = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                let mut p = Publish::new(
+                    topic,
+                    q,
+                    vec![0u8; payload],
+                    props.as_ref().map(|p| PublishProperties {
+                        user_properties: p.user.clone(),
+                        content_type: p.content_type.clone(),
+                        ..Default::default()
+                    }),
+                );
+                p.pkid = if qos == 0 { 0 } else { 1 };
+                assert_eq!(
+                    publish_packet_size(true, topic.len(), qos, payload, props.as_ref()),
+                    p.size(),
+                    "{topic} {payload} {with_props}"
+                );
+            }
+            let mut p4 = rumqttc::Publish::new(topic, if qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce }, vec![0u8; payload]);
+            p4.pkid = if qos == 0 { 0 } else { 1 };
+            assert_eq!(publish_packet_size(false, topic.len(), qos, payload, None), p4.size());
         }
-        b.reset();
-        assert!(b.delay() <= BACKOFF_MIN);
     }
 
     #[test]

@@ -42,9 +42,10 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::app::Context;
 use crate::appliance::notify::Part;
+use crate::backoff::Backoff;
 use crate::config::{AuthMode, Credential};
 use crate::event::EncodedEvent;
-use crate::journal::JournalError;
+use crate::journal::{Handoff, JournalError};
 use crate::metrics::{DeadLetterReason, PartState};
 use crate::routing::Origin;
 use crate::shutdown::Shutdown;
@@ -102,6 +103,9 @@ pub struct Options {
     /// First and longest reconnect delay (jittered, doubling).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How long a connection or link must stay up before its backoff starts again
+    /// from `backoff_min` (see [`crate::backoff`]).
+    pub healthy_after: Duration,
     /// Bound on TCP connect, TLS, AMQP open, CBS and attach, each.
     pub step_timeout: Duration,
     /// AMQP idle timeout announced to the peer (it must send something this often).
@@ -115,6 +119,7 @@ impl Default for Options {
             token_ttl: None,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(30),
             step_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
         }
@@ -125,7 +130,7 @@ impl Default for Options {
 /// (no TLS roots); everything else is retried with backoff.
 pub async fn run(
     ctx: Arc<Context>,
-    acks: mpsc::Receiver<u64>,
+    acks: mpsc::Receiver<Handoff>,
     shutdown: Shutdown,
 ) -> Result<(), SourceError> {
     run_with(ctx, acks, shutdown, Options::default()).await
@@ -134,13 +139,13 @@ pub async fn run(
 /// [`run`] with explicit [`Options`].
 pub async fn run_with(
     ctx: Arc<Context>,
-    mut acks: mpsc::Receiver<u64>,
+    mut acks: mpsc::Receiver<Handoff>,
     mut shutdown: Shutdown,
     opts: Options,
 ) -> Result<(), SourceError> {
     let mut src = Source::new(ctx, opts)?;
     src.ctx.liveness.register(Part::Source);
-    let mut backoff = Backoff::new(src.opts.backoff_min, src.opts.backoff_max);
+    let mut backoff = src.backoff();
     let mut logged: Option<&'static str> = None;
     let mut attempts: u64 = 0;
     let cs = &src.ctx.config.connection;
@@ -160,7 +165,7 @@ pub async fn run_with(
         };
         let failure = match connected {
             Ok(mut conn) => {
-                backoff.reset();
+                backoff.up();
                 src.ctx.metrics.source_state.set(PartState::Up);
                 log::info!(
                     "source up: connected to {addr} ({} subscription(s))",
@@ -191,7 +196,7 @@ pub async fn run_with(
         } else {
             log::debug!("source still down: {failure}");
         }
-        let delay = backoff.next();
+        let delay = backoff.down();
         if src.wait(delay, &mut acks, &mut shutdown).await {
             break;
         }
@@ -199,32 +204,6 @@ pub async fn run_with(
     src.ctx.metrics.source_state.set(PartState::Down);
     log::info!("source stopped");
     Ok(())
-}
-
-/// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling from
-/// `min` to `max`.
-#[derive(Debug, Clone)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    cur: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, cur: min }
-    }
-
-    fn reset(&mut self) {
-        self.cur = self.min;
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.cur;
-        self.cur = (self.cur * 2).min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
 }
 
 /// Why serving a connection ended.
@@ -243,6 +222,8 @@ struct Link {
     /// When to try to attach again (link lost while the connection lives).
     retry_at: Option<Instant>,
     backoff: Backoff,
+    /// The state last logged (None = attached), so each change is logged once.
+    logged: Option<String>,
 }
 
 /// A live connection.
@@ -277,7 +258,7 @@ enum Event {
     Shutdown,
     /// The heartbeat timer: an idle loop still proves it turns.
     Beat,
-    Ack(Option<u64>),
+    Ack(Option<Handoff>),
     Refresh,
     Retry,
     Delivery(usize, Result<Delivery<Body<Value>>, RecvError>),
@@ -307,10 +288,14 @@ impl Source {
                     receiver: None,
                     generation: 0,
                     retry_at: None,
-                    backoff: Backoff::new(opts.backoff_min, opts.backoff_max),
+                    backoff: Backoff::new(opts.backoff_min, opts.backoff_max, opts.healthy_after),
+                    logged: Some(String::new()),
                 }
             })
             .collect();
+        ctx.metrics
+            .links
+            .init(links.iter().map(|l| l.address.clone()));
         let n = links.len();
         let unsettled = cfg.journal.unsettled;
         Ok(Source {
@@ -328,6 +313,14 @@ impl Source {
             opts,
             ctx,
         })
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.opts.backoff_min,
+            self.opts.backoff_max,
+            self.opts.healthy_after,
+        )
     }
 
     fn refresh_interval(&self) -> Option<Duration> {
@@ -425,8 +418,7 @@ impl Source {
                 Err(e) if conn.session.is_ended() => return Err(e),
                 Err(e) => {
                     // The connection is fine; this entity is not (yet). Retry it alone.
-                    log::warn!("source: {e}; retrying this subscription with backoff");
-                    self.schedule_retry(i);
+                    self.schedule_retry(i, attach_reason(&e));
                 }
             }
         }
@@ -437,7 +429,7 @@ impl Source {
     async fn serve(
         &mut self,
         conn: &mut Conn,
-        acks: &mut mpsc::Receiver<u64>,
+        acks: &mut mpsc::Receiver<Handoff>,
         shutdown: &mut Shutdown,
     ) -> Stop {
         let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
@@ -461,7 +453,7 @@ impl Source {
             match ev {
                 Event::Shutdown => return Stop::Shutdown,
                 Event::Beat => {}
-                Event::Ack(Some(seq)) => self.on_ack(seq).await,
+                Event::Ack(Some(h)) => self.on_handoff(h).await,
                 Event::Ack(None) => self.acks_open = false,
                 Event::Refresh => {
                     if let Err(e) = self.refresh(conn).await {
@@ -490,7 +482,7 @@ impl Source {
                     ErrorRecovery::ReconnectSession | ErrorRecovery::ReconnectConnection => {
                         return Stop::Lost(SourceError::ConnectionLost(e.to_string()));
                     }
-                    _ => self.lose_link(i, &e.to_string()),
+                    _ => self.lose_link(i, recv_reason(&e)),
                 },
             }
         }
@@ -523,13 +515,27 @@ impl Source {
         let l = &mut self.links[i];
         l.receiver = Some(r);
         l.retry_at = None;
-        l.backoff.reset();
+        l.backoff.up();
+        if l.logged.take().is_some_and(|was| !was.is_empty()) {
+            log::info!("source: link to {} attached", l.address);
+        }
+        self.ctx.metrics.links.set(i, None);
         Ok(())
     }
 
-    fn schedule_retry(&mut self, i: usize) {
+    /// Link `i` is down for `reason`: show it in health, log it once per change, and
+    /// attach again after its backoff.
+    fn schedule_retry(&mut self, i: usize, reason: String) {
         let l = &mut self.links[i];
-        l.retry_at = Some(Instant::now() + l.backoff.next());
+        l.retry_at = Some(Instant::now() + l.backoff.down());
+        if l.logged.as_deref() != Some(reason.as_str()) {
+            log::warn!(
+                "source: subscription {} is down: {reason}; retrying with backoff",
+                l.address
+            );
+            l.logged = Some(reason.clone());
+        }
+        self.ctx.metrics.links.set(i, Some(reason));
     }
 
     /// Attach again the links whose retry time has come.
@@ -543,12 +549,9 @@ impl Source {
             if conn.session.is_ended() {
                 return Err(SourceError::ConnectionLost("session ended".into()));
             }
-            match self.attach_link(&mut conn.session, i, step).await {
-                Ok(()) => log::info!("source: link to {} re-attached", self.links[i].address),
-                Err(e) => {
-                    log::debug!("source: {e}");
-                    self.schedule_retry(i);
-                }
+            if let Err(e) = self.attach_link(&mut conn.session, i, step).await {
+                log::debug!("source: {e}");
+                self.schedule_retry(i, attach_reason(&e));
             }
         }
         Ok(())
@@ -557,7 +560,7 @@ impl Source {
     /// Top up link credit so the total stays within the free room.
     async fn grant_credit(&mut self) {
         let m = self.ctx.metrics.clone();
-        let used = self.ctx.journal.pinned() + self.tracker.extra();
+        let used = self.ctx.journal.pinned();
         let cap = self.ctx.config.journal.unsettled.saturating_sub(used) as u32;
         let mut attached = 0u32;
         let mut outstanding = 0u32;
@@ -591,7 +594,7 @@ impl Source {
             };
             match r.set_credit(c).await {
                 Ok(()) => outstanding += c - self.credit_now[i].unwrap_or(0),
-                Err(e) => self.lose_link(i, &format!("cannot set credit: {e}")),
+                Err(e) => self.lose_link(i, format!("cannot set credit: {e}")),
             }
         }
         m.credit.set(outstanding as u64);
@@ -613,7 +616,9 @@ impl Source {
         if let Some(seq) = key.and_then(|k| self.dedup.get(k, fp)) {
             self.ctx.metrics.duplicates.inc();
             if self.required && self.ctx.journal.is_pinned(seq) {
-                // Settle it with the event's acknowledgement.
+                // The broker redelivered a message we still hold: the lock of the
+                // delivery we held is lost. Settle the new delivery (with the valid lock)
+                // when the event's acknowledgement comes; never hold two for one event.
                 self.hold(seq, i, info).await;
             } else {
                 self.accept(i, info).await;
@@ -659,27 +664,42 @@ impl Source {
 
     async fn hold(&mut self, seq: u64, i: usize, info: DeliveryInfo) {
         let generation = self.links[i].generation;
-        if let Err(h) = self.tracker.hold(Held {
+        match self.tracker.hold(Held {
             seq,
             link: i,
             generation,
             delivery: info,
         }) {
+            Ok(None) => {}
+            // A redelivery took the place of a delivery whose lock was lost: that one
+            // can no longer be settled.
+            Ok(Some(_lost)) => self.ctx.metrics.locks_lost.inc(),
             // The window is full (cannot happen while credit respects it).
-            self.release(i, h.delivery).await;
+            Err(h) => self.release(i, h.delivery).await,
         }
     }
 
-    async fn on_ack(&mut self, seq: u64) {
+    /// The mirror's word on a pinned event: complete its message, or dead-letter it
+    /// when the broker can never take it.
+    async fn on_handoff(&mut self, h: Handoff) {
+        let seq = h.seq();
         self.ctx.journal.handed_on(seq);
-        let mut held = std::mem::take(&mut self.scratch);
-        self.tracker.take_seq(seq, &mut held);
-        for h in held.drain(..) {
-            if self.links[h.link].generation == h.generation {
-                self.accept(h.link, h.delivery).await;
+        let Some(held) = self.tracker.take(seq) else {
+            return;
+        };
+        if self.links[held.link].generation != held.generation {
+            return;
+        }
+        match h {
+            Handoff::Delivered(_) => self.accept(held.link, held.delivery).await,
+            Handoff::Rejected { description, .. } => {
+                let rej = Rejection {
+                    reason: DeadLetterReason::MirrorRejected,
+                    description,
+                };
+                self.dead_letter(held.link, held.delivery, rej).await;
             }
         }
-        self.scratch = held;
     }
 
     async fn accept(&mut self, i: usize, info: DeliveryInfo) {
@@ -720,7 +740,7 @@ impl Source {
 
     /// A link died while the connection may live: forget its deliveries (they cannot be
     /// settled on a new link) and attach again after a backoff.
-    fn lose_link(&mut self, i: usize, why: &str) {
+    fn lose_link(&mut self, i: usize, why: String) {
         let abandoned = self.tracker.drop_link(i);
         self.ctx
             .metrics
@@ -729,11 +749,13 @@ impl Source {
         let l = &mut self.links[i];
         l.receiver = None;
         l.generation += 1;
-        l.retry_at = Some(Instant::now() + l.backoff.next());
-        log::info!(
-            "source: link to {} lost ({why}); {abandoned} unsettled deliveries left to the broker; re-attaching",
-            l.address
-        );
+        if abandoned > 0 {
+            log::info!(
+                "source: link to {} lost; {abandoned} unsettled deliveries left to the broker",
+                l.address
+            );
+        }
+        self.schedule_retry(i, why);
     }
 
     /// The connection died: every link with it.
@@ -748,7 +770,10 @@ impl Source {
             l.receiver = None;
             l.generation += 1;
             l.retry_at = None;
-            l.backoff.reset();
+            self.ctx
+                .metrics
+                .links
+                .set(i, Some("connection lost".to_string()));
         }
         self.ctx.metrics.credit.set(0);
     }
@@ -758,7 +783,7 @@ impl Source {
     async fn wait(
         &mut self,
         delay: Duration,
-        acks: &mut mpsc::Receiver<u64>,
+        acks: &mut mpsc::Receiver<Handoff>,
         shutdown: &mut Shutdown,
     ) -> bool {
         let until = Instant::now() + delay;
@@ -772,8 +797,8 @@ impl Source {
                 _ = beat.tick() => {}
                 a = acks.recv(), if acks_open => match a {
                     // No link lives: nothing to settle, only unpin.
-                    Some(seq) => {
-                        self.ctx.journal.handed_on(seq);
+                    Some(h) => {
+                        self.ctx.journal.handed_on(h.seq());
                     }
                     None => self.acks_open = false,
                 },
@@ -850,7 +875,12 @@ async fn attach(
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(SourceError::Attach {
             address: address.to_string(),
-            reason: e.to_string(),
+            reason: match &e {
+                fe2o3_amqp::link::ReceiverAttachError::RemoteClosedWithError(err) => {
+                    amqp_error_text(err)
+                }
+                other => other.to_string(),
+            },
         }),
         Err(_) => Err(SourceError::Attach {
             address: address.to_string(),
@@ -880,6 +910,70 @@ fn recv_any(
     })
 }
 
+/// An AMQP error condition as its symbol without the `amqp:` prefix
+/// (`not-found`, `unauthorized-access`, `com.microsoft:…`).
+fn condition_name(c: &ErrorCondition) -> String {
+    fn kebab(debug: &str) -> String {
+        let mut out = String::with_capacity(debug.len() + 4);
+        for (k, ch) in debug.chars().enumerate() {
+            if ch.is_ascii_uppercase() {
+                if k > 0 {
+                    out.push('-');
+                }
+                out.push(ch.to_ascii_lowercase());
+            } else {
+                out.push(ch);
+            }
+        }
+        out
+    }
+    match c {
+        ErrorCondition::AmqpError(e) => kebab(&format!("{e:?}")),
+        ErrorCondition::ConnectionError(e) => kebab(&format!("{e:?}")),
+        ErrorCondition::SessionError(e) => kebab(&format!("{e:?}")),
+        ErrorCondition::LinkError(e) => kebab(&format!("{e:?}")),
+        ErrorCondition::Custom(s) => s.as_str().to_string(),
+        #[allow(unreachable_patterns)]
+        other => format!("{other:?}"),
+    }
+}
+
+/// `condition: description`, with a hint where ASB's answer needs one.
+fn amqp_error_text(e: &definitions::Error) -> String {
+    let cond = condition_name(&e.condition);
+    let mut text = match &e.description {
+        Some(d) if !d.is_empty() => format!("{cond}: {d}"),
+        _ => cond.clone(),
+    };
+    if cond == "not-allowed" && text.to_ascii_lowercase().contains("session") {
+        text.push_str(
+            " (the subscription requires sessions, which the gateway does not use: \
+             disable RequiresSession on it)",
+        );
+    }
+    text
+}
+
+/// Why a link ended, for health and the log.
+fn recv_reason(e: &RecvError) -> String {
+    use fe2o3_amqp::link::LinkStateError as L;
+    match e {
+        RecvError::LinkStateError(L::RemoteDetachedWithError(err))
+        | RecvError::LinkStateError(L::RemoteClosedWithError(err)) => amqp_error_text(err),
+        RecvError::LinkStateError(L::RemoteDetached) => "detached by the broker".into(),
+        RecvError::LinkStateError(L::RemoteClosed) => "closed by the broker".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Why an attach failed, for health and the log.
+fn attach_reason(e: &SourceError) -> String {
+    match e {
+        SourceError::Attach { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// The rejection ASB reads as dead-letter, with reason and description.
 pub fn dead_letter_error(rej: &Rejection) -> definitions::Error {
     let mut info = Fields::new();
@@ -901,17 +995,6 @@ pub fn dead_letter_error(rej: &Rejection) -> definitions::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_max() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let d: Vec<Duration> = (0..6).map(|_| b.next()).collect();
-        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
-        assert!(d[1] >= Duration::from_millis(100) && d[1] <= Duration::from_millis(200));
-        assert!(d[5] >= Duration::from_millis(500) && d[5] <= Duration::from_secs(1));
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
-    }
 
     #[test]
     fn dead_letter_error_carries_reason() {

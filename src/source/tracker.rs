@@ -1,5 +1,6 @@
 //! Bookkeeping of the source, free of I/O so it can be tested alone:
-//! - [`Tracker`]: deliveries held until the mirror acknowledges their event (fixed capacity).
+//! - [`Tracker`]: deliveries held until the mirror acknowledges their event (fixed capacity,
+//!   one per event).
 //! - [`Dedup`]: a bounded window of recently appended broker sequence numbers.
 //! - [`plan_credit`]: how much credit each link gets so the total never exceeds the room.
 
@@ -18,14 +19,14 @@ pub struct Held<D> {
     pub delivery: D,
 }
 
-/// Held deliveries ordered by seq. Capacity fixed at construction; several deliveries
-/// may share one seq (a redelivery of an event still awaiting its acknowledgement).
+/// Held deliveries ordered by seq, at most one per seq: a redelivery of a held event
+/// takes the place of the delivery it repeats (the broker redelivers only once the lock
+/// of the first is lost, so the first can no longer be settled). Capacity fixed at
+/// construction.
 #[derive(Debug)]
 pub struct Tracker<D> {
     held: VecDeque<Held<D>>,
     cap: usize,
-    /// Held deliveries that are not the first for their seq.
-    extra: usize,
 }
 
 impl<D> Tracker<D> {
@@ -33,7 +34,6 @@ impl<D> Tracker<D> {
         Tracker {
             held: VecDeque::with_capacity(cap),
             cap,
-            extra: 0,
         }
     }
 
@@ -45,33 +45,31 @@ impl<D> Tracker<D> {
         self.held.is_empty()
     }
 
-    /// Held deliveries beyond the first of each seq (each takes a place in the window
-    /// besides its pinned event).
-    pub fn extra(&self) -> usize {
-        self.extra
-    }
-
-    /// Hold a delivery; gives it back when the tracker is full.
-    pub fn hold(&mut self, h: Held<D>) -> Result<(), Held<D>> {
+    /// Hold a delivery. `Ok(Some(old))`: it replaced the delivery held for the same seq;
+    /// `Err(h)`: the tracker is full and `h` is given back.
+    pub fn hold(&mut self, h: Held<D>) -> Result<Option<Held<D>>, Held<D>> {
+        let at = self.held.partition_point(|x| x.seq < h.seq);
+        if let Some(x) = self.held.get_mut(at)
+            && x.seq == h.seq
+        {
+            return Ok(Some(std::mem::replace(x, h)));
+        }
         if self.held.len() >= self.cap {
             return Err(h);
         }
-        let at = self.held.partition_point(|x| x.seq <= h.seq);
-        if at > 0 && self.held[at - 1].seq == h.seq {
-            self.extra += 1;
-        }
         self.held.insert(at, h);
-        Ok(())
+        Ok(None)
     }
 
-    /// Remove every delivery held for `seq` into `out`.
-    pub fn take_seq(&mut self, seq: u64, out: &mut Vec<Held<D>>) {
-        let start = self.held.partition_point(|x| x.seq < seq);
-        let end = self.held.partition_point(|x| x.seq <= seq);
-        if end > start {
-            self.extra -= end - start - 1;
-            out.extend(self.held.drain(start..end));
-        }
+    /// Remove the delivery held for `seq`.
+    pub fn take(&mut self, seq: u64) -> Option<Held<D>> {
+        let at = self.held.binary_search_by_key(&seq, |x| x.seq).ok()?;
+        self.held.remove(at)
+    }
+
+    /// The held deliveries, in seq order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Held<D>> {
+        self.held.iter_mut()
     }
 
     /// Forget every delivery of a link that died (its deliveries cannot be settled on
@@ -79,23 +77,12 @@ impl<D> Tracker<D> {
     pub fn drop_link(&mut self, link: usize) -> usize {
         let before = self.held.len();
         self.held.retain(|h| h.link != link);
-        self.recount();
         before - self.held.len()
     }
 
     /// Remove everything into `out`.
     pub fn drain_all(&mut self, out: &mut Vec<Held<D>>) {
         out.extend(self.held.drain(..));
-        self.extra = 0;
-    }
-
-    fn recount(&mut self) {
-        self.extra = self
-            .held
-            .iter()
-            .zip(self.held.iter().skip(1))
-            .filter(|(a, b)| a.seq == b.seq)
-            .count();
     }
 }
 
@@ -212,31 +199,27 @@ mod tests {
     }
 
     #[test]
-    fn tracker_holds_in_seq_order_and_counts_extra() {
-        let mut t = Tracker::new(4);
-        t.hold(h(1, 0, 10)).unwrap();
-        t.hold(h(3, 1, 30)).unwrap();
-        t.hold(h(2, 0, 20)).unwrap();
-        assert_eq!(t.extra(), 0);
-        t.hold(h(2, 1, 21)).unwrap();
-        assert_eq!(t.extra(), 1);
+    fn tracker_holds_one_delivery_per_seq_in_order() {
+        let mut t = Tracker::new(3);
+        assert_eq!(t.hold(h(1, 0, 10)), Ok(None));
+        assert_eq!(t.hold(h(3, 1, 30)), Ok(None));
+        assert_eq!(t.hold(h(2, 0, 20)), Ok(None));
+        // full: a new seq is given back
         assert_eq!(t.hold(h(4, 0, 40)).unwrap_err().delivery, 40);
-        let mut out = Vec::new();
-        t.take_seq(2, &mut out);
+        // a redelivery of seq 2 replaces the held one, even when full
+        assert_eq!(t.hold(h(2, 0, 21)).unwrap().unwrap().delivery, 20);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.take(2).unwrap().delivery, 21);
+        assert_eq!(t.take(2), None);
+        assert_eq!(t.take(7), None);
         assert_eq!(
-            out.iter().map(|x| x.delivery).collect::<Vec<_>>(),
-            vec![20, 21]
+            t.iter_mut().map(|x| x.seq).collect::<Vec<_>>(),
+            vec![1, 3]
         );
-        assert_eq!((t.len(), t.extra()), (2, 0));
-        out.clear();
-        t.take_seq(7, &mut out);
-        assert!(out.is_empty());
-        t.hold(h(3, 0, 31)).unwrap();
-        assert_eq!(t.extra(), 1);
         assert_eq!(t.drop_link(1), 1);
-        assert_eq!((t.len(), t.extra()), (2, 0));
+        let mut out = Vec::new();
         t.drain_all(&mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 1);
         assert!(t.is_empty());
     }
 

@@ -66,7 +66,7 @@ pub fn context(toml: &str) -> Arc<Context> {
 pub struct Running {
     pub ctx: Arc<Context>,
     pub trigger: Trigger,
-    pub acks: mpsc::Sender<u64>,
+    pub acks: mpsc::Sender<asb_gateway::journal::Handoff>,
     pub task: JoinHandle<Result<(), SourceError>>,
 }
 
