@@ -83,13 +83,6 @@ impl Running {
         got
     }
 
-    /// The next handoff, whatever it is (fails after WAIT).
-    async fn handoff(&mut self) -> Handoff {
-        match tokio::time::timeout(WAIT, self.acks.recv()).await {
-            Ok(Some(h)) => h,
-            other => panic!("no handoff ({other:?})"),
-        }
-    }
 
     /// No ack arrives within `d`.
     async fn no_acks_for(&mut self, d: Duration) {

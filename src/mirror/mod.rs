@@ -290,7 +290,11 @@ impl Mirror {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX, HEALTHY_AFTER);
         // Failed attempts since the last successful connect, and the last failure logged.
         let mut failures: u64 = 0;
+        // Kept across a connection that did not last (a broker dropping us right after
+        // CONNACK): a flapping connection is one state, logged once, not once a cycle.
         let mut last_logged: Option<ConnFailure> = None;
+        let mut announce_reconnect = false;
+        let mut up_since: Option<tokio::time::Instant> = None;
         let mut ever_connected = false;
 
         let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
@@ -339,7 +343,7 @@ impl Mirror {
                             proto(self.cfg.protocol),
                             self.cfg.client_id
                         );
-                    } else if failures > 0 || resend > 0 {
+                    } else if std::mem::take(&mut announce_reconnect) {
                         log::info!(
                             "MQTT mirror reconnected to {} after {failures} failed attempt(s); \
                              re-sending {resend} unacknowledged event(s)",
@@ -348,7 +352,7 @@ impl Mirror {
                     }
                     ever_connected = true;
                     failures = 0;
-                    last_logged = None;
+                    up_since = Some(tokio::time::Instant::now());
                     self.refusals_logged = false;
                     self.on_connected().await;
                 }
@@ -366,9 +370,16 @@ impl Mirror {
                         broker: self.cfg.url.clone(),
                         reason: failure.to_string(),
                     };
+                    if up_since
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
+                    {
+                        last_logged = None;
+                    }
                     if last_logged.as_ref() != Some(&failure) {
                         log::warn!("{err}; retrying with backoff");
                         last_logged = Some(failure);
+                        announce_reconnect = true;
                     } else {
                         log::debug!("{err} (attempt {failures})");
                     }
