@@ -227,6 +227,8 @@ pub struct Metrics {
     pub credit: Gauge,
     pub unsettled: Gauge,
     pub source_reconnects: Counter,
+    /// Receiver-link attach attempts (first attach and every re-attach).
+    pub link_attaches: Counter,
     pub token_refreshes: Counter,
     pub source_state: StateCell,
     // journal
@@ -381,6 +383,12 @@ impl Metrics {
             "counter",
             "Source reconnections.",
             &[("", self.source_reconnects.get())],
+        );
+        metric(
+            "link_attaches_total",
+            "counter",
+            "Receiver-link attach attempts, first attaches and re-attaches.",
+            &[("", self.link_attaches.get())],
         );
         metric(
             "token_refreshes_total",

@@ -130,7 +130,10 @@ fn push_clean(out: &mut Topic, s: &str, cut: &mut bool) {
 /// in a Rust `str`.
 pub fn mqtt_forbidden(c: char) -> bool {
     let u = c as u32;
-    u <= 0x1F || (0x7F..=0x9F).contains(&u) || (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+    u <= 0x1F
+        || (0x7F..=0x9F).contains(&u)
+        || (0xFDD0..=0xFDEF).contains(&u)
+        || u & 0xFFFE == 0xFFFE
 }
 
 /// `s` with every [`mqtt_forbidden`] character replaced by `repl` and cut to at most
@@ -366,13 +369,38 @@ mod tests {
 
     #[test]
     fn mqtt_strings_lose_what_brokers_refuse() {
-        for c in ['\0', '\u{1}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{fdd0}', '\u{fdef}', '\u{fffe}', '\u{ffff}', '\u{1fffe}', '\u{10ffff}'] {
+        for c in [
+            '\0',
+            '\u{1}',
+            '\u{1f}',
+            '\u{7f}',
+            '\u{9f}',
+            '\u{fdd0}',
+            '\u{fdef}',
+            '\u{fffe}',
+            '\u{ffff}',
+            '\u{1fffe}',
+            '\u{10ffff}',
+        ] {
             assert!(mqtt_forbidden(c), "{:x}", c as u32);
         }
-        for c in ['a', ' ', '\u{a0}', '\u{fdcf}', '\u{fdf0}', '\u{fffd}', '\u{1fffd}', 'ß', '😀'] {
+        for c in [
+            'a',
+            ' ',
+            '\u{a0}',
+            '\u{fdcf}',
+            '\u{fdf0}',
+            '\u{fffd}',
+            '\u{1fffd}',
+            'ß',
+            '😀',
+        ] {
             assert!(!mqtt_forbidden(c), "{:x}", c as u32);
         }
-        assert!(matches!(mqtt_clean("line1/temp", '_', 100), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            mqtt_clean("line1/temp", '_', 100),
+            std::borrow::Cow::Borrowed(_)
+        ));
         assert_eq!(mqtt_clean("a\u{ffff}b\u{fdd0}", '?', 100), "a?b?");
         assert_eq!(mqtt_clean("ééé", '?', 5), "éé");
     }

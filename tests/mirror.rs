@@ -83,7 +83,6 @@ impl Running {
         got
     }
 
-
     /// No ack arrives within `d`.
     async fn no_acks_for(&mut self, d: Duration) {
         if let Ok(Some(s)) = tokio::time::timeout(d, self.acks.recv()).await {

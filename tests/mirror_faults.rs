@@ -71,7 +71,14 @@ fn append_one(ctx: &Context, seq: u64, subject: &str, message_id: &str, ct: &str
 }
 
 fn append_small(ctx: &Context, seq: u64) {
-    append_one(ctx, seq, "line1/temp", &format!("m-{seq}"), "text/plain", 20);
+    append_one(
+        ctx,
+        seq,
+        "line1/temp",
+        &format!("m-{seq}"),
+        "text/plain",
+        20,
+    );
 }
 
 struct Running {
@@ -187,7 +194,11 @@ async fn poison_case(protocol: &str, extra: &str, reason: MirrorRejectReason, ne
     let reconnects = ctx.metrics.mqtt_reconnects.get();
     // 3.1.1: two losses on the poison event, and one more when the broker closed before
     // the PUBACK of the event before it left (that one is probed alone and cleared).
-    let max = if reason == MirrorRejectReason::Disconnected { 3 } else { 0 };
+    let max = if reason == MirrorRejectReason::Disconnected {
+        3
+    } else {
+        0
+    };
     assert!(reconnects <= max, "{protocol}: {reconnects} reconnects");
     // The small ones reached the broker (bodies are 20 x's: identify by user property on
     // MQTT 5; on 3.1.1 count them).
@@ -203,7 +214,11 @@ async fn poison_case(protocol: &str, extra: &str, reason: MirrorRejectReason, ne
                 .next_except(&status, WAIT)
                 .await
                 .expect("small events reach the subscriber");
-            assert_eq!(r.payload.len(), 20, "the big event never reaches the broker");
+            assert_eq!(
+                r.payload.len(),
+                20,
+                "the big event never reaches the broker"
+            );
             small += 1;
         }
     }
@@ -261,7 +276,14 @@ async fn strings_mqtt_forbids_never_reach_the_wire() {
         wait_up(&ctx).await;
         // Noncharacters in the topic, the message id and the content type; then a plain one.
         append_one(&ctx, 1, "line1/\u{ffff}press", "m-1", "text/plain", 5);
-        append_one(&ctx, 2, "line1/\u{fdd0}", "id-\u{fdd0}", "text/\u{1fffe}", 5);
+        append_one(
+            &ctx,
+            2,
+            "line1/\u{fdd0}",
+            "id-\u{fdd0}",
+            "text/\u{1fffe}",
+            5,
+        );
         append_one(&ctx, 3, "line1/\u{1fffe}x", "id-\u{ffff}", "text/plain", 5);
         append_small(&ctx, 4);
         let got = m.handoffs(4).await;
@@ -384,12 +406,21 @@ async fn ack_mapping_case(protocol: &str, seed: u64) {
         match tokio::time::timeout(WAIT, m.acks.recv()).await {
             Ok(Some(h)) => {
                 let seq = h.seq();
-                assert!(handed.insert(seq, h).is_none(), "seq {seq} handed back twice");
+                assert!(
+                    handed.insert(seq, h).is_none(),
+                    "seq {seq} handed back twice"
+                );
             }
-            other => panic!("{protocol}: {} of {N} handed back ({other:?})", handed.len()),
+            other => panic!(
+                "{protocol}: {} of {N} handed back ({other:?})",
+                handed.len()
+            ),
         }
     }
-    assert!(made.load(Ordering::SeqCst) > 8, "{protocol}: the proxy cut connections");
+    assert!(
+        made.load(Ordering::SeqCst) > 8,
+        "{protocol}: the proxy cut connections"
+    );
     let delivered: BTreeSet<u64> = handed
         .iter()
         .filter(|(_, h)| matches!(h, Handoff::Delivered(_)))
@@ -399,7 +430,10 @@ async fn ack_mapping_case(protocol: &str, seed: u64) {
         delivered.len() as u64,
         N,
         "{protocol}: nothing rejected on mere network cuts: {:?}",
-        handed.values().filter(|h| !matches!(h, Handoff::Delivered(_))).collect::<Vec<_>>()
+        handed
+            .values()
+            .filter(|h| !matches!(h, Handoff::Delivered(_)))
+            .collect::<Vec<_>>()
     );
     // Every delivered event reached the broker (and so the subscriber).
     let seen = seen_seqs(&mut sub, &prefix, &delivered).await;
@@ -463,10 +497,7 @@ async fn two_mirrors_with_one_client_id_back_off_and_name_the_takeover() {
     let named = warns
         .iter()
         .any(|l| l.contains("session taken over") || l.contains("same client id"));
-    assert!(
-        named,
-        "the log names the takeover: {warns:?}"
-    );
+    assert!(named, "the log names the takeover: {warns:?}");
     assert!(
         warns.len() <= 2,
         "one warning per mirror for the flapping state, not one per cycle: {warns:?}"
@@ -489,7 +520,10 @@ fn the_default_client_id_is_unique_per_box() {
         assert!(id.contains(&host), "{id} names the host {host}");
     }
     if let Ok(machine) = std::fs::read_to_string("/etc/machine-id") {
-        assert!(!id.contains(machine.trim()), "the machine id itself is not exposed");
+        assert!(
+            !id.contains(machine.trim()),
+            "the machine id itself is not exposed"
+        );
     }
     // The config default is this id, and check-config would show it.
     let ctx = context(16, "");

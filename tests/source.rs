@@ -416,3 +416,66 @@ async fn emulator_killed_and_restarted_reconnects_without_loss_or_duplicates() {
     run.stop().await.unwrap();
     h.shutdown().await;
 }
+
+/// A subscription that does not exist: the broker refuses its link (`amqp:not-found`)
+/// every time. Health says so per subscription, the other subscription flows, and the
+/// re-attach loop backs off instead of spinning (it did 10–15 attaches a second).
+#[tokio::test]
+async fn a_missing_subscription_is_unhealthy_named_and_retried_with_backoff() {
+    let logs = capture_logs();
+    let h = start_emulator(
+        entities(Duration::from_secs(30), &["edge"]),
+        None,
+        "127.0.0.1:0",
+    )
+    .await;
+    let opts = asb_gateway::source::Options {
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(30),
+        ..fast()
+    };
+    let run = start(context(&config(&h, &["edge", "edgee"], "")), opts);
+    let ctx = run.ctx.clone();
+    wait_for(T, "source up", || {
+        ctx.metrics.source_state.get() == asb_gateway::metrics::PartState::Up
+    })
+    .await;
+    let mut p = publisher(&h).await;
+    send_n(&mut p, 0, 3).await;
+    wait_stats(&h, "edge", "3 completed on the good subscription", |s| {
+        s.completed == 3
+    })
+    .await;
+    // A fixed observation time, counting attach attempts.
+    let before = ctx.metrics.link_attaches.get();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let attaches = ctx.metrics.link_attaches.get() - before;
+    // 100 ms doubling with jitter: at most ~7 in 6 s; a reset-on-attach loop made 60+.
+    assert!(attaches <= 8, "{attaches} attach attempts in 6 s");
+    assert!(
+        !ctx.metrics.healthy(),
+        "a missing subscription is unhealthy"
+    );
+    let health: serde_json::Value = serde_json::from_str(&ctx.metrics.health_json()).unwrap();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["source"], "up", "{health}");
+    let subs = &health["subscriptions"];
+    assert_eq!(
+        subs[format!("{TOPIC}/Subscriptions/edge")],
+        "attached",
+        "{health}"
+    );
+    let bad = subs[format!("{TOPIC}/Subscriptions/edgee")]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(bad.starts_with("not-found: "), "{health}");
+    assert!(bad.contains("could not be found"), "{health}");
+    let warned = logs
+        .lines()
+        .iter()
+        .filter(|l| l.contains("edgee") && l.starts_with("WARN"))
+        .count();
+    assert_eq!(warned, 1, "one log line for the state, not one per attempt");
+    drop(run.stop().await);
+}

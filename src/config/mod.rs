@@ -290,7 +290,10 @@ pub fn default_client_id() -> String {
             Some(format!("{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3]))
         });
     let mut id = String::from("asb-gateway");
-    for part in [Some(host).filter(|h| !h.is_empty()), machine].into_iter().flatten() {
+    for part in [Some(host).filter(|h| !h.is_empty()), machine]
+        .into_iter()
+        .flatten()
+    {
         id.push('-');
         id.push_str(&part);
     }

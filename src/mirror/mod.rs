@@ -308,8 +308,9 @@ impl Mirror {
                     if self.connected && self.probe.is_none() {
                         self.fill().await;
                     }
-                    let room =
-                        self.connected && self.probe.is_none() && self.window.len() < self.window_cap;
+                    let room = self.connected
+                        && self.probe.is_none()
+                        && self.window.len() < self.window_cap;
                     tokio::select! {
                         biased;
                         _ = shutdown.recv() => break None,
@@ -564,7 +565,8 @@ impl Mirror {
             let why = "the MQTT broker closed the connection twice on this publish alone \
                        (too large or malformed for it)"
                 .to_string();
-            self.reject(seq, MirrorRejectReason::Disconnected, why).await;
+            self.reject(seq, MirrorRejectReason::Disconnected, why)
+                .await;
         } else {
             self.probe = Some(seq);
         }
@@ -778,15 +780,27 @@ mod tests {
 
     #[test]
     fn publish_size_matches_rumqttc() {
-        use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
         use rumqttc::v5::mqttbytes::QoS;
-        for (topic, payload, qos) in [("a", 0, 1u8), ("factory/asb/x", 100, 1), ("t", 20_000, 1), ("t", 130, 0)] {
+        use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+        for (topic, payload, qos) in [
+            ("a", 0, 1u8),
+            ("factory/asb/x", 100, 1),
+            ("t", 20_000, 1),
+            ("t", 130, 0),
+        ] {
             for with_props in [false, true] {
                 let props = with_props.then(|| V5Props {
-                    user: vec![("seq".into(), "12345".into()), ("message_id".into(), "m".repeat(128))],
+                    user: vec![
+                        ("seq".into(), "12345".into()),
+                        ("message_id".into(), "m".repeat(128)),
+                    ],
                     content_type: Some("application/json".into()),
                 });
-                let q = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                let q = if qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
                 let mut p = Publish::new(
                     topic,
                     q,
@@ -804,9 +818,20 @@ mod tests {
                     "{topic} {payload} {with_props}"
                 );
             }
-            let mut p4 = rumqttc::Publish::new(topic, if qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce }, vec![0u8; payload]);
+            let mut p4 = rumqttc::Publish::new(
+                topic,
+                if qos == 0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                },
+                vec![0u8; payload],
+            );
             p4.pkid = if qos == 0 { 0 } else { 1 };
-            assert_eq!(publish_packet_size(false, topic.len(), qos, payload, None), p4.size());
+            assert_eq!(
+                publish_packet_size(false, topic.len(), qos, payload, None),
+                p4.size()
+            );
         }
     }
 

@@ -222,8 +222,12 @@ struct Link {
     /// When to try to attach again (link lost while the connection lives).
     retry_at: Option<Instant>,
     backoff: Backoff,
-    /// The state last logged (None = attached), so each change is logged once.
+    /// The down reason last logged: a link that flaps (attached, then detached at once)
+    /// is one state, logged once, until it stays attached for `healthy_after`.
     logged: Option<String>,
+    /// A down state was logged since the last "attached" line.
+    warned: bool,
+    attached_at: Option<Instant>,
 }
 
 /// A live connection.
@@ -289,7 +293,9 @@ impl Source {
                     generation: 0,
                     retry_at: None,
                     backoff: Backoff::new(opts.backoff_min, opts.backoff_max, opts.healthy_after),
-                    logged: Some(String::new()),
+                    logged: None,
+                    warned: false,
+                    attached_at: None,
                 }
             })
             .collect();
@@ -511,12 +517,14 @@ impl Source {
         i: usize,
         step: Duration,
     ) -> Result<(), SourceError> {
+        self.ctx.metrics.link_attaches.inc();
         let r = attach(session, &self.links[i].address, i, step).await?;
         let l = &mut self.links[i];
         l.receiver = Some(r);
         l.retry_at = None;
         l.backoff.up();
-        if l.logged.take().is_some_and(|was| !was.is_empty()) {
+        l.attached_at = Some(Instant::now());
+        if std::mem::take(&mut l.warned) {
             log::info!("source: link to {} attached", l.address);
         }
         self.ctx.metrics.links.set(i, None);
@@ -528,12 +536,17 @@ impl Source {
     fn schedule_retry(&mut self, i: usize, reason: String) {
         let l = &mut self.links[i];
         l.retry_at = Some(Instant::now() + l.backoff.down());
+        let healthy = self.opts.healthy_after;
+        if l.attached_at.take().is_some_and(|t| t.elapsed() >= healthy) {
+            l.logged = None;
+        }
         if l.logged.as_deref() != Some(reason.as_str()) {
             log::warn!(
                 "source: subscription {} is down: {reason}; retrying with backoff",
                 l.address
             );
             l.logged = Some(reason.clone());
+            l.warned = true;
         }
         self.ctx.metrics.links.set(i, Some(reason));
     }

@@ -212,10 +212,7 @@ mod tests {
         assert_eq!(t.take(2).unwrap().delivery, 21);
         assert_eq!(t.take(2), None);
         assert_eq!(t.take(7), None);
-        assert_eq!(
-            t.iter_mut().map(|x| x.seq).collect::<Vec<_>>(),
-            vec![1, 3]
-        );
+        assert_eq!(t.iter_mut().map(|x| x.seq).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(t.drop_link(1), 1);
         let mut out = Vec::new();
         t.drain_all(&mut out);
