@@ -676,7 +676,12 @@ async fn send_reply(conn: &ConnShared, node: Node, reply_to: &str, reply: Stored
 
 /// Requests to `<entity>/$management`: `com.microsoft:renew-lock`. Other operations get
 /// status 501 (the emulator does not implement them; never a silent success).
-async fn mgmt_requests(mut receiver: Receiver, entity: String, shared: Arc<Shared>, conn: Arc<ConnShared>) {
+async fn mgmt_requests(
+    mut receiver: Receiver,
+    entity: String,
+    shared: Arc<Shared>,
+    conn: Arc<ConnShared>,
+) {
     loop {
         let delivery: Delivery<Body<Value>> = tokio::select! {
             d = receiver.recv() => match d { Ok(d) => d, Err(_) => return },
@@ -766,7 +771,9 @@ fn management(
             (200, "OK".into(), None, Value::Map(body))
         }
         Err(e @ RenewError::LockLost) => (410, e.to_string(), Some(LOCK_LOST), Value::Null),
-        Err(e @ RenewError::NotFound(_)) => (404, e.to_string(), Some("amqp:not-found"), Value::Null),
+        Err(e @ RenewError::NotFound(_)) => {
+            (404, e.to_string(), Some("amqp:not-found"), Value::Null)
+        }
     }
 }
 

@@ -496,9 +496,10 @@ fn lex(text: &str) -> Result<Vec<Tok>, SqlError> {
                 {
                     if chars.get(i + 1) == Some(&'[') {
                         let rest = &chars[i + 2..];
-                        let end = rest.iter().position(|c| *c == ']').ok_or_else(|| {
-                            SqlError("a [bracketed] name is not closed".into())
-                        })?;
+                        let end = rest
+                            .iter()
+                            .position(|c| *c == ']')
+                            .ok_or_else(|| SqlError("a [bracketed] name is not closed".into()))?;
                         let name: String = rest[..end].iter().collect();
                         out.push(Tok::Bracketed(Some(word), name));
                         i += 2 + end + 1;
@@ -704,7 +705,9 @@ impl Parser {
                     return Ok(Operand::Null);
                 }
                 if w.starts_with('@') {
-                    return err(format!("parameters ({w}) are not supported by the emulator"));
+                    return err(format!(
+                        "parameters ({w}) are not supported by the emulator"
+                    ));
                 }
                 if self.peek() == Some(&Tok::LParen) {
                     return err(format!(
@@ -919,7 +922,10 @@ mod tests {
             ("n = 1 * 2", "arithmetic ('*')"),
             ("newid() = 'x'", "functions (newid(...))"),
             ("@p = 1", "parameters (@p)"),
-            ("sys.DeliveryCount > 1", "sys.DeliveryCount is not a system property"),
+            (
+                "sys.DeliveryCount > 1",
+                "sys.DeliveryCount is not a system property",
+            ),
             ("line =", "expected a property or a constant"),
             ("line", "expected a comparison"),
             ("'abc", "not closed"),

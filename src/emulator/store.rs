@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, DeliveryAnnotations, Header, Message, MessageAnnotations,
-    Outcome,
+    ApplicationProperties, Body, DeliveryAnnotations, Header, Message, MessageAnnotations, Outcome,
 };
 use fe2o3_amqp::types::primitives::{SimpleValue, Timestamp, Uuid, Value};
 use tokio::sync::Notify;
@@ -619,7 +618,10 @@ impl Store {
             if e.renew_faults != RENEW_FAIL_ALWAYS {
                 e.renew_faults -= 1;
             }
-            log::info!("emulator: renew-lock on {} refused (fault injection)", e.path);
+            log::info!(
+                "emulator: renew-lock on {} refused (fault injection)",
+                e.path
+            );
             return Err(RenewError::LockLost);
         }
         let now = Instant::now();
@@ -650,7 +652,7 @@ impl Store {
         let Some(e) = st.entities.get_mut(key) else {
             return false;
         };
-        e.renew_faults = count.unwrap_or(RENEW_FAIL_ALWAYS).min(RENEW_FAIL_ALWAYS);
+        e.renew_faults = count.map_or(RENEW_FAIL_ALWAYS, |n| n.min(RENEW_FAIL_ALWAYS - 1));
         true
     }
 

@@ -127,10 +127,7 @@ pub struct LockRenewer {
 impl LockRenewer {
     /// Attach to `<entity>/$management`; `entity` is the link address of the receiver
     /// (`<topic>/Subscriptions/<subscription>` or a queue name).
-    pub async fn attach(
-        session: &mut SessionHandle<()>,
-        entity: &str,
-    ) -> Result<Self, RenewError> {
+    pub async fn attach(session: &mut SessionHandle<()>, entity: &str) -> Result<Self, RenewError> {
         Self::attach_with(session, entity, None, DEFAULT_TIMEOUT).await
     }
 
@@ -208,9 +205,11 @@ impl LockRenewer {
                 return Err(RenewError::Link(format!("request not accepted: {o:?}")));
             }
             loop {
-                let r: RenewLockResponse = self.client.recv_response().await.map_err(|e| {
-                    RenewError::Link(e.to_string())
-                })?;
+                let r: RenewLockResponse = self
+                    .client
+                    .recv_response()
+                    .await
+                    .map_err(|e| RenewError::Link(e.to_string()))?;
                 if r.correlation_id == Some(MessageId::Ulong(id)) {
                     return Ok(r);
                 }
@@ -360,9 +359,10 @@ impl Response for RenewLockResponse {
 
     fn from_message(message: Message<Self::Body>) -> Result<Self, Self::Error> {
         let prop = |names: &[&str]| {
-            message.application_properties.as_ref().and_then(|p| {
-                names.iter().find_map(|n| p.get(*n)).cloned()
-            })
+            message
+                .application_properties
+                .as_ref()
+                .and_then(|p| names.iter().find_map(|n| p.get(*n)).cloned())
         };
         let status = match prop(&["statusCode", "status-code"]) {
             Some(SimpleValue::Int(n)) => n as u16,
@@ -407,8 +407,8 @@ mod tests {
         assert_eq!(
             uuid,
             [
-                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc,
-                0xdd, 0xee, 0xff
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff
             ]
         );
         assert_eq!(guid_to_uuid(&uuid), tag);
