@@ -78,6 +78,7 @@ fn main() {
             name: name.into(),
             lock_duration: Duration::from_secs(60),
             max_delivery_count: 10,
+            ..Default::default()
         };
         let entities = Entities {
             namespace: "bench".into(),

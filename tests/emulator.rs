@@ -35,6 +35,7 @@ fn entities(lock: Duration, max_delivery: u32, subs: &[&str]) -> Entities {
             name: "q1".into(),
             lock_duration: lock,
             max_delivery_count: max_delivery,
+            ..Default::default()
         }],
         topics: vec![TopicConfig {
             name: "events".into(),
@@ -44,6 +45,7 @@ fn entities(lock: Duration, max_delivery: u32, subs: &[&str]) -> Entities {
                     name: s.to_string(),
                     lock_duration: lock,
                     max_delivery_count: max_delivery,
+                    ..Default::default()
                 })
                 .collect(),
         }],

@@ -176,6 +176,7 @@ fn entities(lock: Duration) -> Entities {
                 lock_duration: lock,
                 // Faults cause redeliveries; they must not push messages into the DLQ.
                 max_delivery_count: 1000,
+                ..Default::default()
             }],
         }],
     }

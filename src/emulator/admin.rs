@@ -1,7 +1,10 @@
 //! The emulator's admin HTTP endpoint (hyper 1):
 //! - `GET /stats` — counts per entity path (see [`super::EntityStats`]);
 //! - `GET /dlq?entity=PATH` — the dead-letter queue of PATH with reasons;
-//! - `POST /faults/drop-connections`, `/faults/detach-links`, `/faults/expire-tokens`.
+//! - `POST /faults/drop-connections`, `/faults/detach-links`, `/faults/expire-tokens`;
+//! - `POST /faults/renew-lock?entity=PATH&fail=N` — the next N `com.microsoft:renew-lock`
+//!   requests on PATH (a queue or subscription) answer 410 message-lock-lost, as ASB
+//!   does for a lost lock; `fail=all`: every one until `fail=0`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -102,6 +105,29 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             let n = shared.expire_tokens();
             json(&serde_json::json!({ "connections": n }))
         }
+        (&Method::POST, "/faults/renew-lock") => {
+            let q = req.uri().query();
+            let bad = |m: &str| reply(StatusCode::BAD_REQUEST, "text/plain", format!("{m}\n"));
+            let Some(entity) = query_param(q, "entity") else {
+                return bad("missing ?entity=PATH (a queue or subscription)");
+            };
+            let fail = query_param(q, "fail").unwrap_or_else(|| "1".into());
+            let count = match fail.as_str() {
+                "all" => None,
+                n => match n.parse::<u32>() {
+                    Ok(n) => Some(n),
+                    Err(_) => return bad("fail must be a count (0 clears) or 'all'"),
+                },
+            };
+            if !shared.fail_renewals(&entity, count) {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    format!("no queue or subscription '{entity}'\n"),
+                );
+            }
+            json(&serde_json::json!({ "entity": entity, "fail": fail }))
+        }
         (_, "/stats" | "/dlq") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
@@ -110,7 +136,7 @@ fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         (_, p) if p.starts_with("/faults/") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "use POST on /faults/drop-connections, /faults/detach-links or /faults/expire-tokens\n"
+            "use POST on /faults/drop-connections, /faults/detach-links, /faults/expire-tokens or /faults/renew-lock\n"
                 .into(),
         ),
         _ => reply(

@@ -1,6 +1,7 @@
 //! The AMQP side of the emulator: connections (SASL ANONYMOUS/PLAIN), sessions, the
 //! `$cbs` node, sender links to topics and queues, receiver links on subscriptions,
-//! queues and dead-letter queues (peek-lock, credit respected exactly).
+//! queues and dead-letter queues (peek-lock, credit respected exactly), and each
+//! queue's and subscription's `$management` node (`com.microsoft:renew-lock`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,14 +21,14 @@ use fe2o3_amqp::types::messaging::{
     AmqpValue, ApplicationProperties, Body, Message, Properties, TargetArchetype,
 };
 use fe2o3_amqp::types::performatives::Attach;
-use fe2o3_amqp::types::primitives::{Array, SimpleValue, Symbol, Value};
+use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use fe2o3_amqp::{Delivery, Receiver, Sender};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::Shared;
-use super::store::{Address, PublishError, StoredMessage};
+use super::store::{Address, PublishError, RenewError, StoredMessage};
 use super::tap::{FlowMap, Kill, TapStream};
 
 /// Message format of an ASB batch: each Data section is one encoded message.
@@ -37,6 +38,12 @@ const BATCH_FORMAT: u32 = 0x8001_3700;
 const MAX_MESSAGE_SIZE: u64 = 1024 * 1024;
 /// Token types the SDKs send; both carry a SAS string.
 const TOKEN_TYPES: [&str; 2] = ["jwt", "servicebus.windows.net:sastoken"];
+/// The attach source filter of a session receiver.
+const SESSION_FILTER: &str = "com.microsoft:session-filter";
+/// Suffix of an entity's management node address.
+const MANAGEMENT_SUFFIX: &str = "/$management";
+const RENEW_LOCK: &str = "com.microsoft:renew-lock";
+const LOCK_LOST: &str = "com.microsoft:message-lock-lost";
 
 /// What one connection knows: its authorisation and its controls.
 #[derive(Debug)]
@@ -51,10 +58,28 @@ pub struct ConnShared {
     detach: watch::Sender<u64>,
     flows: Arc<FlowMap>,
     cbs_replies: Mutex<HashMap<String, mpsc::Sender<StoredMessage>>>,
+    /// Reply links of `$management` nodes, by the client's reply address.
+    mgmt_replies: Mutex<HashMap<String, mpsc::Sender<StoredMessage>>>,
+    /// `host:port` the client connected to, for entity URIs in error descriptions.
+    endpoint: String,
+}
+
+/// The reply links of the `$cbs` node or of the `$management` nodes.
+#[derive(Debug, Clone, Copy)]
+enum Node {
+    Cbs,
+    Management,
 }
 
 impl ConnShared {
-    fn new() -> Self {
+    fn replies(&self, node: Node) -> &Mutex<HashMap<String, mpsc::Sender<StoredMessage>>> {
+        match node {
+            Node::Cbs => &self.cbs_replies,
+            Node::Management => &self.mgmt_replies,
+        }
+    }
+
+    fn new(endpoint: String) -> Self {
         ConnShared {
             plain: AtomicBool::new(false),
             tokens: Mutex::new(Vec::new()),
@@ -63,6 +88,8 @@ impl ConnShared {
             detach: watch::channel(0).0,
             flows: Arc::new(FlowMap::default()),
             cbs_replies: Mutex::new(HashMap::new()),
+            mgmt_replies: Mutex::new(HashMap::new()),
+            endpoint,
         }
     }
 
@@ -195,7 +222,11 @@ fn error(
 pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
-    let conn = Arc::new(ConnShared::new());
+    let endpoint = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let conn = Arc::new(ConnShared::new(endpoint));
     let id = shared.register_conn(conn.clone());
     let tap = TapStream::new(stream, conn.flows.clone(), conn.kill.clone());
     let acceptor = ConnectionAcceptor::builder()
@@ -298,6 +329,13 @@ async fn serve_session(
             },
             None => None,
         };
+        // A client receiver asking for a session (ASB's session receivers do).
+        let session_filter = role == Role::Receiver
+            && attach
+                .source
+                .as_ref()
+                .and_then(|s| s.filter.as_ref())
+                .is_some_and(|f| f.keys().any(|k| k.0 == SESSION_FILTER));
         let acceptor = match role {
             Role::Sender => &for_client_senders,
             Role::Receiver => &for_client_receivers,
@@ -322,17 +360,52 @@ async fn serve_session(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(key.clone(), tx);
-                    tokio::spawn(cbs_replies(s, rx, conn.clone(), key));
+                    tokio::spawn(node_replies(s, rx, conn.clone(), key, Node::Cbs));
+                }
+            }
+            continue;
+        }
+        if let Some(entity) = lower.strip_suffix(MANAGEMENT_SUFFIX) {
+            let entity = entity.to_string();
+            let refusal = match shared.store.resolve(&entity) {
+                None => Some(not_found(&conn, &path[..entity.len()])),
+                Some(Address::Sink(_)) => Some(error(
+                    AmqpError::NotImplemented,
+                    format!(
+                        "The emulator's $management nodes serve queues and subscriptions, not the topic '{}'.",
+                        &path[..entity.len()]
+                    ),
+                )),
+                Some(_) if !conn.authorized(&entity) => Some(error(
+                    AmqpError::UnauthorizedAccess,
+                    format!("Unauthorized access to '{path}': put a valid token with $cbs first."),
+                )),
+                Some(_) => None,
+            };
+            if let Some(err) = refusal {
+                refuse(link, &path, err);
+                continue;
+            }
+            match link {
+                LinkEndpoint::Receiver(r) => {
+                    tokio::spawn(mgmt_requests(r, entity, shared.clone(), conn.clone()));
+                }
+                LinkEndpoint::Sender(s) => {
+                    let (tx, rx) = mpsc::channel(16);
+                    let key = reply_addr.unwrap_or_default();
+                    conn.mgmt_replies
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone(), tx);
+                    tokio::spawn(node_replies(s, rx, conn.clone(), key, Node::Management));
                 }
             }
             continue;
         }
         let resolved = shared.store.resolve(&lower);
+        let requires_session = shared.store.requires_session(&lower);
         let refusal = match (&resolved, &link) {
-            (None, _) => Some(error(
-                AmqpError::NotFound,
-                format!("The messaging entity '{path}' could not be found."),
-            )),
+            (None, _) => Some(not_found(&conn, &path)),
             (Some(Address::Source(_)), LinkEndpoint::Receiver(_)) => Some(error(
                 AmqpError::NotAllowed,
                 format!("Cannot send to '{path}': send to its topic."),
@@ -345,19 +418,28 @@ async fn serve_session(
                 AmqpError::UnauthorizedAccess,
                 format!("Unauthorized access to '{path}': put a valid token with $cbs first."),
             )),
+            (_, LinkEndpoint::Sender(_)) if requires_session && !session_filter => Some(error(
+                AmqpError::NotAllowed,
+                format!(
+                    "It is not possible for an entity that requires sessions to create a non-sessionful message receiver. Entity: '{path}'."
+                ),
+            )),
+            (_, LinkEndpoint::Sender(_)) if requires_session => Some(error(
+                AmqpError::NotImplemented,
+                format!(
+                    "The emulator does not implement sessions (RequiresSession on '{path}'); test session receivers against Azure Service Bus."
+                ),
+            )),
+            (_, LinkEndpoint::Sender(_)) if session_filter => Some(error(
+                AmqpError::NotAllowed,
+                format!(
+                    "A sessionful message receiver cannot be created on an entity that does not require sessions. Ensure RequiresSession is set to true when creating a Queue or Subscription to enable sessionful behavior. Entity: '{path}'."
+                ),
+            )),
             _ => None,
         };
         if let Some(err) = refusal {
-            log::info!(
-                "emulator: link to '{path}' refused: {}",
-                err.description.as_deref().unwrap_or("")
-            );
-            tokio::spawn(async move {
-                let _ = match link {
-                    LinkEndpoint::Sender(s) => s.close_with_error(err).await,
-                    LinkEndpoint::Receiver(r) => r.close_with_error(err).await,
-                };
-            });
+            refuse(link, &path, err);
             continue;
         }
         match link {
@@ -370,6 +452,31 @@ async fn serve_session(
             }
         }
     }
+}
+
+/// ASB's answer to a link on an entity that does not exist.
+fn not_found(conn: &ConnShared, path: &str) -> definitions::Error {
+    error(
+        AmqpError::NotFound,
+        format!(
+            "The messaging entity 'sb://{}/{path}' could not be found. To know more visit https://aka.ms/sbResourceMgrExceptions.",
+            conn.endpoint
+        ),
+    )
+}
+
+/// Complete the attach, then detach the link at once with `err` (as ASB refuses links).
+fn refuse(link: LinkEndpoint, path: &str, err: definitions::Error) {
+    log::info!(
+        "emulator: link to '{path}' refused: {}",
+        err.description.as_deref().unwrap_or("")
+    );
+    tokio::spawn(async move {
+        let _ = match link {
+            LinkEndpoint::Sender(s) => s.close_with_error(err).await,
+            LinkEndpoint::Receiver(r) => r.close_with_error(err).await,
+        };
+    });
 }
 
 /// A client sender to a topic or queue: store each message, then accept it.
@@ -542,20 +649,157 @@ async fn cbs_requests(mut receiver: Receiver, shared: Arc<Shared>, conn: Arc<Con
             )
             .body(Body::Value(AmqpValue(Value::Null)))
             .build();
-        let tx = {
-            let replies = conn.cbs_replies.lock().unwrap_or_else(|e| e.into_inner());
-            replies
-                .get(&reply_to)
-                .or_else(|| replies.values().next())
-                .cloned()
+        send_reply(&conn, Node::Cbs, &reply_to, reply).await;
+    }
+}
+
+/// Hand a response to the reply link attached with the request's reply-to address (for
+/// `$cbs`, any reply link when there is no such address, as before).
+async fn send_reply(conn: &ConnShared, node: Node, reply_to: &str, reply: StoredMessage) {
+    let tx = {
+        let replies = conn.replies(node).lock().unwrap_or_else(|e| e.into_inner());
+        replies
+            .get(reply_to)
+            .or_else(|| match node {
+                Node::Cbs => replies.values().next(),
+                Node::Management => None,
+            })
+            .cloned()
+    };
+    match tx {
+        Some(tx) => {
+            let _ = tx.send(reply).await;
+        }
+        None => log::info!("emulator: {node:?} request without a reply link to '{reply_to}'"),
+    }
+}
+
+/// Requests to `<entity>/$management`: `com.microsoft:renew-lock`. Other operations get
+/// status 501 (the emulator does not implement them; never a silent success).
+async fn mgmt_requests(
+    mut receiver: Receiver,
+    entity: String,
+    shared: Arc<Shared>,
+    conn: Arc<ConnShared>,
+) {
+    loop {
+        let delivery: Delivery<Body<Value>> = tokio::select! {
+            d = receiver.recv() => match d { Ok(d) => d, Err(_) => return },
+            _ = conn.kill.killed() => return,
         };
-        match tx {
-            Some(tx) => {
-                let _ = tx.send(reply).await;
-            }
-            None => log::info!("emulator: $cbs request without a reply link"),
+        let (info, msg) = delivery.into_parts();
+        if receiver.accept(info).await.is_err() {
+            return;
+        }
+        let (code, description, condition, body) = management(&msg, &entity, &shared);
+        let message_id = msg.properties.as_ref().and_then(|p| p.message_id.clone());
+        let reply_to = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.reply_to.clone())
+            .unwrap_or_default();
+        let mut props = ApplicationProperties::builder()
+            .insert("statusCode", SimpleValue::Int(code))
+            .insert("statusDescription", SimpleValue::String(description));
+        if let Some(c) = condition {
+            props = props.insert("errorCondition", SimpleValue::Symbol(Symbol::from(c)));
+        }
+        let reply = Message::builder()
+            .properties(Properties {
+                correlation_id: message_id,
+                ..Default::default()
+            })
+            .application_properties(props.build())
+            .body(Body::Value(AmqpValue(body)))
+            .build();
+        send_reply(&conn, Node::Management, &reply_to, reply).await;
+    }
+}
+
+/// One `$management` request on `entity`: (statusCode, statusDescription,
+/// errorCondition, body).
+fn management(
+    msg: &StoredMessage,
+    entity: &str,
+    shared: &Shared,
+) -> (i32, String, Option<&'static str>, Value) {
+    let operation = msg.application_properties.as_ref().and_then(|p| {
+        p.get("operation").and_then(|v| match v {
+            SimpleValue::String(s) => Some(s.clone()),
+            SimpleValue::Symbol(s) => Some(s.0.clone()),
+            _ => None,
+        })
+    });
+    let path = shared.store.display_path(entity);
+    match operation.as_deref() {
+        Some(RENEW_LOCK) => {}
+        Some(other) => {
+            log::info!("emulator: $management operation '{other}' on {path} is not implemented");
+            return (
+                501,
+                format!("The operation '{other}' is not implemented by the emulator."),
+                Some("amqp:not-implemented"),
+                Value::Null,
+            );
+        }
+        None => {
+            return (
+                400,
+                "The request has no 'operation' application property.".into(),
+                Some("amqp:invalid-field"),
+                Value::Null,
+            );
         }
     }
+    let tokens = match lock_tokens(&msg.body) {
+        Ok(t) => t,
+        Err(why) => return (400, why, Some("amqp:invalid-field"), Value::Null),
+    };
+    match shared.store.renew_locks(entity, &tokens) {
+        Ok(expirations) => {
+            log::debug!("emulator: {} lock(s) on {path} renewed", tokens.len());
+            let mut body = OrderedMap::new();
+            body.insert(
+                Value::String("expirations".into()),
+                Value::Array(Array::from(
+                    expirations
+                        .into_iter()
+                        .map(|ms| Value::Timestamp(Timestamp::from_milliseconds(ms)))
+                        .collect::<Vec<_>>(),
+                )),
+            );
+            (200, "OK".into(), None, Value::Map(body))
+        }
+        Err(e @ RenewError::LockLost) => (410, e.to_string(), Some(LOCK_LOST), Value::Null),
+        Err(e @ RenewError::NotFound(_)) => {
+            (404, e.to_string(), Some("amqp:not-found"), Value::Null)
+        }
+    }
+}
+
+/// The `lock-tokens` of a renew-lock request body: a map with an array (or list) of
+/// uuids under the string (or symbol) key `lock-tokens`.
+fn lock_tokens(body: &Body<Value>) -> Result<Vec<[u8; 16]>, String> {
+    let Body::Value(AmqpValue(Value::Map(map))) = body else {
+        return Err("The request body must be a map with 'lock-tokens'.".into());
+    };
+    let list = map.iter().find_map(|(k, v)| match k {
+        Value::String(s) if s == "lock-tokens" => Some(v),
+        Value::Symbol(s) if s.0 == "lock-tokens" => Some(v),
+        _ => None,
+    });
+    let items: Vec<&Value> = match list {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(Value::List(l)) => l.iter().collect(),
+        _ => return Err("'lock-tokens' must be an array of uuids.".into()),
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            Value::Uuid(u) => Ok(*u.as_inner()),
+            other => Err(format!("'lock-tokens' holds {other:?}, not a uuid.")),
+        })
+        .collect()
 }
 
 /// Validate one put-token request; returns the status code and description.
@@ -619,15 +863,16 @@ fn put_token(msg: &StoredMessage, shared: &Shared, conn: &ConnShared) -> (i32, S
     }
 }
 
-/// The `$cbs` reply link: send the responses put in `rx`.
-async fn cbs_replies(
+/// A `$cbs` or `$management` reply link: send the responses put in `rx`.
+async fn node_replies(
     mut sender: Sender,
     mut rx: mpsc::Receiver<StoredMessage>,
     conn: Arc<ConnShared>,
     key: String,
+    node: Node,
 ) {
     cbs_reply_loop(&mut sender, &mut rx).await;
-    conn.cbs_replies
+    conn.replies(node)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&key);

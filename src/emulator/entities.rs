@@ -1,15 +1,25 @@
 //! The emulator's entities, read from a file in the format of Microsoft's Service Bus
 //! emulator (`Config.json`): `{"UserConfig":{"Namespaces":[{"Name":…,"Queues":[…],
 //! "Topics":[{"Name":…,"Subscriptions":[{"Name":…,"Properties":{"LockDuration":"PT1M",
-//! "MaxDeliveryCount":3}}]}]}]}}`. Unknown properties are ignored, so the file users
-//! already have works unchanged.
+//! "MaxDeliveryCount":3,"RequiresSession":false},"Rules":[{"Name":…,"Properties":{
+//! "FilterType":"Correlation","CorrelationFilter":{…}}}]}]}]}]}}`.
+//!
+//! Applied: `LockDuration`, `MaxDeliveryCount`, `RequiresSession` (queues and
+//! subscriptions) and subscription `Rules` (Correlation and SQL filters, see
+//! [`super::filter`]). A rule the emulator cannot apply as ASB would (an SQL construct
+//! outside the supported subset, a rule action, an unknown filter field) is refused
+//! when the file is read. Every other property is ignored and reported (see
+//! [`Entities::from_json_with_ignored`]), so the file users already have works unchanged
+//! and nothing differs silently.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::EmulatorError;
+use super::filter::{CorrelationFilter, Filter, Lit, Rule, parse_sql};
 
 /// ASB defaults for an entity without properties.
 pub const DEFAULT_LOCK_DURATION: Duration = Duration::from_secs(60);
@@ -22,6 +32,32 @@ pub struct EntityConfig {
     pub name: String,
     pub lock_duration: Duration,
     pub max_delivery_count: u32,
+    /// `RequiresSession`: receivers must ask for a session (the emulator refuses plain
+    /// receivers with `amqp:not-allowed`, as ASB does, and does not implement sessions).
+    pub requires_session: bool,
+    /// Subscription rules; a message is copied when any matches. Empty: `$Default`
+    /// (every message), as a subscription created without rules has on ASB.
+    pub rules: Vec<Rule>,
+}
+
+impl EntityConfig {
+    /// An entity with ASB's defaults: no sessions, the `$Default` rule.
+    pub fn new(name: impl Into<String>, lock_duration: Duration, max_delivery_count: u32) -> Self {
+        EntityConfig {
+            name: name.into(),
+            lock_duration,
+            max_delivery_count,
+            requires_session: false,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Default for EntityConfig {
+    /// Unnamed, LockDuration PT1M, MaxDeliveryCount 10, no sessions, `$Default`.
+    fn default() -> Self {
+        EntityConfig::new("", DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,16 +80,23 @@ impl Default for Entities {
     }
 }
 
+/// Properties the emulator does not apply, by JSON key.
+type Extra = BTreeMap<String, serde_json::Value>;
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct File {
     user_config: UserConfig,
+    #[serde(flatten)]
+    extra: Extra,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct UserConfig {
     namespaces: Vec<Namespace>,
+    #[serde(flatten)]
+    extra: Extra,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +107,8 @@ struct Namespace {
     queues: Vec<Entity>,
     #[serde(default)]
     topics: Vec<Topic>,
+    #[serde(flatten)]
+    extra: Extra,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +117,11 @@ struct Topic {
     name: String,
     #[serde(default)]
     subscriptions: Vec<Entity>,
+    /// Topic properties (DefaultMessageTimeToLive, duplicate detection): none applied.
+    #[serde(default)]
+    properties: Extra,
+    #[serde(flatten)]
+    extra: Extra,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +130,11 @@ struct Entity {
     name: String,
     #[serde(default)]
     properties: Properties,
+    /// Subscriptions only; `None` and `[]` both mean `$Default`.
+    #[serde(default)]
+    rules: Option<Vec<RuleJson>>,
+    #[serde(flatten)]
+    extra: Extra,
 }
 
 #[derive(Deserialize, Default)]
@@ -87,6 +142,154 @@ struct Entity {
 struct Properties {
     lock_duration: Option<String>,
     max_delivery_count: Option<u32>,
+    requires_session: Option<bool>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RuleJson {
+    name: String,
+    properties: RuleProperties,
+    /// Also accepted here (Microsoft's schema has it under `Properties`).
+    action: Option<ActionJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct RuleProperties {
+    filter_type: String,
+    correlation_filter: Option<CorrelationJson>,
+    sql_filter: Option<SqlJson>,
+    action: Option<ActionJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct CorrelationJson {
+    content_type: Option<String>,
+    correlation_id: Option<String>,
+    label: Option<String>,
+    message_id: Option<String>,
+    reply_to: Option<String>,
+    reply_to_session_id: Option<String>,
+    session_id: Option<String>,
+    to: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct SqlJson {
+    sql_expression: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct ActionJson {
+    sql_expression: Option<String>,
+}
+
+fn note_extra(ignored: &mut Vec<String>, at: &str, extra: &Extra) {
+    for (k, v) in extra {
+        let dot = if at.is_empty() { "" } else { "." };
+        ignored.push(format!("{at}{dot}{k} = {v}"));
+    }
+}
+
+/// Turn one Config.json rule into a [`Rule`], or refuse it naming the subscription, the
+/// rule and the part that the emulator cannot apply as ASB would.
+fn rule(r: RuleJson, at: &str, subscription: &str) -> Result<Rule, EmulatorError> {
+    let refuse = |what: String| {
+        EmulatorError::Config(format!(
+            "{at}: subscription '{subscription}', rule '{}': {what}",
+            r.name
+        ))
+    };
+    let p = &r.properties;
+    for a in [&p.action, &r.action].into_iter().flatten() {
+        if let Some(expr) = a.sql_expression.as_deref()
+            && !expr.trim().is_empty()
+        {
+            return Err(refuse(format!(
+                "rule actions are not supported by the emulator (Action.SqlExpression `{expr}`); \
+                 remove the action or test it against Azure Service Bus"
+            )));
+        }
+    }
+    let filter = if p.filter_type.eq_ignore_ascii_case("Correlation") {
+        if p.sql_filter.is_some() {
+            return Err(refuse(
+                "FilterType is Correlation but a SqlFilter is given".into(),
+            ));
+        }
+        let Some(c) = &p.correlation_filter else {
+            return Err(refuse(
+                "FilterType Correlation needs a CorrelationFilter".into(),
+            ));
+        };
+        let mut properties = Vec::new();
+        for (k, v) in &c.properties {
+            let lit = match v {
+                serde_json::Value::String(s) => Lit::Str(s.clone()),
+                serde_json::Value::Bool(b) => Lit::Bool(*b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => Lit::Int(i),
+                    None => Lit::Float(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                other => {
+                    return Err(refuse(format!(
+                        "CorrelationFilter.Properties.{k}: {other} is not a string, number or boolean"
+                    )));
+                }
+            };
+            properties.push((k.clone(), lit));
+        }
+        let f = CorrelationFilter {
+            content_type: c.content_type.clone(),
+            correlation_id: c.correlation_id.clone(),
+            subject: c.label.clone(),
+            message_id: c.message_id.clone(),
+            reply_to: c.reply_to.clone(),
+            reply_to_session_id: c.reply_to_session_id.clone(),
+            session_id: c.session_id.clone(),
+            to: c.to.clone(),
+            properties,
+        };
+        if f.is_empty() {
+            return Err(refuse(
+                "a CorrelationFilter needs at least one property".into(),
+            ));
+        }
+        Filter::Correlation(f)
+    } else if p.filter_type.eq_ignore_ascii_case("Sql") {
+        if p.correlation_filter.is_some() {
+            return Err(refuse(
+                "FilterType is Sql but a CorrelationFilter is given".into(),
+            ));
+        }
+        let Some(s) = &p.sql_filter else {
+            return Err(refuse("FilterType Sql needs a SqlFilter".into()));
+        };
+        let parsed = parse_sql(&s.sql_expression).map_err(|e| {
+            refuse(format!(
+                "SqlFilter.SqlExpression `{}`: {e}",
+                s.sql_expression
+            ))
+        })?;
+        Filter::Sql(parsed)
+    } else {
+        return Err(refuse(format!(
+            "FilterType '{}' is not Correlation or Sql",
+            p.filter_type
+        )));
+    };
+    Ok(Rule {
+        name: r.name,
+        filter,
+    })
 }
 
 impl Entities {
@@ -98,22 +301,36 @@ impl Entities {
             queues: Vec::new(),
             topics: vec![TopicConfig {
                 name: "operational-events".into(),
-                subscriptions: vec![EntityConfig {
-                    name: "edge".into(),
-                    lock_duration: DEFAULT_LOCK_DURATION,
-                    max_delivery_count: DEFAULT_MAX_DELIVERY_COUNT,
-                }],
+                subscriptions: vec![EntityConfig::new(
+                    "edge",
+                    DEFAULT_LOCK_DURATION,
+                    DEFAULT_MAX_DELIVERY_COUNT,
+                )],
             }],
         }
     }
 
-    /// Parse a Config.json text. Errors name the JSON path that is wrong.
+    /// Parse a Config.json text, logging (warn) each property the emulator ignores.
+    /// Errors name the JSON path that is wrong.
     pub fn from_json(text: &str) -> Result<Self, EmulatorError> {
+        let (entities, ignored) = Self::from_json_with_ignored(text)?;
+        for i in &ignored {
+            log::warn!("emulator: Config.json: {i}: not emulated, ignored");
+        }
+        Ok(entities)
+    }
+
+    /// Parse a Config.json text; also returns every property the emulator ignores, as
+    /// `JSON.PATH = value` (e.g. `UserConfig.Logging = {"Type":"File"}`).
+    pub fn from_json_with_ignored(text: &str) -> Result<(Self, Vec<String>), EmulatorError> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             EmulatorError::Config(format!("{path}: {}", e.inner()))
         })?;
+        let mut ignored = Vec::new();
+        note_extra(&mut ignored, "", &file.extra);
+        note_extra(&mut ignored, "UserConfig", &file.user_config.extra);
         let mut namespaces = file.user_config.namespaces.into_iter();
         let ns = namespaces.next().ok_or_else(|| {
             EmulatorError::Config("UserConfig.Namespaces: at least one namespace is needed".into())
@@ -123,13 +340,20 @@ impl Entities {
                 "UserConfig.Namespaces: the emulator serves exactly one namespace".into(),
             ));
         }
-        let entity = |e: Entity, at: String| -> Result<EntityConfig, EmulatorError> {
+        note_extra(&mut ignored, "UserConfig.Namespaces[0]", &ns.extra);
+        let entity = |e: Entity,
+                      at: String,
+                      topic: Option<&str>,
+                      ignored: &mut Vec<String>|
+         -> Result<EntityConfig, EmulatorError> {
             if e.name.is_empty() || e.name.contains('/') {
                 return Err(EmulatorError::Config(format!(
                     "{at}.Name: '{}' is not a valid entity name",
                     e.name
                 )));
             }
+            note_extra(ignored, &at, &e.extra);
+            note_extra(ignored, &format!("{at}.Properties"), &e.properties.extra);
             let lock_duration = match e.properties.lock_duration {
                 None => DEFAULT_LOCK_DURATION,
                 Some(s) => parse_iso8601_duration(&s).ok_or_else(|| {
@@ -152,15 +376,33 @@ impl Entities {
                     "{at}.Properties.MaxDeliveryCount: must be at least 1"
                 )));
             }
+            let mut rules = Vec::new();
+            match (topic, e.rules) {
+                (Some(topic), Some(rs)) => {
+                    let path = format!("{topic}/Subscriptions/{}", e.name);
+                    for (k, r) in rs.into_iter().enumerate() {
+                        rules.push(rule(r, &format!("{at}.Rules[{k}]"), &path)?);
+                    }
+                }
+                (None, Some(_)) => ignored.push(format!("{at}.Rules (a queue has no rules)")),
+                (_, None) => {}
+            }
             Ok(EntityConfig {
                 name: e.name,
                 lock_duration,
                 max_delivery_count,
+                requires_session: e.properties.requires_session.unwrap_or(false),
+                rules,
             })
         };
         let mut queues = Vec::new();
         for (i, q) in ns.queues.into_iter().enumerate() {
-            queues.push(entity(q, format!("UserConfig.Namespaces[0].Queues[{i}]"))?);
+            queues.push(entity(
+                q,
+                format!("UserConfig.Namespaces[0].Queues[{i}]"),
+                None,
+                &mut ignored,
+            )?);
         }
         let mut topics = Vec::new();
         for (i, t) in ns.topics.into_iter().enumerate() {
@@ -171,9 +413,16 @@ impl Entities {
                     t.name
                 )));
             }
+            note_extra(&mut ignored, &at, &t.extra);
+            note_extra(&mut ignored, &format!("{at}.Properties"), &t.properties);
             let mut subscriptions = Vec::new();
             for (j, s) in t.subscriptions.into_iter().enumerate() {
-                subscriptions.push(entity(s, format!("{at}.Subscriptions[{j}]"))?);
+                subscriptions.push(entity(
+                    s,
+                    format!("{at}.Subscriptions[{j}]"),
+                    Some(&t.name),
+                    &mut ignored,
+                )?);
             }
             topics.push(TopicConfig {
                 name: t.name,
@@ -192,11 +441,14 @@ impl Entities {
                 w[0]
             )));
         }
-        Ok(Entities {
-            namespace: ns.name,
-            queues,
-            topics,
-        })
+        Ok((
+            Entities {
+                namespace: ns.name,
+                queues,
+                topics,
+            },
+            ignored,
+        ))
     }
 
     /// Read and parse a Config.json file.

@@ -10,8 +10,12 @@
 //! - receivers on `<topic>/Subscriptions/<sub>`, `<queue>` and `…/$DeadLetterQueue`:
 //!   peek-lock with `x-opt-locked-until`, delivery-count, LockDuration expiry and
 //!   redelivery, MaxDeliveryCount → dead-letter queue, credit respected exactly;
-//! - fault injection (drop connections, detach links, expire tokens) and `GET /stats`
-//!   on an admin HTTP address.
+//! - subscription rules (Correlation and SQL filters, see [`filter`]) applied at
+//!   fan-out; `RequiresSession` entities refuse plain receivers (`amqp:not-allowed`);
+//! - the `<entity>/$management` node: `com.microsoft:renew-lock` (lock tokens travel as
+//!   the `x-opt-lock-token` delivery annotation, see [`Store::renew_locks`]);
+//! - fault injection (drop connections, detach links, expire tokens, refuse lock
+//!   renewals) and `GET /stats` on an admin HTTP address.
 //!
 //! State lives in a [`Store`]; pass the store of a stopped emulator to a new one to
 //! "restart the broker" with its messages (locked ones stay locked until their lock
@@ -21,6 +25,7 @@ mod admin;
 mod broker;
 pub mod client;
 mod entities;
+pub mod filter;
 mod store;
 mod tap;
 
@@ -41,7 +46,10 @@ pub use entities::{
     DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, Entities, EntityConfig, TopicConfig,
     parse_iso8601_duration,
 };
-pub use store::{DEFAULT_ENTITY_CAPACITY, DeadLetter, EntityStats, PublishError, Store};
+pub use filter::{CorrelationFilter, Filter, Lit, Rule, SqlError, parse_sql};
+pub use store::{
+    DEFAULT_ENTITY_CAPACITY, DeadLetter, EntityStats, PublishError, RenewError, Store,
+};
 
 /// The well-known emulator key name and key (Microsoft's emulator uses the same).
 pub const DEFAULT_KEY_NAME: &str = "RootManageSharedAccessKey";
@@ -149,6 +157,13 @@ impl Shared {
             c.detach_links();
         }
         all.len()
+    }
+
+    /// Fault injection: make the next `count` renew-lock requests on `entity` (a path,
+    /// any case) fail with message-lock-lost; `None`: all of them until cleared.
+    pub(crate) fn fail_renewals(&self, entity: &str, count: Option<u32>) -> bool {
+        let key = normalize_address(entity).to_ascii_lowercase();
+        self.store.fail_renewals(&key, count)
     }
 
     pub(crate) fn expire_tokens(&self) -> usize {
@@ -298,6 +313,12 @@ impl EmulatorHandle {
     /// Detach every receiver link with `amqp:link:detach-forced`; connections stay.
     pub fn detach_links(&self) {
         self.shared.detach_links();
+    }
+
+    /// Make the next `count` renew-lock requests on `entity` fail with ASB's 410
+    /// message-lock-lost (`None`: every one until `Some(0)`). False: no such entity.
+    pub fn fail_renewals(&self, entity: &str, count: Option<u32>) -> bool {
+        self.shared.fail_renewals(entity, count)
     }
 
     /// Treat every token as expired now: connections authorised by tokens are closed.

@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, Header, Message, MessageAnnotations, Outcome,
+    ApplicationProperties, Body, DeliveryAnnotations, Header, Message, MessageAnnotations, Outcome,
 };
-use fe2o3_amqp::types::primitives::{SimpleValue, Timestamp, Value};
+use fe2o3_amqp::types::primitives::{SimpleValue, Timestamp, Uuid, Value};
 use tokio::sync::Notify;
 
 use super::entities::{Entities, EntityConfig};
+use super::filter::{Rule, any_matches};
 
 pub type StoredMessage = Message<Body<Value>>;
 
@@ -50,7 +51,26 @@ pub struct EntityStats {
     pub max_locked: u64,
     /// Link credit currently granted by the receivers attached to this entity.
     pub credit: u64,
+    /// Locks renewed with `com.microsoft:renew-lock` (one per lock token).
+    #[serde(default)]
+    pub renewed: u64,
 }
+
+/// Why a `com.microsoft:renew-lock` request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewError {
+    /// ASB's 410 `com.microsoft:message-lock-lost`: a token is unknown, its lock has
+    /// expired or its message was settled (or a fault was injected).
+    #[error(
+        "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue, or was received by a different receiver instance."
+    )]
+    LockLost,
+    #[error("The messaging entity '{0}' could not be found.")]
+    NotFound(String),
+}
+
+/// Renewal faults of one entity: how many requests still fail (`u32::MAX`: all).
+const RENEW_FAIL_ALWAYS: u32 = u32::MAX;
 
 /// One message in a dead-letter queue.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,6 +109,13 @@ struct Entity {
     dead_lettered: u64,
     delivered: u64,
     max_locked: u64,
+    renewed: u64,
+    /// Receivers must ask for a session (ASB's RequiresSession).
+    requires_session: bool,
+    /// Subscription rules (empty: every message).
+    rules: Vec<Rule>,
+    /// Renew-lock requests that will fail (fault injection).
+    renew_faults: u32,
     notify: Arc<Notify>,
 }
 
@@ -107,6 +134,10 @@ impl Entity {
             dead_lettered: 0,
             delivered: 0,
             max_locked: 0,
+            renewed: 0,
+            requires_session: cfg.is_some_and(|c| c.requires_session),
+            rules: cfg.map(|c| c.rules.clone()).unwrap_or_default(),
+            renew_faults: 0,
             notify: Arc::new(Notify::new()),
         }
     }
@@ -129,6 +160,9 @@ struct State {
     next_link: u64,
     /// Most messages one entity holds (active + locked); senders are refused beyond.
     capacity: usize,
+    /// First half of every lock token of this store (the second half is the lock id),
+    /// so tokens from another emulator are not mistaken for ours.
+    token_prefix: [u8; 8],
 }
 
 /// What a link address names.
@@ -229,6 +263,7 @@ impl Store {
     pub fn with_capacity(entities: &Entities, capacity: usize) -> Self {
         let mut st = State {
             capacity,
+            token_prefix: fastrand::u64(..).to_be_bytes(),
             ..State::default()
         };
         let add = |st: &mut State, path: String, cfg: &EntityConfig| {
@@ -238,8 +273,11 @@ impl Store {
             st.entities
                 .insert(dlq_key.clone(), Entity::new(dlq_path, Some(cfg), None));
             if let Some(d) = st.entities.get_mut(&dlq_key) {
-                // Messages in a dead-letter queue are not dead-lettered again.
+                // Messages in a dead-letter queue are not dead-lettered again; it takes
+                // plain receivers and has no rules.
                 d.max_delivery_count = u32::MAX;
+                d.requires_session = false;
+                d.rules.clear();
             }
             st.entities
                 .insert(key.clone(), Entity::new(path, Some(cfg), Some(dlq_key)));
@@ -319,7 +357,26 @@ impl Store {
         let Some(s) = st.sinks.get(sink) else {
             return Err(PublishError::NotFound(sink.to_string()));
         };
-        for t in &s.targets {
+        let seq = s.next_seq;
+        annotate(&mut msg, "x-opt-sequence-number", Value::Long(seq));
+        annotate(
+            &mut msg,
+            "x-opt-enqueued-time",
+            Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
+        );
+        tamper(&mut msg);
+        // Subscriptions whose rules take the message (a queue has none: all).
+        let targets: Vec<String> = s
+            .targets
+            .iter()
+            .filter(|t| {
+                st.entities
+                    .get(*t)
+                    .is_some_and(|e| e.rules.is_empty() || any_matches(&e.rules, &msg))
+            })
+            .cloned()
+            .collect();
+        for t in &targets {
             if let Some(e) = st.entities.get(t)
                 && e.active.len() + e.locked.len() >= cap
             {
@@ -329,19 +386,9 @@ impl Store {
                 });
             }
         }
-        let Some(s) = st.sinks.get_mut(sink) else {
-            return Err(PublishError::NotFound(sink.to_string()));
-        };
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        let targets = s.targets.clone();
-        annotate(&mut msg, "x-opt-sequence-number", Value::Long(seq));
-        annotate(
-            &mut msg,
-            "x-opt-enqueued-time",
-            Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
-        );
-        tamper(&mut msg);
+        if let Some(s) = st.sinks.get_mut(sink) {
+            s.next_seq += 1;
+        }
         for t in targets {
             if let Some(e) = st.entities.get_mut(&t) {
                 e.active.insert(
@@ -373,6 +420,7 @@ impl Store {
         let mut st = lock(&self.state);
         st.next_lock += 1;
         let lock_id = st.next_lock;
+        let token = lock_token(st.token_prefix, lock_id);
         let e = st.entities.get_mut(key)?;
         let (_, stored) = e.active.pop_first()?;
         let until = Instant::now() + e.lock_duration;
@@ -386,6 +434,13 @@ impl Store {
             "x-opt-locked-until",
             Value::Timestamp(Timestamp::from_milliseconds(until_ms)),
         );
+        // fe2o3's sender numbers its delivery tags itself (4 bytes), so the lock token
+        // cannot be the tag as on ASB; it travels as the delivery annotation the SDKs
+        // read when the tag is not a token (`x-opt-lock-token`, a uuid).
+        msg.delivery_annotations
+            .get_or_insert_with(|| DeliveryAnnotations(Default::default()))
+            .0
+            .insert("x-opt-lock-token".into(), Value::Uuid(Uuid::from(token)));
         e.locked.insert(lock_id, Locked { stored, until });
         e.delivered += 1;
         e.max_locked = e.max_locked.max(e.locked.len() as u64);
@@ -530,10 +585,75 @@ impl Store {
                     delivered: e.delivered,
                     max_locked: e.max_locked,
                     credit,
+                    renewed: e.renewed,
                 },
             );
         }
         out
+    }
+
+    /// Does the entity `key` require sessions (RequiresSession)?
+    pub fn requires_session(&self, key: &str) -> bool {
+        lock(&self.state)
+            .entities
+            .get(key)
+            .is_some_and(|e| e.requires_session)
+    }
+
+    /// `com.microsoft:renew-lock` on `key`: extend each lock by the entity's
+    /// LockDuration from now. All or nothing, as on ASB: one unknown or expired token
+    /// (or an injected fault) fails the whole request with [`RenewError::LockLost`] and
+    /// renews none. Returns the new locked-until times (ms since the Unix epoch) in
+    /// the order of `tokens`. A renewed message is not redelivered when its first lock
+    /// would have expired, and its delivery count does not change.
+    ///
+    /// `tokens` are lock tokens as AMQP uuids carry them (RFC 4122 byte order).
+    pub fn renew_locks(&self, key: &str, tokens: &[[u8; 16]]) -> Result<Vec<i64>, RenewError> {
+        let mut st = lock(&self.state);
+        let prefix = st.token_prefix;
+        let Some(e) = st.entities.get_mut(key) else {
+            return Err(RenewError::NotFound(key.to_string()));
+        };
+        if e.renew_faults > 0 {
+            if e.renew_faults != RENEW_FAIL_ALWAYS {
+                e.renew_faults -= 1;
+            }
+            log::info!(
+                "emulator: renew-lock on {} refused (fault injection)",
+                e.path
+            );
+            return Err(RenewError::LockLost);
+        }
+        let now = Instant::now();
+        let mut ids = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            let id = lock_id_of(prefix, t).ok_or(RenewError::LockLost)?;
+            match e.locked.get(&id) {
+                Some(l) if l.until > now => ids.push(id),
+                _ => return Err(RenewError::LockLost),
+            }
+        }
+        let until = now + e.lock_duration;
+        let until_ms = now_ms() + e.lock_duration.as_millis() as i64;
+        for id in ids {
+            if let Some(l) = e.locked.get_mut(&id) {
+                l.until = until;
+            }
+            e.renewed += 1;
+        }
+        Ok(vec![until_ms; tokens.len()])
+    }
+
+    /// Fault injection: the next `count` renew-lock requests on `key` fail with
+    /// message-lock-lost (`None`: every one until cleared with `Some(0)`). Returns false
+    /// when there is no such entity.
+    pub fn fail_renewals(&self, key: &str, count: Option<u32>) -> bool {
+        let mut st = lock(&self.state);
+        let Some(e) = st.entities.get_mut(key) else {
+            return false;
+        };
+        e.renew_faults = count.map_or(RENEW_FAIL_ALWAYS, |n| n.min(RENEW_FAIL_ALWAYS - 1));
+        true
     }
 
     /// The messages in the dead-letter queue of `entity` (a queue or subscription path,
@@ -578,6 +698,23 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The lock token of lock `id` (RFC 4122 byte order, as in an AMQP uuid).
+fn lock_token(prefix: [u8; 8], id: u64) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&prefix);
+    t[8..].copy_from_slice(&id.to_be_bytes());
+    t
+}
+
+fn lock_id_of(prefix: [u8; 8], token: &[u8; 16]) -> Option<u64> {
+    if token[..8] != prefix {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&token[8..]);
+    Some(u64::from_be_bytes(id))
 }
 
 /// The symbol of an error condition, e.g. `com.microsoft:dead-letter`.

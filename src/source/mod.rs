@@ -15,6 +15,7 @@
 
 mod cbs;
 pub mod decode;
+pub mod renew;
 pub mod tls;
 pub mod tracker;
 

@@ -32,6 +32,7 @@ pub fn entities(lock: Duration, subs: &[&str]) -> Entities {
                     name: s.to_string(),
                     lock_duration: lock,
                     max_delivery_count: 10,
+                    ..Default::default()
                 })
                 .collect(),
         }],
