@@ -281,3 +281,121 @@ async fn killed_daemon_leaves_offline_by_last_will() {
     emu.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Emulator with LockDuration 2 s and MaxDeliveryCount 3 on the subscription.
+async fn short_lock_emulator() -> EmulatorHandle {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut entities = emulator::Entities::default_entities();
+    entities.topics[0].subscriptions = vec![emulator::EntityConfig::new(
+        "edge",
+        Duration::from_secs(2),
+        3,
+    )];
+    emulator::start(
+        l,
+        EmulatorOptions {
+            entities,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A broker outage longer than MaxDeliveryCount × LockDuration, with events arriving
+/// during it: the held locks are renewed, so nothing is redelivered or dead-lettered;
+/// every message is mirrored and completed once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_locks_are_renewed_through_a_broker_outage_longer_than_the_lock() {
+    let emu = short_lock_emulator().await;
+    let mut broker = Mosquitto::start_with(MosquittoOptions {
+        persistent: true,
+        ..Default::default()
+    });
+    let mut sub = Subscriber::start(broker.port, "renew/#", true).await;
+    let gw = gateway(&emu, &broker, "renew");
+    wait_until("mirror up", || {
+        gw.ctx.metrics.mirror_state.get() == PartState::Up
+    })
+    .await;
+    send(&emu, 1, 10).await;
+    let mut seen = BTreeMap::new();
+    collect(&mut sub, 10, &mut seen).await;
+    wait_until("10 completed", || emu.stats()[ENTITY].completed == 10).await;
+
+    broker.stop();
+    wait_until("mirror down", || {
+        gw.ctx.metrics.mirror_state.get() == PartState::Down
+    })
+    .await;
+    send(&emu, 11, 30).await;
+    // 4.5 lock durations, longer than MaxDeliveryCount (3) × LockDuration (2 s).
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let s = emu.stats()[ENTITY].clone();
+    assert_eq!(
+        s.dead_lettered, 0,
+        "nothing dead-lettered during the outage: {s:?}"
+    );
+    assert_eq!(
+        s.delivered,
+        10 + UNSETTLED,
+        "no redelivery while held: {s:?}"
+    );
+    assert!(s.renewed > 0, "{s:?}");
+    assert!(gw.ctx.metrics.lock_renewals.get() > 0);
+
+    broker.start_again();
+    sub.wait_subscribed(2).await;
+    collect(&mut sub, 30, &mut seen).await;
+    wait_until("30 completed", || emu.stats()[ENTITY].completed == 30).await;
+    let s = emu.stats()[ENTITY].clone();
+    assert_eq!(s.dead_lettered, 0, "{s:?}");
+    assert_eq!(
+        s.delivered, 30,
+        "each message delivered once (delivery count 1): {s:?}"
+    );
+    assert_eq!(gw.ctx.metrics.locks_lost.get(), 0);
+    gw.stop().await;
+}
+
+/// Renewal refused (lock lost): the broker's redelivery takes the place of the held
+/// delivery, and the message is completed once with the valid lock, nothing
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lock_is_replaced_by_the_redelivery_and_completed_once() {
+    let emu = short_lock_emulator().await;
+    let mut broker = Mosquitto::start_with(MosquittoOptions {
+        persistent: true,
+        ..Default::default()
+    });
+    let mut sub = Subscriber::start(broker.port, "lost/#", true).await;
+    let gw = gateway(&emu, &broker, "lost");
+    wait_until("mirror up", || {
+        gw.ctx.metrics.mirror_state.get() == PartState::Up
+    })
+    .await;
+    broker.stop();
+    wait_until("mirror down", || {
+        gw.ctx.metrics.mirror_state.get() == PartState::Down
+    })
+    .await;
+    assert!(emu.fail_renewals(ENTITY, None));
+    send(&emu, 1, 5).await;
+    wait_until("the locks lost and the redeliveries adopted", || {
+        gw.ctx.metrics.locks_lost.get() >= 5 && emu.stats()[ENTITY].delivered >= 10
+    })
+    .await;
+    // Renewals work again: the adopted redeliveries stay locked (MaxDeliveryCount is 3).
+    assert!(emu.fail_renewals(ENTITY, Some(0)));
+    broker.start_again();
+    sub.wait_subscribed(2).await;
+    let mut seen = BTreeMap::new();
+    collect(&mut sub, 5, &mut seen).await;
+    wait_until("5 completed", || emu.stats()[ENTITY].completed == 5).await;
+    let s = emu.stats()[ENTITY].clone();
+    assert_eq!(s.dead_lettered, 0, "{s:?}");
+    assert!(gw.ctx.metrics.lock_renewal_failures.get() >= 1);
+    // Completed once each: nothing still locked or active.
+    assert_eq!((s.active, s.locked), (0, 0), "{s:?}");
+    gw.stop().await;
+}

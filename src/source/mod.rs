@@ -53,7 +53,8 @@ use crate::shutdown::Shutdown;
 
 pub use cbs::TOKEN_TYPE;
 use decode::{Decoded, Rejection};
-use tracker::{Dedup, DedupKey, Held, Tracker, fingerprint, plan_credit};
+use renew::{LockRenewer, RenewError};
+use tracker::{Dedup, DedupKey, Held, Lock, Tracker, fingerprint, plan_credit};
 
 /// The condition ASB reads as "dead-letter this message".
 pub const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
@@ -229,6 +230,8 @@ struct Link {
     /// A down state was logged since the last "attached" line.
     warned: bool,
     attached_at: Option<Instant>,
+    /// The entity's `$management` client for lock renewal, attached when first needed.
+    renewer: Option<LockRenewer>,
 }
 
 /// A live connection.
@@ -255,6 +258,10 @@ struct Source {
     scratch: Vec<Held<DeliveryInfo>>,
     credit_now: Vec<Option<u32>>,
     credit_new: Vec<Option<u32>>,
+    /// When the next held lock is due for renewal.
+    renew_at: Option<Instant>,
+    /// The renewal failure last logged (None = renewals work), logged once per change.
+    renew_logged: Option<String>,
 }
 
 // Lives on the stack for one loop turn; boxing the delivery would allocate per message.
@@ -266,6 +273,7 @@ enum Event {
     Ack(Option<Handoff>),
     Refresh,
     Retry,
+    Renew,
     Delivery(usize, Result<Delivery<Body<Value>>, RecvError>),
 }
 
@@ -297,6 +305,7 @@ impl Source {
                     logged: None,
                     warned: false,
                     attached_at: None,
+                    renewer: None,
                 }
             })
             .collect();
@@ -314,6 +323,8 @@ impl Source {
             credit_new: vec![None; n],
             acks_open: true,
             rotate: 0,
+            renew_at: None,
+            renew_logged: None,
             links,
             tokens,
             tls,
@@ -445,6 +456,7 @@ impl Source {
             self.grant_credit().await;
             let refresh_at = conn.refresh_at;
             let retry_at = self.links.iter().filter_map(|l| l.retry_at).min();
+            let renew_at = self.renew_at;
             let acks_open = self.acks_open;
             self.rotate = self.rotate.wrapping_add(1);
             let rotate = self.rotate;
@@ -455,6 +467,7 @@ impl Source {
                 a = acks.recv(), if acks_open => Event::Ack(a),
                 _ = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => Event::Refresh,
                 _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Event::Retry,
+                _ = sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => Event::Renew,
                 (i, r) = recv_any(&mut self.links, rotate) => Event::Delivery(i, r),
             };
             match ev {
@@ -472,6 +485,7 @@ impl Source {
                         return Stop::Lost(e);
                     }
                 }
+                Event::Renew => self.renew_locks(conn).await,
                 Event::Delivery(i, Ok(d)) => self.on_delivery(i, d).await,
                 Event::Delivery(i, Err(RecvError::MessageDecode(e))) => {
                     self.ctx.metrics.received.inc();
@@ -616,14 +630,26 @@ impl Source {
 
     async fn on_delivery(&mut self, i: usize, d: Delivery<Body<Value>>) {
         self.ctx.metrics.received.inc();
+        let token = renew::lock_token(&d);
         let (info, msg) = d.into_parts();
+        let lock = token.zip(locked_until(&msg)).map(|(token, until)| {
+            let span = until
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            Lock {
+                token,
+                due: Instant::now() + span / 2,
+                span,
+                lost: false,
+            }
+        });
         match decode::decode(&msg, self.ctx.config.journal.max_event_bytes) {
-            Ok(decoded) => self.append(i, info, decoded).await,
+            Ok(decoded) => self.append(i, info, decoded, lock).await,
             Err(rej) => self.dead_letter(i, info, rej).await,
         }
     }
 
-    async fn append(&mut self, i: usize, info: DeliveryInfo, decoded: Decoded) {
+    async fn append(&mut self, i: usize, info: DeliveryInfo, decoded: Decoded, lock: Option<Lock>) {
         let Decoded { mut meta, body } = decoded;
         let key = meta.asb_seq.map(|asb_seq| DedupKey { link: i, asb_seq });
         let fp = fingerprint(meta.message_id.as_deref(), meta.enqueued_at_ms);
@@ -633,7 +659,7 @@ impl Source {
                 // The broker redelivered a message we still hold: the lock of the
                 // delivery we held is lost. Settle the new delivery (with the valid lock)
                 // when the event's acknowledgement comes; never hold two for one event.
-                self.hold(seq, i, info).await;
+                self.hold(seq, i, info, lock).await;
             } else {
                 self.accept(i, info).await;
             }
@@ -656,7 +682,7 @@ impl Source {
                     self.dedup.insert(k, fp, seq);
                 }
                 if self.required {
-                    self.hold(seq, i, info).await;
+                    self.hold(seq, i, info, lock).await;
                 } else {
                     self.accept(i, info).await;
                 }
@@ -676,20 +702,152 @@ impl Source {
         }
     }
 
-    async fn hold(&mut self, seq: u64, i: usize, info: DeliveryInfo) {
+    async fn hold(&mut self, seq: u64, i: usize, info: DeliveryInfo, lock: Option<Lock>) {
         let generation = self.links[i].generation;
+        let due = lock.as_ref().map(|l| l.due);
         match self.tracker.hold(Held {
             seq,
             link: i,
             generation,
             delivery: info,
+            lock,
         }) {
             Ok(None) => {}
             // A redelivery took the place of a delivery whose lock was lost: that one
             // can no longer be settled.
-            Ok(Some(_lost)) => self.ctx.metrics.locks_lost.inc(),
+            Ok(Some(old)) => {
+                if !old.lock.is_some_and(|l| l.lost) {
+                    self.ctx.metrics.locks_lost.inc();
+                }
+            }
             // The window is full (cannot happen while credit respects it).
-            Err(h) => self.release(i, h.delivery).await,
+            Err(h) => return self.release(i, h.delivery).await,
+        }
+        if let Some(due) = due {
+            self.renew_at = Some(self.renew_at.map_or(due, |r| r.min(due)));
+        }
+    }
+
+    /// Renew the locks that are due, one batched `com.microsoft:renew-lock` request per
+    /// link, and schedule the next renewal. A lock the broker says is lost is marked so:
+    /// the delivery is not settled as if it counted, and the broker's redelivery takes
+    /// its place. Failures are logged once per change of their reason.
+    async fn renew_locks(&mut self, conn: &mut Conn) {
+        let now = Instant::now();
+        let step = self.opts.step_timeout;
+        for i in 0..self.links.len() {
+            let generation = self.links[i].generation;
+            let due: Vec<(u64, [u8; 16])> = self
+                .tracker
+                .iter_mut()
+                .filter(|h| h.link == i && h.generation == generation)
+                .filter_map(|h| {
+                    let l = h.lock.as_ref()?;
+                    (!l.lost && l.due <= now + l.span / 4).then_some((h.seq, l.token))
+                })
+                .collect();
+            if due.is_empty() || self.links[i].receiver.is_none() {
+                continue;
+            }
+            if self.links[i].renewer.is_none() {
+                let address = self.links[i].address.clone();
+                match LockRenewer::attach_with(&mut conn.session, &address, None, step).await {
+                    Ok(r) => self.links[i].renewer = Some(r),
+                    Err(e) => {
+                        self.renew_failed(i, &due, &e);
+                        continue;
+                    }
+                }
+            }
+            let tokens: Vec<[u8; 16]> = due.iter().map(|(_, t)| *t).collect();
+            let Some(renewer) = self.links[i].renewer.as_mut() else {
+                continue;
+            };
+            match renewer.renew(&tokens).await {
+                Ok(exps) => self.renewed(&due, &exps),
+                Err(e) if e.is_lock_lost() && due.len() > 1 => {
+                    // All or nothing: find which ones are lost, one at a time.
+                    for one in &due {
+                        let Some(renewer) = self.links[i].renewer.as_mut() else {
+                            break;
+                        };
+                        match renewer.renew(&[one.1]).await {
+                            Ok(exps) => self.renewed(std::slice::from_ref(one), &exps),
+                            Err(e) => self.renew_failed(i, std::slice::from_ref(one), &e),
+                        }
+                    }
+                }
+                Err(e) => self.renew_failed(i, &due, &e),
+            }
+        }
+        self.renew_at = self
+            .tracker
+            .iter_mut()
+            .filter_map(|h| h.lock.as_ref().filter(|l| !l.lost).map(|l| l.due))
+            .min();
+    }
+
+    fn renewed(&mut self, renewed: &[(u64, [u8; 16])], expirations: &[std::time::SystemTime]) {
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now();
+        for ((seq, _), exp) in renewed.iter().zip(expirations) {
+            let span = exp.duration_since(wall).unwrap_or_default();
+            if let Some(l) = self
+                .tracker
+                .iter_mut()
+                .find(|h| h.seq == *seq)
+                .and_then(|h| h.lock.as_mut())
+            {
+                l.span = span;
+                l.due = now + span / 2;
+            }
+        }
+        self.ctx.metrics.lock_renewals.add(renewed.len() as u64);
+        if self.renew_logged.take().is_some() {
+            log::info!("source: lock renewal works again");
+        }
+    }
+
+    fn renew_failed(&mut self, i: usize, which: &[(u64, [u8; 16])], e: &RenewError) {
+        self.ctx.metrics.lock_renewal_failures.inc();
+        let lost = e.is_lock_lost();
+        let now = Instant::now();
+        for (seq, _) in which {
+            if let Some(l) = self
+                .tracker
+                .iter_mut()
+                .find(|h| h.seq == *seq)
+                .and_then(|h| h.lock.as_mut())
+            {
+                if lost {
+                    l.lost = true;
+                    self.ctx.metrics.locks_lost.inc();
+                } else {
+                    // Try again soon, within what is left of the lock.
+                    l.due = now + (l.span / 8).max(Duration::from_millis(100));
+                }
+            }
+        }
+        if !lost {
+            // A broken management link is attached again next time.
+            self.links[i].renewer = None;
+        }
+        let kind = if lost {
+            "lock lost".to_string()
+        } else {
+            e.to_string()
+        };
+        if self.renew_logged.as_deref() != Some(kind.as_str()) {
+            log::warn!(
+                "source: renewing locks on {} failed: {e}; {}",
+                self.links[i].address,
+                if lost {
+                    "the broker redelivers those messages and the redelivery is settled instead"
+                } else {
+                    "retrying"
+                }
+            );
+            self.renew_logged = Some(kind);
         }
     }
 
@@ -702,6 +860,11 @@ impl Source {
             return;
         };
         if self.links[held.link].generation != held.generation {
+            return;
+        }
+        if held.lock.as_ref().is_some_and(|l| l.lost) {
+            // Its lock is lost: settling it would not count. The broker redelivers the
+            // message, and the redelivery is completed as a duplicate of a handed-on event.
             return;
         }
         match h {
@@ -762,6 +925,7 @@ impl Source {
             .add(abandoned as u64);
         let l = &mut self.links[i];
         l.receiver = None;
+        l.renewer = None;
         l.generation += 1;
         if abandoned > 0 {
             log::info!(
@@ -782,6 +946,7 @@ impl Source {
                 .add(abandoned as u64);
             let l = &mut self.links[i];
             l.receiver = None;
+            l.renewer = None;
             l.generation += 1;
             l.retry_at = None;
             self.ctx
@@ -922,6 +1087,19 @@ fn recv_any(
         }
         Poll::Pending
     })
+}
+
+/// The `x-opt-locked-until` annotation (ASB: when the peek-lock expires).
+fn locked_until(msg: &decode::AmqpMessage) -> Option<std::time::SystemTime> {
+    use fe2o3_amqp_types::messaging::annotations::OwnedKey;
+    let ma = msg.message_annotations.as_ref()?;
+    match ma.0.get(&OwnedKey::from("x-opt-locked-until"))? {
+        Value::Timestamp(t) => {
+            let ms = u64::try_from(t.milliseconds()).ok()?;
+            Some(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        }
+        _ => None,
+    }
 }
 
 /// An AMQP error condition as its symbol without the `amqp:` prefix

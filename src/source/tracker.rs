@@ -7,6 +7,21 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
+/// The peek-lock of a held delivery, kept alive by renewal (`com.microsoft:renew-lock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    /// The lock token: ASB's 16-byte delivery tag, .NET Guid byte order.
+    pub token: [u8; 16],
+    /// When to renew it: half way through the lock's remaining time.
+    pub due: tokio::time::Instant,
+    /// The lock's length as last learned (locked-until minus now); renewals are batched
+    /// with those due within a quarter of it.
+    pub span: std::time::Duration,
+    /// The broker said the lock is lost: never settle this delivery as if it counted;
+    /// the broker's redelivery takes its place.
+    pub lost: bool,
+}
+
 /// A delivery held until its event is handed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held<D> {
@@ -17,6 +32,8 @@ pub struct Held<D> {
     /// Generation of that link (a re-attached link has a new one).
     pub generation: u64,
     pub delivery: D,
+    /// Its lock, when the broker told us the token and the locked-until time.
+    pub lock: Option<Lock>,
 }
 
 /// Held deliveries ordered by seq, at most one per seq: a redelivery of a held event
@@ -195,6 +212,7 @@ mod tests {
             link,
             generation: 0,
             delivery: d,
+            lock: None,
         }
     }
 
