@@ -456,10 +456,10 @@ impl Config {
         let p = &f.panels;
         range("panels.max_panels", p.max_panels, 1, 100_000)?;
         for (i, o) in p.allowed_origins.iter().enumerate() {
-            if o.is_empty() || o.contains(char::is_whitespace) {
+            if !crate::panels::origin::valid_entry(o) {
                 return Err(invalid(
                     &format!("panels.allowed_origins[{i}]"),
-                    "must be an origin such as \"http://panel.local:8080\"",
+                    "must be an origin, scheme://host[:port], such as \"http://panel.local:8080\"",
                 ));
             }
         }
