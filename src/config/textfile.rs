@@ -21,7 +21,7 @@ pub fn decode_text(bytes: &[u8]) -> Result<String, String> {
         return utf8(rest);
     }
     let utf16 = |rest: &[u8], from: fn([u8; 2]) -> u16| {
-        if rest.len() % 2 != 0 {
+        if !rest.len().is_multiple_of(2) {
             return Err("is not valid UTF-16 (odd length after its byte-order mark)".to_string());
         }
         let units: Vec<u16> = rest.chunks_exact(2).map(|c| from([c[0], c[1]])).collect();
