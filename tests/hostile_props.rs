@@ -513,6 +513,8 @@ fn amqp_value(depth: u32) -> impl Strategy<Value = Value> {
         proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| Value::Binary(Binary::from(b))),
         amqp_string().prop_map(Value::String),
         "\\PC{0,10}".prop_map(|s| Value::Symbol(Symbol::from(s))),
+        decimal(),
+        described(),
     ];
     leaf.prop_recursive(depth, 48, 6, |inner| {
         prop_oneof![
@@ -546,7 +548,54 @@ fn simple_value() -> impl Strategy<Value = SimpleValue> {
             .prop_map(|b| SimpleValue::Binary(Binary::from(b))),
         amqp_string().prop_map(SimpleValue::String),
         "\\PC{0,10}".prop_map(|s| SimpleValue::Symbol(Symbol::from(s))),
+        decimal().prop_map(|v| SimpleValue::try_from(v).unwrap()),
+        described().prop_map(|v| SimpleValue::try_from(v).unwrap()),
     ]
+}
+
+/// Decimals of every width with arbitrary bits (specials, non-canonical coefficients,
+/// the .NET layout and extreme exponents among them).
+fn decimal() -> impl Strategy<Value = Value> {
+    use fe2o3_amqp_types::primitives::{Dec32, Dec64, Dec128};
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(|b| Value::Decimal32(Dec32::from(b))),
+        any::<[u8; 8]>().prop_map(|b| Value::Decimal64(Dec64::from(b))),
+        any::<[u8; 16]>().prop_map(|b| Value::Decimal128(Dec128::from(b))),
+    ]
+}
+
+/// Described values: the Azure SDKs' descriptors around values of any simple type, and
+/// other descriptors.
+fn described() -> impl Strategy<Value = Value> {
+    use serde_amqp::described::Described;
+    use serde_amqp::descriptor::Descriptor;
+    let descriptor = prop_oneof![
+        Just(Descriptor::Name(Symbol::from(
+            "com.microsoft:datetime-offset"
+        ))),
+        Just(Descriptor::Name(Symbol::from("com.microsoft:timespan"))),
+        Just(Descriptor::Name(Symbol::from("com.microsoft:uri"))),
+        "\\PC{0,12}".prop_map(|s| Descriptor::Name(Symbol::from(s))),
+        any::<u64>().prop_map(Descriptor::Code),
+    ];
+    let value = prop_oneof![
+        any::<i64>().prop_map(Value::Long),
+        prop_oneof![
+            Just(i64::MIN),
+            Just(i64::MAX),
+            Just(0),
+            Just(-1),
+            Just(3_155_378_975_999_999_999)
+        ]
+        .prop_map(Value::Long),
+        any::<i32>().prop_map(Value::Int),
+        any::<u64>().prop_map(Value::Ulong),
+        amqp_string().prop_map(Value::String),
+        Just(Value::Null),
+        proptest::collection::vec(any::<i64>().prop_map(Value::Long), 0..200).prop_map(Value::List),
+    ];
+    (descriptor, value)
+        .prop_map(|(descriptor, value)| Value::Described(Box::new(Described { descriptor, value })))
 }
 
 fn message_id() -> impl Strategy<Value = MessageId> {

@@ -628,3 +628,359 @@ async fn a_connection_flood_past_max_panels_gets_503_and_then_service_resumes() 
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
 }
+
+/// One upgrade request with `lines` (each `Name: value`, sent as written), on a raw TCP
+/// connection: the status and the echoed `Sec-WebSocket-Protocol`, if any.
+async fn upgrade(addr: SocketAddr, host: &str, lines: &[&str]) -> (u16, Option<String>) {
+    let mut req = format!("GET /v1/stream HTTP/1.1\r\nHost: {host}\r\n");
+    for l in lines {
+        req.push_str(l);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    let resp = exchange(addr, req.as_bytes()).await;
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    let protocol = head.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-protocol")
+            .then(|| value.trim().to_string())
+    });
+    (status(&resp), protocol)
+}
+
+/// The handshake accepts every spelling RFC 9110, RFC 6455 and RFC 6454 allow, not just
+/// the one a test client sends: repeated header lines as one list, header names and
+/// tokens in any case, optional whitespace and empty list elements, the Bearer scheme in
+/// any case, origins compared as (scheme, host, port) with default ports. Refusals keep
+/// their codes (400 subprotocol, 401 token, 403 origin).
+#[tokio::test]
+async fn handshakes_accept_what_the_rfcs_allow() {
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(b"line1-secret")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let ctx = ctx(&format!(
+        "[panels]\nmax_panels = 256\n\
+         allowed_origins = [\"http://panel.local:8080\", \"https://secure.panel\", \"http://Plain.Panel/\"]\n\
+         [[panels.tokens]]\nname = \"line1\"\nsha256 = \"{hash}\"\nallow = [\"line1/#\"]\n"
+    ));
+    let srv = start(ctx.clone(), Options::default()).await;
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+    let ws = [
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        key,
+        "Sec-WebSocket-Version: 13",
+    ];
+    let auth = "Authorization: Bearer line1-secret";
+    let host = "gw.local:8080";
+    // (what, Host, header lines besides the standard four, expected status, protocol)
+    type Case<'a> = (&'a str, &'a str, Vec<&'a str>, u16, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        ("baseline", host, vec![auth], 101, None),
+        // Sec-WebSocket-Protocol
+        (
+            "subprotocols on two lines",
+            host,
+            vec![
+                auth,
+                "Sec-WebSocket-Protocol: mqtt",
+                "Sec-WebSocket-Protocol: asbgw.v1.json",
+            ],
+            101,
+            Some("asbgw.v1.json"),
+        ),
+        (
+            "subprotocol list with whitespace and tabs",
+            host,
+            vec![auth, "Sec-WebSocket-Protocol: mqtt ,\t asbgw.v1.postcard\t"],
+            101,
+            Some("asbgw.v1.postcard"),
+        ),
+        (
+            "empty list elements",
+            host,
+            vec![auth, "Sec-WebSocket-Protocol: , ,asbgw.v1.json,"],
+            101,
+            Some("asbgw.v1.json"),
+        ),
+        (
+            "first offered wins across lines",
+            host,
+            vec![
+                auth,
+                "sec-websocket-protocol: asbgw.v1.postcard",
+                "SEC-WEBSOCKET-PROTOCOL: asbgw.v1.json",
+            ],
+            101,
+            Some("asbgw.v1.postcard"),
+        ),
+        (
+            "the client's spelling is echoed",
+            host,
+            vec![auth, "Sec-WebSocket-Protocol: ASBGW.V1.JSON"],
+            101,
+            Some("ASBGW.V1.JSON"),
+        ),
+        (
+            "only unknown subprotocols, on two lines",
+            host,
+            vec![
+                auth,
+                "Sec-WebSocket-Protocol: mqtt",
+                "Sec-WebSocket-Protocol: wamp.2.json",
+            ],
+            400,
+            None,
+        ),
+        // Authorization (RFC 9110 §11: the scheme is case-insensitive)
+        (
+            "bearer in lower case",
+            host,
+            vec!["authorization: bearer line1-secret"],
+            101,
+            None,
+        ),
+        (
+            "BEARER and several spaces",
+            host,
+            vec!["AUTHORIZATION: BEARER   line1-secret"],
+            101,
+            None,
+        ),
+        (
+            "a tab after the scheme",
+            host,
+            vec!["Authorization: Bearer\tline1-secret "],
+            101,
+            None,
+        ),
+        (
+            "a Basic line before the Bearer one",
+            host,
+            vec!["Authorization: Basic dTpw", auth],
+            101,
+            None,
+        ),
+        (
+            "Basic only",
+            host,
+            vec!["Authorization: Basic dTpw"],
+            401,
+            None,
+        ),
+        (
+            "no space after the scheme",
+            host,
+            vec!["Authorization: Bearerline1-secret"],
+            401,
+            None,
+        ),
+        (
+            "a wrong token",
+            host,
+            vec!["Authorization: Bearer line1-secreT"],
+            401,
+            None,
+        ),
+        // Origin (RFC 6454: scheme and host case-insensitive, default ports)
+        (
+            "allowed origin",
+            host,
+            vec![auth, "Origin: http://panel.local:8080"],
+            101,
+            None,
+        ),
+        (
+            "origin in upper case",
+            host,
+            vec![auth, "Origin: HTTP://PANEL.Local:8080"],
+            101,
+            None,
+        ),
+        (
+            "explicit default port",
+            host,
+            vec![auth, "Origin: https://secure.panel:443"],
+            101,
+            None,
+        ),
+        (
+            "config with a slash and capitals",
+            host,
+            vec![auth, "Origin: http://plain.panel:80"],
+            101,
+            None,
+        ),
+        (
+            "the page's own origin",
+            host,
+            vec![auth, "Origin: http://GW.local:8080"],
+            101,
+            None,
+        ),
+        (
+            "own origin, default port in Host",
+            "gw.local:80",
+            vec![auth, "Origin: http://gw.local"],
+            101,
+            None,
+        ),
+        (
+            "own origin, default port in Origin",
+            "gw.local",
+            vec![auth, "Origin: https://gw.local:443"],
+            101,
+            None,
+        ),
+        (
+            "another port",
+            host,
+            vec![auth, "Origin: http://panel.local:8081"],
+            403,
+            None,
+        ),
+        (
+            "another scheme",
+            host,
+            vec![auth, "Origin: https://panel.local:8080"],
+            403,
+            None,
+        ),
+        (
+            "a longer host",
+            host,
+            vec![auth, "Origin: http://panel.local.evil.example:8080"],
+            403,
+            None,
+        ),
+        (
+            "an opaque origin",
+            host,
+            vec![auth, "Origin: null"],
+            403,
+            None,
+        ),
+        (
+            "own host, other port",
+            host,
+            vec![auth, "Origin: http://gw.local:9090"],
+            403,
+            None,
+        ),
+        (
+            "an origin list with one stranger",
+            host,
+            vec![auth, "Origin: http://panel.local:8080 http://evil.example"],
+            403,
+            None,
+        ),
+        (
+            "a second Origin line",
+            host,
+            vec![
+                auth,
+                "Origin: http://panel.local:8080",
+                "Origin: http://evil.example",
+            ],
+            403,
+            None,
+        ),
+    ];
+    for (what, host, extra, want, want_proto) in &cases {
+        let mut lines = ws.to_vec();
+        lines.extend(extra.iter().copied());
+        let (st, proto) = upgrade(srv.addr, host, &lines).await;
+        assert_eq!(st, *want, "{what}");
+        assert_eq!(proto.as_deref(), *want_proto, "{what}: subprotocol");
+    }
+    // Connection, Upgrade and the version in the spellings clients and proxies use
+    let odd: [&[&str]; 6] = [
+        &[
+            "upgrade: WebSocket",
+            "CONNECTION: keep-alive, Upgrade",
+            key,
+            "sec-websocket-version: 13",
+        ],
+        &[
+            "Upgrade:websocket",
+            "Connection:\tkeep-alive ,upgrade\t",
+            key,
+            "Sec-WebSocket-Version:  13 ",
+        ],
+        &[
+            "Upgrade: h2c, WEBSOCKET",
+            "Connection: Upgrade, HTTP2-Settings",
+            key,
+            "Sec-WebSocket-Version: 13",
+        ],
+        &[
+            "Upgrade: websocket",
+            "Connection: keep-alive",
+            "Connection: Upgrade",
+            key,
+            "Sec-WebSocket-Version: 13",
+        ],
+        &[
+            "Upgrade: websocket",
+            "Connection: ,Upgrade,",
+            key,
+            "Sec-WebSocket-Version: 13",
+        ],
+        &[
+            "Upgrade: websocket",
+            "Connection: upgrade",
+            key,
+            "Sec-WebSocket-Version: 13",
+        ],
+    ];
+    for lines in odd {
+        let mut lines = lines.to_vec();
+        lines.push(auth);
+        let (st, _) = upgrade(srv.addr, host, &lines).await;
+        assert_eq!(st, 101, "{lines:?}");
+    }
+    // ... but not a different token that merely contains the right letters
+    let near: [&[&str]; 3] = [
+        &[
+            "Upgrade: websockets",
+            "Connection: Upgrade",
+            key,
+            "Sec-WebSocket-Version: 13",
+        ],
+        &[
+            "Upgrade: websocket",
+            "Connection: Upgraded",
+            key,
+            "Sec-WebSocket-Version: 13",
+        ],
+        &[
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            key,
+            "Sec-WebSocket-Version: 130",
+        ],
+    ];
+    for lines in near {
+        let mut lines = lines.to_vec();
+        lines.push(auth);
+        let (st, _) = upgrade(srv.addr, host, &lines).await;
+        assert!([400, 426].contains(&st), "{st} for {lines:?}");
+    }
+    still_serves_with_token(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+/// A normal panel (with the token) still connects and gets its hello.
+async fn still_serves_with_token(_ctx: &Context, addr: SocketAddr) {
+    let mut ws = try_connect(
+        addr,
+        "",
+        Some("asbgw.v1.json"),
+        &[("Authorization", "Bearer line1-secret")],
+    )
+    .await
+    .expect("connect");
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+}

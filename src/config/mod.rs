@@ -3,6 +3,7 @@
 //! are masked in Debug and Display.
 
 mod connstr;
+mod textfile;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use connstr::{ConnStrError, ConnectionString, Credential};
+pub use textfile::{decode_text, read_text_file, strip_bom};
 
 use crate::routing::{Filter, Template};
 
@@ -416,16 +418,21 @@ impl LoadEnv {
 impl Config {
     /// Read and validate a config file, with credentials from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
             reason: e.to_string(),
+        })?;
+        let text = decode_text(&bytes).map_err(|why| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: format!("the file {why}"),
         })?;
         Config::parse(&text, &LoadEnv::from_process())
     }
 
     /// Parse and validate config text.
+    /// A leading byte-order mark is ignored.
     pub fn parse(text: &str, env: &LoadEnv) -> Result<Config, ConfigError> {
-        let file = parse_file(text)?;
+        let file = parse_file(strip_bom(text))?;
         Config::validate(file, env)
     }
 
@@ -503,10 +510,10 @@ impl Config {
         let p = &f.panels;
         range("panels.max_panels", p.max_panels, 1, 100_000)?;
         for (i, o) in p.allowed_origins.iter().enumerate() {
-            if o.is_empty() || o.contains(char::is_whitespace) {
+            if !crate::panels::origin::valid_entry(o) {
                 return Err(invalid(
                     &format!("panels.allowed_origins[{i}]"),
-                    "must be an origin such as \"http://panel.local:8080\"",
+                    "must be an origin, scheme://host[:port], such as \"http://panel.local:8080\"",
                 ));
             }
         }
@@ -693,8 +700,7 @@ fn range(key: &str, v: usize, lo: usize, hi: usize) -> Result<(), ConfigError> {
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let s = read_text_file(path)?;
     let s = s.trim();
     if s.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -834,6 +840,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("source.connection_string"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Every file the gateway reads may start with a byte-order mark (Windows editors
+    /// write one): the config TOML, `connection_string_file`, the systemd credential and
+    /// `mqtt.password_file`; UTF-16 with its BOM is decoded too.
+    #[test]
+    fn files_with_a_byte_order_mark_are_read() {
+        let dir = std::env::temp_dir().join(format!("asbgw-bom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bom = |s: &str| [b"\xEF\xBB\xBF".as_slice(), s.as_bytes()].concat();
+        let utf16le = |s: &str| {
+            let mut v = vec![0xFF, 0xFE];
+            v.extend(s.encode_utf16().flat_map(u16::to_le_bytes));
+            v
+        };
+        let cs_file = dir.join("cs.txt");
+        std::fs::write(&cs_file, bom(&format!("{CS}\r\n"))).unwrap();
+        let pw_file = dir.join("pw.txt");
+        std::fs::write(&pw_file, bom("hunter2\n")).unwrap();
+        let text = format!(
+            "[source]\nconnection_string_file = \"{}\"\n[[source.subscriptions]]\n\
+             topic = \"t\"\nsubscription = \"s\"\n[mqtt]\nusername = \"u\"\npassword_file = \"{}\"\n",
+            cs_file.display(),
+            pw_file.display()
+        );
+        for (name, bytes) in [
+            ("bom.toml", bom(&text)),
+            ("utf16.toml", utf16le(&text)),
+            ("plain.toml", text.clone().into_bytes()),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(c.connection.port, 5672, "{name}");
+            assert_eq!(c.mqtt_password.as_ref().unwrap().expose(), "hunter2");
+        }
+        // a BOM in text handed to parse directly
+        assert!(Config::parse(&format!("\u{feff}{}", minimal()), &LoadEnv::default()).is_ok());
+        // the systemd credential
+        let creds = dir.join("creds");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join(CREDENTIAL_NAME), bom(CS)).unwrap();
+        let env = LoadEnv {
+            credentials_dir: Some(creds),
+        };
+        let text = "[source]\n[[source.subscriptions]]\ntopic = \"t\"\nsubscription = \"s\"\n";
+        assert_eq!(Config::parse(text, &env).unwrap().connection.port, 5672);
+        // a file that is not text at all is still refused, naming the file, not content
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, b"\xC3( SAS_KEY_VALUE").unwrap();
+        let e = Config::load(&bad).unwrap_err().to_string();
+        assert!(e.contains("UTF-8") && e.contains("bad.toml"), "{e}");
+        assert!(!e.contains("SAS_KEY_VALUE"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

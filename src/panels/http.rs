@@ -212,45 +212,68 @@ fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Does a comma-separated header contain `token` (case-insensitive)?
-fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+/// HTTP optional whitespace (RFC 9110 §5.6.3).
+fn is_ows(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+/// The elements of a list-valued header (RFC 9110 §5.6.1): every line of it (a
+/// recipient must treat repeated lines as one comma-separated list, RFC 9110 §5.3),
+/// split at commas, optional whitespace trimmed, empty elements skipped.
+fn list_elements(h: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
     h.get_all(name)
-        .iter()
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(|t| t.trim_matches(is_ows))
+        .filter(|t| !t.is_empty())
 }
 
+/// Does a list-valued header contain `token` (tokens are case-insensitive)?
+fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    list_elements(h, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Is the request's `Origin` acceptable? No `Origin` (a non-browser client) is. With
+/// `allowed_origins` set, every origin the request names (RFC 6454 §7: the header may be
+/// a space-separated list, and a request with more than one line is judged by all of
+/// them) must be the page's own origin (the `Host` it was served from) or an allowed
+/// one, compared as (scheme, host, port) with default ports (RFC 6454 §5).
 fn origin_allowed(server: &Server, h: &HeaderMap) -> bool {
     let allowed = &server.ctx.config.panels.allowed_origins;
-    // Non-browser clients send no Origin; browsers always do.
-    let Some(origin) = header_str(h, header::ORIGIN) else {
+    let lines: Vec<&str> = h
+        .get_all(header::ORIGIN)
+        .into_iter()
+        .map(|v| v.to_str().unwrap_or("\u{0}"))
+        .filter(|v| !v.trim_matches(is_ows).is_empty())
+        .collect();
+    if lines.is_empty() || allowed.is_empty() {
         return true;
+    }
+    let host = header_str(h, header::HOST);
+    let admitted = |o: &str| {
+        // The built-in page talks to the host that served it.
+        let own = host.is_some_and(|host| {
+            super::origin::Origin::parse(o).is_some_and(|origin| origin.is_served_by(host))
+        });
+        own || allowed.iter().any(|a| super::origin::same(a, o))
     };
-    if allowed.is_empty() {
-        return true;
-    }
-    let origin = origin.trim_end_matches('/');
-    // The built-in page talks to the host that served it.
-    if let Some(host) = header_str(h, header::HOST)
-        && let Some(rest) = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"))
-        && rest.eq_ignore_ascii_case(host)
-    {
-        return true;
-    }
-    allowed
+    lines
         .iter()
-        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        .all(|line| super::origin::list_allowed(line, admitted))
 }
 
+/// The token of the first `Authorization: Bearer` credential (RFC 9110 §11.4: the
+/// scheme is case-insensitive, then one or more spaces; RFC 6750 §2.1).
 fn bearer(h: &HeaderMap) -> Option<&str> {
-    let v = header_str(h, header::AUTHORIZATION)?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    h.get_all(header::AUTHORIZATION)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            let (scheme, token) = v.trim_matches(is_ows).split_once(is_ows)?;
+            let token = token.trim_matches(is_ows);
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+        })
 }
 
 /// `GET /v1/stream`: check everything, reserve a panel slot, answer 101.
@@ -279,7 +302,7 @@ fn stream(
             "expected a WebSocket upgrade (protocol v1, see DESIGN §4)".into(),
         );
     }
-    if header_str(h, header::SEC_WEBSOCKET_VERSION) != Some("13") {
+    if !has_token(h, header::SEC_WEBSOCKET_VERSION, "13") {
         let mut r = reject(
             server,
             RejectReason::BadRequest,
@@ -335,9 +358,17 @@ fn stream(
             );
         }
     };
-    let offered = header_str(h, header::SEC_WEBSOCKET_PROTOCOL);
-    let chosen = match protocol::choose_subprotocol(offered) {
-        Ok(c) => c,
+    let offered = h
+        .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
+        .then(|| list_elements(h, header::SEC_WEBSOCKET_PROTOCOL).collect::<Vec<&str>>());
+    // Echo the client's own spelling of the chosen subprotocol: a client must fail
+    // the connection when the echo is not one of the values it sent (RFC 6455 §4.1).
+    let chosen = match protocol::choose_subprotocol(offered.as_deref()) {
+        Ok(c) => c.map(|(enc, spelled)| {
+            let echo = HeaderValue::from_str(spelled)
+                .unwrap_or_else(|_| HeaderValue::from_static(enc.subprotocol()));
+            (enc, echo)
+        }),
         Err(e) => {
             return reject(
                 server,
@@ -362,7 +393,7 @@ fn stream(
     };
     let accept = derive_accept_key(key.map(|k| k.as_bytes()).unwrap_or_default());
     let params = Params {
-        encoding: chosen.unwrap_or(Encoding::Json),
+        encoding: chosen.as_ref().map_or(Encoding::Json, |(enc, _)| *enc),
         filters: query.filters,
         since: query.since,
         allow,
@@ -382,11 +413,8 @@ fn stream(
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    if let Some(enc) = chosen {
-        h.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(enc.subprotocol()),
-        );
+    if let Some((_, echo)) = chosen {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, echo);
     }
     r
 }

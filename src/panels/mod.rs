@@ -11,6 +11,7 @@
 //!   [`Options::shutdown_grace`].
 
 mod http;
+pub mod origin;
 pub mod protocol;
 mod session;
 

@@ -115,18 +115,22 @@ impl StreamQuery {
     }
 }
 
-/// Pick the subprotocol from a `Sec-WebSocket-Protocol` header: the first one offered
-/// that the server speaks; no header means the default, JSON. `Ok(None)` = none asked.
-pub fn choose_subprotocol(offered: Option<&str>) -> Result<Option<Encoding>, ProtocolError> {
-    let Some(offered) = offered else {
+/// Pick the subprotocol from the elements of the `Sec-WebSocket-Protocol` list (all
+/// its header lines, split at commas): the first one offered that the server speaks,
+/// matched without regard to case, returned with the client's own spelling (to echo).
+/// No header means the default, JSON (`Ok(None)`); a header whose list is empty too.
+pub fn choose_subprotocol<'a>(
+    offered: Option<&[&'a str]>,
+) -> Result<Option<(Encoding, &'a str)>, ProtocolError> {
+    let Some(offered) = offered.filter(|o| !o.is_empty()) else {
         return Ok(None);
     };
-    for p in offered.split(',').map(str::trim) {
+    for p in offered.iter().map(|p| p.trim()) {
         if p.eq_ignore_ascii_case(PROTO_JSON) {
-            return Ok(Some(Encoding::Json));
+            return Ok(Some((Encoding::Json, p)));
         }
         if p.eq_ignore_ascii_case(PROTO_POSTCARD) {
-            return Ok(Some(Encoding::Postcard));
+            return Ok(Some((Encoding::Postcard, p)));
         }
     }
     Err(ProtocolError::Subprotocol)
@@ -303,16 +307,21 @@ mod tests {
     #[test]
     fn subprotocols() {
         assert_eq!(choose_subprotocol(None), Ok(None));
+        assert_eq!(choose_subprotocol(Some(&[])), Ok(None));
         assert_eq!(
-            choose_subprotocol(Some("x, asbgw.v1.postcard, asbgw.v1.json")),
-            Ok(Some(Encoding::Postcard))
+            choose_subprotocol(Some(&["x", "asbgw.v1.postcard", "asbgw.v1.json"])),
+            Ok(Some((Encoding::Postcard, "asbgw.v1.postcard")))
         );
         assert_eq!(
-            choose_subprotocol(Some("asbgw.v1.json")),
-            Ok(Some(Encoding::Json))
+            choose_subprotocol(Some(&["asbgw.v1.json"])),
+            Ok(Some((Encoding::Json, "asbgw.v1.json")))
         );
         assert_eq!(
-            choose_subprotocol(Some("mqtt")),
+            choose_subprotocol(Some(&["ASBGW.v1.JSON"])),
+            Ok(Some((Encoding::Json, "ASBGW.v1.JSON")))
+        );
+        assert_eq!(
+            choose_subprotocol(Some(&["mqtt"])),
             Err(ProtocolError::Subprotocol)
         );
     }
