@@ -885,3 +885,29 @@ async fn cli_runs_until_sigterm_and_reports_bad_input() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn config_json_with_a_byte_order_mark_loads() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/emulator/Config.json");
+    let text = std::fs::read_to_string(&fixture).unwrap();
+    let dir = std::env::temp_dir().join(format!("asbgw-em-bom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut utf16 = vec![0xFF, 0xFE];
+    utf16.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+    let boms: [(&str, Vec<u8>); 2] = [
+        (
+            "utf8-bom.json",
+            [b"\xEF\xBB\xBF".as_slice(), text.as_bytes()].concat(),
+        ),
+        ("utf16.json", utf16),
+    ];
+    for (name, bytes) in boms {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let e = Entities::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(e.namespace, "sbemulatorns", "{name}");
+    }
+    assert!(Entities::from_json(&format!("\u{feff}{text}")).is_ok());
+    std::fs::remove_dir_all(dir).unwrap();
+}

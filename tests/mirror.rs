@@ -349,8 +349,14 @@ async fn broker_down_holds_acks_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn best_effort_mirror_sends_no_acks_and_counts_what_it_missed() {
-    let mut broker = Mosquitto::start();
-    let mut sub = Subscriber::start(broker.port, "be/#", false).await;
+    // A persistent broker and subscriber session: what the mirror publishes after the
+    // restart is queued for the subscriber even when the mirror reconnects before the
+    // subscriber does (that race made this test flaky: "got 7 of 16 events").
+    let mut broker = Mosquitto::start_with(MosquittoOptions {
+        persistent: true,
+        ..Default::default()
+    });
+    let mut sub = Subscriber::start(broker.port, "be/#", true).await;
     let ctx = context(
         "events = 16",
         &format!(

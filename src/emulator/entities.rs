@@ -323,7 +323,7 @@ impl Entities {
     /// Parse a Config.json text; also returns every property the emulator ignores, as
     /// `JSON.PATH = value` (e.g. `UserConfig.Logging = {"Type":"File"}`).
     pub fn from_json_with_ignored(text: &str) -> Result<(Self, Vec<String>), EmulatorError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
+        let de = &mut serde_json::Deserializer::from_str(crate::config::strip_bom(text));
         let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             EmulatorError::Config(format!("{path}: {}", e.inner()))
@@ -454,8 +454,7 @@ impl Entities {
     /// Read and parse a Config.json file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, EmulatorError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| EmulatorError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text = crate::config::read_text_file(path).map_err(EmulatorError::Config)?;
         Self::from_json(&text)
             .map_err(|e| EmulatorError::Config(format!("{}: {e}", path.display())))
     }
