@@ -163,6 +163,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         Ok(c) => {
             let b = crate::budget::compute(&c);
             print!("{}", b.render());
+            if let Some(w) = crate::mirror::packet_limit_warning(&c) {
+                println!("{w}");
+            }
             if b.fits() {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS

@@ -67,6 +67,32 @@ fn check_config_prints_the_budget() {
 }
 
 #[test]
+fn check_config_warns_when_events_can_exceed_the_brokers_packet_limit() {
+    let dir = std::env::temp_dir().join(format!("asbgw-cli-mps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = |limit: usize| {
+        format!(
+            "[source]\nconnection_string = \"Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=K;SharedAccessKey=V;UseDevelopmentEmulator=true\"\n\
+             [[source.subscriptions]]\ntopic = \"t\"\nsubscription = \"s\"\n\
+             [journal]\nmax_event_bytes = 4096\n[mqtt]\nmax_packet_size = {limit}\n"
+        )
+    };
+    for (limit, warned) in [(2048, true), (65536, false)] {
+        let path = dir.join(format!("c{limit}.toml"));
+        std::fs::write(&path, cfg(limit)).unwrap();
+        let o = bin(&["check-config", "--config", path.to_str().unwrap()]);
+        let out = text(&o.stdout);
+        assert_eq!(o.status.code(), Some(0), "{out}{}", text(&o.stderr));
+        assert_eq!(
+            out.contains("can exceed mqtt.max_packet_size (2048)"),
+            warned,
+            "{limit}: {out}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn check_config_rejects_every_invalid_fixture() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/invalid");
     for entry in std::fs::read_dir(dir).unwrap() {

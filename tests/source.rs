@@ -479,3 +479,31 @@ async fn a_missing_subscription_is_unhealthy_named_and_retried_with_backoff() {
     assert_eq!(warned, 1, "one log line for the state, not one per attempt");
     drop(run.stop().await);
 }
+
+/// A session-enabled subscription (RequiresSession): the broker refuses the gateway's
+/// sessionless receiver with `amqp:not-allowed`; health says so and what to change.
+#[tokio::test]
+async fn a_session_enabled_subscription_is_named_in_health() {
+    let mut ents = entities(Duration::from_secs(30), &["edge", "sessions"]);
+    ents.topics[0].subscriptions[1].requires_session = true;
+    let h = start_emulator(ents, None, "127.0.0.1:0").await;
+    let run = start(context(&config(&h, &["edge", "sessions"], "")), fast());
+    let ctx = run.ctx.clone();
+    let key = format!("{TOPIC}/Subscriptions/sessions");
+    wait_for(T, "the refusal in health", || {
+        let v: serde_json::Value = serde_json::from_str(&ctx.metrics.health_json()).unwrap();
+        v["subscriptions"][&key]
+            .as_str()
+            .is_some_and(|s| s.starts_with("not-allowed"))
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&ctx.metrics.health_json()).unwrap();
+    let reason = v["subscriptions"][&key].as_str().unwrap();
+    assert!(reason.contains("RequiresSession"), "{reason}");
+    assert_eq!(
+        v["subscriptions"][format!("{TOPIC}/Subscriptions/edge")],
+        "attached"
+    );
+    assert!(!ctx.metrics.healthy());
+    drop(run.stop().await);
+}

@@ -332,7 +332,21 @@ impl Mirror {
             match polled {
                 Ok(Ev::Connected { max_packet }) => {
                     self.connected = true;
-                    self.broker_max = max_packet.map(|m| m as usize);
+                    let announced = max_packet.map(|m| m as usize);
+                    if announced != self.broker_max
+                        && let Some(limit) = announced
+                    {
+                        let body = self.ctx.config.journal.max_event_bytes;
+                        if body + self.cfg.prefix.len() + 64 > limit {
+                            log::warn!(
+                                "MQTT broker {} announces a Maximum Packet Size of {limit} \
+                                 bytes; events up to journal.max_event_bytes ({body}) can \
+                                 exceed it and are then dead-lettered (MirrorRejected)",
+                                self.broker()
+                            );
+                        }
+                    }
+                    self.broker_max = announced;
                     metrics.mirror_state.set(PartState::Up);
                     backoff.up();
                     let resend = self.window.iter().filter(|s| s.state != SlotState::Done);
@@ -362,7 +376,7 @@ impl Mirror {
                 Ok(Ev::Disconnected) | Ok(Ev::Other) => {}
                 Err(failure) => {
                     let was_connected = self.connected;
-                    self.on_lost(was_connected).await;
+                    let struck = self.on_lost(was_connected).await;
                     driver.reset_after_failure();
                     metrics.mirror_state.set(PartState::Down);
                     metrics.mqtt_reconnects.inc();
@@ -384,7 +398,14 @@ impl Mirror {
                     } else {
                         log::debug!("{err} (attempt {failures})");
                     }
-                    let delay = backoff.down();
+                    // A loss pinned on one publish (a strike) is part of finding a poison
+                    // event, at most two per event: reconnect at once rather than let a
+                    // handful of poison events push the backoff to its maximum.
+                    let delay = if struck {
+                        BACKOFF_MIN.mul_f64(0.5 + 0.5 * fastrand::f64())
+                    } else {
+                        backoff.down()
+                    };
                     tokio::select! {
                         _ = shutdown.recv() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -548,15 +569,16 @@ impl Mirror {
     /// is the suspect (brokers handle publishes in order, so those before it were
     /// taken): a first loss gets it probed alone on the next connection; a loss while
     /// it was alone on the wire makes it a poison event.
-    async fn on_lost(&mut self, was_connected: bool) {
+    /// Returns true when the loss was pinned on a publish (a strike).
+    async fn on_lost(&mut self, was_connected: bool) -> bool {
         self.connected = false;
         self.fifo.clear();
         self.pkids.iter_mut().for_each(|p| *p = None);
         if !was_connected {
-            return;
+            return false;
         }
         let Some(slot) = self.window.iter_mut().find(|s| s.state == SlotState::Sent) else {
-            return;
+            return false;
         };
         slot.strikes = slot.strikes.saturating_add(1);
         let seq = slot.ev.seq;
@@ -570,6 +592,7 @@ impl Mirror {
         } else {
             self.probe = Some(seq);
         }
+        true
     }
 
     /// Submit what waited behind a probe that has ended.

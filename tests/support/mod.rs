@@ -1,6 +1,7 @@
 //! Shared test helpers: a real mosquitto broker, a real MQTT subscriber, captured logs.
 #![allow(dead_code)]
 
+pub mod cutter;
 pub mod mosquitto;
 
 use std::sync::Arc;
