@@ -49,7 +49,10 @@ async fn pipe(client: TcpStream, upstream: TcpStream, limit: Option<usize>) {
             };
             let n = match limit {
                 Some(l) if sent + n >= l => {
+                    // Half a packet, then FIN: the broker answers what it got whole and
+                    // closes, as a broker does on a packet it refuses.
                     let _ = uw.write_all(&buf[..l - sent]).await;
+                    let _ = uw.shutdown().await;
                     return;
                 }
                 _ => n,
@@ -60,11 +63,12 @@ async fn pipe(client: TcpStream, upstream: TcpStream, limit: Option<usize>) {
             sent += n;
         }
     };
-    let down = async {
-        let _ = tokio::io::copy(&mut ur, &mut cw).await;
-    };
+    let down = tokio::io::copy(&mut ur, &mut cw);
+    tokio::pin!(down);
     tokio::select! {
-        _ = up => {}
-        _ = down => {}
+        // Pass on the broker's last acknowledgements, then close: they reach the client
+        // together with the end of the connection.
+        _ = up => drop(tokio::time::timeout(std::time::Duration::from_millis(200), &mut down).await),
+        _ = &mut down => {}
     }
 }
