@@ -109,7 +109,9 @@ async fn page_shows_live_events_in_chromium() {
     let feeder = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            for i in 0.. {
+            // Bounded: 5 + 150 events stay within the page's 200 rows however slowly
+            // Chromium starts on a loaded machine, so the oldest row is always seq 1.
+            for i in 0..150 {
                 let topic = ["line1/temp", "line2/pressure", "line1/door"][i % 3];
                 append(&ctx, topic, &format!("{{\"value\":{i},\"unit\":\"bar\"}}"));
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -61,15 +61,36 @@ pub enum Ev {
     /// A publish was written to the broker with this packet id (0 for QoS 0).
     Published(u16),
     /// The broker acknowledged the publish with this packet id (PUBACK for QoS 1,
-    /// PUBCOMP for QoS 2); `refused` when an MQTT 5 broker answered with a failure reason.
-    Acked {
-        pkid: u16,
-        refused: Option<&'static str>,
-    },
+    /// PUBCOMP for QoS 2); `refused` when an MQTT 5 broker answered PUBACK or PUBREC with
+    /// a failure reason (MQTT 5 §3.4.2.1, §3.5.2.1).
+    Acked { pkid: u16, refused: Option<Refusal> },
     /// Our DISCONNECT was written.
     Disconnected,
     /// Anything else (pings, PUBREC, …).
     Other,
+}
+
+/// A broker's failure reason code on PUBACK or PUBREC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub text: &'static str,
+    /// The same publish will be refused again (not authorised, topic name invalid,
+    /// payload format invalid, packet too large); otherwise (quota exceeded, unspecified
+    /// or implementation-specific error, packet id in use) it may pass when re-sent.
+    pub permanent: bool,
+}
+
+fn refusal(code: &str) -> Refusal {
+    let (text, permanent) = match code {
+        "NotAuthorized" => ("not authorised (0x87)", true),
+        "TopicNameInvalid" => ("topic name invalid (0x90)", true),
+        "PayloadFormatInvalid" => ("payload format invalid (0x99)", true),
+        "QuotaExceeded" => ("quota exceeded (0x97)", false),
+        "PacketIdentifierInUse" => ("packet id in use (0x91)", false),
+        "ImplementationSpecificError" => ("implementation-specific error (0x83)", false),
+        _ => ("unspecified error (0x80)", false),
+    };
+    Refusal { text, permanent }
 }
 
 /// Why a connection attempt or a connection failed, with the broker named by the caller.
@@ -77,14 +98,34 @@ pub enum Ev {
 pub enum ConnFailure {
     /// The broker answered CONNACK with a refusal (bad credentials, not authorised, …).
     Refused(String),
+    /// The broker sent DISCONNECT (MQTT 5); `blames_publish` when its reason can be
+    /// caused by a publish (malformed, protocol error, packet too large, topic or
+    /// payload invalid), not by the session (taken over, shutting down, keep-alive).
+    Disconnected { text: String, blames_publish: bool },
     /// The network or protocol failed.
     Network(String),
+}
+
+impl ConnFailure {
+    /// Can a publish on the wire have caused this? Only then does the loss count
+    /// against the oldest unacknowledged publish (a strike towards a poison event).
+    pub fn blames_publish(&self) -> bool {
+        match self {
+            ConnFailure::Refused(_) => false,
+            ConnFailure::Disconnected { blames_publish, .. } => *blames_publish,
+            ConnFailure::Network(t) => {
+                let t = t.to_ascii_lowercase();
+                !(t.contains("timeout") || t.contains("timed out") || t.contains("pingresp"))
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for ConnFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnFailure::Refused(r) => write!(f, "refused the connection: {r}"),
+            ConnFailure::Disconnected { text, .. } => f.write_str(text),
             ConnFailure::Network(r) => f.write_str(r),
         }
     }
@@ -345,7 +386,7 @@ impl Driver {
                 }
             }
             Driver::V5(el) => {
-                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubCompReason};
+                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason};
                 use rumqttc::v5::{ConnectionError as E, Event, StateError};
                 match el.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(c))) => Ok(Ev::Connected {
@@ -355,20 +396,26 @@ impl Driver {
                         pkid: a.pkid,
                         refused: match a.reason {
                             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
-                            PubAckReason::NotAuthorized => Some("not authorised"),
-                            PubAckReason::TopicNameInvalid => Some("topic name invalid"),
-                            PubAckReason::QuotaExceeded => Some("quota exceeded"),
-                            PubAckReason::PayloadFormatInvalid => Some("payload format invalid"),
-                            PubAckReason::PacketIdentifierInUse => Some("packet id in use"),
-                            _ => Some("unspecified error"),
+                            other => Some(refusal(&format!("{other:?}"))),
                         },
                     }),
+                    // A refused PUBREC ends the QoS 2 exchange (no PUBREL follows).
+                    Ok(Event::Incoming(Packet::PubRec(a)))
+                        if !matches!(
+                            a.reason,
+                            PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                        ) =>
+                    {
+                        Ok(Ev::Acked {
+                            pkid: a.pkid,
+                            refused: Some(refusal(&format!("{:?}", a.reason))),
+                        })
+                    }
+                    // PUBCOMP "packet id not found" still means the broker had it (it
+                    // answered our PUBREL): delivered.
                     Ok(Event::Incoming(Packet::PubComp(a))) => Ok(Ev::Acked {
                         pkid: a.pkid,
-                        refused: match a.reason {
-                            PubCompReason::Success => None,
-                            PubCompReason::PacketIdentifierNotFound => Some("packet id not found"),
-                        },
+                        refused: None,
                     }),
                     Ok(Event::Outgoing(o)) => Ok(outgoing(o)),
                     Ok(_) => Ok(Ev::Other),
@@ -381,10 +428,22 @@ impl Driver {
                     Err(E::MqttState(StateError::ServerDisconnect {
                         reason_code,
                         reason_string,
-                    })) => Err(ConnFailure::Network(server_disconnect_text(
-                        &format!("{reason_code:?}"),
-                        reason_string.as_deref(),
-                    ))),
+                    })) => {
+                        let code = format!("{reason_code:?}");
+                        Err(ConnFailure::Disconnected {
+                            blames_publish: matches!(
+                                code.as_str(),
+                                "MalformedPacket"
+                                    | "ProtocolError"
+                                    | "PacketTooLarge"
+                                    | "TopicNameInvalid"
+                                    | "PayloadFormatInvalid"
+                                    | "ImplementationSpecificError"
+                                    | "UnspecifiedError"
+                            ),
+                            text: server_disconnect_text(&code, reason_string.as_deref()),
+                        })
+                    }
                     Err(e) => Err(ConnFailure::Network(network_text(&e.to_string()))),
                 }
             }

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 pub use client::BrokerUrl;
 pub use client::V5Props;
-use client::{ConnFailure, Driver, Ev, Submitter};
+use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 
 use crate::app::Context;
 use crate::appliance::notify::Part;
@@ -46,6 +46,11 @@ use crate::shutdown::Shutdown;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection lost this soon after a publish was written may be the broker refusing
+/// that publish; a later loss is not held against it.
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(2);
+/// A publish refused this often with a transient reason code is given up on.
+pub const TRANSIENT_REFUSALS: u8 = 3;
 /// A connection that lasted this long resets the backoff to [`BACKOFF_MIN`]; one that
 /// ends sooner (a broker dropping us right after CONNACK) keeps it growing.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
@@ -238,8 +243,11 @@ enum SlotState {
 struct Slot {
     ev: Arc<Event>,
     state: SlotState,
-    /// Connections lost while this was the oldest unacknowledged publish on the wire.
+    /// Connections lost while this was the oldest unacknowledged publish on the wire,
+    /// or transient refusals of it.
     strikes: u8,
+    /// When its publish was last written.
+    sent_at: Option<tokio::time::Instant>,
 }
 
 /// What a submitted publish carries, in submission order.
@@ -376,7 +384,8 @@ impl Mirror {
                 Ok(Ev::Disconnected) | Ok(Ev::Other) => {}
                 Err(failure) => {
                     let was_connected = self.connected;
-                    let struck = self.on_lost(was_connected).await;
+                    let blames = failure.blames_publish();
+                    let struck = self.on_lost(was_connected, blames).await;
                     driver.reset_after_failure();
                     metrics.mirror_state.set(PartState::Down);
                     metrics.mqtt_reconnects.inc();
@@ -442,6 +451,7 @@ impl Mirror {
                     ev: ev.clone(),
                     state: SlotState::Submitted,
                     strikes: 0,
+                    sent_at: None,
                 });
                 self.submit_event(&ev).await;
             }
@@ -569,17 +579,40 @@ impl Mirror {
     /// is the suspect (brokers handle publishes in order, so those before it were
     /// taken): a first loss gets it probed alone on the next connection; a loss while
     /// it was alone on the wire makes it a poison event.
-    /// Returns true when the loss was pinned on a publish (a strike).
-    async fn on_lost(&mut self, was_connected: bool) -> bool {
+    /// Only a loss a publish can cause counts (`blames`: not a takeover, a broker
+    /// shutting down or a timeout), and only against a publish written within
+    /// [`STRIKE_WINDOW`] — or, with none on the wire, the one being written when the
+    /// connection died. Returns true when the loss was pinned on a publish (a strike).
+    async fn on_lost(&mut self, was_connected: bool, blames: bool) -> bool {
         self.connected = false;
+        let writing = self.fifo.iter().find_map(|s| match s {
+            Sub::Event(seq) => Some(*seq),
+            Sub::Status => None,
+        });
         self.fifo.clear();
         self.pkids.iter_mut().for_each(|p| *p = None);
-        if !was_connected {
+        if !was_connected || !blames {
             return false;
         }
-        let Some(slot) = self.window.iter_mut().find(|s| s.state == SlotState::Sent) else {
-            return false;
+        let sent = self.window.iter().position(|s| s.state == SlotState::Sent);
+        let idx = match sent {
+            Some(i) => {
+                let recent = self.window[i]
+                    .sent_at
+                    .is_some_and(|t| t.elapsed() < STRIKE_WINDOW);
+                if !recent {
+                    return false;
+                }
+                i
+            }
+            None => match writing
+                .and_then(|seq| self.window.binary_search_by_key(&seq, |s| s.ev.seq).ok())
+            {
+                Some(i) => i,
+                None => return false,
+            },
         };
+        let slot = &mut self.window[idx];
         slot.strikes = slot.strikes.saturating_add(1);
         let seq = slot.ev.seq;
         if slot.strikes >= 2 && self.probe == Some(seq) {
@@ -630,6 +663,7 @@ impl Mirror {
         } else {
             if let Some(slot) = self.slot_mut(seq) {
                 slot.state = SlotState::Sent;
+                slot.sent_at = Some(tokio::time::Instant::now());
             }
             self.set_pkid(pkid, sub);
         }
@@ -642,7 +676,7 @@ impl Mirror {
         }
     }
 
-    async fn on_acked(&mut self, pkid: u16, refused: Option<&'static str>) {
+    async fn on_acked(&mut self, pkid: u16, refused: Option<Refusal>) {
         let Some(sub) = self.pkids.get_mut(pkid as usize).and_then(Option::take) else {
             return;
         };
@@ -651,9 +685,28 @@ impl Mirror {
         };
         match refused {
             None => self.delivered(seq).await,
-            Some(reason) => {
-                let why = format!("the MQTT broker refused the publish: {reason}");
-                self.reject(seq, MirrorRejectReason::Refused, why).await;
+            Some(r) => {
+                let strikes = self.slot_mut(seq).map_or(0, |s| {
+                    s.strikes = s.strikes.saturating_add(1);
+                    s.strikes
+                });
+                if r.permanent || strikes >= TRANSIENT_REFUSALS {
+                    let why = format!("the MQTT broker refused the publish: {}", r.text);
+                    self.reject(seq, MirrorRejectReason::Refused, why).await;
+                } else if let Some(ev) = self.slot_mut(seq).map(|s| {
+                    s.state = SlotState::Submitted;
+                    s.ev.clone()
+                }) {
+                    // May pass when sent again (quota, transient broker error).
+                    if !std::mem::replace(&mut self.refusals_logged, true) {
+                        log::warn!(
+                            "MQTT broker {} refused a publish: {}; sending it again",
+                            self.cfg.url,
+                            r.text
+                        );
+                    }
+                    self.submit_event(&ev).await;
+                }
             }
         }
     }

@@ -262,6 +262,10 @@ struct Source {
     renew_at: Option<Instant>,
     /// The renewal failure last logged (None = renewals work), logged once per change.
     renew_logged: Option<String>,
+    /// Events the mirror rejected whose delivery could not be dead-lettered then (lock
+    /// lost, link or connection gone): the broker's redelivery is dead-lettered instead
+    /// of completed. Bounded by `journal.unsettled`.
+    rejected: std::collections::VecDeque<(u64, String)>,
 }
 
 // Lives on the stack for one loop turn; boxing the delivery would allocate per message.
@@ -325,6 +329,7 @@ impl Source {
             rotate: 0,
             renew_at: None,
             renew_logged: None,
+            rejected: std::collections::VecDeque::with_capacity(unsettled),
             links,
             tokens,
             tls,
@@ -588,7 +593,9 @@ impl Source {
     /// Top up link credit so the total stays within the free room.
     async fn grant_credit(&mut self) {
         let m = self.ctx.metrics.clone();
-        let used = self.ctx.journal.pinned();
+        // The mirror unpins before the source has taken its word: count what the tracker
+        // still holds too.
+        let used = self.ctx.journal.pinned().max(self.tracker.len());
         let cap = self.ctx.config.journal.unsettled.saturating_sub(used) as u32;
         let mut attached = 0u32;
         let mut outstanding = 0u32;
@@ -633,9 +640,7 @@ impl Source {
         let token = renew::lock_token(&d);
         let (info, msg) = d.into_parts();
         let lock = token.zip(locked_until(&msg)).map(|(token, until)| {
-            let span = until
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
+            let span = lock_span(until);
             Lock {
                 token,
                 due: Instant::now() + span / 2,
@@ -655,7 +660,16 @@ impl Source {
         let fp = fingerprint(meta.message_id.as_deref(), meta.enqueued_at_ms);
         if let Some(seq) = key.and_then(|k| self.dedup.get(k, fp)) {
             self.ctx.metrics.duplicates.inc();
-            if self.required && self.ctx.journal.is_pinned(seq) {
+            if let Some(at) = self.rejected.iter().position(|(s, _)| *s == seq) {
+                // The mirror rejected this event while its first delivery could not be
+                // settled: dead-letter the redelivery, never complete it.
+                let (_, description) = self.rejected.remove(at).unwrap_or_default();
+                let rej = Rejection {
+                    reason: DeadLetterReason::MirrorRejected,
+                    description,
+                };
+                self.dead_letter(i, info, rej).await;
+            } else if self.required && self.ctx.journal.is_pinned(seq) {
                 // The broker redelivered a message we still hold: the lock of the
                 // delivery we held is lost. Settle the new delivery (with the valid lock)
                 // when the event's acknowledgement comes; never hold two for one event.
@@ -766,14 +780,19 @@ impl Source {
             match renewer.renew(&tokens).await {
                 Ok(exps) => self.renewed(&due, &exps),
                 Err(e) if e.is_lock_lost() && due.len() > 1 => {
-                    // All or nothing: find which ones are lost, one at a time.
+                    // All or nothing: find which ones are lost, one at a time, within
+                    // one step's time (the loop must keep turning); the rest are tried
+                    // again at the next renewal.
+                    let deadline = Instant::now() + step;
                     for one in &due {
+                        let left = deadline.saturating_duration_since(Instant::now());
                         let Some(renewer) = self.links[i].renewer.as_mut() else {
                             break;
                         };
-                        match renewer.renew(&[one.1]).await {
-                            Ok(exps) => self.renewed(std::slice::from_ref(one), &exps),
-                            Err(e) => self.renew_failed(i, std::slice::from_ref(one), &e),
+                        match timeout(left, renewer.renew(&[one.1])).await {
+                            Ok(Ok(exps)) => self.renewed(std::slice::from_ref(one), &exps),
+                            Ok(Err(e)) => self.renew_failed(i, std::slice::from_ref(one), &e),
+                            Err(_) => break,
                         }
                     }
                 }
@@ -789,9 +808,8 @@ impl Source {
 
     fn renewed(&mut self, renewed: &[(u64, [u8; 16])], expirations: &[std::time::SystemTime]) {
         let now = Instant::now();
-        let wall = std::time::SystemTime::now();
         for ((seq, _), exp) in renewed.iter().zip(expirations) {
-            let span = exp.duration_since(wall).unwrap_or_default();
+            let span = lock_span(*exp);
             if let Some(l) = self
                 .tracker
                 .iter_mut()
@@ -856,17 +874,17 @@ impl Source {
     async fn on_handoff(&mut self, h: Handoff) {
         let seq = h.seq();
         self.ctx.journal.handed_on(seq);
-        let Some(held) = self.tracker.take(seq) else {
+        let held = self.tracker.take(seq).filter(|held| {
+            self.links[held.link].generation == held.generation
+                && !held.lock.as_ref().is_some_and(|l| l.lost)
+        });
+        let Some(held) = held else {
+            // Its lock is lost or its link gone: settling it would not count. The broker
+            // redelivers the message; the redelivery is completed as a duplicate of a
+            // handed-on event — or, when the mirror rejected it, dead-lettered.
+            self.remember_rejected(h);
             return;
         };
-        if self.links[held.link].generation != held.generation {
-            return;
-        }
-        if held.lock.as_ref().is_some_and(|l| l.lost) {
-            // Its lock is lost: settling it would not count. The broker redelivers the
-            // message, and the redelivery is completed as a duplicate of a handed-on event.
-            return;
-        }
         match h {
             Handoff::Delivered(_) => self.accept(held.link, held.delivery).await,
             Handoff::Rejected { description, .. } => {
@@ -876,6 +894,15 @@ impl Source {
                 };
                 self.dead_letter(held.link, held.delivery, rej).await;
             }
+        }
+    }
+
+    fn remember_rejected(&mut self, h: Handoff) {
+        if let Handoff::Rejected { seq, description } = h {
+            if self.rejected.len() == self.ctx.config.journal.unsettled.max(1) {
+                self.rejected.pop_front();
+            }
+            self.rejected.push_back((seq, description));
         }
     }
 
@@ -978,6 +1005,7 @@ impl Source {
                     // No link lives: nothing to settle, only unpin.
                     Some(h) => {
                         self.ctx.journal.handed_on(h.seq());
+                        self.remember_rejected(h);
                     }
                     None => self.acks_open = false,
                 },
@@ -1087,6 +1115,20 @@ fn recv_any(
         }
         Poll::Pending
     })
+}
+
+/// Shortest and longest lock span believed: ASB's LockDuration is 5 s to 5 min; a box
+/// whose clock is off by more than a lock would otherwise compute 0 (renewing in a hot
+/// loop) or a span past the real expiry.
+const LOCK_SPAN_MIN: Duration = Duration::from_secs(1);
+const LOCK_SPAN_MAX: Duration = Duration::from_secs(300);
+
+/// Time left on a lock expiring at `until` (wall clock), clamped to what ASB allows.
+fn lock_span(until: std::time::SystemTime) -> Duration {
+    until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+        .clamp(LOCK_SPAN_MIN, LOCK_SPAN_MAX)
 }
 
 /// The `x-opt-locked-until` annotation (ASB: when the peek-lock expires).
