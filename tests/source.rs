@@ -271,6 +271,9 @@ async fn graceful_shutdown_releases_held_deliveries() {
     let run = start(context(&config(&h, &["edge"], &extra)), fast());
     let ctx = run.ctx.clone();
     wait_stats(&h, "edge", "5 locked", |s| s.locked == 5).await;
+    // Locked at the emulator is not yet held by the source: wait until the source has
+    // taken all 5 (pinned in the journal) before stopping it.
+    wait_for(T, "5 held by the source", || ctx.journal.pinned() == 5).await;
     let t0 = Instant::now();
     run.stop().await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
