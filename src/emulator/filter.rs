@@ -202,23 +202,7 @@ impl SysProp {
 /// Message ids as .NET shows them: strings as they are, numbers in decimal, UUIDs
 /// hyphenated, binary in hex.
 fn id_lit(id: &MessageId) -> Lit {
-    Lit::Str(match id {
-        MessageId::String(s) => s.clone(),
-        MessageId::Ulong(u) => u.to_string(),
-        MessageId::Uuid(u) => {
-            let b = u.as_inner();
-            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            format!(
-                "{}-{}-{}-{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..32]
-            )
-        }
-        MessageId::Binary(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
-    })
+    Lit::Str(crate::source::decode::message_id_string(id))
 }
 
 fn user_prop(msg: &StoredMessage, name: &str) -> Option<Lit> {

@@ -810,12 +810,7 @@ impl Source {
         let now = Instant::now();
         for ((seq, _), exp) in renewed.iter().zip(expirations) {
             let span = lock_span(*exp);
-            if let Some(l) = self
-                .tracker
-                .iter_mut()
-                .find(|h| h.seq == *seq)
-                .and_then(|h| h.lock.as_mut())
-            {
+            if let Some(l) = self.tracker.get_mut(*seq).and_then(|h| h.lock.as_mut()) {
                 l.span = span;
                 l.due = now + span / 2;
             }
@@ -831,12 +826,7 @@ impl Source {
         let lost = e.is_lock_lost();
         let now = Instant::now();
         for (seq, _) in which {
-            if let Some(l) = self
-                .tracker
-                .iter_mut()
-                .find(|h| h.seq == *seq)
-                .and_then(|h| h.lock.as_mut())
-            {
+            if let Some(l) = self.tracker.get_mut(*seq).and_then(|h| h.lock.as_mut()) {
                 if lost {
                     l.lost = true;
                     self.ctx.metrics.locks_lost.inc();

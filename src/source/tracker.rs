@@ -84,6 +84,12 @@ impl<D> Tracker<D> {
         self.held.remove(at)
     }
 
+    /// The delivery held for `seq`.
+    pub fn get_mut(&mut self, seq: u64) -> Option<&mut Held<D>> {
+        let at = self.held.binary_search_by_key(&seq, |x| x.seq).ok()?;
+        self.held.get_mut(at)
+    }
+
     /// The held deliveries, in seq order.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Held<D>> {
         self.held.iter_mut()
@@ -227,6 +233,8 @@ mod tests {
         // a redelivery of seq 2 replaces the held one, even when full
         assert_eq!(t.hold(h(2, 0, 21)).unwrap().unwrap().delivery, 20);
         assert_eq!(t.len(), 3);
+        assert_eq!(t.get_mut(3).map(|x| x.delivery), Some(30));
+        assert!(t.get_mut(4).is_none());
         assert_eq!(t.take(2).unwrap().delivery, 21);
         assert_eq!(t.take(2), None);
         assert_eq!(t.take(7), None);
