@@ -14,10 +14,10 @@ use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::journal::Handoff;
 use asb_gateway::metrics::PartState;
 use asb_gateway::{mirror, shutdown};
+use support::mirror_run::{Running, start};
 use support::mosquitto::{Mosquitto, MosquittoOptions};
 use support::{Received, Subscriber};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
 const WAIT: Duration = Duration::from_secs(15);
@@ -53,23 +53,6 @@ fn append(ctx: &Context, from: u64, to: u64) {
     }
 }
 
-struct Running {
-    trigger: shutdown::Trigger,
-    task: JoinHandle<Result<(), mirror::MirrorError>>,
-    acks: mpsc::Receiver<Handoff>,
-}
-
-fn start(ctx: &Arc<Context>) -> Running {
-    let (trigger, sd) = shutdown::channel();
-    let (tx, acks) = mpsc::channel(4096);
-    let task = tokio::spawn(mirror::run(ctx.clone(), tx, sd));
-    Running {
-        trigger,
-        task,
-        acks,
-    }
-}
-
 impl Running {
     /// Collect `n` acks, all `Delivered` (fails after WAIT).
     async fn acks(&mut self, n: usize) -> Vec<u64> {
@@ -88,16 +71,6 @@ impl Running {
         if let Ok(Some(s)) = tokio::time::timeout(d, self.acks.recv()).await {
             panic!("unexpected ack {s:?}");
         }
-    }
-
-    /// Graceful stop, which must return within about 2 s.
-    async fn stop(self) {
-        self.trigger.fire();
-        let r = tokio::time::timeout(Duration::from_millis(2500), self.task)
-            .await
-            .expect("mirror did not stop within 2.5 s")
-            .expect("mirror task panicked");
-        r.expect("mirror ended with an error");
     }
 }
 

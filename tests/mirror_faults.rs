@@ -20,10 +20,10 @@ use asb_gateway::config::{Config, LoadEnv};
 use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::journal::Handoff;
 use asb_gateway::metrics::{MirrorRejectReason, PartState};
-use asb_gateway::{mirror, shutdown};
+
+use support::mirror_run::{Running, start};
 use support::mosquitto::{Mosquitto, MosquittoOptions};
 use support::{Subscriber, capture_logs, logs};
-use tokio::sync::mpsc;
 
 const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
 const WAIT: Duration = Duration::from_secs(20);
@@ -79,23 +79,6 @@ fn append_small(ctx: &Context, seq: u64) {
     );
 }
 
-struct Running {
-    trigger: shutdown::Trigger,
-    task: tokio::task::JoinHandle<Result<(), mirror::MirrorError>>,
-    acks: mpsc::Receiver<Handoff>,
-}
-
-fn start(ctx: &Arc<Context>) -> Running {
-    let (trigger, sd) = shutdown::channel();
-    let (tx, acks) = mpsc::channel(4096);
-    let task = tokio::spawn(mirror::run(ctx.clone(), tx, sd));
-    Running {
-        trigger,
-        task,
-        acks,
-    }
-}
-
 impl Running {
     /// Collect `n` handoffs: seq → what became of it (a seq twice fails).
     async fn handoffs(&mut self, n: usize) -> BTreeMap<u64, Handoff> {
@@ -110,15 +93,6 @@ impl Running {
             }
         }
         got
-    }
-
-    async fn stop(self) {
-        self.trigger.fire();
-        let r = tokio::time::timeout(Duration::from_secs(3), self.task)
-            .await
-            .expect("mirror stops")
-            .expect("mirror task");
-        r.expect("mirror result");
     }
 }
 

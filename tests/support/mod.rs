@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cutter;
+pub mod mirror_run;
 pub mod mosquitto;
 
 use std::sync::Arc;
