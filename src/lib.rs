@@ -27,6 +27,7 @@ pub mod emulator;
 pub mod event;
 pub mod generator;
 pub mod journal;
+pub mod liveness;
 pub mod metrics;
 pub mod mirror;
 pub mod panels;

@@ -8,17 +8,17 @@
 //! sync call, deadlocked — stops beating, the pings stop, and systemd restarts the service
 //! (`WatchdogSec=` with `Restart=on-failure`).
 //!
-//! Wiring (in `app::run`):
+//! Wiring (in `app::run`; [`Liveness`] lives in `crate::liveness`):
 //! ```text
 //! tokio::spawn(notify::watchdog(ctx.liveness.clone(), trigger.listener()));
-//! tokio::spawn(notify::status_reporter(ctx.clone(), trigger.listener()));
+//! tokio::spawn(notify::status_reporter(metrics.clone(), trigger.listener()));
 //! // once the panel listener is bound and the source task is spawned:
 //! notify::ready();
 //! // on shutdown, before draining:
 //! notify::stopping();
 //! ```
-//! and in each data-path loop: `ctx.liveness.register(Part::Source)` before the loop, and
-//! `ctx.liveness.beat(Part::Source)` on every turn, with a timer branch (say every 1 s)
+//! and in each data-path loop: `liveness.register(Part::Source)` before the loop, and
+//! `liveness.beat(Part::Source)` on every turn, with a timer branch (say every 1 s)
 //! in its `select!` so an idle but healthy loop still beats. Beat while reconnecting
 //! too: an unreachable broker is not a wedge, and restarting would not help.
 //!
@@ -27,130 +27,21 @@
 //! the tests show that a wedged data path stops the pings. Nothing else reads it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::app::Context;
+use crate::liveness::Liveness;
 use crate::metrics::{Metrics, PartState};
 use crate::shutdown::Shutdown;
 
 /// Environment variable of the wedge test hook (milliseconds after the watchdog starts).
 pub const TEST_WEDGE_ENV: &str = "ASBGW_TEST_WEDGE_AFTER_MS";
-/// How often an idle data-path loop beats at most; shorter when `WATCHDOG_USEC` asks
-/// for a shorter watchdog (see [`Liveness::beat_interval`]).
-pub const BEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the STATUS line is refreshed when nothing changes.
 pub const STATUS_PERIOD: Duration = Duration::from_secs(5);
 /// How often the status reporter looks for a state change.
 const STATUS_POLL: Duration = Duration::from_millis(250);
-
-/// A part of the data path that must keep beating for the watchdog to be fed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Part {
-    /// The source's receive loop.
-    Source = 0,
-    /// The journal fan-out to panels.
-    Journal = 1,
-    /// The MQTT mirror.
-    Mirror = 2,
-}
-
-impl Part {
-    pub const ALL: [Part; 3] = [Part::Source, Part::Journal, Part::Mirror];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Part::Source => "source",
-            Part::Journal => "journal",
-            Part::Mirror => "mirror",
-        }
-    }
-}
-
-const NEVER: u64 = u64::MAX;
-
-/// Heartbeats of the data path: the last beat of each part, in milliseconds since this
-/// `Liveness` was made. A part is checked once it has beaten (or been registered).
-#[derive(Debug)]
-pub struct Liveness {
-    start: Instant,
-    last: [AtomicU64; Part::ALL.len()],
-    wedged: AtomicBool,
-    beat_every: Duration,
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness {
-            start: Instant::now(),
-            last: [
-                AtomicU64::new(NEVER),
-                AtomicU64::new(NEVER),
-                AtomicU64::new(NEVER),
-            ],
-            wedged: AtomicBool::new(false),
-            // A quarter of the watchdog interval, so an idle loop beats several times
-            // between two checks.
-            beat_every: sd_notify::watchdog_enabled()
-                .map(|w| (w / 4).clamp(Duration::from_millis(10), BEAT_INTERVAL))
-                .unwrap_or(BEAT_INTERVAL),
-        }
-    }
-}
-
-impl Liveness {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// How often an idle data-path loop should beat.
-    pub fn beat_interval(&self) -> Duration {
-        self.beat_every
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    /// Declare that `part` runs and must keep beating (same as a first beat).
-    pub fn register(&self, part: Part) {
-        self.beat(part)
-    }
-
-    /// Record that `part` made progress now. Cheap: one atomic store.
-    pub fn beat(&self, part: Part) {
-        if !self.wedged.load(Ordering::Relaxed) {
-            self.last[part as usize].store(self.now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// Test hook: ignore every beat from now on, as if the whole data path hung.
-    pub fn wedge(&self) {
-        self.wedged.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_wedged(&self) -> bool {
-        self.wedged.load(Ordering::Relaxed)
-    }
-
-    /// The first registered part whose last beat is older than `within`, with its age.
-    pub fn stalled(&self, within: Duration) -> Option<(Part, Duration)> {
-        let now = self.now_ms();
-        let limit = within.as_millis() as u64;
-        Part::ALL.into_iter().find_map(|p| {
-            let last = self.last[p as usize].load(Ordering::Relaxed);
-            let age = now.saturating_sub(last);
-            (last != NEVER && age > limit).then(|| (p, Duration::from_millis(age)))
-        })
-    }
-
-    /// Has every registered part beaten within `within`?
-    pub fn alive(&self, within: Duration) -> bool {
-        self.stalled(within).is_none()
-    }
-}
 
 fn send(state: &[NotifyState]) {
     static WARNED: AtomicBool = AtomicBool::new(false);
@@ -194,8 +85,8 @@ pub fn status_line(m: &Metrics) -> String {
 
 /// Send a STATUS line at once, then whenever the source or mirror state changes, and every
 /// [`STATUS_PERIOD`] otherwise; returns on shutdown.
-pub async fn status_reporter(ctx: Arc<Context>, mut shutdown: Shutdown) {
-    let m = &ctx.metrics;
+pub async fn status_reporter(metrics: Arc<Metrics>, mut shutdown: Shutdown) {
+    let m = &metrics;
     let states = || (m.source_state.get(), m.mirror_state.get());
     let mut last_states: Option<(PartState, PartState)> = None;
     let mut last_sent = tokio::time::Instant::now();
@@ -271,29 +162,6 @@ pub async fn watchdog(liveness: Arc<Liveness>, mut shutdown: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn liveness_tracks_registered_parts_only() {
-        let l = Liveness::default();
-        // Nothing registered: alive.
-        assert!(l.alive(Duration::from_millis(1)));
-        l.beat(Part::Source);
-        assert!(l.alive(Duration::from_secs(10)));
-        std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(
-            l.stalled(Duration::from_millis(10)).unwrap().0,
-            Part::Source
-        );
-        l.beat(Part::Source);
-        assert!(l.alive(Duration::from_millis(10)));
-        l.wedge();
-        std::thread::sleep(Duration::from_millis(30));
-        l.beat(Part::Source);
-        assert!(
-            !l.alive(Duration::from_millis(10)),
-            "a wedged liveness ignores beats"
-        );
-    }
 
     #[test]
     fn status_line_names_states_and_counts() {

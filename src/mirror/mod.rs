@@ -34,7 +34,7 @@ pub use client::V5Props;
 use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 
 use crate::app::Context;
-use crate::appliance::notify::Part;
+use crate::liveness::Part;
 use crate::backoff::Backoff;
 use crate::config::{MqttConfig, MqttProtocol, Payload};
 use crate::journal::{Event, Handoff};

@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::app::Context;
-use crate::appliance::notify::Part;
+use crate::liveness::Part;
 use crate::backoff::Backoff;
 use crate::config::{AuthMode, Credential};
 use crate::event::EncodedEvent;
