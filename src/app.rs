@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::appliance::notify::{self, Liveness, Part};
+use crate::appliance::notify;
 use crate::config::Config;
 use crate::journal::{self, Journal};
+use crate::liveness::{Liveness, Part};
 use crate::metrics::{Metrics, PartState};
 use crate::shutdown;
 
@@ -128,7 +129,10 @@ pub async fn run(
     // Helpers whose end is not a failure (the watchdog returns at once when systemd
     // asked for none).
     let mut helpers = JoinSet::new();
-    helpers.spawn(notify::status_reporter(ctx.clone(), shutdown.clone()));
+    helpers.spawn(notify::status_reporter(
+        ctx.metrics.clone(),
+        shutdown.clone(),
+    ));
     helpers.spawn(notify::watchdog(ctx.liveness.clone(), shutdown.clone()));
     helpers.spawn(journal_heartbeat(ctx.clone(), shutdown.clone()));
     drop(shutdown);

@@ -142,5 +142,4 @@ mod tests {
             "a wedged liveness ignores beats"
         );
     }
-
 }

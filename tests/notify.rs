@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asb_gateway::app::Context;
-use asb_gateway::appliance::notify::{self, Liveness, Part};
+use asb_gateway::appliance::notify;
 use asb_gateway::config::{Config, LoadEnv};
+use asb_gateway::liveness::{Liveness, Part};
 use asb_gateway::metrics::PartState;
 use asb_gateway::shutdown;
 use tokio::net::UnixDatagram;
@@ -95,7 +96,7 @@ async fn notify_ready_status_and_watchdog_gated_on_liveness() {
     // STATUS= at once, and again on a state change.
     let ctx = Context::new(Config::parse(CONFIG, &LoadEnv::default()).unwrap());
     let (trigger, sd) = shutdown::channel();
-    let reporter = tokio::spawn(notify::status_reporter(ctx.clone(), sd.clone()));
+    let reporter = tokio::spawn(notify::status_reporter(ctx.metrics.clone(), sd.clone()));
     let first = next_with(&sock, "STATUS=", Duration::from_secs(2))
         .await
         .expect("a STATUS line at start");

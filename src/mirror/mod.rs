@@ -34,10 +34,10 @@ pub use client::V5Props;
 use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 
 use crate::app::Context;
-use crate::liveness::Part;
 use crate::backoff::Backoff;
 use crate::config::{MqttConfig, MqttProtocol, Payload};
 use crate::journal::{Event, Handoff};
+use crate::liveness::Part;
 use crate::metrics::{MirrorRejectReason, PartState};
 use crate::routing::mqtt_clean;
 use crate::shutdown::Shutdown;

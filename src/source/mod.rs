@@ -42,11 +42,11 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::app::Context;
-use crate::liveness::Part;
 use crate::backoff::Backoff;
 use crate::config::{AuthMode, Credential};
 use crate::event::EncodedEvent;
 use crate::journal::{Handoff, JournalError};
+use crate::liveness::Part;
 use crate::metrics::{DeadLetterReason, PartState};
 use crate::routing::Origin;
 use crate::shutdown::Shutdown;
