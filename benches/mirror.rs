@@ -120,7 +120,10 @@ async fn mirror_on(port: u16, n: u64, inflight: usize, protocol: &str) -> (f64, 
     let (count, sub) = subscriber(port, &format!("{prefix}/#")).await;
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, mut ack_rx) = mpsc::channel(UNSETTLED);
-    let task = tokio::spawn(mirror::run(ctx.clone(), ack_tx, sd));
+    let task = tokio::spawn({
+        let (settings, shared) = ctx.mirror_inputs().expect("[mqtt]");
+        mirror::run(settings, shared, ack_tx, sd)
+    });
     while ctx.metrics.mirror_state.get() != asb_gateway::metrics::PartState::Up {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -234,7 +237,10 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
     let start = Instant::now();
     let src = tokio::spawn(asb_gateway::source::run(ctx.clone(), ack_rx, sd.clone()));
     let mir = if with_mirror {
-        Some(tokio::spawn(mirror::run(ctx.clone(), ack_tx, sd)))
+        Some(tokio::spawn({
+            let (settings, shared) = ctx.mirror_inputs().expect("[mqtt]");
+            mirror::run(settings, shared, ack_tx, sd)
+        }))
     } else {
         drop(ack_tx);
         None

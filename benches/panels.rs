@@ -75,7 +75,9 @@ fn run(s: &Scenario, rate: u64, secs: u64) -> Result {
     let addr = listener.local_addr().unwrap();
     let server = server_rt.spawn(panels::serve_with(
         listener,
-        ctx.clone(),
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.panel_settings(),
         sd,
         Options::default(),
     ));

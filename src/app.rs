@@ -1,5 +1,6 @@
-//! The daemon: builds the shared context, starts one task per part of the data flow
-//! (source, panels, mirror), and shuts them down by broadcast.
+//! The daemon: assembles the gateway from a [`Config`] ([`Context`]), starts one task per
+//! part of the data flow (source, panels, mirror), hands each part only what it uses, and
+//! shuts them down by broadcast. Nothing below this module imports it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,19 +11,26 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::appliance::notify;
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::journal::{self, Journal};
 use crate::liveness::{Liveness, Part};
 use crate::metrics::{Metrics, PartState};
+use crate::mirror::MirrorSettings;
+use crate::panels::PanelSettings;
 use crate::shutdown;
 
 /// How long tasks get to drain after shutdown is fired.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// What every part of the data flow shares.
+/// The assembled gateway: the config, the journal, the metrics and the liveness
+/// heartbeats. Only [`run`] (and tests driving one part) take parts of it; the parts
+/// themselves get narrow inputs.
 #[derive(Debug)]
 pub struct Context {
     pub config: Config,
+    /// The worst-case memory of `config`, computed once.
+    pub budget: Budget,
     pub journal: Arc<Journal>,
     pub metrics: Arc<Metrics>,
     /// Heartbeats of the data path loops; gates the systemd watchdog pings.
@@ -35,9 +43,15 @@ impl Context {
     }
 
     pub fn with_epoch(config: Config, epoch: String) -> Arc<Self> {
+        let budget = crate::budget::compute(&config);
+        Self::assemble(config, budget, epoch)
+    }
+
+    /// The gateway for `config`, whose worst-case memory `budget` the caller computed
+    /// (and checked, before anything is allocated).
+    pub fn assemble(config: Config, budget: Budget, epoch: String) -> Arc<Self> {
         let journal = Journal::new(config.journal_limits(), epoch);
         let metrics = Arc::new(Metrics::default());
-        let budget = crate::budget::compute(&config);
         metrics.budget_bytes.set(budget.total() as u64);
         metrics.budget_limit_bytes.set(budget.limit_bytes as u64);
         metrics
@@ -53,10 +67,27 @@ impl Context {
         });
         Arc::new(Context {
             config,
+            budget,
             journal,
             metrics,
             liveness: Liveness::new(),
         })
+    }
+
+    /// The mirror's inputs, `None` when the config has no `[mqtt]` section.
+    pub fn mirror_inputs(&self) -> Option<(MirrorSettings, crate::mirror::Shared)> {
+        let settings = MirrorSettings::from_config(&self.config)?;
+        let shared = crate::mirror::Shared {
+            journal: self.journal.clone(),
+            metrics: self.metrics.clone(),
+            liveness: self.liveness.clone(),
+        };
+        Some((settings, shared))
+    }
+
+    /// The panel server's settings.
+    pub fn panel_settings(&self) -> PanelSettings {
+        PanelSettings::from_config(&self.config)
     }
 
     /// Does settlement wait for the MQTT broker's acknowledgement?
@@ -81,11 +112,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown_signal: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let budget = crate::budget::compute(&ctx.config);
-    if !budget.fits() {
+    if !ctx.budget.fits() {
         return Err(RunError::OverBudget {
-            total: budget.total(),
-            limit: budget.limit_bytes,
+            total: ctx.budget.total(),
+            limit: ctx.budget.limit_bytes,
         });
     }
     let (trigger, shutdown) = shutdown::channel();
@@ -103,26 +133,18 @@ pub async fn run(
                 .map_err(|e| e.to_string()),
         )
     });
-    let (c, sd) = (ctx.clone(), shutdown.clone());
     let addr = listener.local_addr().ok();
-    tasks.spawn(async move {
-        (
-            "panels",
-            crate::panels::serve(listener, c, sd)
-                .await
-                .map_err(|e| e.to_string()),
-        )
-    });
-    if ctx.config.mqtt.is_some() {
-        let (c, sd) = (ctx.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            (
-                "mirror",
-                crate::mirror::run(c, acks_tx, sd)
-                    .await
-                    .map_err(|e| e.to_string()),
-            )
-        });
+    let panels = crate::panels::serve(
+        listener,
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.panel_settings(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move { ("panels", panels.await.map_err(|e| e.to_string())) });
+    if let Some((settings, shared)) = ctx.mirror_inputs() {
+        let mirror = crate::mirror::run(settings, shared, acks_tx, shutdown.clone());
+        tasks.spawn(async move { ("mirror", mirror.await.map_err(|e| e.to_string())) });
     } else {
         drop(acks_tx);
     }
@@ -134,7 +156,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     helpers.spawn(notify::watchdog(ctx.liveness.clone(), shutdown.clone()));
-    helpers.spawn(journal_heartbeat(ctx.clone(), shutdown.clone()));
+    helpers.spawn(journal_heartbeat(
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.liveness.clone(),
+        shutdown.clone(),
+    ));
     drop(shutdown);
     // The panel port was bound before we were called and the source task is spawned.
     notify::ready();
@@ -180,16 +207,21 @@ pub async fn run(
 
 /// The journal has no loop of its own: prove at every beat interval that its lock
 /// can be taken (a wedged journal stops the watchdog pings), and keep its gauges current.
-async fn journal_heartbeat(ctx: Arc<Context>, mut shutdown: shutdown::Shutdown) {
-    ctx.liveness.register(Part::Journal);
-    let mut tick = tokio::time::interval(ctx.liveness.beat_interval());
+async fn journal_heartbeat(
+    journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
+    mut shutdown: shutdown::Shutdown,
+) {
+    liveness.register(Part::Journal);
+    let mut tick = tokio::time::interval(liveness.beat_interval());
     loop {
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = tick.tick() => {}
         }
-        ctx.metrics.journal_events.set(ctx.journal.len() as u64);
-        ctx.metrics.journal_bytes.set(ctx.journal.bytes() as u64);
-        ctx.liveness.beat(Part::Journal);
+        metrics.journal_events.set(journal.len() as u64);
+        metrics.journal_bytes.set(journal.bytes() as u64);
+        liveness.beat(Part::Journal);
     }
 }

@@ -202,18 +202,19 @@ fn run(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(1);
     }
     crate::appliance::logging::init(&config.log.level);
+    let listen = config.panels.listen;
+    let ctx = crate::app::Context::assemble(config, budget, crate::journal::new_epoch());
     let rt = match crate::cli::runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     let result = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.panels.listen)
-            .await
-            .map_err(|e| crate::app::RunError::Part {
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            crate::app::RunError::Part {
                 part: "panels",
-                reason: format!("cannot listen on {}: {e}", config.panels.listen),
-            })?;
-        let ctx = crate::app::Context::new(config);
+                reason: format!("cannot listen on {listen}: {e}"),
+            }
+        })?;
         crate::app::run(ctx, listener, termination()).await
     });
     match result {

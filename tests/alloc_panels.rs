@@ -97,7 +97,9 @@ fn measure(panels: usize) -> u64 {
     let addr = listener.local_addr().unwrap();
     let server = server_rt.spawn(panels::serve_with(
         listener,
-        ctx.clone(),
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.panel_settings(),
         sd,
         Options::default(),
     ));

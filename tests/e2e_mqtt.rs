@@ -50,7 +50,12 @@ fn gateway(emu: &EmulatorHandle, broker: &Mosquitto, tag: &str) -> Gateway {
     });
     let mirror = tokio::spawn({
         let ctx = ctx.clone();
-        async move { mirror::run(ctx, ack_tx, sd).await.expect("mirror") }
+        async move {
+            let (settings, shared) = ctx.mirror_inputs().expect("[mqtt]");
+            mirror::run(settings, shared, ack_tx, sd)
+                .await
+                .expect("mirror")
+        }
     });
     Gateway {
         ctx,

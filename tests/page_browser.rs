@@ -335,7 +335,9 @@ async fn page_reconnects_and_resumes_without_losing_events() {
     let (trigger, sd) = asb_gateway::shutdown::channel();
     let task = tokio::spawn(asb_gateway::panels::serve_with(
         listener,
-        ctx.clone(),
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.panel_settings(),
         sd,
         Options::default(),
     ));

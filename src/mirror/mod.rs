@@ -29,15 +29,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-pub use client::BrokerUrl;
 pub use client::V5Props;
 use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 
-use crate::app::Context;
 use crate::backoff::Backoff;
-use crate::config::{MqttConfig, MqttProtocol, Payload};
+use crate::config::{Config, MqttConfig, MqttProtocol, Payload, Secret};
+use crate::journal::Journal;
 use crate::journal::{Event, Handoff};
+use crate::liveness::Liveness;
 use crate::liveness::Part;
+use crate::metrics::Metrics;
 use crate::metrics::{MirrorRejectReason, PartState};
 use crate::routing::mqtt_clean;
 use crate::shutdown::Shutdown;
@@ -57,12 +58,42 @@ pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Time a graceful shutdown gets to publish `offline` and disconnect.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
+/// What the mirror takes from the config: `[mqtt]`, its password (already read from
+/// `mqtt.password_file` when set) and `journal.max_event_bytes` (sizes the largest
+/// PUBLISH).
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    pub mqtt: MqttConfig,
+    pub password: Option<Secret>,
+    pub max_event_bytes: usize,
+    /// Said once at start-up (see [`packet_limit_warning`]).
+    pub packet_limit_warning: Option<String>,
+}
+
+impl MirrorSettings {
+    /// `None` when the config has no `[mqtt]` section (no mirror).
+    pub fn from_config(cfg: &Config) -> Option<Self> {
+        Some(MirrorSettings {
+            mqtt: cfg.mqtt.clone()?,
+            password: cfg.mqtt_password.clone(),
+            max_event_bytes: cfg.journal.max_event_bytes,
+            packet_limit_warning: packet_limit_warning(cfg),
+        })
+    }
+}
+
+/// The handles the mirror shares with the rest of the gateway.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Read like a panel that must not skip; pinned events are handed on here.
+    pub journal: Arc<Journal>,
+    pub metrics: Arc<Metrics>,
+    /// The mirror loop beats as [`Part::Mirror`].
+    pub liveness: Arc<Liveness>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
-    #[error("mqtt: no [mqtt] section in the config")]
-    NotConfigured,
-    #[error("mqtt.url {url:?} {reason}")]
-    BadUrl { url: String, reason: String },
     #[error("MQTT broker {broker}: TLS setup failed: {reason}")]
     Tls { broker: String, reason: String },
     #[error("MQTT broker {broker}: {reason}")]
@@ -122,34 +153,36 @@ fn tls_config(broker: &str) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, M
 /// on the broker's acknowledgement of its own publish, `Rejected` when the broker can
 /// never take it (see [`MirrorRejectReason`]).
 pub async fn run(
-    ctx: Arc<Context>,
+    settings: MirrorSettings,
+    shared: Shared,
     acks: mpsc::Sender<Handoff>,
     shutdown: Shutdown,
 ) -> Result<(), MirrorError> {
-    let cfg = ctx.config.mqtt.clone().ok_or(MirrorError::NotConfigured)?;
-    let broker = BrokerUrl::parse(&cfg.url).map_err(|reason| MirrorError::BadUrl {
-        url: cfg.url.clone(),
-        reason,
-    })?;
+    let MirrorSettings {
+        mqtt: cfg,
+        password,
+        max_event_bytes,
+        packet_limit_warning,
+    } = settings;
+    let broker = cfg.url.clone();
     let tls = if broker.tls {
-        Some(tls_config(&cfg.url)?)
+        Some(tls_config(cfg.url.as_str())?)
     } else {
         None
     };
-    if let Some(w) = packet_limit_warning(&ctx.config) {
+    if let Some(w) = packet_limit_warning {
         log::warn!("{w}");
     }
     let window = cfg.inflight.clamp(1, u16::MAX as usize - 2);
     let status = status_topic(&cfg.prefix);
     // The largest event entry plus the topic and v5 properties.
-    let max_packet =
-        crate::event::max_entry_bytes(ctx.config.journal.max_event_bytes) + cfg.prefix.len() + 2048;
+    let max_packet = crate::event::max_entry_bytes(max_event_bytes) + cfg.prefix.len() + 2048;
     // rumqttc in-flight = the event window + the status publishes, so `offline` and the
     // DISCONNECT are never held behind a full window.
     let rumqttc_inflight = (window + 2) as u16;
     let opts = client::Options {
         config: &cfg,
-        password: ctx.config.mqtt_password.as_ref(),
+        password: password.as_ref(),
         broker: &broker,
         tls,
         max_packet,
@@ -165,7 +198,7 @@ pub async fn run(
         window: VecDeque::with_capacity(window),
         fifo: VecDeque::with_capacity(window + 4),
         pkids: vec![None; rumqttc_inflight as usize + 1],
-        cursor: ctx.journal.oldest(),
+        cursor: shared.journal.oldest(),
         read_buf: Vec::with_capacity(window),
         connected: false,
         broker_max: None,
@@ -173,7 +206,8 @@ pub async fn run(
         resume: false,
         status,
         cfg,
-        ctx,
+        max_event_bytes,
+        ctx: shared,
         acks,
         submitter,
         refusals_logged: false,
@@ -258,8 +292,9 @@ enum Sub {
 }
 
 struct Mirror {
-    ctx: Arc<Context>,
+    ctx: Shared,
     cfg: MqttConfig,
+    max_event_bytes: usize,
     acks: mpsc::Sender<Handoff>,
     submitter: Submitter,
     required: bool,
@@ -288,7 +323,7 @@ struct Mirror {
 
 impl Mirror {
     fn broker(&self) -> &str {
-        &self.cfg.url
+        self.cfg.url.as_str()
     }
 
     async fn run(&mut self, mut driver: Driver, mut shutdown: Shutdown) {
@@ -344,7 +379,7 @@ impl Mirror {
                     if announced != self.broker_max
                         && let Some(limit) = announced
                     {
-                        let body = self.ctx.config.journal.max_event_bytes;
+                        let body = self.max_event_bytes;
                         if body + self.cfg.prefix.len() + 64 > limit {
                             log::warn!(
                                 "MQTT broker {} announces a Maximum Packet Size of {limit} \
@@ -391,7 +426,7 @@ impl Mirror {
                     metrics.mqtt_reconnects.inc();
                     failures += 1;
                     let err = MirrorError::Broker {
-                        broker: self.cfg.url.clone(),
+                        broker: self.cfg.url.to_string(),
                         reason: failure.to_string(),
                     };
                     if up_since
@@ -822,27 +857,6 @@ fn proto(p: MqttProtocol) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            BrokerUrl::parse("mqtt://127.0.0.1:1883").unwrap(),
-            BrokerUrl {
-                host: "127.0.0.1".into(),
-                port: 1883,
-                tls: false
-            }
-        );
-        let u = BrokerUrl::parse("mqtts://broker.local:8883/").unwrap();
-        assert!(u.tls);
-        assert_eq!(u.host, "broker.local");
-        assert_eq!(BrokerUrl::parse("mqtt://[::1]:1883").unwrap().host, "::1");
-        assert!(BrokerUrl::parse("tcp://x:1").is_err());
-        assert!(BrokerUrl::parse("mqtt://x").is_err());
-        assert!(BrokerUrl::parse("mqtt://u:p@x:1").is_err());
-        assert!(BrokerUrl::parse("mqtt://:1").is_err());
-        assert!(BrokerUrl::parse("mqtt://x:0").is_err());
-    }
 
     #[test]
     fn topics() {

@@ -107,7 +107,12 @@ pub(super) async fn connection(
             .map(|f| f.as_str())
             .collect::<Vec<_>>()
     );
-    session::run(ws, up.params, &server.ctx, &server.opts, sd).await;
+    let shared = session::Shared {
+        journal: &server.journal,
+        metrics: &server.metrics,
+        slow_policy: server.settings.slow_policy,
+    };
+    session::run(ws, up.params, shared, &server.opts, sd).await;
     drop(up.slot);
     log::info!("panel {peer} disconnected");
 }
@@ -157,7 +162,7 @@ fn route(
             r
         }
         "/healthz" => {
-            let m = &server.ctx.metrics;
+            let m = &server.metrics;
             let status = if m.healthy() {
                 StatusCode::OK
             } else {
@@ -166,9 +171,9 @@ fn route(
             response(status, "application/json", Bytes::from(m.health_json()))
         }
         "/metrics" => {
-            let (ctx, m) = (&server.ctx, &server.ctx.metrics);
-            m.journal_events.set(ctx.journal.len() as u64);
-            m.journal_bytes.set(ctx.journal.bytes() as u64);
+            let m = &server.metrics;
+            m.journal_events.set(server.journal.len() as u64);
+            m.journal_bytes.set(server.journal.bytes() as u64);
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -198,7 +203,7 @@ fn reject(
     peer: SocketAddr,
     why: String,
 ) -> Response<Body> {
-    server.ctx.metrics.rejected(reason).inc();
+    server.metrics.rejected(reason).inc();
     log::debug!("panel {peer}: refused ({status}): {why}");
     let mut r = text(status, why + "\n");
     if status == StatusCode::UNAUTHORIZED {
@@ -240,7 +245,7 @@ fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
 /// them) must be the page's own origin (the `Host` it was served from) or an allowed
 /// one, compared as (scheme, host, port) with default ports (RFC 6454 §5).
 fn origin_allowed(server: &Server, h: &HeaderMap) -> bool {
-    let allowed = &server.ctx.config.panels.allowed_origins;
+    let allowed = &server.settings.allowed_origins;
     let lines: Vec<&str> = h
         .get_all(header::ORIGIN)
         .into_iter()
@@ -339,7 +344,7 @@ fn stream(
         }
     };
     let presented = query.token.as_deref().or_else(|| bearer(h));
-    let tokens = &server.ctx.config.tokens;
+    let tokens = &server.settings.tokens;
     let allow = match protocol::authorize(tokens, presented) {
         Access::Open => None,
         Access::Token(i) => Some(tokens[i].allow.clone()),
@@ -387,7 +392,7 @@ fn stream(
             peer,
             format!(
                 "panel limit reached ({} panels)",
-                server.ctx.config.panels.max_panels
+                server.settings.max_panels
             ),
         );
     };

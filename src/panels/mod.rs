@@ -23,8 +23,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::app::Context;
 use crate::budget;
+use crate::config::{Config, PanelToken, SlowPolicy};
+use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
 
 /// HTTP connections (page, metrics, health, refused upgrades) allowed besides panels.
@@ -63,34 +65,74 @@ impl Default for Options {
     }
 }
 
+/// What the panel server takes from the config (`[panels]`, the parsed tokens and the
+/// event size that sizes each panel's write buffer).
+#[derive(Debug, Clone)]
+pub struct PanelSettings {
+    /// At most this many panels at a time; the next upgrade gets HTTP 503.
+    pub max_panels: usize,
+    /// Origins (RFC 6454 serialisation) a browser may open the stream from; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Access tokens; none = open.
+    pub tokens: Vec<PanelToken>,
+    /// What happens to a panel that falls behind the oldest retained event.
+    pub slow_policy: SlowPolicy,
+    /// `journal.max_event_bytes`: the largest event frame a panel must be able to write.
+    pub max_event_bytes: usize,
+}
+
+impl PanelSettings {
+    pub fn from_config(cfg: &Config) -> Self {
+        PanelSettings {
+            max_panels: cfg.panels.max_panels,
+            allowed_origins: cfg.panels.allowed_origins.clone(),
+            tokens: cfg.panels.tokens.clone(),
+            slow_policy: cfg.panels.slow_policy,
+            max_event_bytes: cfg.journal.max_event_bytes,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PanelsError {
     #[error("panel listener: {0}")]
     Listener(std::io::Error),
 }
 
-/// Serve panels on `listener` until `shutdown` fires.
+/// Serve panels on `listener` until `shutdown` fires: each panel reads `journal` through
+/// its own cursor; `metrics` counts panels, frames and refusals and is rendered at
+/// `GET /metrics`. Errors: only a listener that cannot report its address.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<Context>,
+    journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
+    settings: PanelSettings,
     shutdown: Shutdown,
 ) -> Result<(), PanelsError> {
-    serve_with(listener, ctx, shutdown, Options::default()).await
+    serve_with(
+        listener,
+        journal,
+        metrics,
+        settings,
+        shutdown,
+        Options::default(),
+    )
+    .await
 }
 
 /// [`serve`] with explicit [`Options`].
 pub async fn serve_with(
     listener: TcpListener,
-    ctx: Arc<Context>,
+    journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
+    settings: PanelSettings,
     mut shutdown: Shutdown,
     opts: Options,
 ) -> Result<(), PanelsError> {
     let addr = listener.local_addr().map_err(PanelsError::Listener)?;
-    let server = Arc::new(Server::new(ctx, opts));
+    let permits = Arc::new(Semaphore::new(settings.max_panels + HTTP_EXTRA_CONNECTIONS));
+    let server = Arc::new(Server::new(journal, metrics, settings, opts));
     let (trigger, conn_sd) = shutdown::channel();
-    let permits = Arc::new(Semaphore::new(
-        server.ctx.config.panels.max_panels + HTTP_EXTRA_CONNECTIONS,
-    ));
     let mut tasks = JoinSet::new();
     let mut refusing = false;
     log::info!("panel server listening on http://{addr}/");
@@ -157,7 +199,9 @@ fn configure(stream: &TcpStream) {
 
 /// State shared by every connection of one server.
 pub(crate) struct Server {
-    ctx: Arc<Context>,
+    journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
+    settings: PanelSettings,
     opts: Options,
     /// Panels connected (or upgrading); never above `max_panels`.
     panels: AtomicUsize,
@@ -165,10 +209,15 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    fn new(ctx: Arc<Context>, opts: Options) -> Self {
+    fn new(
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+        settings: PanelSettings,
+        opts: Options,
+    ) -> Self {
         // The write buffer holds PANEL_WRITE_BUFFER of events or one larger frame, plus
         // control frames; the WebSocket layer writes only on flush.
-        let out_cap = budget::panel_write_capacity(ctx.config.journal.max_event_bytes);
+        let out_cap = budget::panel_write_capacity(settings.max_event_bytes);
         let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(budget::PANEL_READ_BUFFER)
             .write_buffer_size(out_cap)
@@ -176,7 +225,9 @@ impl Server {
             .max_message_size(Some(budget::MAX_CLIENT_FRAME))
             .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
         Server {
-            ctx,
+            journal,
+            metrics,
+            settings,
             opts,
             panels: AtomicUsize::new(0),
             ws_config,
@@ -185,13 +236,13 @@ impl Server {
 
     /// Reserve a panel slot, or `None` when `max_panels` are connected.
     fn reserve_panel(self: &Arc<Self>) -> Option<PanelSlot> {
-        let max = self.ctx.config.panels.max_panels;
+        let max = self.settings.max_panels;
         self.panels
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        self.ctx.metrics.panels_connected.inc();
+        self.metrics.panels_connected.inc();
         Some(PanelSlot {
             server: self.clone(),
         })
@@ -206,6 +257,6 @@ pub(crate) struct PanelSlot {
 impl Drop for PanelSlot {
     fn drop(&mut self) {
         self.server.panels.fetch_sub(1, Ordering::AcqRel);
-        self.server.ctx.metrics.panels_connected.dec();
+        self.server.metrics.panels_connected.dec();
     }
 }

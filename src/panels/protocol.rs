@@ -141,7 +141,7 @@ pub fn choose_subprotocol<'a>(
 pub enum Access {
     /// No tokens are configured: everything is allowed.
     Open,
-    /// The token with this index in `config.tokens` matched.
+    /// The token with this index in `panels.tokens` matched.
     Token(usize),
     Denied,
 }

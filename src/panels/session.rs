@@ -28,11 +28,11 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Options;
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
-use crate::app::Context;
 use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
 use crate::config::SlowPolicy;
 use crate::event::{Frame, GapReason};
-use crate::journal::Event;
+use crate::journal::{Event, Journal};
+use crate::metrics::Metrics;
 use crate::routing::Filter;
 use crate::shutdown::Shutdown;
 
@@ -58,8 +58,17 @@ enum End {
     Close(CloseCode, &'static str),
 }
 
+/// What a session reads besides its own socket: the journal, the metrics it counts in,
+/// and the server's slow-panel policy.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared<'a> {
+    pub journal: &'a Arc<Journal>,
+    pub metrics: &'a Metrics,
+    pub slow_policy: SlowPolicy,
+}
+
 struct Session<'a> {
-    ctx: &'a Context,
+    ctx: Shared<'a>,
     opts: &'a Options,
     enc: Encoding,
     allow: Option<Vec<Filter>>,
@@ -72,7 +81,7 @@ struct Session<'a> {
     flushing: bool,
 }
 
-pub(crate) async fn run(ws: Ws, p: Params, ctx: &Context, opts: &Options, mut sd: Shutdown) {
+pub(crate) async fn run(ws: Ws, p: Params, ctx: Shared<'_>, opts: &Options, mut sd: Shutdown) {
     let peer = p.peer;
     let (mut tx, mut rx) = ws.split();
     let mut s = Session {
@@ -252,7 +261,7 @@ impl Session<'_> {
             self.batch.clear();
             if let Some(gap) = j.read(&mut self.cursor, &mut self.batch, self.opts.batch) {
                 let m = &self.ctx.metrics;
-                match self.ctx.config.panels.slow_policy {
+                match self.ctx.slow_policy {
                     SlowPolicy::Skip => {
                         m.gaps.inc();
                         m.events_skipped.add(gap.missed());

@@ -84,7 +84,14 @@ pub async fn start(ctx: Arc<Context>, opts: Options) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, sd) = shutdown::channel();
-    let task = tokio::spawn(panels::serve_with(listener, ctx, sd, opts));
+    let task = tokio::spawn(panels::serve_with(
+        listener,
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.panel_settings(),
+        sd,
+        opts,
+    ));
     Running {
         addr,
         trigger,

@@ -18,7 +18,10 @@ pub struct Running {
 pub fn start(ctx: &Arc<Context>) -> Running {
     let (trigger, sd) = shutdown::channel();
     let (tx, acks) = mpsc::channel(4096);
-    let task = tokio::spawn(mirror::run(ctx.clone(), tx, sd));
+    let task = tokio::spawn({
+        let (settings, shared) = ctx.mirror_inputs().expect("[mqtt] configured");
+        mirror::run(settings, shared, tx, sd)
+    });
     Running {
         trigger,
         task,
