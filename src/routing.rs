@@ -35,7 +35,9 @@ enum Part {
 }
 
 /// A parsed topic template such as `{prop:line}/{subject}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Deserialized from its text (`routing.topic`), so a config holds it parsed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Template {
     parts: Vec<Part>,
 }
@@ -157,7 +159,9 @@ pub fn mqtt_clean(s: &str, repl: char, max: usize) -> std::borrow::Cow<'_, str> 
 pub const FILTER_MAX: usize = 256;
 
 /// A validated MQTT-style topic filter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Deserialized from its text (`panels.tokens[].allow`), so a config holds it parsed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Filter(heapless::String<FILTER_MAX>);
 
 impl Filter {
@@ -233,6 +237,20 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
             (None, None) => return true,
             _ => return false,
         }
+    }
+}
+
+impl TryFrom<String> for Template {
+    type Error = RoutingError;
+    fn try_from(s: String) -> Result<Self, RoutingError> {
+        Template::parse(&s)
+    }
+}
+
+impl TryFrom<String> for Filter {
+    type Error = RoutingError;
+    fn try_from(s: String) -> Result<Self, RoutingError> {
+        Filter::parse(&s)
     }
 }
 

@@ -2,6 +2,7 @@
 //! names the key and the reason (and the line and column where TOML gives one); secrets
 //! are masked in Debug and Display.
 
+mod broker_url;
 mod connstr;
 mod textfile;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use broker_url::BrokerUrl;
 pub use connstr::{ConnStrError, ConnectionString, Credential};
 pub use textfile::{decode_text, read_text_file, strip_bom};
 
@@ -140,13 +142,14 @@ impl Default for JournalConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    pub topic: String,
+    /// The topic template each event is named by (parsed when the config is read).
+    pub topic: Template,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
-            topic: "{subject}".into(),
+            topic: Template::parse("{subject}").expect("the default template parses"),
         }
     }
 }
@@ -159,18 +162,22 @@ pub enum SlowPolicy {
     Disconnect,
 }
 
+/// A panel token (`[[panels.tokens]]`): the SHA-256 of the secret token and the topic
+/// filters it may subscribe to, parsed when the config is read.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TokenConfig {
+pub struct PanelToken {
     pub name: String,
-    pub sha256: String,
+    /// Written as 64 hex digits.
+    #[serde(deserialize_with = "sha256_hex")]
+    pub sha256: [u8; 32],
     #[serde(default = "allow_all")]
-    pub allow: Vec<String>,
+    pub allow: Vec<Filter>,
 }
 
-impl std::fmt::Debug for TokenConfig {
+impl std::fmt::Debug for PanelToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenConfig")
+        f.debug_struct("PanelToken")
             .field("name", &self.name)
             .field("sha256", &"***")
             .field("allow", &self.allow)
@@ -178,8 +185,15 @@ impl std::fmt::Debug for TokenConfig {
     }
 }
 
-fn allow_all() -> Vec<String> {
-    vec!["#".into()]
+fn allow_all() -> Vec<Filter> {
+    vec![Filter::parse("#").expect("# is a filter")]
+}
+
+fn sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+    let text = String::deserialize(d)?;
+    // The value is never quoted back: a token pasted here by mistake stays private.
+    decode_sha256(&text)
+        .ok_or_else(|| serde::de::Error::custom("must be 64 hex digits (the SHA-256 of the token)"))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,7 +203,8 @@ pub struct PanelsConfig {
     pub max_panels: usize,
     pub slow_policy: SlowPolicy,
     pub allowed_origins: Vec<String>,
-    pub tokens: Vec<TokenConfig>,
+    /// Access tokens; none = open.
+    pub tokens: Vec<PanelToken>,
 }
 
 impl Default for PanelsConfig {
@@ -225,7 +240,7 @@ pub enum MqttProtocol {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    pub url: String,
+    pub url: BrokerUrl,
     pub client_id: String,
     pub prefix: String,
     pub qos: u8,
@@ -249,7 +264,7 @@ pub struct MqttConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
-            url: "mqtt://127.0.0.1:1883".into(),
+            url: BrokerUrl::parse("mqtt://127.0.0.1:1883").expect("the default URL parses"),
             client_id: default_client_id(),
             prefix: "factory/asb".into(),
             qos: 1,
@@ -362,24 +377,6 @@ struct ConfigFile {
 
 // ---------------------------------------------------------------- the validated config
 
-/// A panel token: the SHA-256 of the secret token and the filters it may use.
-#[derive(Clone)]
-pub struct PanelToken {
-    pub name: String,
-    pub sha256: [u8; 32],
-    pub allow: Vec<Filter>,
-}
-
-impl std::fmt::Debug for PanelToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PanelToken")
-            .field("name", &self.name)
-            .field("sha256", &"***")
-            .field("allow", &self.allow)
-            .finish()
-    }
-}
-
 /// The whole configuration, validated, with the parts derived from it.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -392,10 +389,6 @@ pub struct Config {
     pub log: LogConfig,
     /// The parsed connection string (from the config, a file, or the credential).
     pub connection: ConnectionString,
-    /// The parsed routing template.
-    pub template: Template,
-    /// Panel tokens with decoded hashes and parsed filters.
-    pub tokens: Vec<PanelToken>,
     /// MQTT password resolved from `password` or `password_file`.
     pub mqtt_password: Option<Secret>,
 }
@@ -438,13 +431,50 @@ impl Config {
 
     fn validate(f: ConfigFile, env: &LoadEnv) -> Result<Config, ConfigError> {
         let connection = resolve_connection(&f.source, env)?;
-        if f.source.subscriptions.is_empty() {
+        f.source.validate(&connection)?;
+        f.journal.validate()?;
+        f.panels.validate()?;
+        let mqtt_password = match &f.mqtt {
+            Some(m) => m.validate()?,
+            None => None,
+        };
+        range("budget.memory_mib", f.budget.memory_mib, 4, 1 << 20)?;
+        f.log.validate()?;
+        Ok(Config {
+            source: f.source,
+            journal: f.journal,
+            routing: f.routing,
+            panels: f.panels,
+            mqtt: f.mqtt,
+            budget: f.budget,
+            log: f.log,
+            connection,
+            mqtt_password,
+        })
+    }
+
+    /// The journal limits this config asks for.
+    pub fn journal_limits(&self) -> crate::journal::Limits {
+        crate::journal::Limits {
+            events: self.journal.events,
+            bytes: self.journal.memory_mib << 20,
+            max_entry_bytes: crate::event::max_entry_bytes(self.journal.max_event_bytes),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- each section checks itself
+// (what serde cannot: ranges, relations between keys, files a key names)
+
+impl SourceConfig {
+    fn validate(&self, connection: &ConnectionString) -> Result<(), ConfigError> {
+        if self.subscriptions.is_empty() {
             return Err(invalid(
                 "source.subscriptions",
                 "at least one [[source.subscriptions]] is required",
             ));
         }
-        for (i, s) in f.source.subscriptions.iter().enumerate() {
+        for (i, s) in self.subscriptions.iter().enumerate() {
             if s.topic.trim().is_empty() {
                 return Err(invalid(
                     &format!("source.subscriptions[{i}].topic"),
@@ -457,59 +487,62 @@ impl Config {
                     "must not be empty",
                 ));
             }
-            if f.source.subscriptions[..i].contains(s) {
+            if self.subscriptions[..i].contains(s) {
                 return Err(invalid(
                     &format!("source.subscriptions[{i}]"),
                     "the same subscription is listed twice",
                 ));
             }
         }
-        if !(60..=86_400).contains(&f.source.token_ttl_secs) {
+        if !(60..=86_400).contains(&self.token_ttl_secs) {
             return Err(invalid(
                 "source.token_ttl_secs",
                 "must be between 60 and 86400 seconds",
             ));
         }
-        if f.source.auth == AuthMode::Plain
-            && !matches!(connection.credential, Credential::Key { .. })
+        if self.auth == AuthMode::Plain && !matches!(connection.credential, Credential::Key { .. })
         {
             return Err(invalid(
                 "source.auth",
                 "\"plain\" needs SharedAccessKeyName and SharedAccessKey in the connection string",
             ));
         }
+        Ok(())
+    }
+}
 
-        let j = &f.journal;
-        range("journal.events", j.events, 1, 1_000_000)?;
-        range("journal.max_event_bytes", j.max_event_bytes, 64, 4 << 20)?;
-        range("journal.unsettled", j.unsettled, 1, 65_535)?;
-        range("journal.memory_mib", j.memory_mib, 1, 65_536)?;
-        if j.unsettled > j.events {
+impl JournalConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        range("journal.events", self.events, 1, 1_000_000)?;
+        range("journal.max_event_bytes", self.max_event_bytes, 64, 4 << 20)?;
+        range("journal.unsettled", self.unsettled, 1, 65_535)?;
+        range("journal.memory_mib", self.memory_mib, 1, 65_536)?;
+        if self.unsettled > self.events {
             return Err(invalid(
                 "journal.unsettled",
                 format!(
                     "must not exceed journal.events ({}): unsettled events are kept in the journal",
-                    j.events
+                    self.events
                 ),
             ));
         }
-        let entry = crate::event::max_entry_bytes(j.max_event_bytes);
-        if j.memory_mib << 20 < entry {
+        let entry = crate::event::max_entry_bytes(self.max_event_bytes);
+        if self.memory_mib << 20 < entry {
             return Err(invalid(
                 "journal.memory_mib",
                 format!(
-                    "too small for one event of journal.max_event_bytes ({} bytes encoded at most)",
-                    entry
+                    "too small for one event of journal.max_event_bytes ({entry} bytes encoded at most)"
                 ),
             ));
         }
+        Ok(())
+    }
+}
 
-        let template =
-            Template::parse(&f.routing.topic).map_err(|e| invalid("routing.topic", e))?;
-
-        let p = &f.panels;
-        range("panels.max_panels", p.max_panels, 1, 100_000)?;
-        for (i, o) in p.allowed_origins.iter().enumerate() {
+impl PanelsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        range("panels.max_panels", self.max_panels, 1, 100_000)?;
+        for (i, o) in self.allowed_origins.iter().enumerate() {
             if !crate::panels::origin::valid_entry(o) {
                 return Err(invalid(
                     &format!("panels.allowed_origins[{i}]"),
@@ -517,91 +550,82 @@ impl Config {
                 ));
             }
         }
-        let mut tokens = Vec::new();
-        for (i, t) in p.tokens.iter().enumerate() {
+        for (i, t) in self.tokens.iter().enumerate() {
             let key = format!("panels.tokens[{i}]");
             if t.name.trim().is_empty() {
                 return Err(invalid(&format!("{key}.name"), "must not be empty"));
             }
-            if p.tokens[..i].iter().any(|o| o.name == t.name) {
+            if self.tokens[..i].iter().any(|o| o.name == t.name) {
                 return Err(invalid(&format!("{key}.name"), "names must be unique"));
             }
-            let sha256 = decode_sha256(&t.sha256).ok_or_else(|| {
-                invalid(
-                    &format!("{key}.sha256"),
-                    "must be 64 hex digits (the SHA-256 of the token)",
-                )
-            })?;
             if t.allow.is_empty() {
                 return Err(invalid(
                     &format!("{key}.allow"),
                     "must list at least one filter",
                 ));
             }
-            let mut allow = Vec::new();
-            for (k, a) in t.allow.iter().enumerate() {
-                allow.push(Filter::parse(a).map_err(|e| invalid(&format!("{key}.allow[{k}]"), e))?);
-            }
-            tokens.push(PanelToken {
-                name: t.name.clone(),
-                sha256,
-                allow,
-            });
         }
+        Ok(())
+    }
+}
 
-        let mut mqtt_password = None;
-        if let Some(m) = &f.mqtt {
-            validate_mqtt_url(&m.url).map_err(|r| invalid("mqtt.url", r))?;
-            if m.client_id.is_empty() || m.client_id.len() > 128 {
-                return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes"));
-            }
-            mqtt_text("mqtt.client_id", &m.client_id)?;
-            mqtt_text("mqtt.prefix", &m.prefix)?;
-            if let Some(u) = &m.username {
-                mqtt_text("mqtt.username", u)?;
-            }
-            if let Some(n) = m.max_packet_size {
-                range("mqtt.max_packet_size", n, 128, 268_435_455)?;
-            }
-            if m.prefix.contains(['+', '#', '\0']) || m.prefix.ends_with('/') {
-                return Err(invalid(
-                    "mqtt.prefix",
-                    "must be a topic without wildcards or a trailing '/'",
-                ));
-            }
-            if m.qos > 2 {
-                return Err(invalid("mqtt.qos", "must be 0, 1 or 2"));
-            }
-            range("mqtt.inflight", m.inflight, 1, 65_535)?;
-            if !(5..=3600).contains(&m.keep_alive_secs) {
-                return Err(invalid(
-                    "mqtt.keep_alive_secs",
-                    "must be between 5 and 3600",
-                ));
-            }
-            mqtt_password = match (&m.password, &m.password_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "mqtt.password_file",
-                        "set mqtt.password or mqtt.password_file, not both",
-                    ));
-                }
-                (Some(p), None) => Some(p.clone()),
-                (None, Some(path)) => Some(Secret::new(
-                    read_secret_file(path).map_err(|r| invalid("mqtt.password_file", r))?,
-                )),
-                (None, None) => None,
-            };
-            if mqtt_password.is_some() && m.username.is_none() {
-                return Err(invalid(
-                    "mqtt.username",
-                    "is required when a password is set",
-                ));
-            }
+impl MqttConfig {
+    /// Check the section; returns the password (from `password` or `password_file`).
+    fn validate(&self) -> Result<Option<Secret>, ConfigError> {
+        if self.client_id.is_empty() || self.client_id.len() > 128 {
+            return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes"));
         }
-        range("budget.memory_mib", f.budget.memory_mib, 4, 1 << 20)?;
+        mqtt_text("mqtt.client_id", &self.client_id)?;
+        mqtt_text("mqtt.prefix", &self.prefix)?;
+        if let Some(u) = &self.username {
+            mqtt_text("mqtt.username", u)?;
+        }
+        if let Some(n) = self.max_packet_size {
+            range("mqtt.max_packet_size", n, 128, 268_435_455)?;
+        }
+        if self.prefix.contains(['+', '#', '\0']) || self.prefix.ends_with('/') {
+            return Err(invalid(
+                "mqtt.prefix",
+                "must be a topic without wildcards or a trailing '/'",
+            ));
+        }
+        if self.qos > 2 {
+            return Err(invalid("mqtt.qos", "must be 0, 1 or 2"));
+        }
+        range("mqtt.inflight", self.inflight, 1, 65_535)?;
+        if !(5..=3600).contains(&self.keep_alive_secs) {
+            return Err(invalid(
+                "mqtt.keep_alive_secs",
+                "must be between 5 and 3600",
+            ));
+        }
+        let password = match (&self.password, &self.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "mqtt.password_file",
+                    "set mqtt.password or mqtt.password_file, not both",
+                ));
+            }
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(path)) => Some(Secret::new(
+                read_secret_file(path).map_err(|r| invalid("mqtt.password_file", r))?,
+            )),
+            (None, None) => None,
+        };
+        if password.is_some() && self.username.is_none() {
+            return Err(invalid(
+                "mqtt.username",
+                "is required when a password is set",
+            ));
+        }
+        Ok(password)
+    }
+}
+
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         if !matches!(
-            f.log.level.as_str(),
+            self.level.as_str(),
             "error" | "warn" | "info" | "debug" | "trace" | "off"
         ) {
             return Err(invalid(
@@ -609,29 +633,7 @@ impl Config {
                 "must be one of off, error, warn, info, debug, trace",
             ));
         }
-
-        Ok(Config {
-            source: f.source,
-            journal: f.journal,
-            routing: f.routing,
-            panels: f.panels,
-            mqtt: f.mqtt,
-            budget: f.budget,
-            log: f.log,
-            connection,
-            template,
-            tokens,
-            mqtt_password,
-        })
-    }
-
-    /// The journal limits this config asks for.
-    pub fn journal_limits(&self) -> crate::journal::Limits {
-        crate::journal::Limits {
-            events: self.journal.events,
-            bytes: self.journal.memory_mib << 20,
-            max_entry_bytes: crate::event::max_entry_bytes(self.journal.max_event_bytes),
-        }
+        Ok(())
     }
 }
 
@@ -744,7 +746,8 @@ fn resolve_connection(s: &SourceConfig, env: &LoadEnv) -> Result<ConnectionStrin
 
 fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
-    if hex.len() != 64 {
+    // Digits only: `from_str_radix` alone would take a sign ("+a").
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -753,28 +756,6 @@ fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
         out[i] = u8::from_str_radix(s, 16).ok()?;
     }
     Some(out)
-}
-
-fn validate_mqtt_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("mqtts://"))
-        .ok_or("must start with mqtt:// or mqtts://")?;
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.contains('@') {
-        return Err("put credentials in mqtt.username and mqtt.password, not the URL".into());
-    }
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or("must name a host and port, e.g. mqtt://127.0.0.1:1883")?;
-    if host.is_empty() {
-        return Err("has no host".into());
-    }
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or("has an invalid port")?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -902,5 +883,7 @@ mod tests {
         assert!(decode_sha256(&"ab".repeat(32)).is_some());
         assert!(decode_sha256(&"zz".repeat(32)).is_none());
         assert!(decode_sha256("abcd").is_none());
+        // A sign is not a hex digit, though `u8::from_str_radix("+a", 16)` takes it.
+        assert!(decode_sha256(&format!("+a{}", "ab".repeat(31))).is_none());
     }
 }

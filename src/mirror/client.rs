@@ -9,48 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::{Outgoing, QoS, TlsConfiguration, Transport};
 
-use crate::config::{MqttConfig, MqttProtocol, Secret};
-
-/// Where the broker is, from `mqtt.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl BrokerUrl {
-    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else {
-            return Err("must start with mqtt:// or mqtts://".into());
-        };
-        let authority = rest.split('/').next().unwrap_or("");
-        if authority.contains('@') {
-            return Err("credentials belong in mqtt.username and mqtt.password".into());
-        }
-        let (host, port) = authority
-            .rsplit_once(':')
-            .ok_or("must name a host and port, e.g. mqtt://127.0.0.1:1883")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err("has no host".into());
-        }
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or("has an invalid port")?;
-        Ok(BrokerUrl {
-            host: host.to_string(),
-            port,
-            tls,
-        })
-    }
-}
+use crate::config::{BrokerUrl, MqttConfig, MqttProtocol, Secret};
 
 /// What the mirror learns from one poll of the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -681,7 +681,7 @@ impl Source {
         }
         let cfg = &self.ctx.config;
         let sub = &cfg.source.subscriptions[i];
-        let (topic, cut) = cfg.template.render(
+        let (topic, cut) = cfg.routing.topic.render(
             &meta,
             Origin {
                 topic: &sub.topic,
