@@ -28,7 +28,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::Shared;
-use super::store::{Address, PublishError, RenewError, StoredMessage};
+use super::message::StoredMessage;
+use super::store::{Address, PublishError, RenewError};
 use super::tap::{FlowMap, Kill, TapStream};
 
 /// Message format of an ASB batch: each Data section is one encoded message.

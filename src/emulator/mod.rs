@@ -26,6 +26,7 @@ mod broker;
 pub mod client;
 mod entities;
 pub mod filter;
+mod message;
 mod store;
 mod tap;
 

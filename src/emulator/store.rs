@@ -9,15 +9,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, DeliveryAnnotations, Header, Message, MessageAnnotations, Outcome,
+    ApplicationProperties, DeliveryAnnotations, Header, MessageAnnotations, Outcome,
 };
 use fe2o3_amqp::types::primitives::{SimpleValue, Timestamp, Uuid, Value};
 use tokio::sync::Notify;
 
 use super::entities::{Entities, EntityConfig};
 use super::filter::{Rule, any_matches};
-
-pub type StoredMessage = Message<Body<Value>>;
+use super::message::StoredMessage;
 
 /// Default [`Store::with_capacity`]: messages per entity.
 pub const DEFAULT_ENTITY_CAPACITY: usize = 100_000;
