@@ -44,8 +44,8 @@ use tokio::task::JoinHandle;
 
 pub use broker::normalize_address;
 pub use entities::{
-    DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, Entities, EntityConfig, TopicConfig,
-    parse_iso8601_duration,
+    DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, DurationError, Entities, EntityConfig,
+    TopicConfig, parse_iso8601_duration,
 };
 pub use filter::{CorrelationFilter, Filter, Lit, Rule, SqlError, parse_sql};
 pub use store::{
