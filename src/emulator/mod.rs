@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::shutdown::{self, Shutdown, Trigger};
 
 pub use broker::normalize_address;
 pub use entities::{
@@ -182,7 +183,7 @@ pub struct EmulatorHandle {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
+    stop: Trigger,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -203,7 +204,7 @@ pub async fn start(
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
     });
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = shutdown::channel();
     let mut tasks = Vec::new();
     let mut admin_addr = None;
     if let Some(a) = opts.admin {
@@ -236,12 +237,7 @@ pub async fn start(
     })
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdown) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -251,13 +247,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = stop.recv() => return,
         }
     }
 }
 
 /// Return messages to their entity when their lock expires.
-async fn expire_locks(store: Store, mut stop: watch::Receiver<bool>) {
+async fn expire_locks(store: Store, mut stop: Shutdown) {
     loop {
         let next = store.expire_locks(std::time::Instant::now());
         // Check at least every 100 ms (new locks may expire sooner than `next`).
@@ -267,7 +263,7 @@ async fn expire_locks(store: Store, mut stop: watch::Receiver<bool>) {
             .min(Duration::from_millis(100));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stopped(&mut stop) => return,
+            _ = stop.recv() => return,
         }
     }
 }
@@ -329,7 +325,7 @@ impl EmulatorHandle {
 
     /// Stop listening and drop every connection; the port is free when this returns.
     pub async fn shutdown(self) {
-        self.stop.send_replace(true);
+        self.stop.fire();
         self.shared.drop_connections();
         for t in self.tasks {
             let _ = t.await;
