@@ -1,12 +1,21 @@
 //! The command line (DESIGN §4). Exit codes: 0 ok, 1 bad config or input, 2 runtime
 //! failure.
+//!
+//! The one owner of the process: it builds the tokio runtime, initialises logging,
+//! turns SIGTERM/SIGINT into a [`crate::shutdown`] trigger and maps every outcome to an
+//! exit code. What it runs ([`crate::app::run`], [`crate::demo::run`],
+//! [`crate::emulator::serve`]) are library functions that know none of that.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::{self, Config};
+use crate::demo::{self, DemoError, DemoOptions};
+use crate::emulator::{self, EmulatorError};
+use crate::shutdown::{self, Shutdown};
 
 pub const USAGE: &str = "\
 asb-gateway — Azure Service Bus topic subscriptions to WebSocket panels and MQTT
@@ -149,12 +158,72 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
-        Command::Demo { listen, mqtt, rate } => crate::demo::cli_main(listen, mqtt, rate),
+        Command::Demo { listen, mqtt, rate } => run_demo(DemoOptions { listen, mqtt, rate }),
         Command::Emulator {
             listen,
             config,
             admin,
-        } => crate::emulator::cli_main(listen, config, admin),
+        } => run_emulator(listen, config, admin),
+    }
+}
+
+/// `asb-gateway demo`: exit 1 for a bad `--mqtt` URL, 2 when a part cannot run.
+fn run_demo(options: DemoOptions) -> ExitCode {
+    crate::appliance::logging::init("info");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(until_terminated(|stop| demo::run(options, stop))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("asb-gateway: {e}");
+            ExitCode::from(match e {
+                DemoError::Mqtt(_) => 1,
+                DemoError::Listen { .. } | DemoError::Emulator(_) | DemoError::Gateway(_) => 2,
+            })
+        }
+    }
+}
+
+/// `asb-gateway emulator`: exit 1 for a bad Config.json, 2 when the emulator cannot run
+/// (e.g. the port is in use).
+fn run_emulator(
+    listen: SocketAddr,
+    config: Option<PathBuf>,
+    admin: Option<SocketAddr>,
+) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let served = rt.block_on(until_terminated(|stop| {
+        emulator::serve(listen, config.as_deref(), admin, stop)
+    }));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("asb-gateway: {e}");
+            ExitCode::from(match e {
+                EmulatorError::Config(_) => 1,
+                EmulatorError::Listen { .. } => 2,
+            })
+        }
+    }
+}
+
+/// Run `work` with a [`Shutdown`] that fires on SIGTERM or SIGINT, and wait for it to
+/// finish (it may also finish on its own, e.g. with an error).
+async fn until_terminated<F: Future>(work: impl FnOnce(Shutdown) -> F) -> F::Output {
+    let (trigger, stop) = shutdown::channel();
+    let work = work(stop);
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => out,
+        () = termination() => {
+            trigger.fire();
+            work.await
+        }
     }
 }
 
@@ -204,7 +273,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     crate::appliance::logging::init(&config.log.level);
     let listen = config.panels.listen;
     let ctx = crate::app::Context::assemble(config, budget, crate::journal::new_epoch());
-    let rt = match crate::cli::runtime() {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -231,7 +300,7 @@ fn run(path: &std::path::Path) -> ExitCode {
 /// `CPUAffinity=`, `taskset`, a cgroup quota of one CPU): two workers taking turns on
 /// one core only add cross-thread wake-ups. A failure is reported and mapped to exit
 /// code 2.
-pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cpus.min(2))
@@ -244,7 +313,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn termination() {
+async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::terminate()),

@@ -2,19 +2,51 @@
 //! synthetic factory-event generator publishing into it over AMQP, the gateway reading
 //! the emulator's subscription like a real one, and the panel page — plus the MQTT mirror
 //! when `--mqtt URL` is given.
+//!
+//! A library function ([`run`]) like the rest: the command line owns the process (the
+//! runtime, the signals, logging, exit codes) and hands it a [`Shutdown`].
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 
 use crate::app::{self, Context};
 use crate::config::{Config, LoadEnv};
 use crate::emulator::{self, EmulatorOptions};
+use crate::shutdown::{self, Shutdown};
 
 /// The topic and subscription the demo uses (the emulator's default entities).
 pub const TOPIC: &str = "operational-events";
 pub const SUBSCRIPTION: &str = "edge";
+
+/// What `asb-gateway demo` runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoOptions {
+    /// The panel page and the gateway's HTTP endpoints (`/healthz`, `/metrics`).
+    pub listen: SocketAddr,
+    /// Mirror to this MQTT broker (`mqtt://host:port`); `None`: no mirror.
+    pub mqtt: Option<String>,
+    /// Events per second from the generator (> 0).
+    pub rate: f64,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The panel address cannot be bound.
+    #[error("demo: cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    /// The embedded emulator cannot start (its listener or the emulator itself).
+    #[error("demo: cannot start the emulator: {0}")]
+    Emulator(String),
+    /// The `--mqtt` URL makes the generated gateway config invalid (the only input of
+    /// the demo that can).
+    #[error("demo: --mqtt: {0}")]
+    Mqtt(String),
+    /// The gateway stopped with an error.
+    #[error("demo: {0}")]
+    Gateway(app::RunError),
+}
 
 /// The gateway config of the demo, as TOML (so it goes through the same validation).
 pub fn config_text(connection_string: &str, listen: SocketAddr, mqtt: Option<&str>) -> String {
@@ -30,37 +62,28 @@ pub fn config_text(connection_string: &str, listen: SocketAddr, mqtt: Option<&st
     text
 }
 
-pub fn cli_main(listen: SocketAddr, mqtt: Option<String>, rate: f64) -> ExitCode {
-    crate::appliance::logging::init("info");
-    let rt = match crate::cli::runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    rt.block_on(run(listen, mqtt, rate))
-}
-
-async fn run(listen: SocketAddr, mqtt: Option<String>, rate: f64) -> ExitCode {
-    let panel_listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("asb-gateway: demo: cannot listen on {listen}: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let emulator_listener = match TcpListener::bind(("127.0.0.1", 0)).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("asb-gateway: demo: cannot start the emulator: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let emulator = match emulator::start(emulator_listener, EmulatorOptions::default()).await {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("asb-gateway: demo: cannot start the emulator: {e}");
-            return ExitCode::from(2);
-        }
-    };
+/// Run the demo until `shutdown` fires: bind the panel address, start the emulator on a
+/// free loopback port, the generator (`rate` events per second into [`TOPIC`]) and the
+/// gateway on subscription [`SUBSCRIPTION`]; print where everything is on stdout. On
+/// shutdown the gateway stops first, then the generator, then the emulator; every port
+/// is free when this returns.
+///
+/// Errors: [`DemoError::Mqtt`] for a bad `--mqtt` URL (bad input); the others when a
+/// part cannot start or the gateway fails.
+pub async fn run(options: DemoOptions, mut shutdown: Shutdown) -> Result<(), DemoError> {
+    let DemoOptions { listen, mqtt, rate } = options;
+    let panel_listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| DemoError::Listen {
+            addr: listen,
+            reason: e.to_string(),
+        })?;
+    let emulator_listener = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| DemoError::Emulator(e.to_string()))?;
+    let emulator = emulator::start(emulator_listener, EmulatorOptions::default())
+        .await
+        .map_err(|e| DemoError::Emulator(e.to_string()))?;
     let cs = emulator.connection_string();
     let config = match Config::parse(
         &config_text(
@@ -72,13 +95,11 @@ async fn run(listen: SocketAddr, mqtt: Option<String>, rate: f64) -> ExitCode {
     ) {
         Ok(c) => c,
         Err(e) => {
-            // Only --mqtt can make the generated config invalid.
-            eprintln!("asb-gateway: demo: --mqtt: {e}");
             emulator.shutdown().await;
-            return ExitCode::from(1);
+            return Err(DemoError::Mqtt(e.to_string()));
         }
     };
-    let (gen_trigger, gen_shutdown) = crate::shutdown::channel();
+    let (gen_trigger, gen_shutdown) = shutdown::channel();
     let generator = tokio::spawn({
         let cs = cs.clone();
         async move { crate::generator::run(&cs, TOPIC, rate, gen_shutdown).await }
@@ -100,15 +121,9 @@ async fn run(listen: SocketAddr, mqtt: Option<String>, rate: f64) -> ExitCode {
     }
     println!("  stop:        Ctrl-C");
     let ctx = Context::new(config);
-    let result = app::run(ctx, panel_listener, crate::cli::termination()).await;
+    let result = app::run(ctx, panel_listener, async move { shutdown.recv().await }).await;
     gen_trigger.fire();
     let _ = generator.await;
     emulator.shutdown().await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("asb-gateway: demo: {e}");
-            ExitCode::from(2)
-        }
-    }
+    result.map_err(DemoError::Gateway)
 }

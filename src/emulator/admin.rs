@@ -17,11 +17,11 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-use super::{Shared, stopped};
+use super::Shared;
+use crate::shutdown::Shutdown;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdown) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -32,7 +32,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = stop.recv() => return,
         };
         let shared = shared.clone();
         let mut stop = stop.clone();
@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
-                _ = stopped(&mut stop) => {}
+                _ = stop.recv() => {}
             }
         });
     }

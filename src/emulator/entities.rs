@@ -356,10 +356,8 @@ impl Entities {
             note_extra(ignored, &format!("{at}.Properties"), &e.properties.extra);
             let lock_duration = match e.properties.lock_duration {
                 None => DEFAULT_LOCK_DURATION,
-                Some(s) => parse_iso8601_duration(&s).ok_or_else(|| {
-                    EmulatorError::Config(format!(
-                        "{at}.Properties.LockDuration: '{s}' is not an ISO 8601 duration such as PT1M"
-                    ))
+                Some(s) => parse_iso8601_duration(&s).map_err(|e| {
+                    EmulatorError::Config(format!("{at}.Properties.LockDuration: {e}"))
                 })?,
             };
             if lock_duration.is_zero() {
@@ -460,12 +458,27 @@ impl Entities {
     }
 }
 
+/// Why a text is not a duration the emulator can use; both name the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("'{0}' is not an ISO 8601 duration such as PT1M")]
+    Syntax(String),
+    #[error(
+        "'{0}' is longer than the longest duration the emulator can hold (about 584 billion years)"
+    )]
+    TooLong(String),
+}
+
 /// Parse an ISO 8601 duration as .NET writes TimeSpans (`PT1M`, `PT30S`, `PT0.5S`,
-/// `P1DT2H`, `PT1H30M`). Years and months are refused (their length varies).
-pub fn parse_iso8601_duration(s: &str) -> Option<Duration> {
-    let rest = s.trim().strip_prefix('P')?;
+/// `P1DT2H`, `PT1H30M`) into a [`Duration`]. Years and months are refused (their length
+/// varies), and so is anything else that is not that shape ([`DurationError::Syntax`]);
+/// a value too long for a `Duration` (more than `u64::MAX` seconds, e.g.
+/// `PT99999999999999999999S`) is [`DurationError::TooLong`], never a panic.
+pub fn parse_iso8601_duration(s: &str) -> Result<Duration, DurationError> {
+    let syntax = || DurationError::Syntax(s.to_string());
+    let rest = s.trim().strip_prefix('P').ok_or_else(syntax)?;
     if rest.is_empty() {
-        return None;
+        return Err(syntax());
     }
     let mut secs = 0f64;
     let mut in_time = false;
@@ -476,7 +489,7 @@ pub fn parse_iso8601_duration(s: &str) -> Option<Duration> {
             'T' if !in_time && num.is_empty() => in_time = true,
             '0'..='9' | '.' => num.push(c),
             'W' | 'D' | 'H' | 'M' | 'S' => {
-                let v: f64 = num.parse().ok()?;
+                let v: f64 = num.parse().map_err(|_| syntax())?;
                 num.clear();
                 let unit = match (c, in_time) {
                     ('W', false) => 7.0 * 86400.0,
@@ -484,18 +497,20 @@ pub fn parse_iso8601_duration(s: &str) -> Option<Duration> {
                     ('H', true) => 3600.0,
                     ('M', true) => 60.0,
                     ('S', true) => 1.0,
-                    _ => return None,
+                    _ => return Err(syntax()),
                 };
                 secs += v * unit;
                 any = true;
             }
-            _ => return None,
+            _ => return Err(syntax()),
         }
     }
-    if !num.is_empty() || !any || !secs.is_finite() {
-        return None;
+    if !num.is_empty() || !any {
+        return Err(syntax());
     }
-    Some(Duration::from_secs_f64(secs))
+    // Digits only, so `secs` is finite or +inf and never negative or NaN: the one way
+    // to fail here is a value too long for a Duration.
+    Duration::try_from_secs_f64(secs).map_err(|_| DurationError::TooLong(s.to_string()))
 }
 
 #[cfg(test)]
@@ -504,15 +519,41 @@ mod tests {
 
     #[test]
     fn durations() {
-        let d = |s| parse_iso8601_duration(s);
+        let d = |s| parse_iso8601_duration(s).ok();
         assert_eq!(d("PT1M"), Some(Duration::from_secs(60)));
         assert_eq!(d("PT30S"), Some(Duration::from_secs(30)));
         assert_eq!(d("PT0.5S"), Some(Duration::from_millis(500)));
         assert_eq!(d("PT1H30M"), Some(Duration::from_secs(5400)));
         assert_eq!(d("P1DT1S"), Some(Duration::from_secs(86401)));
         for bad in ["", "P", "PT", "1M", "PT1", "P1M", "PTxS", "PT1M1"] {
-            assert_eq!(d(bad), None, "{bad}");
+            assert_eq!(
+                parse_iso8601_duration(bad),
+                Err(DurationError::Syntax(bad.into())),
+                "{bad}"
+            );
         }
+    }
+
+    #[test]
+    fn a_duration_too_long_is_refused_naming_it() {
+        for long in [
+            "PT99999999999999999999S",
+            "P99999999999999999999D",
+            &format!("PT{}S", "9".repeat(400)), // parses to +inf
+        ] {
+            let e = parse_iso8601_duration(long).unwrap_err();
+            assert_eq!(e, DurationError::TooLong(long.to_string()));
+            assert!(e.to_string().contains(long), "{e}");
+        }
+        // The longest that fits is still a duration.
+        assert!(parse_iso8601_duration("PT18446744073709549568S").is_ok());
+        let e = Entities::from_json(r#"{"UserConfig":{"Namespaces":[{"Name":"n","Queues":[{"Name":"q","Properties":{"LockDuration":"PT99999999999999999999S"}}]}]}}"#).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("Queues[0].Properties.LockDuration")
+                && e.contains("PT99999999999999999999S"),
+            "{e}"
+        );
     }
 
     #[test]

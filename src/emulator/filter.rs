@@ -15,7 +15,7 @@ use std::fmt;
 use fe2o3_amqp::types::messaging::MessageId;
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 
-use super::store::StoredMessage;
+use super::message::StoredMessage;
 
 /// One rule of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]

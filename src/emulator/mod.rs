@@ -26,25 +26,26 @@ mod broker;
 pub mod client;
 mod entities;
 pub mod filter;
+mod message;
 mod store;
 mod tap;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::shutdown::{self, Shutdown, Trigger};
 
 pub use broker::normalize_address;
 pub use entities::{
-    DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, Entities, EntityConfig, TopicConfig,
-    parse_iso8601_duration,
+    DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, DurationError, Entities, EntityConfig,
+    TopicConfig, parse_iso8601_duration,
 };
 pub use filter::{CorrelationFilter, Filter, Lit, Rule, SqlError, parse_sql};
 pub use store::{
@@ -55,10 +56,14 @@ pub use store::{
 pub const DEFAULT_KEY_NAME: &str = "RootManageSharedAccessKey";
 pub const DEFAULT_KEY: &str = "SAS_KEY_VALUE";
 
+/// Why an emulator cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
+    /// The entities file cannot be read or applied; the text names the file and the
+    /// JSON path at fault.
     #[error("emulator config: {0}")]
     Config(String),
+    /// An address (the AMQP listener or the admin endpoint) cannot be bound.
     #[error("emulator: cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
 }
@@ -181,7 +186,7 @@ pub struct EmulatorHandle {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
+    stop: Trigger,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -202,7 +207,7 @@ pub async fn start(
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
     });
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = shutdown::channel();
     let mut tasks = Vec::new();
     let mut admin_addr = None;
     if let Some(a) = opts.admin {
@@ -235,12 +240,7 @@ pub async fn start(
     })
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdown) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -250,13 +250,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = stop.recv() => return,
         }
     }
 }
 
 /// Return messages to their entity when their lock expires.
-async fn expire_locks(store: Store, mut stop: watch::Receiver<bool>) {
+async fn expire_locks(store: Store, mut stop: Shutdown) {
     loop {
         let next = store.expire_locks(std::time::Instant::now());
         // Check at least every 100 ms (new locks may expire sooner than `next`).
@@ -266,7 +266,7 @@ async fn expire_locks(store: Store, mut stop: watch::Receiver<bool>) {
             .min(Duration::from_millis(100));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stopped(&mut stop) => return,
+            _ = stop.recv() => return,
         }
     }
 }
@@ -328,7 +328,7 @@ impl EmulatorHandle {
 
     /// Stop listening and drop every connection; the port is free when this returns.
     pub async fn shutdown(self) {
-        self.stop.send_replace(true);
+        self.stop.fire();
         self.shared.drop_connections();
         for t in self.tasks {
             let _ = t.await;
@@ -337,58 +337,51 @@ impl EmulatorHandle {
     }
 }
 
-/// `asb-gateway emulator`: run until SIGTERM/SIGINT. Exit 1 for a bad Config.json, 2
-/// when the emulator cannot run (e.g. the port is in use).
-pub fn cli_main(
+/// `asb-gateway emulator`: serve the emulator on `listen` until `shutdown` fires, then
+/// stop it (the ports are free when this returns).
+///
+/// - `config`: a Config.json in the format of Microsoft's emulator (see [`Entities`]);
+///   `None`: [`Entities::default_entities`].
+/// - `admin`: also serve the admin HTTP endpoint (`GET /stats`, fault injection) there.
+///
+/// Once listening it prints the address and the connection string (key name
+/// [`DEFAULT_KEY_NAME`], key [`DEFAULT_KEY`]) on stderr.
+///
+/// Errors: [`EmulatorError::Config`] when the file cannot be read or is not a
+/// Config.json the emulator can apply (before anything listens);
+/// [`EmulatorError::Listen`] when `listen` or `admin` cannot be bound.
+pub async fn serve(
     listen: SocketAddr,
-    config: Option<PathBuf>,
+    config: Option<&Path>,
     admin: Option<SocketAddr>,
-) -> ExitCode {
+    mut shutdown: Shutdown,
+) -> Result<(), EmulatorError> {
     let entities = match config {
-        Some(p) => match Entities::load(&p) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("asb-gateway: {e}");
-                return ExitCode::from(1);
-            }
-        },
+        Some(p) => Entities::load(p)?,
         None => Entities::default_entities(),
     };
-    let rt = match crate::cli::runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| EmulatorError::Listen {
+            addr: listen.to_string(),
+            reason: e.to_string(),
+        })?;
+    let opts = EmulatorOptions {
+        entities,
+        admin,
+        ..Default::default()
     };
-    rt.block_on(async move {
-        let listener = match TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("asb-gateway: emulator: cannot listen on {listen}: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        let opts = EmulatorOptions {
-            entities,
-            admin,
-            ..Default::default()
-        };
-        let handle = match start(listener, opts).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("asb-gateway: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        eprintln!(
-            "asb-gateway: emulator on {}{}; connection string:\n{}",
-            handle.addr(),
-            handle
-                .admin_addr()
-                .map(|a| format!(", admin http://{a}/stats"))
-                .unwrap_or_default(),
-            handle.connection_string()
-        );
-        crate::cli::termination().await;
-        handle.shutdown().await;
-        ExitCode::SUCCESS
-    })
+    let handle = start(listener, opts).await?;
+    eprintln!(
+        "asb-gateway: emulator on {}{}; connection string:\n{}",
+        handle.addr(),
+        handle
+            .admin_addr()
+            .map(|a| format!(", admin http://{a}/stats"))
+            .unwrap_or_default(),
+        handle.connection_string()
+    );
+    shutdown.recv().await;
+    handle.shutdown().await;
+    Ok(())
 }

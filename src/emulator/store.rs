@@ -9,15 +9,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, DeliveryAnnotations, Header, Message, MessageAnnotations, Outcome,
+    ApplicationProperties, DeliveryAnnotations, Header, MessageAnnotations, Outcome,
 };
 use fe2o3_amqp::types::primitives::{SimpleValue, Timestamp, Uuid, Value};
 use tokio::sync::Notify;
 
 use super::entities::{Entities, EntityConfig};
 use super::filter::{Rule, any_matches};
-
-pub type StoredMessage = Message<Body<Value>>;
+use super::message::StoredMessage;
 
 /// Default [`Store::with_capacity`]: messages per entity.
 pub const DEFAULT_ENTITY_CAPACITY: usize = 100_000;
@@ -690,7 +689,9 @@ impl Store {
                         .properties
                         .as_ref()
                         .and_then(|p| p.message_id.as_ref())
-                        .map(message_id_string),
+                        // As the gateway shows it (and the filters match it), not a
+                        // rendering of the emulator's own.
+                        .map(crate::source::decode::message_id_string),
                     reason: prop("DeadLetterReason"),
                     description: prop("DeadLetterErrorDescription"),
                     delivery_count: s.delivery_count,
@@ -722,16 +723,6 @@ pub fn condition_str(c: &fe2o3_amqp::types::definitions::ErrorCondition) -> Stri
     match serde_amqp::to_value(c) {
         Ok(Value::Symbol(s)) => s.0,
         _ => format!("{c:?}"),
-    }
-}
-
-fn message_id_string(id: &fe2o3_amqp::types::messaging::MessageId) -> String {
-    use fe2o3_amqp::types::messaging::MessageId;
-    match id {
-        MessageId::String(s) => s.clone(),
-        MessageId::Ulong(u) => u.to_string(),
-        MessageId::Uuid(u) => format!("{u:?}"),
-        MessageId::Binary(b) => format!("{b:?}"),
     }
 }
 
@@ -800,5 +791,63 @@ fn dead_letter(
         d.active.insert(stored.seq, stored);
         d.notify.notify_waiters();
         d.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fe2o3_amqp::types::definitions::{self, AmqpError};
+    use fe2o3_amqp::types::messaging::{AmqpValue, Body, Message, MessageId, Properties, Rejected};
+    use fe2o3_amqp::types::primitives::Binary;
+
+    use super::*;
+
+    #[test]
+    fn dead_letters_show_message_ids_as_the_gateway_does() {
+        let entities = Entities {
+            namespace: "ns".into(),
+            queues: vec![EntityConfig::new("q", Duration::from_secs(60), 10)],
+            topics: Vec::new(),
+        };
+        let store = Store::new(&entities);
+        let uuid = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
+        ];
+        let ids = [
+            MessageId::String("m-1".into()),
+            MessageId::Ulong(42),
+            MessageId::Uuid(Uuid::from(uuid)),
+            MessageId::Binary(Binary::from(vec![0xde, 0xad])),
+        ];
+        for id in &ids {
+            let msg = Message::builder()
+                .properties(Properties {
+                    message_id: Some(id.clone()),
+                    ..Default::default()
+                })
+                .body(Body::Value(AmqpValue(Value::Null)))
+                .build();
+            store.publish("q", msg).unwrap();
+            let (lock_id, _) = store.lock_next("q").unwrap();
+            let rejected = Rejected {
+                error: Some(definitions::Error::new(AmqpError::NotAllowed, None, None)),
+            };
+            store.settle("q", lock_id, &Outcome::Rejected(rejected));
+        }
+        let shown: Vec<Option<String>> = store
+            .dead_letters("q")
+            .into_iter()
+            .map(|d| d.message_id)
+            .collect();
+        let gateway: Vec<Option<String>> = ids
+            .iter()
+            .map(|id| Some(crate::source::decode::message_id_string(id)))
+            .collect();
+        assert_eq!(shown, gateway);
+        assert_eq!(
+            shown[2].as_deref(),
+            Some("12345678-9abc-def0-0123-456789abcdef")
+        );
     }
 }

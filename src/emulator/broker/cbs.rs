@@ -1,0 +1,134 @@
+//! The `$cbs` node: `put-token` requests (token types `jwt` and
+//! `servicebus.windows.net:sastoken`, both carrying a SAS string) validated against
+//! the key; an accepted token authorises links to the entities it covers until it
+//! expires.
+
+use std::sync::Arc;
+
+use fe2o3_amqp::acceptor::LinkEndpoint;
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::primitives::{SimpleValue, Value};
+use fe2o3_amqp::{Delivery, Receiver};
+
+use super::reply::{self, Node};
+use super::{ConnShared, normalize_address};
+use crate::emulator::Shared;
+use crate::emulator::message::StoredMessage;
+
+/// Token types the SDKs send; both carry a SAS string.
+const TOKEN_TYPES: [&str; 2] = ["jwt", "servicebus.windows.net:sastoken"];
+
+/// The address of the node.
+pub(super) const ADDRESS: &str = "$cbs";
+
+/// A link attached to `$cbs`: the client's sender carries requests, the client's
+/// receiver (at its `reply_addr`) gets the responses.
+pub(super) fn attach(
+    link: LinkEndpoint,
+    reply_addr: Option<String>,
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnShared>,
+) {
+    match link {
+        LinkEndpoint::Receiver(r) => {
+            tokio::spawn(requests(r, shared.clone(), conn.clone()));
+        }
+        LinkEndpoint::Sender(s) => reply::attach(s, reply_addr, conn, Node::Cbs),
+    }
+}
+
+/// Requests to the `$cbs` node: put-token.
+async fn requests(mut receiver: Receiver, shared: Arc<Shared>, conn: Arc<ConnShared>) {
+    loop {
+        let delivery: Delivery<Body<Value>> = tokio::select! {
+            d = receiver.recv() => match d { Ok(d) => d, Err(_) => return },
+            _ = conn.kill.killed() => return,
+        };
+        let (info, msg) = delivery.into_parts();
+        if receiver.accept(info).await.is_err() {
+            return;
+        }
+        let (code, description) = put_token(&msg, &shared, &conn);
+        let message_id = msg.properties.as_ref().and_then(|p| p.message_id.clone());
+        let reply_to = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.reply_to.clone())
+            .unwrap_or_default();
+        let reply = Message::builder()
+            .properties(Properties {
+                correlation_id: message_id,
+                ..Default::default()
+            })
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("status-code", SimpleValue::Int(code))
+                    .insert("status-description", SimpleValue::String(description))
+                    .build(),
+            )
+            .body(Body::Value(AmqpValue(Value::Null)))
+            .build();
+        reply::send(&conn, Node::Cbs, &reply_to, reply).await;
+    }
+}
+
+/// Validate one put-token request; returns the status code and description.
+fn put_token(msg: &StoredMessage, shared: &Shared, conn: &ConnShared) -> (i32, String) {
+    let prop = |k: &str| {
+        msg.application_properties.as_ref().and_then(|p| {
+            p.get(k).and_then(|v| match v {
+                SimpleValue::String(s) => Some(s.clone()),
+                SimpleValue::Symbol(s) => Some(s.0.clone()),
+                _ => None,
+            })
+        })
+    };
+    if prop("operation").as_deref() != Some("put-token") {
+        return (400, "Only the put-token operation is supported.".into());
+    }
+    let Some(kind) = prop("type") else {
+        return (400, "The token type is missing.".into());
+    };
+    if !TOKEN_TYPES.contains(&kind.as_str()) {
+        return (400, format!("The token type '{kind}' is not supported."));
+    }
+    let Some(audience) = prop("name") else {
+        return (400, "The audience (name) is missing.".into());
+    };
+    let token = match &msg.body {
+        Body::Value(AmqpValue(Value::String(s))) => s.clone(),
+        Body::Value(AmqpValue(Value::Binary(b))) => String::from_utf8_lossy(b).into_owned(),
+        _ => return (400, "The token must be a string.".into()),
+    };
+    match crate::sas::verify_sas(
+        &token,
+        &shared.key_name,
+        &shared.key,
+        crate::sas::now_unix(),
+    ) {
+        Ok(claims) => {
+            let scope = normalize_address(&claims.resource).to_ascii_lowercase();
+            let aud = normalize_address(&audience).to_ascii_lowercase();
+            let covered = scope.is_empty()
+                || aud == scope
+                || aud
+                    .strip_prefix(scope.as_str())
+                    .is_some_and(|r| r.starts_with('/'));
+            if !covered {
+                return (
+                    401,
+                    format!(
+                        "The token for '{}' does not cover '{audience}'.",
+                        claims.resource
+                    ),
+                );
+            }
+            conn.add_token(aud, claims.expiry);
+            (202, "Accepted".into())
+        }
+        Err(e) => {
+            log::info!("emulator: put-token for '{audience}' refused: {e}");
+            (401, format!("InvalidSignature: {e}"))
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The reply links of the request/response nodes (`$cbs`, `$management`): a client
+//! attaches a receiver at its reply address; responses are sent there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fe2o3_amqp::Sender;
+use tokio::sync::mpsc;
+
+use super::ConnShared;
+use crate::emulator::message::StoredMessage;
+
+/// The reply links of the `$cbs` node or of the `$management` nodes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Node {
+    Cbs,
+    Management,
+}
+
+/// The reply links of `node` on `conn`, by the client's reply address.
+fn replies(conn: &ConnShared, node: Node) -> &Mutex<HashMap<String, mpsc::Sender<StoredMessage>>> {
+    match node {
+        Node::Cbs => &conn.cbs_replies,
+        Node::Management => &conn.mgmt_replies,
+    }
+}
+
+/// A reply link attached by the client at `reply_addr`: register it, then send it the
+/// responses handed to [`send`] until it detaches.
+pub(super) fn attach(
+    sender: Sender,
+    reply_addr: Option<String>,
+    conn: &Arc<ConnShared>,
+    node: Node,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    let key = reply_addr.unwrap_or_default();
+    replies(conn, node)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone(), tx);
+    tokio::spawn(node_replies(sender, rx, conn.clone(), key, node));
+}
+
+/// Hand a response to the reply link attached with the request's reply-to address (for
+/// `$cbs`, any reply link when there is no such address, as before).
+pub(super) async fn send(conn: &ConnShared, node: Node, reply_to: &str, reply: StoredMessage) {
+    let tx = {
+        let replies = replies(conn, node)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        replies
+            .get(reply_to)
+            .or_else(|| match node {
+                Node::Cbs => replies.values().next(),
+                Node::Management => None,
+            })
+            .cloned()
+    };
+    match tx {
+        Some(tx) => {
+            let _ = tx.send(reply).await;
+        }
+        None => log::info!("emulator: {node:?} request without a reply link to '{reply_to}'"),
+    }
+}
+
+/// A `$cbs` or `$management` reply link: send the responses put in `rx`.
+async fn node_replies(
+    mut sender: Sender,
+    mut rx: mpsc::Receiver<StoredMessage>,
+    conn: Arc<ConnShared>,
+    key: String,
+    node: Node,
+) {
+    cbs_reply_loop(&mut sender, &mut rx).await;
+    replies(&conn, node)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sender.close()).await;
+}
+
+async fn cbs_reply_loop(sender: &mut Sender, rx: &mut mpsc::Receiver<StoredMessage>) {
+    loop {
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                match tokio::time::timeout(Duration::from_secs(10), sender.send_batchable(m)).await {
+                    Ok(Ok(outcome)) => { tokio::spawn(outcome); }
+                    _ => break,
+                }
+            }
+            _ = sender.on_detach() => return,
+        }
+    }
+}
