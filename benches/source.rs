@@ -89,7 +89,13 @@ async fn run_source(h: &EmulatorHandle, n: usize) -> f64 {
     let (trigger, sd) = shutdown::channel();
     let (_acks_tx, acks) = tokio::sync::mpsc::channel(WINDOW as usize);
     let t0 = Instant::now();
-    let task = tokio::spawn(asb_gateway::source::run(ctx.clone(), acks, sd));
+    let cx = asb_gateway::source::SourceContext::new(
+        &ctx.config,
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.liveness.clone(),
+    );
+    let task = tokio::spawn(asb_gateway::source::run(cx, acks, sd));
     wait_completed(h, before + n as u64).await;
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(ctx.journal.latest(), n as u64);

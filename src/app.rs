@@ -94,11 +94,17 @@ pub async fn run(
     let (acks_tx, acks_rx) = mpsc::channel(ctx.config.journal.unsettled);
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
 
-    let (c, sd) = (ctx.clone(), shutdown.clone());
+    let source = crate::source::SourceContext::new(
+        &ctx.config,
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.liveness.clone(),
+    );
+    let sd = shutdown.clone();
     tasks.spawn(async move {
         (
             "source",
-            crate::source::run(c, acks_rx, sd)
+            crate::source::run(source, acks_rx, sd)
                 .await
                 .map_err(|e| e.to_string()),
         )

@@ -45,8 +45,14 @@ fn gateway(emu: &EmulatorHandle, broker: &Mosquitto, tag: &str) -> Gateway {
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, ack_rx) = mpsc::channel(UNSETTLED as usize * 2);
     let source = tokio::spawn({
-        let (ctx, sd) = (ctx.clone(), sd.clone());
-        async move { source::run(ctx, ack_rx, sd).await.expect("source") }
+        let cx = source::SourceContext::new(
+            &ctx.config,
+            ctx.journal.clone(),
+            ctx.metrics.clone(),
+            ctx.liveness.clone(),
+        );
+        let sd = sd.clone();
+        async move { source::run(cx, ack_rx, sd).await.expect("source") }
     });
     let mirror = tokio::spawn({
         let ctx = ctx.clone();

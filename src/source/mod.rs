@@ -41,14 +41,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
-use crate::app::Context;
 use crate::backoff::Backoff;
-use crate::config::{AuthMode, Credential};
+use crate::config::{AuthMode, Config, ConnectionString, Credential, SubscriptionConfig};
 use crate::event::EncodedEvent;
-use crate::journal::{Handoff, JournalError};
-use crate::liveness::Part;
-use crate::metrics::{DeadLetterReason, PartState};
-use crate::routing::Origin;
+use crate::journal::{Handoff, Journal, JournalError};
+use crate::liveness::{Liveness, Part};
+use crate::metrics::{DeadLetterReason, Metrics, PartState};
+use crate::routing::{Origin, Template};
 use crate::shutdown::Shutdown;
 
 pub use cbs::TOKEN_TYPE;
@@ -128,36 +127,115 @@ impl Default for Options {
     }
 }
 
-/// Run the source until `shutdown`. Returns an error only for what retrying cannot fix
-/// (no TLS roots); everything else is retried with backoff.
+/// What the source needs from the config, taken once from [`Config`] by the daemon
+/// ([`SourceSettings::from_config`]).
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    /// The namespace: host, port, AMQPS or plain AMQP, SAS credential (secrets redacted
+    /// in Debug).
+    pub connection: ConnectionString,
+    /// `source.auth`: CBS put-token (ASB) or SASL PLAIN.
+    pub auth: AuthMode,
+    /// Lifetime of the SAS tokens the source signs (`source.token_ttl_secs`).
+    pub token_ttl: Duration,
+    /// One receiver link each, in this order (`[[source.subscriptions]]`).
+    pub subscriptions: Vec<SubscriptionConfig>,
+    /// The topic template events are routed with (`routing.topic`).
+    pub template: Template,
+    /// Largest encoded event, bytes (`journal.max_event_bytes`); larger bodies are
+    /// dead-lettered with `PayloadTooLarge`.
+    pub max_event_bytes: usize,
+    /// Ceiling on messages received but not settled (`journal.unsettled`): total link
+    /// credit never exceeds its free room.
+    pub unsettled: usize,
+    /// Messages remembered to recognise redeliveries (`journal.events`).
+    pub dedup_window: usize,
+    /// Complete a message only on the mirror's acknowledgement (`[mqtt]` present and
+    /// `mqtt.required`).
+    pub mirror_required: bool,
+}
+
+impl SourceSettings {
+    pub fn from_config(cfg: &Config) -> Self {
+        SourceSettings {
+            connection: cfg.connection.clone(),
+            auth: cfg.source.auth,
+            token_ttl: Duration::from_secs(cfg.source.token_ttl_secs),
+            subscriptions: cfg.source.subscriptions.clone(),
+            template: cfg.template.clone(),
+            max_event_bytes: cfg.journal.max_event_bytes,
+            unsettled: cfg.journal.unsettled,
+            dedup_window: cfg.journal.events,
+            mirror_required: cfg.mqtt.as_ref().is_some_and(|m| m.required),
+        }
+    }
+}
+
+/// Everything the source task is given: its settings and the handles it shares with the
+/// rest of the daemon. The source is the journal's only writer.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    pub settings: SourceSettings,
+    pub journal: Arc<Journal>,
+    pub metrics: Arc<Metrics>,
+    /// The source beats as [`Part::Source`].
+    pub liveness: Arc<Liveness>,
+}
+
+impl SourceContext {
+    /// The settings taken from `config`, with the shared handles.
+    pub fn new(
+        config: &Config,
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+        liveness: Arc<Liveness>,
+    ) -> Self {
+        SourceContext {
+            settings: SourceSettings::from_config(config),
+            journal,
+            metrics,
+            liveness,
+        }
+    }
+}
+
+/// Run the source until `shutdown`.
+///
+/// `acks` carries the mirror's word on pinned events (when the mirror is required):
+/// [`Handoff::Delivered`] completes the message, [`Handoff::Rejected`] dead-letters it.
+///
+/// Errors: only what retrying cannot fix ([`SourceError::Tls`]: no TLS roots). Every
+/// other failure (connect, open, CBS, attach, connection loss) is logged, shown in the
+/// metrics and retried with backoff; the function returns `Ok(())` on shutdown, after
+/// releasing what it holds.
 pub async fn run(
-    ctx: Arc<Context>,
+    cx: SourceContext,
     acks: mpsc::Receiver<Handoff>,
     shutdown: Shutdown,
 ) -> Result<(), SourceError> {
-    run_with(ctx, acks, shutdown, Options::default()).await
+    run_with(cx, acks, shutdown, Options::default()).await
 }
 
 /// [`run`] with explicit [`Options`].
 pub async fn run_with(
-    ctx: Arc<Context>,
+    cx: SourceContext,
     mut acks: mpsc::Receiver<Handoff>,
     mut shutdown: Shutdown,
     opts: Options,
 ) -> Result<(), SourceError> {
-    let mut src = Source::new(ctx, opts)?;
-    src.ctx.liveness.register(Part::Source);
+    let mut src = Source::new(cx, opts)?;
+    src.liveness.register(Part::Source);
     let mut backoff = src.backoff();
     let mut logged: Option<&'static str> = None;
     let mut attempts: u64 = 0;
-    let cs = &src.ctx.config.connection;
+    let cs = &src.settings.connection;
     let addr = format!("{}:{}", cs.host, cs.port);
     loop {
         if shutdown.is_shutdown() {
             break;
         }
         if attempts > 0 {
-            src.ctx.metrics.source_reconnects.inc();
+            src.metrics.source_reconnects.inc();
         }
         attempts += 1;
         let connected = tokio::select! {
@@ -168,7 +246,7 @@ pub async fn run_with(
         let failure = match connected {
             Ok(mut conn) => {
                 backoff.up();
-                src.ctx.metrics.source_state.set(PartState::Up);
+                src.metrics.source_state.set(PartState::Up);
                 log::info!(
                     "source up: connected to {addr} ({} subscription(s))",
                     src.links.len()
@@ -177,7 +255,7 @@ pub async fn run_with(
                 match src.serve(&mut conn, &mut acks, &mut shutdown).await {
                     Stop::Shutdown => {
                         src.close(conn).await;
-                        src.ctx.metrics.source_state.set(PartState::Down);
+                        src.metrics.source_state.set(PartState::Down);
                         log::info!("source stopped");
                         return Ok(());
                     }
@@ -191,7 +269,7 @@ pub async fn run_with(
             }
             Err(e) => e,
         };
-        src.ctx.metrics.source_state.set(PartState::Down);
+        src.metrics.source_state.set(PartState::Down);
         if logged != Some(failure.kind()) {
             log::warn!("source down: {failure}; reconnecting with backoff");
             logged = Some(failure.kind());
@@ -203,7 +281,7 @@ pub async fn run_with(
             break;
         }
     }
-    src.ctx.metrics.source_state.set(PartState::Down);
+    src.metrics.source_state.set(PartState::Down);
     log::info!("source stopped");
     Ok(())
 }
@@ -244,7 +322,10 @@ struct Conn {
 
 /// The state of the source that survives reconnects.
 struct Source {
-    ctx: Arc<Context>,
+    settings: SourceSettings,
+    journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
     opts: Options,
     tokens: cbs::Tokens,
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
@@ -282,19 +363,21 @@ enum Event {
 }
 
 impl Source {
-    fn new(ctx: Arc<Context>, opts: Options) -> Result<Self, SourceError> {
-        let cfg = &ctx.config;
-        let ttl = opts
-            .token_ttl
-            .unwrap_or(Duration::from_secs(cfg.source.token_ttl_secs));
-        let tokens = cbs::Tokens::new(&cfg.connection, ttl);
-        let tls = if cfg.connection.tls {
+    fn new(cx: SourceContext, opts: Options) -> Result<Self, SourceError> {
+        let SourceContext {
+            settings,
+            journal,
+            metrics,
+            liveness,
+        } = cx;
+        let ttl = opts.token_ttl.unwrap_or(settings.token_ttl);
+        let tokens = cbs::Tokens::new(&settings.connection, ttl);
+        let tls = if settings.connection.tls {
             Some(tls::client_config()?)
         } else {
             None
         };
-        let links: Vec<Link> = cfg
-            .source
+        let links: Vec<Link> = settings
             .subscriptions
             .iter()
             .map(|s| {
@@ -313,15 +396,15 @@ impl Source {
                 }
             })
             .collect();
-        ctx.metrics
+        metrics
             .links
             .init(links.iter().map(|l| l.address.clone()));
         let n = links.len();
-        let unsettled = cfg.journal.unsettled;
+        let unsettled = settings.unsettled;
         Ok(Source {
-            required: ctx.mirror_required(),
+            required: settings.mirror_required,
             tracker: Tracker::new(unsettled),
-            dedup: Dedup::new(cfg.journal.events),
+            dedup: Dedup::new(settings.dedup_window),
             scratch: Vec::with_capacity(unsettled),
             credit_now: vec![None; n],
             credit_new: vec![None; n],
@@ -334,7 +417,10 @@ impl Source {
             tokens,
             tls,
             opts,
-            ctx,
+            settings,
+            journal,
+            metrics,
+            liveness,
         })
     }
 
@@ -347,21 +433,21 @@ impl Source {
     }
 
     fn refresh_interval(&self) -> Option<Duration> {
-        if self.ctx.config.source.auth != AuthMode::Cbs || !self.tokens.renewable() {
+        if self.settings.auth != AuthMode::Cbs || !self.tokens.renewable() {
             return None;
         }
         Some(self.opts.token_refresh.unwrap_or_else(|| {
             let ttl = self
                 .opts
                 .token_ttl
-                .unwrap_or(Duration::from_secs(self.ctx.config.source.token_ttl_secs));
+                .unwrap_or(self.settings.token_ttl);
             ttl.mul_f64(0.8)
         }))
     }
 
     /// Connect, authenticate and attach every link.
     async fn connect(&mut self) -> Result<Conn, SourceError> {
-        let cs = &self.ctx.config.connection;
+        let cs = &self.settings.connection;
         let addr = format!("{}:{}", cs.host, cs.port);
         let step = self.opts.step_timeout;
         let tcp = timeout(step, TcpStream::connect((cs.host.as_str(), cs.port)))
@@ -375,7 +461,7 @@ impl Source {
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
-        let sasl = match self.ctx.config.source.auth {
+        let sasl = match self.settings.auth {
             AuthMode::Cbs => SaslProfile::Anonymous,
             AuthMode::Plain => match &cs.credential {
                 Credential::Key { name, key } => SaslProfile::Plain {
@@ -416,7 +502,7 @@ impl Source {
             Err(_) => return Err(SourceError::Session("begin timed out".into())),
         };
         let mut cbs = None;
-        if self.ctx.config.source.auth == AuthMode::Cbs {
+        if self.settings.auth == AuthMode::Cbs {
             let mut client = timeout(step, CbsClient::attach(&mut session))
                 .await
                 .map_err(|_| SourceError::Cbs("attaching to $cbs timed out".into()))?
@@ -455,9 +541,9 @@ impl Source {
         acks: &mut mpsc::Receiver<Handoff>,
         shutdown: &mut Shutdown,
     ) -> Stop {
-        let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
+        let mut beat = tokio::time::interval(self.liveness.beat_interval());
         loop {
-            self.ctx.liveness.beat(Part::Source);
+            self.liveness.beat(Part::Source);
             self.grant_credit().await;
             let refresh_at = conn.refresh_at;
             let retry_at = self.links.iter().filter_map(|l| l.retry_at).min();
@@ -493,7 +579,7 @@ impl Source {
                 Event::Renew => self.renew_locks(conn).await,
                 Event::Delivery(i, Ok(d)) => self.on_delivery(i, d).await,
                 Event::Delivery(i, Err(RecvError::MessageDecode(e))) => {
-                    self.ctx.metrics.received.inc();
+                    self.metrics.received.inc();
                     let rej =
                         Rejection::undecodable(format!("message cannot be decoded: {}", e.source));
                     self.dead_letter(i, e.info, rej).await;
@@ -523,7 +609,7 @@ impl Source {
                     .await
                     .map_err(|_| SourceError::Cbs("put-token timed out".into()))??;
             }
-            self.ctx.metrics.token_refreshes.inc();
+            self.metrics.token_refreshes.inc();
             log::debug!("source: CBS tokens renewed");
         }
         conn.refresh_at = self.refresh_interval().map(|d| Instant::now() + d);
@@ -537,7 +623,7 @@ impl Source {
         i: usize,
         step: Duration,
     ) -> Result<(), SourceError> {
-        self.ctx.metrics.link_attaches.inc();
+        self.metrics.link_attaches.inc();
         let r = attach(session, &self.links[i].address, i, step).await?;
         let l = &mut self.links[i];
         l.receiver = Some(r);
@@ -547,7 +633,7 @@ impl Source {
         if std::mem::take(&mut l.warned) {
             log::info!("source: link to {} attached", l.address);
         }
-        self.ctx.metrics.links.set(i, None);
+        self.metrics.links.set(i, None);
         Ok(())
     }
 
@@ -568,7 +654,7 @@ impl Source {
             l.logged = Some(reason.clone());
             l.warned = true;
         }
-        self.ctx.metrics.links.set(i, Some(reason));
+        self.metrics.links.set(i, Some(reason));
     }
 
     /// Attach again the links whose retry time has come.
@@ -592,11 +678,11 @@ impl Source {
 
     /// Top up link credit so the total stays within the free room.
     async fn grant_credit(&mut self) {
-        let m = self.ctx.metrics.clone();
+        let m = self.metrics.clone();
         // The mirror unpins before the source has taken its word: count what the tracker
         // still holds too.
-        let used = self.ctx.journal.pinned().max(self.tracker.len());
-        let cap = self.ctx.config.journal.unsettled.saturating_sub(used) as u32;
+        let used = self.journal.pinned().max(self.tracker.len());
+        let cap = self.settings.unsettled.saturating_sub(used) as u32;
         let mut attached = 0u32;
         let mut outstanding = 0u32;
         let mut lowest = u32::MAX;
@@ -618,7 +704,7 @@ impl Source {
         if lowest > 0 && lowest > cap.div_ceil(attached) / 2 {
             return;
         }
-        let budget = cap.min(self.ctx.journal.room().min(u32::MAX as usize) as u32);
+        let budget = cap.min(self.journal.room().min(u32::MAX as usize) as u32);
         plan_credit(budget, &self.credit_now, self.rotate, &mut self.credit_new);
         for i in 0..self.links.len() {
             let Some(c) = self.credit_new[i] else {
@@ -636,7 +722,7 @@ impl Source {
     }
 
     async fn on_delivery(&mut self, i: usize, d: Delivery<Body<Value>>) {
-        self.ctx.metrics.received.inc();
+        self.metrics.received.inc();
         let token = renew::lock_token(&d);
         let (info, msg) = d.into_parts();
         let lock = token.zip(locked_until(&msg)).map(|(token, until)| {
@@ -648,7 +734,7 @@ impl Source {
                 lost: false,
             }
         });
-        match decode::decode(&msg, self.ctx.config.journal.max_event_bytes) {
+        match decode::decode(&msg, self.settings.max_event_bytes) {
             Ok(decoded) => self.append(i, info, decoded, lock).await,
             Err(rej) => self.dead_letter(i, info, rej).await,
         }
@@ -659,7 +745,7 @@ impl Source {
         let key = meta.asb_seq.map(|asb_seq| DedupKey { link: i, asb_seq });
         let fp = fingerprint(meta.message_id.as_deref(), meta.enqueued_at_ms);
         if let Some(seq) = key.and_then(|k| self.dedup.get(k, fp)) {
-            self.ctx.metrics.duplicates.inc();
+            self.metrics.duplicates.inc();
             if let Some(at) = self.rejected.iter().position(|(s, _)| *s == seq) {
                 // The mirror rejected this event while its first delivery could not be
                 // settled: dead-letter the redelivery, never complete it.
@@ -669,7 +755,7 @@ impl Source {
                     description,
                 };
                 self.dead_letter(i, info, rej).await;
-            } else if self.required && self.ctx.journal.is_pinned(seq) {
+            } else if self.required && self.journal.is_pinned(seq) {
                 // The broker redelivered a message we still hold: the lock of the
                 // delivery we held is lost. Settle the new delivery (with the valid lock)
                 // when the event's acknowledgement comes; never hold two for one event.
@@ -679,9 +765,8 @@ impl Source {
             }
             return;
         }
-        let cfg = &self.ctx.config;
-        let sub = &cfg.source.subscriptions[i];
-        let (topic, cut) = cfg.template.render(
+        let sub = &self.settings.subscriptions[i];
+        let (topic, cut) = self.settings.template.render(
             &meta,
             Origin {
                 topic: &sub.topic,
@@ -689,8 +774,8 @@ impl Source {
             },
         );
         meta.truncated |= cut;
-        let ev = EncodedEvent::encode(self.ctx.journal.next_seq(), &topic, &meta, &body);
-        match self.ctx.journal.append(ev, self.required) {
+        let ev = EncodedEvent::encode(self.journal.next_seq(), &topic, &meta, &body);
+        match self.journal.append(ev, self.required) {
             Ok(seq) => {
                 if let Some(k) = key {
                     self.dedup.insert(k, fp, seq);
@@ -731,7 +816,7 @@ impl Source {
             // can no longer be settled.
             Ok(Some(old)) => {
                 if !old.lock.is_some_and(|l| l.lost) {
-                    self.ctx.metrics.locks_lost.inc();
+                    self.metrics.locks_lost.inc();
                 }
             }
             // The window is full (cannot happen while credit respects it).
@@ -815,21 +900,21 @@ impl Source {
                 l.due = now + span / 2;
             }
         }
-        self.ctx.metrics.lock_renewals.add(renewed.len() as u64);
+        self.metrics.lock_renewals.add(renewed.len() as u64);
         if self.renew_logged.take().is_some() {
             log::info!("source: lock renewal works again");
         }
     }
 
     fn renew_failed(&mut self, i: usize, which: &[(u64, [u8; 16])], e: &RenewError) {
-        self.ctx.metrics.lock_renewal_failures.inc();
+        self.metrics.lock_renewal_failures.inc();
         let lost = e.is_lock_lost();
         let now = Instant::now();
         for (seq, _) in which {
             if let Some(l) = self.tracker.get_mut(*seq).and_then(|h| h.lock.as_mut()) {
                 if lost {
                     l.lost = true;
-                    self.ctx.metrics.locks_lost.inc();
+                    self.metrics.locks_lost.inc();
                 } else {
                     // Try again soon, within what is left of the lock.
                     l.due = now + (l.span / 8).max(Duration::from_millis(100));
@@ -863,7 +948,7 @@ impl Source {
     /// when the broker can never take it.
     async fn on_handoff(&mut self, h: Handoff) {
         let seq = h.seq();
-        self.ctx.journal.handed_on(seq);
+        self.journal.handed_on(seq);
         let held = self.tracker.take(seq).filter(|held| {
             self.links[held.link].generation == held.generation
                 && !held.lock.as_ref().is_some_and(|l| l.lost)
@@ -889,7 +974,7 @@ impl Source {
 
     fn remember_rejected(&mut self, h: Handoff) {
         if let Handoff::Rejected { seq, description } = h {
-            if self.rejected.len() == self.ctx.config.journal.unsettled.max(1) {
+            if self.rejected.len() == self.settings.unsettled.max(1) {
                 self.rejected.pop_front();
             }
             self.rejected.push_back((seq, description));
@@ -901,7 +986,7 @@ impl Source {
             return;
         };
         match r.accept(info).await {
-            Ok(()) => self.ctx.metrics.completed.inc(),
+            Ok(()) => self.metrics.completed.inc(),
             Err(e) => log::debug!("source: accept on {} failed: {e}", self.links[i].address),
         }
     }
@@ -911,7 +996,7 @@ impl Source {
             return;
         };
         match r.release(info).await {
-            Ok(()) => self.ctx.metrics.released.inc(),
+            Ok(()) => self.metrics.released.inc(),
             Err(e) => log::debug!("source: release on {} failed: {e}", self.links[i].address),
         }
     }
@@ -927,7 +1012,7 @@ impl Source {
             rej.description
         );
         match r.reject(info, dead_letter_error(&rej)).await {
-            Ok(()) => self.ctx.metrics.dead_lettered(rej.reason).inc(),
+            Ok(()) => self.metrics.dead_lettered(rej.reason).inc(),
             Err(e) => log::debug!("source: reject on {} failed: {e}", self.links[i].address),
         }
     }
@@ -936,7 +1021,7 @@ impl Source {
     /// settled on a new link) and attach again after a backoff.
     fn lose_link(&mut self, i: usize, why: String) {
         let abandoned = self.tracker.drop_link(i);
-        self.ctx
+        self
             .metrics
             .abandoned_on_link_loss
             .add(abandoned as u64);
@@ -957,7 +1042,7 @@ impl Source {
     fn lose_all_links(&mut self) {
         for i in 0..self.links.len() {
             let abandoned = self.tracker.drop_link(i);
-            self.ctx
+            self
                 .metrics
                 .abandoned_on_link_loss
                 .add(abandoned as u64);
@@ -966,12 +1051,12 @@ impl Source {
             l.renewer = None;
             l.generation += 1;
             l.retry_at = None;
-            self.ctx
+            self
                 .metrics
                 .links
                 .set(i, Some("connection lost".to_string()));
         }
-        self.ctx.metrics.credit.set(0);
+        self.metrics.credit.set(0);
     }
 
     /// Wait `delay` before reconnecting; acknowledgements keep being applied to the
@@ -983,9 +1068,9 @@ impl Source {
         shutdown: &mut Shutdown,
     ) -> bool {
         let until = Instant::now() + delay;
-        let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
+        let mut beat = tokio::time::interval(self.liveness.beat_interval());
         loop {
-            self.ctx.liveness.beat(Part::Source);
+            self.liveness.beat(Part::Source);
             let acks_open = self.acks_open;
             tokio::select! {
                 biased;
@@ -994,7 +1079,7 @@ impl Source {
                 a = acks.recv(), if acks_open => match a {
                     // No link lives: nothing to settle, only unpin.
                     Some(h) => {
-                        self.ctx.journal.handed_on(h.seq());
+                        self.journal.handed_on(h.seq());
                         self.remember_rejected(h);
                     }
                     None => self.acks_open = false,
@@ -1041,7 +1126,7 @@ impl Source {
             let _ = timeout(Duration::from_millis(500), conn.connection.close()).await;
         })
         .await;
-        self.ctx.metrics.credit.set(0);
+        self.metrics.credit.set(0);
     }
 }
 

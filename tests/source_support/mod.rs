@@ -82,10 +82,20 @@ impl Running {
     }
 }
 
+/// The source's view of a daemon context.
+pub fn source_context(ctx: &Context) -> source::SourceContext {
+    source::SourceContext::new(
+        &ctx.config,
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        ctx.liveness.clone(),
+    )
+}
+
 pub fn start(ctx: Arc<Context>, opts: Options) -> Running {
     let (trigger, sd) = shutdown::channel();
     let (acks, rx) = mpsc::channel(ctx.config.journal.unsettled);
-    let task = tokio::spawn(source::run_with(ctx.clone(), rx, sd, opts));
+    let task = tokio::spawn(source::run_with(source_context(&ctx), rx, sd, opts));
     Running {
         ctx,
         trigger,
