@@ -9,7 +9,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 
-use super::SourceError;
+use super::error::SourceError;
 
 /// The AMQPS client config: the platform's roots and the `ring` provider, no ALPN
 /// (built by [`crate::tls`], shared with the MQTT mirror).
