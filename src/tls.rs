@@ -1,5 +1,6 @@
-//! The one rustls client configuration of the gateway's TLS clients: the source's AMQPS
-//! connection (`source::tls`) and the MQTT mirror's `mqtts://` connection.
+//! The one rustls client configuration for the gateway's TLS clients: the source's AMQPS
+//! connection (`source::tls`) and the MQTT mirror's `mqtts://` connection (which builds
+//! the same config itself until it moves here).
 //!
 //! Both trust the platform's root certificates (`rustls-native-certs`, which honours
 //! `SSL_CERT_FILE` and `SSL_CERT_DIR`), use the `ring` crypto provider with rustls' safe

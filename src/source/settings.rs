@@ -40,6 +40,7 @@ pub struct SourceSettings {
 }
 
 impl SourceSettings {
+    /// The source's part of a validated config.
     pub fn from_config(cfg: &Config) -> Self {
         SourceSettings {
             connection: cfg.connection.clone(),
@@ -60,7 +61,9 @@ impl SourceSettings {
 #[derive(Debug, Clone)]
 pub struct SourceContext {
     pub settings: SourceSettings,
+    /// Where events are appended (the source is its only writer).
     pub journal: Arc<Journal>,
+    /// The source's counters, gauges and link health.
     pub metrics: Arc<Metrics>,
     /// The source beats as [`Part::Source`](crate::liveness::Part::Source).
     pub liveness: Arc<Liveness>,
@@ -90,8 +93,9 @@ pub struct Options {
     pub token_refresh: Option<Duration>,
     /// Lifetime of signed tokens; default `source.token_ttl_secs`.
     pub token_ttl: Option<Duration>,
-    /// First and longest reconnect delay (jittered, doubling).
+    /// First reconnect (and re-attach) delay; it doubles, jittered, on each failure.
     pub backoff_min: Duration,
+    /// Longest reconnect (and re-attach) delay.
     pub backoff_max: Duration,
     /// How long a connection or link must stay up before its backoff starts again
     /// from `backoff_min` (see [`crate::backoff`]).
