@@ -235,7 +235,8 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, ack_rx) = mpsc::channel(UNSETTLED * 2);
     let start = Instant::now();
-    let src = tokio::spawn(asb_gateway::source::run(ctx.clone(), ack_rx, sd.clone()));
+    let cx = ctx.source_context();
+    let src = tokio::spawn(asb_gateway::source::run(cx, ack_rx, sd.clone()));
     let mir = if with_mirror {
         Some(tokio::spawn({
             let (settings, shared) = ctx.mirror_inputs().expect("[mqtt]");

@@ -89,7 +89,8 @@ async fn run_source(h: &EmulatorHandle, n: usize) -> f64 {
     let (trigger, sd) = shutdown::channel();
     let (_acks_tx, acks) = tokio::sync::mpsc::channel(WINDOW as usize);
     let t0 = Instant::now();
-    let task = tokio::spawn(asb_gateway::source::run(ctx.clone(), acks, sd));
+    let cx = ctx.source_context();
+    let task = tokio::spawn(asb_gateway::source::run(cx, acks, sd));
     wait_completed(h, before + n as u64).await;
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(ctx.journal.latest(), n as u64);

@@ -90,9 +90,14 @@ impl Context {
         PanelSettings::from_config(&self.config)
     }
 
-    /// Does settlement wait for the MQTT broker's acknowledgement?
-    pub fn mirror_required(&self) -> bool {
-        self.config.mqtt.as_ref().is_some_and(|m| m.required)
+    /// The source's inputs: its settings and the handles it shares.
+    pub fn source_context(&self) -> crate::source::SourceContext {
+        crate::source::SourceContext::new(
+            &self.config,
+            self.journal.clone(),
+            self.metrics.clone(),
+            self.liveness.clone(),
+        )
     }
 }
 
@@ -124,11 +129,12 @@ pub async fn run(
     let (acks_tx, acks_rx) = mpsc::channel(ctx.config.journal.unsettled);
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
 
-    let (c, sd) = (ctx.clone(), shutdown.clone());
+    let source = ctx.source_context();
+    let sd = shutdown.clone();
     tasks.spawn(async move {
         (
             "source",
-            crate::source::run(c, acks_rx, sd)
+            crate::source::run(source, acks_rx, sd)
                 .await
                 .map_err(|e| e.to_string()),
         )

@@ -9,7 +9,7 @@
 //! - [`budget`]: the worst-case memory of a config.
 //! - [`metrics`]: counters, gauges, health; [`backoff`]: the one retry backoff.
 //! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal).
-//! - [`mirror`]: the MQTT mirror.
+//! - [`mirror`]: the MQTT mirror; [`tls`]: the one rustls client config both use.
 //! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
 //! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
 //! - [`cli`]: the command line.
@@ -35,3 +35,4 @@ pub mod routing;
 pub mod sas;
 pub mod shutdown;
 pub mod source;
+pub mod tls;

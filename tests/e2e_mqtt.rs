@@ -41,12 +41,13 @@ fn gateway(emu: &EmulatorHandle, broker: &Mosquitto, tag: &str) -> Gateway {
         pid = std::process::id(),
     );
     let ctx = Context::new(Config::parse(&text, &LoadEnv::default()).unwrap());
-    assert!(ctx.mirror_required());
+    assert!(ctx.config.mirror_required());
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, ack_rx) = mpsc::channel(UNSETTLED as usize * 2);
     let source = tokio::spawn({
-        let (ctx, sd) = (ctx.clone(), sd.clone());
-        async move { source::run(ctx, ack_rx, sd).await.expect("source") }
+        let cx = ctx.source_context();
+        let sd = sd.clone();
+        async move { source::run(cx, ack_rx, sd).await.expect("source") }
     });
     let mirror = tokio::spawn({
         let ctx = ctx.clone();

@@ -35,7 +35,7 @@ fn client_id(tag: &str) -> String {
 
 /// Append events `from..=to` as the source does (pinned when the mirror is required).
 fn append(ctx: &Context, from: u64, to: u64) {
-    let pinned = ctx.mirror_required();
+    let pinned = ctx.config.mirror_required();
     for seq in from..=to {
         let mut meta = EventMeta {
             message_id: Some(IdString::try_from(format!("m-{seq}").as_str()).unwrap()),
@@ -336,7 +336,7 @@ async fn best_effort_mirror_sends_no_acks_and_counts_what_it_missed() {
             client_id("best")
         ),
     );
-    assert!(!ctx.mirror_required());
+    assert!(!ctx.config.mirror_required());
     let mut m = start(&ctx);
     wait_state(&ctx, PartState::Up).await;
     append(&ctx, 1, 10);

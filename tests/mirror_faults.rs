@@ -65,7 +65,10 @@ fn append_one(ctx: &Context, seq: u64, subject: &str, message_id: &str, ct: &str
     let topic = Topic::try_from(subject).unwrap();
     let body = "x".repeat(body_len);
     let ev = EncodedEvent::encode(seq, &topic, &meta, body.as_bytes());
-    assert_eq!(ctx.journal.append(ev, ctx.mirror_required()), Ok(seq));
+    assert_eq!(
+        ctx.journal.append(ev, ctx.config.mirror_required()),
+        Ok(seq)
+    );
 }
 
 fn append_small(ctx: &Context, seq: u64) {

@@ -453,6 +453,12 @@ impl Config {
         })
     }
 
+    /// Does settlement wait for the MQTT broker's acknowledgement (`[mqtt]` present and
+    /// `mqtt.required`)?
+    pub fn mirror_required(&self) -> bool {
+        self.mqtt.as_ref().is_some_and(|m| m.required)
+    }
+
     /// The journal limits this config asks for.
     pub fn journal_limits(&self) -> crate::journal::Limits {
         crate::journal::Limits {

@@ -119,35 +119,24 @@ pub fn event_topic(prefix: &str, topic: &str) -> String {
 }
 
 /// Build a rustls client config (ring provider, the platform's roots; `SSL_CERT_FILE`
-/// and `SSL_CERT_DIR` are honoured).
+/// and `SSL_CERT_DIR` are honoured): the one [`crate::tls`] builds for every TLS client.
 fn tls_config(broker: &str) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, MirrorError> {
-    use tokio_rustls::rustls;
-    let err = |reason: String| MirrorError::Tls {
+    crate::tls::native_client_config().map_err(|e| MirrorError::Tls {
         broker: broker.to_string(),
-        reason,
-    };
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found
-            .errors
-            .first()
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| "no certificates found".into());
-        return Err(err(format!("no trusted root certificates ({why})")));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+        reason: match e {
+            crate::tls::TlsError::NoRoots { errors } => format!(
+                "no trusted root certificates ({})",
+                errors
+                    .first()
+                    .map_or("no certificates found", String::as_str)
+            ),
+            other => other.to_string(),
+        },
+    })
 }
 
 /// Run the mirror until `shutdown`. Returns an error only for a config that cannot work
-/// (bad URL, no TLS roots); broker failures are retried with backoff.
+/// (no TLS roots); broker failures are retried with backoff.
 ///
 /// Every pinned event ends as one [`Handoff`] on `acks` (when `required`): `Delivered`
 /// on the broker's acknowledgement of its own publish, `Rejected` when the broker can

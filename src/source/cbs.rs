@@ -7,7 +7,7 @@ use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
 use fe2o3_amqp_management::error::Error as MgmtError;
 use fe2o3_amqp_types::primitives::Timestamp;
 
-use super::SourceError;
+use super::error::SourceError;
 use crate::config::{ConnectionString, Credential};
 use crate::sas;
 

@@ -1,41 +1,33 @@
-//! AMQPS: TLS from the first byte (no AMQP TLS protocol header), rustls with the `ring`
-//! provider and the system's root certificates.
+//! AMQPS (AMQP 1.0 part 5 §5.2.1: TLS from the first byte, port 5671, no AMQP TLS protocol
+//! header): the handshake of the source's connection. The rustls client config (`ring`
+//! provider, the system's root certificates, no ALPN) comes from [`crate::tls`].
 
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 
-use super::SourceError;
+use super::error::SourceError;
 
-/// A client config with the system roots (`rustls-native-certs`) and the `ring` provider.
+/// The AMQPS client config: the platform's roots and the `ring` provider, no ALPN
+/// (built by [`crate::tls`], shared with the MQTT mirror).
+///
+/// Errors: [`SourceError::Tls`] when the system has no usable root certificate.
 pub fn client_config() -> Result<Arc<ClientConfig>, SourceError> {
-    let loaded = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
-    if added == 0 {
-        return Err(SourceError::Tls(format!(
-            "no usable root certificates found on this system ({} errors loading them)",
-            loaded.errors.len()
-        )));
-    }
-    config_with_roots(roots)
+    crate::tls::native_client_config().map_err(|e| SourceError::Tls(e.to_string()))
 }
 
 /// A client config trusting exactly `roots`.
 pub fn config_with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, SourceError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SourceError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    crate::tls::client_config(roots).map_err(|e| SourceError::Tls(e.to_string()))
 }
 
 /// Wrap a connected TCP stream in TLS for `host` (SNI and certificate name).
+///
+/// Errors: [`SourceError::Tls`] when `host` is not a valid server name or the handshake
+/// fails (the certificate is not trusted, the peer does not speak TLS, …).
 pub async fn connect(
     config: Arc<ClientConfig>,
     host: &str,

@@ -85,7 +85,7 @@ impl Running {
 pub fn start(ctx: Arc<Context>, opts: Options) -> Running {
     let (trigger, sd) = shutdown::channel();
     let (acks, rx) = mpsc::channel(ctx.config.journal.unsettled);
-    let task = tokio::spawn(source::run_with(ctx.clone(), rx, sd, opts));
+    let task = tokio::spawn(source::run_with(ctx.source_context(), rx, sd, opts));
     Running {
         ctx,
         trigger,
