@@ -222,8 +222,7 @@ fn mosquitto(ws: Option<u16>, pin: bool) -> Mosquitto {
 }
 
 fn gateway_binary() -> String {
-    std::env::var("PIPELINE_BENCH_GATEWAY")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_asb-gateway").to_string())
+    std::env::var("PIPELINE_BENCH_GATEWAY").unwrap_or_else(|_| support::EXE.to_string())
 }
 
 fn gateway_config(
@@ -370,17 +369,10 @@ struct ProcSample {
 }
 
 fn proc_sample(pid: u32) -> ProcSample {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks = stat
-        .rfind(')')
-        .map(|c| {
-            let f: Vec<&str> = stat[c + 2..].split(' ').collect();
-            f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
-        })
-        .unwrap_or(0);
+    let pid = pid.to_string();
     ProcSample {
-        ticks,
-        hwm_kib: procfs::status_field(&pid.to_string(), "VmHWM:").unwrap_or(0),
+        ticks: procfs::process_ticks(&pid),
+        hwm_kib: procfs::status_field(&pid, "VmHWM:").unwrap_or(0),
     }
 }
 
