@@ -5,6 +5,9 @@
 //!
 //! Run: `cargo bench --bench emulator` (optional argument: message count, default 5000).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use asb_gateway::emulator::client::Publisher;
@@ -88,10 +91,7 @@ fn main() {
                 subscriptions: vec![sub("a"), sub("b")],
             }],
         };
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let h = asb_gateway::emulator::start(l, EmulatorOptions { entities, ..Default::default() })
-            .await
-            .unwrap();
+        let h = support::emulator::start(EmulatorOptions { entities, ..Default::default() }).await;
         let body = br#"{"line":"line1","station":"press","celsius":41.5}"#.to_vec();
         let mut p = Publisher::connect(&h.connection_string(), "bench").await.unwrap();
         let t = Instant::now();

@@ -9,9 +9,8 @@
 //! Run: `cargo bench --bench mirror` (needs mosquitto: scripts/setup/mirror.sh).
 //! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`.
 
-#[allow(dead_code)]
-#[path = "../tests/support/mosquitto.rs"]
-mod mosquitto;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,9 +20,6 @@ use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
 use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::{mirror, shutdown};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
 const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
@@ -57,45 +53,6 @@ fn event(seq: u64) -> EncodedEvent {
     EncodedEvent::encode(seq, &topic, &meta, body.as_bytes())
 }
 
-/// Counts messages on a filter.
-async fn subscriber(port: u16, filter: &str) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(
-        format!("bench-sub-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = AsyncClient::new(opts, 64);
-    let count = Arc::new(AtomicU64::new(0));
-    let c = count.clone();
-    let filter = filter.to_string();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let mut ready_tx = Some(ready_tx);
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if !p.topic.ends_with(b"/status") {
-                        c.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    ready_rx.await.unwrap();
-    (count, task)
-}
-
 /// Wait until the subscriber has `n` messages; a bench must not hang.
 async fn wait_count(count: &AtomicU64, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -117,7 +74,7 @@ async fn mirror_on(port: u16, n: u64, inflight: usize, protocol: &str) -> (f64, 
         "url = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"bench-gw-{inflight}-{protocol}\"\n\
          prefix = \"{prefix}\"\ninflight = {inflight}\nprotocol = \"{protocol}\"\nqos = 1\n"
     )));
-    let (count, sub) = subscriber(port, &format!("{prefix}/#")).await;
+    let (count, sub) = support::mqtt::counter(port, &format!("{prefix}/#")).await;
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, mut ack_rx) = mpsc::channel(UNSETTLED);
     let task = tokio::spawn({
@@ -188,11 +145,8 @@ async fn mirror_off(n: u64) -> f64 {
 /// gateway until the emulator has N completed (and, with the mirror, the subscriber has
 /// all N). Returns events/s.
 async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
-    use asb_gateway::emulator::{self, EmulatorOptions, client::Publisher};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = emulator::start(l, EmulatorOptions::default())
-        .await
-        .unwrap();
+    use asb_gateway::emulator::client::Publisher;
+    let emu = support::emulator::start_default().await;
     let mut p = Publisher::connect(&emu.connection_string(), "operational-events")
         .await
         .unwrap();
@@ -228,7 +182,7 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
     );
     let ctx = Context::new(Config::parse(&text, &LoadEnv::default()).unwrap());
     let sub = if with_mirror {
-        Some(subscriber(port, &format!("{prefix}/#")).await)
+        Some(support::mqtt::counter(port, &format!("{prefix}/#")).await)
     } else {
         None
     };
@@ -282,7 +236,7 @@ fn main() {
         .unwrap_or(10_000);
     // A subscriber slower than the mirror must not have messages dropped by the broker's
     // per-client queue limit (default 1000).
-    let broker = mosquitto::Mosquitto::start_with(mosquitto::MosquittoOptions {
+    let broker = support::mosquitto::Mosquitto::start_with(support::mosquitto::MosquittoOptions {
         extra: "max_queued_messages 0\nmax_queued_bytes 0".into(),
         ..Default::default()
     });

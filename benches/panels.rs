@@ -6,8 +6,10 @@
 //! Run: `cargo bench --bench panels` (env PANELS_BENCH_SECS, PANELS_BENCH_RATE to change
 //! the duration and the event rate).
 
-#[path = "support/procfs.rs"]
-mod procfs;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::procfs;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};

@@ -28,10 +28,12 @@
 //! `PIPELINE_BENCH_ONLY=gateway,gateway+mirror,node-ws,mosquitto-ws`,
 //! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary), `PIPELINE_BENCH_SYSCALLS=1`.
 
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/procfs.rs"]
-mod procfs;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::daemon::Daemon;
+use support::mosquitto::{Mosquitto, MosquittoOptions};
+use support::{http, procfs};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -42,7 +44,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use asb_gateway::config::{Config, LoadEnv};
-use asb_gateway::emulator::{self, EmulatorHandle, EmulatorOptions, client::Publisher};
+use asb_gateway::emulator::{EmulatorHandle, client::Publisher};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -99,9 +101,9 @@ impl Scenario {
 
 /// A server under test and how to feed it.
 struct Server {
-    child: Child,
+    proc: Proc,
     /// Processes that belong to the scenario but are not measured (the mirror's broker).
-    others: Vec<Child>,
+    others: Vec<Mosquitto>,
     ws: SocketAddr,
     path: &'static str,
     feed: Feed,
@@ -115,23 +117,46 @@ enum Feed {
     Mqtt(u16),
 }
 
+/// The measured process.
+enum Proc {
+    Gateway(Daemon),
+    Node(Child),
+    Broker(Mosquitto),
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Gateway(d) => d.pid(),
+            Proc::Node(c) => c.id(),
+            Proc::Broker(m) => m.pid().expect("mosquitto runs"),
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(3) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        match &mut self.proc {
+            Proc::Gateway(d) => {
+                d.stop(Duration::from_secs(3));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            Proc::Node(child) => {
+                let pid = child.id().to_string();
+                let _ = Command::new("kill").args(["-TERM", &pid]).status();
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(3) {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            // stopped (SIGTERM) on drop
+            Proc::Broker(_) => {}
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for c in &mut self.others {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.others.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -159,13 +184,7 @@ fn command(program: &str, args: &[&str]) -> Command {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::free_port;
 
 fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -186,45 +205,24 @@ fn wait_port(port: u16) {
     }
 }
 
-/// mosquitto with a plain listener on `tcp` and, if given, a WebSocket listener.
-fn mosquitto(dir: &Path, tcp: u16, ws: Option<u16>, pin: bool) -> Child {
-    let mut conf = format!(
-        "listener {tcp} 127.0.0.1\nallow_anonymous true\nlog_dest file {}\n",
-        dir.join("mosquitto.log").display()
-    );
-    if let Some(ws) = ws {
-        conf += &format!("listener {ws}\nprotocol websockets\n");
-    }
-    let path = dir.join(format!("mosquitto-{tcp}.conf"));
-    std::fs::write(&path, conf).unwrap();
-    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
-    };
-    let args = ["-c", path.to_str().unwrap()];
-    let mut cmd = if pin {
-        command(bin, &args)
-    } else {
-        let mut c = Command::new(bin);
-        c.args(args);
-        c
-    };
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto: run scripts/setup/bench.sh");
-    wait_port(tcp);
+/// mosquitto (anonymous) on a free port and, if given, a WebSocket listener on `ws`;
+/// pinned to core 0 with `pin` when 2+ cores exist.
+fn mosquitto(ws: Option<u16>, pin: bool) -> Mosquitto {
+    let m = Mosquitto::start_with(MosquittoOptions {
+        extra: ws
+            .map(|ws| format!("listener {ws}\nprotocol websockets\n"))
+            .unwrap_or_default(),
+        pin_cpu: (pin && pinned()).then_some(0),
+        ..Default::default()
+    });
     if let Some(ws) = ws {
         wait_port(ws);
     }
-    child
+    m
 }
 
 fn gateway_binary() -> String {
-    std::env::var("PIPELINE_BENCH_GATEWAY")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_asb-gateway").to_string())
+    std::env::var("PIPELINE_BENCH_GATEWAY").unwrap_or_else(|_| support::EXE.to_string())
 }
 
 fn gateway_config(
@@ -260,16 +258,14 @@ fn budget_of(text: &str) -> asb_gateway::budget::Budget {
 /// `max_panels` is the scenario's panel count plus 10%: the budget grows with it.
 async fn start_gateway(mirror: bool, panels: usize, print_budget: bool) -> Server {
     let max_panels = panels + panels / 10;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let em = emulator::start(l, EmulatorOptions::default())
-        .await
-        .unwrap();
+    let em = support::emulator::start_default().await;
     let dir = temp_dir("gw");
     let mut others = Vec::new();
     let mirror_port = mirror.then(|| {
-        let p = free_port();
         // the mirror's broker runs beside the clients, not on the gateway's core
-        others.push(mosquitto(&dir, p, None, false));
+        let m = mosquitto(None, false);
+        let p = m.port;
+        others.push(m);
         p
     });
     // memory_mib: the smallest whole MiB (multiple of 8) that the worst case fits in
@@ -288,35 +284,20 @@ async fn start_gateway(mirror: bool, panels: usize, print_budget: bool) -> Serve
     let path = dir.join("config.toml");
     std::fs::write(&path, &text).unwrap();
     let bin = gateway_binary();
-    let mut child = command(&bin, &["run", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn,asb_gateway::app=info")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("panels on ").nth(1)
-                && let Some(t) = tx.take()
-            {
-                let _ = t.send(rest.split(',').next().unwrap().trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("gateway did not start")
-        .parse()
-        .unwrap();
+    let daemon = Daemon::with_config_file(&path)
+        .program(&bin)
+        .prefix(if pinned() {
+            &["taskset", "-c", "0"]
+        } else {
+            &[]
+        })
+        .rust_log("warn,asb_gateway::app=info")
+        .start();
+    let addr = daemon.panels();
     // Publish only once the source (and the mirror) is connected: events published
     // before would wait in the emulator and count as latency of the gateway.
     let t = Instant::now();
-    while http::get(addr, "/healthz").map(|(status, _)| status) != Some(200) {
+    while http::get_blocking(addr, "/healthz").map(|(status, _)| status) != Some(200) {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "gateway not healthy after 20 s"
@@ -324,7 +305,7 @@ async fn start_gateway(mirror: bool, panels: usize, print_budget: bool) -> Serve
         std::thread::sleep(Duration::from_millis(20));
     }
     Server {
-        child,
+        proc: Proc::Gateway(daemon),
         others,
         ws: addr,
         path: "/v1/stream",
@@ -353,7 +334,7 @@ fn start_node() -> Server {
         .unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     Server {
-        child,
+        proc: Proc::Node(child),
         others: Vec::new(),
         ws: addr,
         path: "/",
@@ -365,10 +346,11 @@ fn start_node() -> Server {
 
 fn start_mosquitto_ws() -> Server {
     let dir = temp_dir("mq");
-    let (tcp, ws) = (free_port(), free_port());
-    let child = mosquitto(&dir, tcp, Some(ws), true);
+    let ws = free_port();
+    let broker = mosquitto(Some(ws), true);
+    let tcp = broker.port;
     Server {
-        child,
+        proc: Proc::Broker(broker),
         others: Vec::new(),
         ws: ([127, 0, 0, 1], ws).into(),
         path: "/",
@@ -387,17 +369,10 @@ struct ProcSample {
 }
 
 fn proc_sample(pid: u32) -> ProcSample {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks = stat
-        .rfind(')')
-        .map(|c| {
-            let f: Vec<&str> = stat[c + 2..].split(' ').collect();
-            f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
-        })
-        .unwrap_or(0);
+    let pid = pid.to_string();
     ProcSample {
-        ticks,
-        hwm_kib: procfs::status_field(&pid.to_string(), "VmHWM:").unwrap_or(0),
+        ticks: procfs::process_ticks(&pid),
+        hwm_kib: procfs::status_field(&pid, "VmHWM:").unwrap_or(0),
     }
 }
 
@@ -843,7 +818,7 @@ fn run_scenario(
         Peer::Node => start_node(),
         Peer::Mosquitto => start_mosquitto_ws(),
     };
-    let pid = server.child.id();
+    let pid = server.proc.pid();
     let shared = Arc::new(Shared {
         t0: Instant::now(),
         frames: AtomicU64::new(0),

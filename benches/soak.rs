@@ -14,31 +14,25 @@
 //! 4 panels that stay and a churn of short-lived panels (a new one every 200 ms, each
 //! reading for 0.3–3 s, some with a filter, some postcard).
 
-#[path = "support/http.rs"]
-mod http;
-#[allow(dead_code)]
-#[path = "../tests/support/mosquitto.rs"]
-mod mosquitto;
-#[allow(dead_code)]
-#[path = "support/procfs.rs"]
-mod procfs;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::daemon::{Daemon, Log};
+use support::{http, mosquitto, procfs};
 
 /// The body of GET `path` ("" when unreachable).
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    http::get(addr, path)
+    http::get_blocking(addr, path)
         .map(|(_, body)| body)
         .unwrap_or_default()
 }
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{self, EmulatorOptions};
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -153,10 +147,7 @@ fn main() {
 
 async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     let broker = mosquitto::Mosquitto::start();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let em = emulator::start(listener, EmulatorOptions::default())
-        .await
-        .unwrap();
+    let em = support::emulator::start_default().await;
     let dir = std::env::temp_dir().join(format!("asbgw-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");
@@ -174,44 +165,20 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn,asb_gateway=info")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start asb-gateway");
-    let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let panels: SocketAddr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("gateway started");
-        if let Some(rest) = line.split("panels on ").nth(1) {
-            break rest.split(',').next().unwrap().trim().parse().unwrap();
-        }
-    };
-    // Keep the stderr pipe drained (warnings are counted, not printed).
+    // Warnings are counted as they come, not printed; the last lines are kept.
     let warnings = Arc::new(AtomicU64::new(0));
-    {
-        let w = warnings.clone();
-        std::thread::spawn(move || {
-            for line in rx {
-                if line.contains("WARN") || line.contains("ERROR") {
-                    w.fetch_add(1, Ordering::Relaxed);
-                }
+    let w = warnings.clone();
+    let mut gateway = Daemon::with_config_file(&config)
+        .rust_log("warn,asb_gateway=info")
+        .log(&Log::default(), 10_000)
+        .on_line(move |line| {
+            if line.contains("WARN") || line.contains("ERROR") {
+                w.fetch_add(1, Ordering::Relaxed);
             }
-        });
-    }
+        })
+        .start();
+    let pid = gateway.pid();
+    let panels = gateway.panels();
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -317,10 +284,7 @@ async fn run(secs: u64, warmup: u64, rate: u64, every: u64) {
     let health_idle = http_get(panels, "/healthz");
     let stats = em.stats()[ENTITY].clone();
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let exit = child.wait().ok().and_then(|s| s.code());
+    let (exit, _) = gateway.terminate();
     let _ = std::fs::remove_dir_all(&dir);
 
     let first = samples[0];

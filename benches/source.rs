@@ -9,12 +9,15 @@
 //! are completed at the broker. Run: `cargo bench --bench source` (N via
 //! `SOURCE_BENCH_N`, default 20000; rounds via `SOURCE_BENCH_ROUNDS`, default 3).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
-use asb_gateway::emulator::{EmulatorHandle, EmulatorOptions};
+use asb_gateway::emulator::EmulatorHandle;
 use asb_gateway::shutdown;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
@@ -177,10 +180,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let h = asb_gateway::emulator::start(l, EmulatorOptions::default())
-            .await
-            .unwrap();
+        let h = support::emulator::start_default().await;
         // warm-up
         run_source(&h, 1000).await;
         run_bare(&h, 1000).await;

@@ -25,7 +25,7 @@
 //! growing once). Without the shared-bytes design (e.g. a `String` per frame per panel)
 //! this would be ≥ 1.
 
-mod panels_support;
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -89,7 +89,7 @@ fn measure(panels: usize) -> u64 {
         .enable_all()
         .build()
         .unwrap();
-    let ctx = panels_support::ctx("[journal]\nevents = 1024\n");
+    let ctx = support::panels::ctx("[journal]\nevents = 1024\n");
     let (trigger, sd) = shutdown::channel();
     let listener = server_rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -110,7 +110,7 @@ fn measure(panels: usize) -> u64 {
     for _ in 0..panels {
         let (received, hellos) = (received.clone(), hellos.clone());
         clients.push(client_rt.spawn(async move {
-            let mut ws = panels_support::connect(addr, "filter=line1/%23").await;
+            let mut ws = support::panels::connect(addr, "filter=line1/%23").await;
             while let Some(Ok(m)) = ws.next().await {
                 if let Message::Text(t) = m {
                     if t.as_str().starts_with("{\"type\":\"event\"") {
@@ -148,7 +148,7 @@ fn measure(panels: usize) -> u64 {
     let send = |n: u64| {
         for _ in 0..n {
             let before = received.load(Relaxed);
-            panels_support::append(&ctx, "line1/temp", body);
+            support::panels::append(&ctx, "line1/temp", body);
             wait(&|| received.load(Relaxed) == before + panels as u64);
         }
     };

@@ -16,14 +16,14 @@
 //! between the end of warm-up and the end of the run, divided by the messages in
 //! between, must stay under `MAX_BYTES_PER_MESSAGE` (the leak measured 300+ B/message).
 
-mod source_support;
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
 use asb_gateway::emulator::client::Publisher;
-use source_support::*;
+use support::source::*;
 
 struct Live;
 

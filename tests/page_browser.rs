@@ -4,14 +4,14 @@
 //! also saves a screenshot (see `docs/panels.md`). A second test drives the page over the
 //! DevTools protocol through a server restart: reconnect and resume without a gap.
 
-mod panels_support;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use asb_gateway::panels::Options;
-use panels_support::*;
+use support::panels::*;
 
 fn chromium() -> PathBuf {
     for name in ["chromium", "chromium-browser"] {

@@ -94,7 +94,7 @@ echo "oelint-adv: clean"
 # ---------------------------------------------------------------- (f) crates include
 step "(f) Yocto crates include vs Cargo.lock"
 python3 scripts/yocto-crates.py --check || fail "crates include out of date"
-cargo test --quiet --test yocto
+cargo test --quiet --test it -- yocto::
 
 if [ "${APPLIANCE_SKIP_ARM:-0}" = 1 ]; then
     step "ARM builds skipped (APPLIANCE_SKIP_ARM=1)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Setup for the emulator tests (tests/emulator.rs): the official Azure Service Bus
+# Setup for the emulator tests (tests/it/emulator.rs): the official Azure Service Bus
 # Python SDK in the repo-local virtualenv .venv, used by the interop test
 # `python_sdk_sends_to_topic`. Idempotent: skips what is already installed.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Test dependencies of the source (issue 3): RabbitMQ 3.10 with its AMQP 1.0 plugin
-# (Debian package), for the interop test tests/source_rabbitmq.rs, which starts its own
+# (Debian package), for the interop test tests/it/source_rabbitmq.rs, which starts its own
 # node (own epmd, free loopback ports, temp dirs) and stops it by pid.
 # Idempotent: skips what is already installed. Does not leave a system-wide node running.
 set -euo pipefail

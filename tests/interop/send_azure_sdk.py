@@ -2,7 +2,7 @@
 
 Usage: send_azure_sdk.py CONNECTION_STRING TOPIC N
 
-Used by tests/emulator.rs (python_sdk_sends_to_topic) against the emulator with a
+Used by tests/it/emulator.rs (python_sdk_sends_to_topic) against the emulator with a
 `UseDevelopmentEmulator=true` connection string.
 """
 

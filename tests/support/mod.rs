@@ -1,182 +1,137 @@
-//! Shared test helpers: a real mosquitto broker, a real MQTT subscriber, captured logs.
-#![allow(dead_code)]
+//! The one test-support tree, used by the integration tests (`tests/it`, the
+//! global-allocator tests, the browser test) and by the benches (`#[path]` to this file):
+//! the gateway as a child process, the emulator, in-process panel servers and clients,
+//! raw WebSocket and HTTP clients, MQTT subscribers, a real mosquitto, `/proc` readers,
+//! captured logs.
+#![allow(dead_code, unused_imports)]
 
 pub mod cutter;
+pub mod daemon;
+pub mod emulator;
+pub mod http;
 pub mod mirror_run;
 pub mod mosquitto;
+pub mod mqtt;
+pub mod panels;
+pub mod procfs;
+pub mod source;
+pub mod ws_raw;
 
-use std::sync::Arc;
+pub use mqtt::{Received, Subscriber};
+
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use bytes::Bytes;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::{mpsc, watch};
+/// The gateway binary cargo built for this test or bench.
+pub const EXE: &str = env!("CARGO_BIN_EXE_asb-gateway");
 
-/// One message as a subscriber saw it.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub topic: String,
-    pub payload: Bytes,
-    pub retain: bool,
-    pub user: Vec<(String, String)>,
-    pub content_type: Option<String>,
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-impl Received {
-    pub fn user(&self, key: &str) -> Option<&str> {
-        self.user
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
+/// A fresh private directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
 
-/// A real MQTT 5 subscriber (rumqttc) on a filter; reconnects by itself.
-pub struct Subscriber {
-    pub rx: mpsc::Receiver<Received>,
-    /// SUBACKs received so far (one per (re)subscription).
-    pub subscribed: watch::Receiver<u32>,
-    pub connects: Arc<AtomicU32>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-static SUB_ID: AtomicU32 = AtomicU32::new(0);
-
-impl Subscriber {
-    /// `persistent`: keep the session (subscription and queued QoS 1 messages) at the
-    /// broker while disconnected.
-    pub async fn start(port: u16, filter: &str, persistent: bool) -> Subscriber {
-        let id = format!(
-            "test-sub-{}-{}",
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "asbgw-{tag}-{}-{}-{}",
             std::process::id(),
-            SUB_ID.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_clean_start(!persistent);
-        if persistent {
-            opts.set_session_expiry_interval(Some(600));
-        }
-        let (client, mut el) = AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::channel(100_000);
-        let (sub_tx, subscribed) = watch::channel(0u32);
-        let connects = Arc::new(AtomicU32::new(0));
-        let conns = connects.clone();
-        let filter = filter.to_string();
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        conns.fetch_add(1, Ordering::Relaxed);
-                        if !ack.session_present {
-                            let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
-                        } else {
-                            sub_tx.send_modify(|n| *n += 1);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => sub_tx.send_modify(|n| *n += 1),
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let (user, content_type) = match p.properties {
-                            Some(pp) => (pp.user_properties, pp.content_type),
-                            None => (Vec::new(), None),
-                        };
-                        let r = Received {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload,
-                            retain: p.retain,
-                            user,
-                            content_type,
-                        };
-                        if tx.send(r).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        let mut s = Subscriber {
-            rx,
-            subscribed,
-            connects,
-            task,
-        };
-        s.wait_subscribed(1).await;
-        s
+            N.fetch_add(1, Ordering::Relaxed),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
     }
 
-    /// Wait until `n` subscriptions (or session resumptions) have been acknowledged.
-    pub async fn wait_subscribed(&mut self, n: u32) {
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            self.subscribed.wait_for(|c| *c >= n),
-        )
-        .await
-        .expect("subscriber did not subscribe in time")
-        .unwrap();
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 
-    /// The next message, or None after `wait`.
-    pub async fn next(&mut self, wait: Duration) -> Option<Received> {
-        tokio::time::timeout(wait, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// The next message on a topic other than `skip`.
-    pub async fn next_except(&mut self, skip: &str, wait: Duration) -> Option<Received> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let r = self.next(left).await?;
-            if r.topic != skip {
-                return Some(r);
-            }
-        }
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
     }
 }
 
-impl Drop for Subscriber {
+impl Drop for TempDir {
     fn drop(&mut self) {
-        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 // ------------------------------------------------------------------ captured log output
 
-static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Every record captured so far: (level, target, message).
+static RECORDS: Mutex<Vec<(log::Level, String, String)>> = Mutex::new(Vec::new());
+/// Capture records of every target, not only the crate's.
+static ALL_TARGETS: AtomicBool = AtomicBool::new(false);
 
-struct Capture;
+/// The process's one capturing logger (nextest runs each test in its own process; under
+/// plain `cargo test` the tests of a binary share it).
+pub struct Capture;
 
 impl log::Log for Capture {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {
         true
     }
     fn log(&self, r: &log::Record<'_>) {
-        if !r.target().starts_with("asb_gateway") {
+        if !ALL_TARGETS.load(Ordering::Relaxed) && !r.target().starts_with("asb_gateway") {
             return;
         }
-        let line = format!("{} {}: {}", r.level(), r.target(), r.args());
-        eprintln!("{line}");
-        LOGS.lock().unwrap().push(line);
+        let msg = r.args().to_string();
+        // Shown by the test runner only when the test fails.
+        eprintln!("{} {}: {msg}", r.level(), r.target());
+        if let Ok(mut v) = RECORDS.lock() {
+            v.push((r.level(), r.target().to_string(), msg));
+        }
     }
     fn flush(&self) {}
 }
 
 static CAPTURE: Capture = Capture;
 
-/// Capture every log record of the crate (nextest runs each test in its own process).
-pub fn capture_logs() {
+fn install() {
     let _ = log::set_logger(&CAPTURE);
     log::set_max_level(log::LevelFilter::Trace);
 }
 
+/// Capture every log record of the crate; read them with [`logs`].
+pub fn capture_logs() {
+    install();
+}
+
+/// Capture every log record of every target (the AMQP library's too); read them with
+/// [`Capture::lines`].
+pub fn capture_all_logs() -> &'static Capture {
+    ALL_TARGETS.store(true, Ordering::Relaxed);
+    install();
+    &CAPTURE
+}
+
+/// The crate's records so far, as `LEVEL target: message`.
 pub fn logs() -> Vec<String> {
-    LOGS.lock().unwrap().clone()
+    RECORDS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, t, _)| t.starts_with("asb_gateway"))
+        .map(|(l, t, m)| format!("{l} {t}: {m}"))
+        .collect()
+}
+
+impl Capture {
+    /// Every record so far, as `LEVEL target message`.
+    pub fn lines(&self) -> Vec<String> {
+        RECORDS
+            .lock()
+            .map(|v| v.iter().map(|(l, t, m)| format!("{l} {t} {m}")).collect())
+            .unwrap_or_default()
+    }
 }

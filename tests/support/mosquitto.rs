@@ -20,13 +20,17 @@ pub struct MosquittoOptions {
     /// Serve TLS on the port with a certificate for 127.0.0.1 signed by a fresh test CA
     /// ([`Mosquitto::ca_file`]); needs the `openssl` command.
     pub tls: bool,
-    /// More lines for mosquitto.conf (e.g. `max_queued_messages 0` for benchmarks).
+    /// More lines for mosquitto.conf (e.g. `max_queued_messages 0` for benchmarks, or a
+    /// second listener).
     pub extra: String,
+    /// Run the broker pinned to this CPU (`taskset -c N`), for benchmarks.
+    pub pin_cpu: Option<usize>,
 }
 
 pub struct Mosquitto {
     pub port: u16,
     tls: bool,
+    pin_cpu: Option<usize>,
     dir: PathBuf,
     conf: PathBuf,
     child: Option<Child>,
@@ -237,6 +241,7 @@ impl Mosquitto {
             let mut m = Mosquitto {
                 port,
                 tls: opts.tls,
+                pin_cpu: opts.pin_cpu,
                 dir,
                 conf,
                 child: None,
@@ -250,7 +255,15 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new(binary())
+        let mut cmd = match self.pin_cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
             .arg("-c")
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -296,6 +309,11 @@ impl Mosquitto {
     /// A private directory that is removed with the broker.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn is_running(&self) -> bool {

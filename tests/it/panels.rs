@@ -1,16 +1,15 @@
 //! The panel server with real WebSocket clients (tokio-tungstenite) on loopback.
 
-mod panels_support;
-
+use crate::support::{http, ws_raw};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::panels::*;
 use asb_gateway::event::{Body, Frame, GapReason, format_rfc3339_millis};
 use asb_gateway::metrics::PartState;
 use asb_gateway::panels::Options;
 use futures_util::{SinkExt, StreamExt};
-use panels_support::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -525,49 +524,6 @@ async fn garbage_ops_get_error_frames_and_the_session_goes_on() {
     srv.stop().await;
 }
 
-/// Upgrade a raw TCP connection to `/v1/stream` by hand; returns it after the 101 head.
-async fn raw_upgrade(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-        "RFC 6455 accept key: {head}"
-    );
-    s
-}
-
-/// Split unmasked server frames: (opcode, payload).
-fn server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    while b.len() >= 2 {
-        let op = b[0] & 0x0f;
-        let (len, hdr) = match b[1] & 0x7f {
-            126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 => (
-                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
-            n => (n as usize, 2),
-        };
-        out.push((op, b[hdr..hdr + len].to_vec()));
-        b = &b[hdr + len..];
-    }
-    out
-}
-
 #[tokio::test]
 async fn server_pings_and_drops_silent_panels() {
     let ctx = ctx("");
@@ -581,7 +537,7 @@ async fn server_pings_and_drops_silent_panels() {
     let mut alive = connect(srv.addr, "").await;
     // The silent panel is a raw socket that sends nothing after its handshake (a
     // WebSocket library would answer pings as soon as it reads).
-    let mut silent = raw_upgrade(srv.addr).await;
+    let mut silent = ws_raw::upgrade(srv.addr).await;
     let t0 = Instant::now();
     let mut pings = 0;
     while t0.elapsed() < Duration::from_millis(1500) {
@@ -605,7 +561,7 @@ async fn server_pings_and_drops_silent_panels() {
     .await
     .unwrap()
     .unwrap();
-    let frames = server_frames(&raw);
+    let frames = ws_raw::server_frames(&raw);
     assert_eq!(frames[0].0, 0x1, "hello text frame first");
     assert!(
         frames[1..frames.len() - 1].iter().all(|f| f.0 == 0x9),
@@ -725,7 +681,7 @@ fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
 async fn metrics_health_page_and_404() {
     let ctx = ctx("");
     let srv = start(ctx.clone(), Options::default()).await;
-    let (status, head, body) = http_get(srv.addr, "/metrics").await;
+    let (status, head, body) = http::get(srv.addr, "/metrics").await;
     assert_eq!(status, 200);
     assert!(
         head.to_ascii_lowercase()
@@ -741,7 +697,7 @@ async fn metrics_health_page_and_404() {
         append(&ctx, "a/b", "{}");
     }
     read_events(&mut ws, 5).await;
-    let m1 = parse_prometheus(&http_get(srv.addr, "/metrics").await.2);
+    let m1 = parse_prometheus(&http::get(srv.addr, "/metrics").await.2);
     assert_eq!(m1["asbgw_frames_sent_total"], 6.0, "hello + 5 events");
     assert_eq!(m1["asbgw_panels_connected"], 1.0);
     assert_eq!(m1["asbgw_journal_events"], 5.0);
@@ -757,7 +713,7 @@ async fn metrics_health_page_and_404() {
     drop(ws);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let m = parse_prometheus(&http_get(srv.addr, "/metrics").await.2);
+        let m = parse_prometheus(&http::get(srv.addr, "/metrics").await.2);
         if m["asbgw_panels_connected"] == 0.0 && tasks(&m) <= tasks(&m0) {
             break;
         }
@@ -771,12 +727,12 @@ async fn metrics_health_page_and_404() {
     }
 
     // health follows the part states
-    let (status, _, body) = http_get(srv.addr, "/healthz").await;
+    let (status, _, body) = http::get(srv.addr, "/healthz").await;
     assert_eq!(status, 503);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["source"], "starting");
     ctx.metrics.source_state.set(PartState::Up);
-    let (status, _, body) = http_get(srv.addr, "/healthz").await;
+    let (status, _, body) = http::get(srv.addr, "/healthz").await;
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -784,15 +740,15 @@ async fn metrics_health_page_and_404() {
         (Some("ok"), Some(0))
     );
 
-    let (status, _, page) = http_get(srv.addr, "/").await;
+    let (status, _, page) = http::get(srv.addr, "/").await;
     assert_eq!(status, 200);
     assert!(page.contains("id=\"state\"") && page.contains("/page.js"));
-    let (status, _, js) = http_get(srv.addr, "/page.js").await;
+    let (status, _, js) = http::get(srv.addr, "/page.js").await;
     assert_eq!(status, 200);
     assert!(js.contains("asbgw.v1.json"));
-    assert_eq!(http_get(srv.addr, "/nope").await.0, 404);
+    assert_eq!(http::get(srv.addr, "/nope").await.0, 404);
     assert_eq!(
-        http_get(srv.addr, "/v1/stream").await.0,
+        http::get(srv.addr, "/v1/stream").await.0,
         400,
         "not an upgrade"
     );

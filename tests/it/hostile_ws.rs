@@ -3,16 +3,16 @@
 //! invalid UTF-8, a storm of subscribe ops, and a connection flood. Each case asserts its
 //! outcome and that the server then still serves a normal panel.
 
-mod panels_support;
-
+use crate::support::procfs;
+use crate::support::ws_raw::{self, close_code, frame, read_all, server_frames};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::panels::*;
 use asb_gateway::app::Context;
 use asb_gateway::panels::Options;
 use futures_util::{SinkExt, StreamExt};
-use panels_support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -220,92 +220,12 @@ async fn slowloris_handshake_is_cut_after_the_head_timeout() {
     srv.stop().await;
 }
 
-/// A masked client frame.
-fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    let n = payload.len();
-    if n < 126 {
-        out.push(0x80 | n as u8);
-    } else if n <= 0xffff {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
-/// Upgrade a raw socket; returns it after the 101 head.
-async fn raw_ws(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tokio::time::timeout(T, s.read_exact(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
-}
-
-/// Server frames (opcode, payload) from raw bytes; incomplete tail ignored.
-fn server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    loop {
-        if b.len() < 2 {
-            return out;
-        }
-        let op = b[0] & 0x0f;
-        let (len, hdr) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 if b.len() >= 10 => (
-                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
-            126 | 127 => return out,
-            n => (n as usize, 2),
-        };
-        if b.len() < hdr + len {
-            return out;
-        }
-        out.push((op, b[hdr..hdr + len].to_vec()));
-        b = &b[hdr + len..];
-    }
-}
-
-/// Read until the server closes the TCP connection (bounded); the frames it sent.
-async fn read_all(s: &mut TcpStream, limit: Duration) -> (Vec<(u8, Vec<u8>)>, Duration) {
-    let t0 = Instant::now();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(limit, s.read_to_end(&mut buf)).await;
-    (server_frames(&buf), t0.elapsed())
-}
-
-fn close_code(frames: &[(u8, Vec<u8>)]) -> Option<u16> {
-    frames
-        .iter()
-        .find(|f| f.0 == 0x8)
-        .and_then(|f| (f.1.len() >= 2).then(|| u16::from_be_bytes([f.1[0], f.1[1]])))
-}
-
 #[tokio::test]
 async fn fragmented_frames_are_reassembled_and_bounded() {
     let ctx = ctx("");
     let srv = start(ctx.clone(), Options::default()).await;
     // a ping op in three fragments, with a control frame between them
-    let mut s = raw_ws(srv.addr).await;
+    let mut s = ws_raw::upgrade(srv.addr).await;
     let op = br#"{"op":"ping"}"#;
     let mut bytes = frame(false, 0x1, &op[..4]);
     bytes.extend(frame(false, 0x0, &op[4..9]));
@@ -336,7 +256,7 @@ async fn fragmented_frames_are_reassembled_and_bounded() {
         assert!(t0.elapsed() < T);
     }
     // fragments adding up past 4 KiB: closed with 1009
-    let mut s = raw_ws(srv.addr).await;
+    let mut s = ws_raw::upgrade(srv.addr).await;
     let mut bytes = Vec::new();
     bytes.extend(frame(false, 0x1, &[b' '; 2000]));
     bytes.extend(frame(false, 0x0, &[b' '; 2000]));
@@ -358,7 +278,7 @@ async fn fragmented_frames_are_reassembled_and_bounded() {
         .concat(), // RSV1 set
         frame(false, 0x9, b"fragmented ping"),
     ] {
-        let mut s = raw_ws(srv.addr).await;
+        let mut s = ws_raw::upgrade(srv.addr).await;
         let _ = s.write_all(&bytes).await;
         let (frames, took) = read_all(&mut s, T).await;
         assert_eq!(close_code(&frames), Some(1002), "{bytes:?}: {frames:?}");
@@ -372,7 +292,7 @@ async fn fragmented_frames_are_reassembled_and_bounded() {
 async fn an_unmasked_client_frame_is_a_protocol_error() {
     let ctx = ctx("");
     let srv = start(ctx.clone(), Options::default()).await;
-    let mut s = raw_ws(srv.addr).await;
+    let mut s = ws_raw::upgrade(srv.addr).await;
     let op = br#"{"op":"ping"}"#;
     let mut bytes = vec![0x81, op.len() as u8];
     bytes.extend_from_slice(op);
@@ -391,23 +311,14 @@ async fn an_unmasked_client_frame_is_a_protocol_error() {
     srv.stop().await;
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_10_mib_frame_is_closed_1009_without_buffering_it() {
     let ctx = ctx("");
     let srv = start(ctx.clone(), Options::default()).await;
     still_serves(&ctx, srv.addr).await;
-    let before = peak_rss_kib();
+    let before = procfs::status_field("self", "VmHWM:").expect("VmHWM");
     for opcode in [0x1u8, 0x2] {
-        let mut s = raw_ws(srv.addr).await;
+        let mut s = ws_raw::upgrade(srv.addr).await;
         let len: u64 = 10 * 1024 * 1024;
         let mut head = vec![0x80 | opcode, 0x80 | 127];
         head.extend_from_slice(&len.to_be_bytes());
@@ -442,7 +353,9 @@ async fn a_10_mib_frame_is_closed_1009_without_buffering_it() {
             "the server read all 10 MiB ({written} bytes)"
         );
     }
-    let grew = peak_rss_kib().saturating_sub(before);
+    let grew = procfs::status_field("self", "VmHWM:")
+        .expect("VmHWM")
+        .saturating_sub(before);
     assert!(grew < 8 * 1024, "peak RSS grew by {grew} KiB");
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
@@ -458,14 +371,14 @@ async fn invalid_utf8_text_closes_1007_and_binary_garbage_gets_an_error() {
         b"\xed\xa0\x80",
         b"\xc0\xaf",
     ] {
-        let mut s = raw_ws(srv.addr).await;
+        let mut s = ws_raw::upgrade(srv.addr).await;
         s.write_all(&frame(true, 0x1, bad)).await.unwrap();
         let (frames, took) = read_all(&mut s, T).await;
         assert_eq!(close_code(&frames), Some(1007), "{bad:?}: {frames:?}");
         assert!(took < Duration::from_secs(3));
     }
     // invalid UTF-8 split across fragments
-    let mut s = raw_ws(srv.addr).await;
+    let mut s = ws_raw::upgrade(srv.addr).await;
     let mut bytes = frame(false, 0x1, b"{\"op\":\"\xe2\x82");
     bytes.extend(frame(true, 0x0, b"\x28\"}"));
     s.write_all(&bytes).await.unwrap();

@@ -5,9 +5,7 @@
 //! clients) and the mirror's `payload = "json"` MQTT message. Table-driven: one row per
 //! AMQP type and per described type the Azure SDKs write.
 
-mod panels_support;
-mod source_support;
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -175,9 +173,9 @@ fn message(i: usize, value: SimpleValue) -> Message<Data> {
 }
 
 /// The next event frame of a panel as (message_id, props), JSON or postcard.
-async fn next_event(ws: &mut panels_support::Client) -> (String, HashMap<String, String>) {
+async fn next_event(ws: &mut support::panels::Client) -> (String, HashMap<String, String>) {
     loop {
-        match panels_support::next_msg(ws).await {
+        match support::panels::next_msg(ws).await {
             WsMessage::Text(t) => {
                 let f: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
                 if f["type"] != "event" {
@@ -219,8 +217,8 @@ async fn every_amqp_type_reads_the_same_in_panels_postcard_and_mqtt() {
     let broker = Mosquitto::start();
     let mut sub = Subscriber::start(broker.port, "factory/asb/typed", false).await;
     sub.wait_subscribed(1).await;
-    let em = source_support::start_emulator(
-        source_support::entities(Duration::from_secs(30), &["edge"]),
+    let em = support::source::start_emulator(
+        support::source::entities(Duration::from_secs(30), &["edge"]),
         None,
         "127.0.0.1:0",
     )
@@ -229,7 +227,7 @@ async fn every_amqp_type_reads_the_same_in_panels_postcard_and_mqtt() {
         "[source]\nconnection_string = \"{}\"\n[[source.subscriptions]]\ntopic = \"{}\"\n\
          subscription = \"edge\"\n[mqtt]\nurl = \"{}\"\npayload = \"json\"\n",
         em.connection_string(),
-        source_support::TOPIC,
+        support::source::TOPIC,
         broker.url()
     );
     let ctx = Context::new(Config::parse(&toml, &LoadEnv::default()).unwrap());
@@ -240,22 +238,22 @@ async fn every_amqp_type_reads_the_same_in_panels_postcard_and_mqtt() {
         let _ = stopped.await;
     }));
 
-    let mut json = panels_support::try_connect(addr, "", Some("asbgw.v1.json"), &[])
+    let mut json = support::panels::try_connect(addr, "", Some("asbgw.v1.json"), &[])
         .await
         .unwrap();
-    let mut postcard = panels_support::try_connect(addr, "", Some("asbgw.v1.postcard"), &[])
+    let mut postcard = support::panels::try_connect(addr, "", Some("asbgw.v1.postcard"), &[])
         .await
         .unwrap();
-    assert_eq!(panels_support::next_json(&mut json).await["type"], "hello");
+    assert_eq!(support::panels::next_json(&mut json).await["type"], "hello");
     assert!(matches!(
-        panels_support::next_msg(&mut postcard).await,
+        support::panels::next_msg(&mut postcard).await,
         WsMessage::Binary(_)
     ));
 
     let rows = rows();
     let mut publisher = tokio::time::timeout(
         T,
-        Publisher::connect(&em.connection_string(), source_support::TOPIC),
+        Publisher::connect(&em.connection_string(), support::source::TOPIC),
     )
     .await
     .expect("publisher connects in time")

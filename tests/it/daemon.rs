@@ -3,118 +3,17 @@
 //! graceful shutdown (exit 0 within 5 s, close 1001 to panels) and that messages still
 //! unsettled at shutdown are released back to the broker at once, not left locked.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use asb_gateway::emulator::{self, EmulatorHandle, EmulatorOptions, client::Publisher};
+use asb_gateway::emulator::{EmulatorHandle, client::Publisher};
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::support::daemon::Daemon;
+use crate::support::emulator::start_default as emulator;
+
 const ENTITY: &str = "operational-events/Subscriptions/edge";
-
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    panels: SocketAddr,
-    _dir: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Daemon {
-    fn start(name: &str, config: &str) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("asbgw-daemon-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
-            .args(["run", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut log = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let panels = loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("daemon did not start; log: {log:#?}"));
-            log.push(line.clone());
-            if let Some(rest) = line.split("panels on ").nth(1) {
-                break rest.split(',').next().unwrap().trim().parse().unwrap();
-            }
-        };
-        Daemon {
-            child,
-            lines,
-            log,
-            panels,
-            _dir: TempDir(dir),
-        }
-    }
-
-    /// SIGTERM, then the exit status and how long it took.
-    fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let t0 = Instant::now();
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.log.push(l);
-                }
-                return (status.code(), t0.elapsed());
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                let _ = self.child.kill();
-                panic!("daemon ignored SIGTERM for 10 s; log: {:#?}", self.log);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn emulator() -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    emulator::start(l, EmulatorOptions::default())
-        .await
-        .unwrap()
-}
 
 fn config(em: &EmulatorHandle, extra: &str) -> String {
     format!(
@@ -151,8 +50,8 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_panels_and_stops_gracefully() {
     let em = emulator().await;
-    let mut d = Daemon::start("serve", &config(&em, ""));
-    let url = format!("ws://{}/v1/stream?filter=line1/%23", d.panels);
+    let mut d = Daemon::start(&config(&em, ""));
+    let url = format!("ws://{}/v1/stream?filter=line1/%23", d.panels());
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     publish(&em, 20).await;
 
@@ -180,7 +79,7 @@ async fn run_serves_panels_and_stops_gracefully() {
     wait_for("20 completed", || em.stats()[ENTITY].completed == 20).await;
 
     let (code, took) = d.terminate();
-    assert_eq!(code, Some(0), "log: {:#?}", d.log);
+    assert_eq!(code, Some(0), "log: {}", d.log_text());
     assert!(took < Duration::from_secs(5), "took {took:?}");
     // the panel was told why: 1001 going away
     let mut close = None;
@@ -205,7 +104,7 @@ async fn shutdown_releases_unsettled_messages() {
     let extra = format!(
         "[journal]\nunsettled = 8\n[mqtt]\nurl = \"mqtt://127.0.0.1:{dead_port}\"\nrequired = true\n"
     );
-    let mut d = Daemon::start("release", &config(&em, &extra));
+    let mut d = Daemon::start(&config(&em, &extra));
     publish(&em, 30).await;
     wait_for("8 locked", || em.stats()[ENTITY].locked == 8).await;
     let s = em.stats()[ENTITY].clone();
@@ -213,7 +112,7 @@ async fn shutdown_releases_unsettled_messages() {
     assert!(s.max_locked <= 8, "{s:?}");
 
     let (code, took) = d.terminate();
-    assert_eq!(code, Some(0), "log: {:#?}", d.log);
+    assert_eq!(code, Some(0), "log: {}", d.log_text());
     assert!(took < Duration::from_secs(5), "took {took:?}");
     // released, not waiting for the lock to expire (LockDuration is a minute)
     wait_for("all 30 active again", || {

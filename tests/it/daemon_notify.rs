@@ -5,18 +5,10 @@
 //! (through the daemon's test hook `ASBGW_TEST_WEDGE_AFTER_MS`).
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use asb_gateway::emulator::{self, EmulatorOptions};
-
-struct Killed(std::process::Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support;
+use crate::support::daemon::Daemon;
 
 /// Datagrams received until `until`, each with its arrival time.
 fn collect(sock: &UnixDatagram, until: Instant) -> Vec<(Instant, String)> {
@@ -37,12 +29,8 @@ fn collect(sock: &UnixDatagram, until: Instant) -> Vec<(Instant, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_notifies_ready_status_and_gates_the_watchdog() {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let em = emulator::start(l, EmulatorOptions::default())
-        .await
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("asbgw-notify-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let em = support::emulator::start_default().await;
+    let dir = support::TempDir::new("notify-e2e");
     let sock_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&sock_path);
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -56,19 +44,14 @@ async fn daemon_notifies_ready_status_and_gates_the_watchdog() {
     )
     .unwrap();
     let start = Instant::now();
-    let _child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env("WATCHDOG_USEC", "400000")
-            .env_remove("WATCHDOG_PID")
-            .env("ASBGW_TEST_WEDGE_AFTER_MS", "2500")
-            .env_remove("JOURNAL_STREAM")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    // Not waiting for `panels on`: the datagrams are timed as they arrive.
+    let daemon = Daemon::with_config_file(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .env("ASBGW_TEST_WEDGE_AFTER_MS", "2500")
+        .no_wait()
+        .start();
     // 0 .. 2.5 s: ready, status, pings; wedged at 2.5 s; the 400 ms window then runs out.
     let healthy = collect(&sock, start + Duration::from_millis(2400));
     let ready = healthy.iter().position(|(_, m)| m.contains("READY=1"));
@@ -102,7 +85,6 @@ async fn daemon_notifies_ready_status_and_gates_the_watchdog() {
         !wedged.iter().any(|(_, m)| m.contains("WATCHDOG=1")),
         "pings went on from a wedged data path: {wedged:?}"
     );
-    drop(_child);
+    drop(daemon);
     em.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

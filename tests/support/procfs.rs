@@ -1,4 +1,5 @@
-//! Reading `/proc` for the benches: a process's status fields and its threads' CPU time.
+//! Reading `/proc`: a process's status fields (VmHWM, VmRSS, Threads) and the CPU time of
+//! a process or of its threads.
 
 /// A numeric field of `/proc/PID/status` (`pid` may be `"self"`), e.g. `"VmHWM:"` (kB).
 pub fn status_field(pid: &str, field: &str) -> Option<u64> {
@@ -28,9 +29,23 @@ pub fn thread_ticks(prefix: &str) -> u64 {
         if !stat[open + 1..close].starts_with(prefix) {
             continue;
         }
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // fields after "(comm) ": state=0 … utime=11 stime=12
-        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        total += stat_ticks(&stat);
     }
     total
+}
+
+/// CPU ticks (utime + stime) of process `pid` (`"self"` for this one); 0 when gone.
+pub fn process_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(0, |s| stat_ticks(&s))
+}
+
+/// utime + stime of a `stat` line (process or thread).
+fn stat_ticks(stat: &str) -> u64 {
+    let Some(close) = stat.rfind(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+    // fields after "(comm) ": state=0 … utime=11 stime=12
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }

@@ -4,10 +4,9 @@
 //! where cut) or dead-lettered with a reason visible in the emulator; nothing stays locked
 //! and a normal message after each one still gets through.
 
-mod source_support;
-
 use std::time::Duration;
 
+use crate::support::source::*;
 use asb_gateway::emulator::client::Publisher;
 use asb_gateway::emulator::{EmulatorHandle, EntityStats};
 use asb_gateway::event::{CONTENT_TYPE_MAX, ID_MAX, PROP_KEY_MAX, PROP_VALUE_MAX, PROPS_MAX};
@@ -17,7 +16,6 @@ use fe2o3_amqp::types::messaging::{
 };
 use fe2o3_amqp::types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Value};
 use serde_json::json;
-use source_support::*;
 
 const T: Duration = Duration::from_secs(20);
 const ENTITY: &str = "events/Subscriptions/edge";

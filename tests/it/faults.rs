@@ -9,25 +9,25 @@
 //! Reproduce a run with `ASBGW_FAULT_SEED=N` (the seed is printed first). Also here:
 //! graceful shutdown (SIGTERM) with events in flight.
 
-mod support;
+use crate::support;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::{BufRead, BufReader};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use asb_gateway::emulator::client::Publisher;
 use asb_gateway::emulator::{
-    self, EmulatorHandle, EmulatorOptions, Entities, EntityConfig, Store, TopicConfig,
+    EmulatorHandle, EmulatorOptions, Entities, EntityConfig, Store, TopicConfig,
 };
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Message, Properties};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue};
 use futures_util::StreamExt;
 use support::Subscriber;
+use support::TempDir;
+use support::daemon::{Daemon, Log};
 use support::mosquitto::{Mosquitto, MosquittoOptions};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -38,115 +38,12 @@ const ENTITY: &str = "operational-events/Subscriptions/edge";
 
 // ------------------------------------------------------------------ the gateway process
 
-/// Last lines of a child's stderr, for failure messages.
-type LogTail = Arc<Mutex<VecDeque<String>>>;
+/// The gateway's output across its restarts (the last 300 lines), for failure messages.
+type LogTail = Log;
 
-struct Gateway {
-    child: Child,
-    panels: SocketAddr,
-    log: LogTail,
-}
-
-impl Gateway {
-    /// Start `asb-gateway run --config CONFIG` and wait for its panel address.
-    fn start(config: &Path, log: &LogTail) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start asb-gateway");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tail = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line.clone());
-                let mut t = tail.lock().unwrap();
-                if t.len() == 300 {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let panels = loop {
-            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => l,
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("gateway did not start; log: {:#?}", log.lock().unwrap());
-                }
-            };
-            if let Some(rest) = line.split("panels on ").nth(1) {
-                break rest.split(',').next().unwrap().trim().parse().unwrap();
-            }
-        };
-        Gateway {
-            child,
-            panels,
-            log: log.clone(),
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM; the exit code and how long the process took to exit.
-    fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let t0 = Instant::now();
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), t0.elapsed());
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                self.kill9();
-                panic!(
-                    "gateway ignored SIGTERM for 10 s; log: {:#?}",
-                    self.log.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "asbgw-faults-{tag}-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Start `asb-gateway run --config CONFIG` and wait for its panel address.
+fn start_gateway(config: &Path, log: &LogTail) -> Daemon {
+    Daemon::with_config_file(config).log(log, 300).start()
 }
 
 fn gateway_config(em: &EmulatorHandle, broker: &Mosquitto, tag: &str, unsettled: u32) -> String {
@@ -187,16 +84,8 @@ async fn start_emulator(
     entities: &Entities,
     store: Option<Store>,
 ) -> EmulatorHandle {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let listener = loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) if Instant::now() > deadline => panic!("rebind emulator on {addr}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    emulator::start(
-        listener,
+    support::emulator::start_on(
+        addr,
         EmulatorOptions {
             entities: entities.clone(),
             store,
@@ -204,7 +93,6 @@ async fn start_emulator(
         },
     )
     .await
-    .unwrap()
 }
 
 /// Message `n`; `big` ones carry a 4,000-byte body (over a 2,048-byte broker limit).
@@ -432,11 +320,11 @@ async fn seeded_fault_schedule_loses_nothing() {
     let (seen, sub_task) = drain_subscriber(sub, "faults/status".into());
 
     let dir = TempDir::new("schedule");
-    let config = dir.0.join("config.toml");
+    let config = dir.join("config.toml");
     std::fs::write(&config, gateway_config(&em, &broker, "faults", 32)).unwrap();
     let log: LogTail = Arc::default();
-    let mut gw = block(|| Gateway::start(&config, &log));
-    let (addr_tx, addr_rx) = watch::channel(gw.panels);
+    let mut gw = block(|| start_gateway(&config, &log));
+    let (addr_tx, addr_rx) = watch::channel(gw.panels());
     let epoch = Instant::now();
     let panels: Vec<_> = (0..2)
         .map(|_| spawn_panel(addr_rx.clone(), epoch))
@@ -474,10 +362,10 @@ async fn seeded_fault_schedule_loses_nothing() {
         );
         match fault {
             Fault::KillGateway => {
-                gw.kill9();
+                gw.kill();
                 tokio::time::sleep(pause).await;
-                gw = block(|| Gateway::start(&config, &log));
-                addr_tx.send_replace(gw.panels);
+                gw = block(|| start_gateway(&config, &log));
+                addr_tx.send_replace(gw.panels());
             }
             Fault::RestartEmulator => {
                 let _g = gate.lock().await;
@@ -660,13 +548,13 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
     let sub = Subscriber::start(broker.port, "poison/#", true).await;
     let (seen, sub_task) = drain_subscriber(sub, "poison/status".into());
     let dir = TempDir::new("poison");
-    let config = dir.0.join("config.toml");
+    let config = dir.join("config.toml");
     let text = gateway_config(&em, &broker, "poison", 32)
         .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", cutter.port))
         + "protocol = \"3.1.1\"\n";
     std::fs::write(&config, text).unwrap();
     let log: LogTail = Arc::default();
-    let mut gw = block(|| Gateway::start(&config, &log));
+    let mut gw = block(|| start_gateway(&config, &log));
 
     let m = 96;
     let pubstats = Arc::new(PubStats::default());
@@ -782,12 +670,12 @@ async fn sigterm_under_load_releases_in_flight_and_loses_nothing() {
     let sub = Subscriber::start(broker.port, "load/#", true).await;
     let (seen, sub_task) = drain_subscriber(sub, "load/status".into());
     let dir = TempDir::new("sigterm");
-    let config = dir.0.join("config.toml");
+    let config = dir.join("config.toml");
     std::fs::write(&config, gateway_config(&em, &broker, "load", 64)).unwrap();
     let log: LogTail = Arc::default();
-    let mut gw = block(|| Gateway::start(&config, &log));
+    let mut gw = block(|| start_gateway(&config, &log));
 
-    let url = format!("ws://{}/v1/stream", gw.panels);
+    let url = format!("ws://{}/v1/stream", gw.panels());
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(url),
@@ -861,7 +749,7 @@ async fn sigterm_under_load_releases_in_flight_and_loses_nothing() {
     assert!(events > 0);
 
     // Restart: everything ends completed and at the subscriber.
-    let _gw2 = block(|| Gateway::start(&config, &log));
+    let _gw2 = block(|| start_gateway(&config, &log));
     tokio::time::timeout(Duration::from_secs(30), publisher)
         .await
         .expect("publisher finished")

@@ -8,7 +8,7 @@
 //! - two mirrors with one client id back off instead of taking each other's session
 //!   over in a hot loop, and the log names the takeover.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

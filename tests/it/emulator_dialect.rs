@@ -3,6 +3,7 @@
 //! renewal on `$management` (driven by the gateway's own `source::renew::LockRenewer`).
 //! Real AMQP 1.0 on loopback, fe2o3 clients, no mocks.
 
+use crate::support::{self, http};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
@@ -51,17 +52,12 @@ fn sql(sub: &str, expr: &str) -> String {
 
 async fn start(json: &str) -> EmulatorHandle {
     let entities = Entities::from_json(json).unwrap_or_else(|e| panic!("{e}\n{json}"));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    asb_gateway::emulator::start(
-        l,
-        EmulatorOptions {
-            entities,
-            admin: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        },
-    )
+    support::emulator::start(EmulatorOptions {
+        entities,
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
     .await
-    .unwrap()
 }
 
 struct Client {
@@ -356,7 +352,7 @@ fn cli_refuses_an_unsupported_rule_with_exit_1() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("Config.json");
     std::fs::write(&file, config(&sql("bad", "n * 2 = 4"), "")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
+    let out = std::process::Command::new(support::EXE)
         .args(["emulator", "--listen", "127.0.0.1:0", "--config"])
         .arg(&file)
         .output()
@@ -598,7 +594,7 @@ async fn renew_lock_keeps_a_message_past_its_lock_duration_without_redelivery() 
     }
     assert_eq!(stats(&h).dead_lettered, 0);
     // /stats over HTTP shows the renewals next to the other counts.
-    let (status, body) = http(h.admin_addr().unwrap(), "GET", "/stats").await;
+    let (status, body) = http::call(h.admin_addr().unwrap(), "GET", "/stats").await;
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["events/Subscriptions/edge"]["renewed"], renewals);
@@ -670,23 +666,6 @@ async fn renew_lock_of_an_unknown_settled_or_expired_lock_is_lock_lost() {
     h.shutdown().await;
 }
 
-async fn http(addr: std::net::SocketAddr, method: &str, target: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = within("admin connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    within("admin read", s.read_to_end(&mut out)).await.unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
 #[tokio::test]
 async fn fault_injection_makes_renewals_fail_with_lock_lost() {
     let h = start(&config(r#"{"Name":"edge"}"#, r#"{"Name":"q"}"#)).await;
@@ -702,7 +681,7 @@ async fn fault_injection_makes_renewals_fail_with_lock_lost() {
     renewer.renew(&[token]).await.unwrap();
 
     // fail=2: the next two renewals are refused, the third goes through.
-    let (status, body) = http(
+    let (status, body) = http::call(
         admin,
         "POST",
         "/faults/renew-lock?entity=events%2FSubscriptions%2Fedge&fail=2",
@@ -716,7 +695,7 @@ async fn fault_injection_makes_renewals_fail_with_lock_lost() {
     renewer.renew(&[token]).await.unwrap();
 
     // fail=all until fail=0; the path is case-insensitive as on ASB.
-    let (status, _) = http(
+    let (status, _) = http::call(
         admin,
         "POST",
         "/faults/renew-lock?entity=EVENTS/subscriptions/EDGE&fail=all",
@@ -726,7 +705,7 @@ async fn fault_injection_makes_renewals_fail_with_lock_lost() {
     for _ in 0..3 {
         assert!(renewer.renew(&[token]).await.unwrap_err().is_lock_lost());
     }
-    let (status, _) = http(
+    let (status, _) = http::call(
         admin,
         "POST",
         "/faults/renew-lock?entity=events/Subscriptions/edge&fail=0",
@@ -741,25 +720,29 @@ async fn fault_injection_makes_renewals_fail_with_lock_lost() {
     assert!(renewer.renew(&[token]).await.unwrap_err().is_lock_lost());
     assert!(!h.fail_renewals("events/Subscriptions/nope", Some(1)));
     assert_eq!(
-        http(admin, "POST", "/faults/renew-lock?entity=nope&fail=1")
+        http::call(admin, "POST", "/faults/renew-lock?entity=nope&fail=1")
             .await
             .0,
         404
     );
     assert_eq!(
-        http(admin, "POST", "/faults/renew-lock?fail=1").await.0,
-        400
-    );
-    assert_eq!(
-        http(admin, "POST", "/faults/renew-lock?entity=q&fail=x")
+        http::call(admin, "POST", "/faults/renew-lock?fail=1")
             .await
             .0,
         400
     );
-    assert_eq!(http(admin, "GET", "/faults/renew-lock").await.0, 405);
+    assert_eq!(
+        http::call(admin, "POST", "/faults/renew-lock?entity=q&fail=x")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(http::call(admin, "GET", "/faults/renew-lock").await.0, 405);
     // fail defaults to 1; queues have the node too.
     assert_eq!(
-        http(admin, "POST", "/faults/renew-lock?entity=q").await.0,
+        http::call(admin, "POST", "/faults/renew-lock?entity=q")
+            .await
+            .0,
         200
     );
     renewer.close().await;

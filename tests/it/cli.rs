@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
+    Command::new(crate::support::EXE)
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("CREDENTIALS_DIRECTORY")

@@ -2,19 +2,17 @@
 //! credit-by-demand back-pressure, dead-lettering, faults (restart, link detach),
 //! graceful shutdown, several subscriptions.
 
-mod source_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::source::*;
 use asb_gateway::app::Context;
 use asb_gateway::emulator::client::Publisher;
 use asb_gateway::emulator::{EmulatorHandle, EntityStats};
 use asb_gateway::journal::Handoff;
 use fe2o3_amqp::types::messaging::{Body, Data, Message, Properties};
 use fe2o3_amqp::types::primitives::{Binary, Value};
-use source_support::*;
 use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(15);
@@ -193,7 +191,7 @@ async fn back_pressure_credit_never_exceeds_the_window() {
 
 #[tokio::test]
 async fn oversize_and_undecodable_are_dead_lettered_and_the_stream_continues() {
-    capture_logs();
+    capture_all_logs();
     let h = start_emulator(
         entities(Duration::from_secs(30), &["edge"]),
         None,
@@ -425,7 +423,7 @@ async fn emulator_killed_and_restarted_reconnects_without_loss_or_duplicates() {
 /// re-attach loop backs off instead of spinning (it did 10–15 attaches a second).
 #[tokio::test]
 async fn a_missing_subscription_is_unhealthy_named_and_retried_with_backoff() {
-    let logs = capture_logs();
+    let logs = capture_all_logs();
     let h = start_emulator(
         entities(Duration::from_secs(30), &["edge"]),
         None,

@@ -3,22 +3,20 @@
 //! (SAS key, SAS signature, panel token, MQTT password) shows up in the daemon's logs at
 //! trace level, in `/metrics`, `/healthz` or error frames.
 
-mod panels_support;
-mod support;
+use crate::support;
+use crate::support::{http, ws_raw};
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::panels::*;
+use asb_gateway::emulator::EmulatorOptions;
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{self, EmulatorOptions};
 use asb_gateway::panels::Options;
 use futures_util::{SinkExt, StreamExt};
-use panels_support::*;
 use serde_json::json;
 use sha2::Digest;
+use support::daemon::Daemon;
 use support::mosquitto::{Mosquitto, MosquittoOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn sha_hex(s: &str) -> String {
@@ -26,31 +24,6 @@ fn sha_hex(s: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Send a raw upgrade request; return everything the server sent until it closed (or 2 s).
-async fn raw_upgrade_response(addr: std::net::SocketAddr, extra: &str, query: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET /v1/stream{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(2) {
-        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => {
-                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-        }
-    }
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 #[tokio::test]
@@ -72,7 +45,7 @@ async fn unauthenticated_and_wrong_token_panels_get_401_and_no_frames() {
         ("Authorization: Basic cmlnaHQtdG9rZW4=\r\n", ""),
     ];
     for (headers, query) in cases {
-        let resp = raw_upgrade_response(srv.addr, headers, query).await;
+        let resp = ws_raw::upgrade_response(srv.addr, headers, query).await;
         assert!(
             resp.starts_with("HTTP/1.1 401"),
             "{headers:?} {query:?}: {resp}"
@@ -215,79 +188,23 @@ async fn no_secret_in_trace_logs_metrics_health_or_error_frames() {
         credentials: Some(("gw".into(), MQTT_PASSWORD.into())),
         ..Default::default()
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let em = emulator::start(
-        l,
-        EmulatorOptions {
-            key: SAS_KEY.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let em = support::emulator::start(EmulatorOptions {
+        key: SAS_KEY.into(),
+        ..Default::default()
+    })
+    .await;
     let conn = em.connection_string();
     assert!(conn.contains(SAS_KEY));
-    let dir = std::env::temp_dir().join(format!("asbgw-security-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[source]\nconnection_string = {conn:?}\n[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n\
+    let cfg = format!(
+        "[source]\nconnection_string = {conn:?}\n[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n\
              [routing]\ntopic = \"{{prop:line}}/{{subject}}\"\n\
              [panels]\nlisten = \"127.0.0.1:0\"\n[[panels.tokens]]\nname = \"p\"\nsha256 = \"{}\"\nallow = [\"line1/#\"]\n\
              [mqtt]\nurl = \"{}\"\nusername = \"gw\"\npassword = \"{MQTT_PASSWORD}\"\nrequired = true\n",
-            sha_hex(PANEL_TOKEN),
-            mosq.url()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "trace")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stderr = child.stderr.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut child = Kill(child);
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx2.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log: Vec<String> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let addr: std::net::SocketAddr = loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("daemon did not start; {} log lines", log.len()));
-        log.push(line.clone());
-        if let Some(rest) = line.split("panels on ").nth(1) {
-            break rest.split(',').next().unwrap().trim().parse().unwrap();
-        }
-    };
+        sha_hex(PANEL_TOKEN),
+        mosq.url()
+    );
+    let mut daemon = Daemon::with_config(&cfg).rust_log("trace").start();
+    let addr = daemon.panels();
 
     // Traffic: events through the whole path, a panel with the token, bad panels.
     let mut ws = connect(addr, &format!("token={PANEL_TOKEN}")).await;
@@ -328,14 +245,14 @@ async fn no_secret_in_trace_logs_metrics_health_or_error_frames() {
     }
     let _ = try_connect(addr, "token=nope", None, &[]).await;
     let _ = try_connect(addr, "", None, &[("Authorization", "Bearer nope")]).await;
-    let (s1, _, metrics) = http_get(addr, "/metrics").await;
-    let (_, _, health) = http_get(addr, "/healthz").await;
+    let (s1, _, metrics) = http::get(addr, "/metrics").await;
+    let (_, _, health) = http::get(addr, "/healthz").await;
     assert_eq!(s1, 200);
     // wait until the mirror has published (the password was used) and let the
     // SAS token be put at least once (the source connected)
     let t0 = Instant::now();
     loop {
-        let (_, _, m) = http_get(addr, "/metrics").await;
+        let (_, _, m) = http::get(addr, "/metrics").await;
         let published = m
             .lines()
             .find(|l| l.starts_with("asbgw_mqtt_published_total"))
@@ -354,19 +271,9 @@ async fn no_secret_in_trace_logs_metrics_health_or_error_frames() {
     drop(ws);
     p.close().await.unwrap();
     // SIGTERM and collect the rest of the log
-    let pid = child.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let t0 = Instant::now();
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "daemon did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    while let Ok(l) = lines.recv_timeout(Duration::from_millis(300)) {
-        log.push(l);
-    }
+    let (_, took) = daemon.terminate();
+    assert!(took < Duration::from_secs(10), "daemon did not stop");
+    let log = daemon.log();
     assert!(
         log.iter()
             .any(|l| l.contains("TRACE") || l.contains("trace")),
@@ -404,7 +311,6 @@ async fn no_secret_in_trace_logs_metrics_health_or_error_frames() {
             problems.push(format!("frame leaks {found:?}: {f}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(problems.is_empty(), "{problems:#?}");
     em.shutdown().await;
 }

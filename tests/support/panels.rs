@@ -1,6 +1,5 @@
 //! Shared helpers for the panel tests: a context with a known epoch, events, a running
-//! panel server on a free loopback port, WebSocket clients, and a tiny HTTP GET.
-#![allow(dead_code)]
+//! panel server on a free loopback port, and WebSocket clients.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +11,6 @@ use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::panels::{self, Options};
 use asb_gateway::shutdown::{self, Trigger};
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -177,27 +175,6 @@ pub async fn barrier(ws: &mut Client) -> Vec<serde_json::Value> {
         }
         before.push(f);
     }
-}
-
-/// A minimal HTTP/1.1 GET (the server under test uses hyper): status and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut buf))
-        .await
-        .expect("http response timed out")
-        .unwrap();
-    let text = String::from_utf8(buf).expect("utf-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("response head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    // The server sends Content-Length bodies for these routes.
-    (status, head.to_string(), body.to_string())
 }
 
 /// Poll `cond` every 10 ms until it holds; panics after `T`.

@@ -3,18 +3,16 @@
 //! The test starts its own node (own epmd, free loopback ports, temp dirs) and stops it
 //! by pid. Only accept and release are used: RabbitMQ ends the session on modified/drain.
 
-mod source_support;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::source::*;
 use fe2o3_amqp::types::messaging::{Message, Properties};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_types::messaging::{ApplicationProperties, Body};
 use fe2o3_amqp_types::primitives::SimpleValue;
-use source_support::*;
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
@@ -231,7 +229,7 @@ topic = "{{topic}}/{{subject}}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receives_from_rabbitmq_with_sasl_plain_accept_and_release() {
-    capture_logs();
+    capture_all_logs();
     let node = Node::start();
     node.ready().await;
     let queue = "asbgw-interop";

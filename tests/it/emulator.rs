@@ -1,6 +1,7 @@
 //! The ASB emulator over real AMQP 1.0 on loopback, driven by fe2o3-amqp clients
 //! (and by the official Python SDK in `python_sdk_sends_to_topic`).
 
+use crate::support::{self, http};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -53,17 +54,12 @@ fn entities(lock: Duration, max_delivery: u32, subs: &[&str]) -> Entities {
 }
 
 async fn start(entities: Entities) -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    asb_gateway::emulator::start(
-        l,
-        EmulatorOptions {
-            entities,
-            admin: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        },
-    )
+    support::emulator::start(EmulatorOptions {
+        entities,
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
     .await
-    .unwrap()
 }
 
 struct Client {
@@ -534,16 +530,14 @@ async fn restart_on_the_same_port_keeps_the_store() {
     within("client sees the broker go", r.recv::<Body<Value>>())
         .await
         .unwrap_err();
-    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let h = asb_gateway::emulator::start(
-        l,
+    let h = support::emulator::start_on(
+        addr,
         EmulatorOptions {
             store: Some(store),
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(h.addr(), addr);
     let (mut c, auth) = connect_authorized(&h, "SAS_KEY_VALUE").await;
     auth.unwrap();
@@ -561,29 +555,12 @@ async fn restart_on_the_same_port_keeps_the_store() {
     h.shutdown().await;
 }
 
-async fn http(addr: std::net::SocketAddr, method: &str, target: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = within("admin connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    within("admin read", s.read_to_end(&mut out)).await.unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
 #[tokio::test]
 async fn admin_http_serves_stats_dlq_and_faults() {
     let h = start(entities(Duration::from_secs(60), 10, &["a", "b"])).await;
     let admin = h.admin_addr().unwrap();
     publish(&h, "events", 3).await;
-    let (status, body) = http(admin, "GET", "/stats").await;
+    let (status, body) = http::call(admin, "GET", "/stats").await;
     assert_eq!(status, 200);
     let stats: BTreeMap<String, EntityStats> = serde_json::from_str(&body).unwrap();
     for sub in ["a", "b"] {
@@ -595,7 +572,7 @@ async fn admin_http_serves_stats_dlq_and_faults() {
     }
     assert!(stats.contains_key("events/Subscriptions/a/$DeadLetterQueue"));
     assert!(stats.contains_key("q1"));
-    let (status, body) = http(admin, "GET", "/dlq?entity=events%2FSubscriptions%2Fa").await;
+    let (status, body) = http::call(admin, "GET", "/dlq?entity=events%2FSubscriptions%2Fa").await;
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&body).unwrap(),
@@ -605,15 +582,18 @@ async fn admin_http_serves_stats_dlq_and_faults() {
     let (mut c, auth) = connect_authorized(&h, "SAS_KEY_VALUE").await;
     auth.unwrap();
     let mut r = receiver(&mut c, "events/Subscriptions/a", CreditMode::Manual).await;
-    let (status, _) = http(admin, "POST", "/faults/expire-tokens").await;
+    let (status, _) = http::call(admin, "POST", "/faults/expire-tokens").await;
     assert_eq!(status, 200);
     within("closed", r.recv::<Body<Value>>()).await.unwrap_err();
     for f in ["drop-connections", "detach-links"] {
-        let (status, _) = http(admin, "POST", &format!("/faults/{f}")).await;
+        let (status, _) = http::call(admin, "POST", &format!("/faults/{f}")).await;
         assert_eq!(status, 200);
     }
-    assert_eq!(http(admin, "GET", "/nope").await.0, 404);
-    assert_eq!(http(admin, "GET", "/faults/drop-connections").await.0, 405);
+    assert_eq!(http::call(admin, "GET", "/nope").await.0, 404);
+    assert_eq!(
+        http::call(admin, "GET", "/faults/drop-connections").await.0,
+        405
+    );
     let _ = c.conn.close().await;
     h.shutdown().await;
 }
@@ -621,7 +601,6 @@ async fn admin_http_serves_stats_dlq_and_faults() {
 #[tokio::test]
 async fn a_full_entity_refuses_sends_with_quota_exceeded() {
     let e = entities(Duration::from_secs(60), 10, &["a"]);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let opts = EmulatorOptions {
         store: Some(asb_gateway::emulator::Store::with_capacity(&e, 2)),
         key: "a-secret-key".into(),
@@ -629,7 +608,7 @@ async fn a_full_entity_refuses_sends_with_quota_exceeded() {
     };
     let dbg = format!("{opts:?}");
     assert!(!dbg.contains("a-secret-key"), "{dbg}");
-    let h = asb_gateway::emulator::start(l, opts).await.unwrap();
+    let h = support::emulator::start(opts).await;
     assert!(!format!("{h:?}").contains("a-secret-key"));
     let mut p = within(
         "publisher",
@@ -789,14 +768,13 @@ async fn python_sdk_sends_to_topic() {
 }
 
 fn free_port() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    ([127, 0, 0, 1], support::free_port()).into()
 }
 
 #[tokio::test]
 async fn cli_runs_until_sigterm_and_reports_bad_input() {
     use tokio::process::Command;
-    let exe = env!("CARGO_BIN_EXE_asb-gateway");
+    let exe = support::EXE;
     // A malformed Config.json: exit 1, naming the file and the problem.
     let dir = std::env::temp_dir().join(format!("asbgw-emu-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
@@ -854,7 +832,7 @@ async fn cli_runs_until_sigterm_and_reports_bad_input() {
     let deadline = tokio::time::Instant::now() + T;
     let stats = loop {
         if tokio::net::TcpStream::connect(admin).await.is_ok() {
-            break http(admin, "GET", "/stats").await.1;
+            break http::call(admin, "GET", "/stats").await.1;
         }
         assert!(
             tokio::time::Instant::now() < deadline,

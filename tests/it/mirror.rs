@@ -2,7 +2,7 @@
 //! acknowledgement-coupled acks, broker loss, the status topic and its last will, and
 //! clear errors for a bad broker or bad credentials.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

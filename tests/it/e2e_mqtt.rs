@@ -2,7 +2,7 @@
 //! MQTT mirror (`required = true`) → mosquitto → an MQTT subscriber. ASB messages are
 //! completed only once the broker has acknowledged them.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use asb_gateway::emulator::{self, EmulatorHandle, EmulatorOptions};
 use asb_gateway::metrics::PartState;
 use asb_gateway::{mirror, shutdown, source};
 use support::Subscriber;
+use support::daemon::Daemon;
 use support::mosquitto::{Mosquitto, MosquittoOptions};
 use tokio::sync::mpsc;
 
@@ -78,12 +79,7 @@ impl Gateway {
     }
 }
 
-async fn emulator() -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    emulator::start(l, EmulatorOptions::default())
-        .await
-        .unwrap()
-}
+use support::emulator::start_default as emulator;
 
 async fn send(emu: &EmulatorHandle, from: u64, to: u64) {
     let mut p = tokio::time::timeout(
@@ -226,12 +222,7 @@ async fn while_the_broker_is_down_messages_wait_in_asb() {
 async fn killed_daemon_leaves_offline_by_last_will() {
     let broker = Mosquitto::start();
     let emu = emulator().await;
-    let dir = std::env::temp_dir().join(format!(
-        "asbgw-e2e-kill-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("e2e-kill");
     let config = dir.join("config.toml");
     std::fs::write(
         &config,
@@ -247,30 +238,20 @@ async fn killed_daemon_leaves_offline_by_last_will() {
     )
     .unwrap();
     let mut watcher = Subscriber::start(broker.port, "kill/#", false).await;
-    let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start asb-gateway");
+    let mut daemon = Daemon::with_config_file(&config).start();
     let online = watcher.next(WAIT).await.expect("status from the daemon");
     assert_eq!(
         (online.topic.as_str(), &online.payload[..]),
         ("kill/status", &b"online"[..]),
         "{}",
-        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+        daemon.log_text()
     );
     send(&emu, 1, 5).await;
     let mut seen = BTreeMap::new();
     collect(&mut watcher, 5, &mut seen).await;
     wait_until("completed", || emu.stats()[ENTITY].completed == 5).await;
 
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
+    daemon.kill();
     let will = loop {
         let r = watcher.next(WAIT).await.expect("last will after SIGKILL");
         if r.topic == "kill/status" {
@@ -285,27 +266,21 @@ async fn killed_daemon_leaves_offline_by_last_will() {
         (&b"offline"[..], true)
     );
     emu.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Emulator with LockDuration 2 s and MaxDeliveryCount 3 on the subscription.
 async fn short_lock_emulator() -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut entities = emulator::Entities::default_entities();
     entities.topics[0].subscriptions = vec![emulator::EntityConfig::new(
         "edge",
         Duration::from_secs(2),
         3,
     )];
-    emulator::start(
-        l,
-        EmulatorOptions {
-            entities,
-            ..Default::default()
-        },
-    )
+    support::emulator::start(EmulatorOptions {
+        entities,
+        ..Default::default()
+    })
     .await
-    .unwrap()
 }
 
 /// A broker outage longer than MaxDeliveryCount × LockDuration, with events arriving

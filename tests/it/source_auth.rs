@@ -3,24 +3,16 @@
 //! the live connection before they expire. (Its own test binary: it captures the
 //! process-wide log.)
 
-mod source_support;
-
 use std::time::Duration;
 
+use crate::support::source::*;
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{EmulatorHandle, EmulatorOptions};
 use asb_gateway::source::Options;
-use source_support::*;
 
 const T: Duration = Duration::from_secs(15);
 const WRONG_KEY: &str = "Wr0ngKeyThatMustNeverBeLogged";
 
-async fn emulator() -> EmulatorHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    asb_gateway::emulator::start(l, EmulatorOptions::default())
-        .await
-        .unwrap()
-}
+use crate::support::emulator::start_default as emulator;
 
 fn config(conn: &str) -> String {
     format!(
@@ -30,7 +22,7 @@ fn config(conn: &str) -> String {
 
 #[tokio::test]
 async fn wrong_key_is_a_clear_error_retried_with_backoff_and_never_logged() {
-    let logs = capture_logs();
+    let logs = capture_all_logs();
     let h = emulator().await;
     let conn = h.connection_string().replace("SAS_KEY_VALUE", WRONG_KEY);
     assert!(conn.contains(WRONG_KEY));
@@ -77,7 +69,7 @@ async fn wrong_key_is_a_clear_error_retried_with_backoff_and_never_logged() {
 
 #[tokio::test]
 async fn tokens_are_renewed_on_the_live_connection_before_expiry() {
-    let logs = capture_logs();
+    let logs = capture_all_logs();
     let h = emulator().await;
     // Tokens live 4 s (the emulator closes a connection whose token expired); renewed
     // every 2 s. Over 9 s, without renewal the connection would be closed twice.
