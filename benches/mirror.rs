@@ -92,10 +92,13 @@ async fn mirror_on(port: u16, n: u64, inflight: usize, protocol: &str) -> (f64, 
             ctx.journal.append(event(next), true).unwrap();
             next += 1;
         }
-        if ack_rx.recv().await.is_some() {
+        // Unpin on each handoff, as the source does.
+        if let Some(h) = ack_rx.recv().await {
+            ctx.journal.handed_on(h.seq());
             acked += 1;
         }
-        while ack_rx.try_recv().is_ok() {
+        while let Ok(h) = ack_rx.try_recv() {
+            ctx.journal.handed_on(h.seq());
             acked += 1;
         }
     }

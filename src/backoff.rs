@@ -54,12 +54,6 @@ impl Backoff {
         let half = d / 2;
         half + half.mul_f64(fastrand::f64())
     }
-
-    /// Forget all history (a new, unrelated target).
-    pub fn reset(&mut self) {
-        self.cur = self.min;
-        self.up_since = None;
-    }
 }
 
 #[cfg(test)]
@@ -75,8 +69,6 @@ mod tests {
         assert!(d[0] >= 50 * MS && d[0] <= 100 * MS);
         assert!(d[1] >= 100 * MS && d[1] <= 200 * MS);
         assert!(d[5] >= 500 * MS && d[5] <= 1000 * MS);
-        b.reset();
-        assert!(b.down() <= 100 * MS);
     }
 
     #[tokio::test(start_paused = true)]

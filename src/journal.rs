@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-pub use crate::event::EncodedEvent as Event;
+use crate::event::EncodedEvent;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JournalError {
@@ -53,7 +53,7 @@ pub struct Limits {
 }
 
 struct Slot {
-    ev: Arc<Event>,
+    ev: Arc<EncodedEvent>,
     pinned: bool,
 }
 
@@ -174,7 +174,7 @@ impl Journal {
     }
 
     /// Append an event. `pinned` events cannot be evicted until [`Journal::handed_on`].
-    pub fn append(&self, ev: Event, pinned: bool) -> Result<u64, JournalError> {
+    pub fn append(&self, ev: EncodedEvent, pinned: bool) -> Result<u64, JournalError> {
         let size = ev.heap_bytes();
         if size > self.limits.max_entry_bytes || size > self.limits.bytes {
             return Err(JournalError::TooLarge {
@@ -219,7 +219,8 @@ impl Journal {
     }
 
     /// Mark an event as handed on (the mirror has it): it may now be overwritten.
-    /// Returns false when the event is unknown or was not pinned.
+    /// Returns false when the event is unknown or was not pinned. Called by the source
+    /// only — it pins at [`Journal::append`] and unpins on the mirror's [`Handoff`].
     pub fn handed_on(&self, seq: u64) -> bool {
         let mut r = self.lock();
         let Some(front) = r.slots.front().map(|s| s.ev.seq) else {
@@ -253,7 +254,12 @@ impl Journal {
     /// the cursor. When the cursor is older than the oldest retained event, it is moved
     /// to the oldest and the missed range is returned; the events from there are read in
     /// the same call. A cursor past the newest event waits for it.
-    pub fn read(&self, cursor: &mut u64, out: &mut Vec<Arc<Event>>, max: usize) -> Option<Gap> {
+    pub fn read(
+        &self,
+        cursor: &mut u64,
+        out: &mut Vec<Arc<EncodedEvent>>,
+        max: usize,
+    ) -> Option<Gap> {
         let r = self.lock();
         let oldest = r.slots.front().map(|s| s.ev.seq).unwrap_or(r.next_seq);
         let gap = if *cursor < oldest {
@@ -277,7 +283,7 @@ impl Journal {
     }
 
     /// The event with this seq, if retained.
-    pub fn get(&self, seq: u64) -> Option<Arc<Event>> {
+    pub fn get(&self, seq: u64) -> Option<Arc<EncodedEvent>> {
         let r = self.lock();
         let front = r.slots.front()?.ev.seq;
         r.slots
@@ -312,8 +318,8 @@ mod tests {
     use super::*;
     use crate::event::{EventMeta, Topic, max_entry_bytes};
 
-    fn ev(seq: u64, body: &[u8]) -> Event {
-        Event::encode(
+    fn ev(seq: u64, body: &[u8]) -> EncodedEvent {
+        EncodedEvent::encode(
             seq,
             &Topic::try_from("t").unwrap(),
             &EventMeta::default(),
@@ -332,7 +338,7 @@ mod tests {
         )
     }
 
-    fn seqs(v: &[Arc<Event>]) -> Vec<u64> {
+    fn seqs(v: &[Arc<EncodedEvent>]) -> Vec<u64> {
         v.iter().map(|e| e.seq).collect()
     }
 

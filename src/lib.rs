@@ -1,28 +1,28 @@
 //! asb-gateway: Azure Service Bus topic subscriptions → a bounded journal → WebSocket
-//! panels and an MQTT mirror, under a static memory budget. See DESIGN.md.
+//! panels and an MQTT mirror, under a static memory budget. The architecture is in
+//! `docs/architecture.md`.
 //!
-//! One module per part of the data flow:
-//! - [`config`]: typed TOML config, connection strings, secrets.
-//! - [`event`]: bounded event metadata and the panel frames.
-//! - [`journal`]: the fixed-capacity ring of encoded events.
-//! - [`routing`]: topic templates and MQTT-style filters.
-//! - [`budget`]: the worst-case memory of a config.
-//! - [`metrics`]: counters, gauges, health; [`backoff`]: the one retry backoff.
-//! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal).
-//! - [`mirror`]: the MQTT mirror; [`tls`]: the one rustls client config both use.
-//! - [`app`]: the daemon's task structure; [`shutdown`]: shutdown by broadcast.
-//! - [`appliance`]: journald/stderr logging, systemd notify and watchdog.
-//! - [`cli`]: the command line.
-//! - [`sas`]: Shared Access Signature tokens; [`emulator`]: the ASB emulator (tests, demo);
-//!   [`generator`]: synthetic factory events for the demo.
+//! The data flow, one module per part (each gets only what it uses; none imports
+//! [`app`], which assembles them):
+//! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal, settlement).
+//! - [`journal`]: the fixed-capacity ring of encoded events ([`event`]), read by cursors.
+//! - [`panels`]: HTTP and the WebSocket panel protocol v1.
+//! - [`mirror`]: the MQTT mirror.
+//!
+//! Below them: [`config`] (typed TOML, parsed once), [`routing`] (topic templates and
+//! filters), [`budget`] (worst-case memory), [`metrics`], [`liveness`] (heartbeats),
+//! [`shutdown`] (shutdown by broadcast), [`sas`] (SAS tokens). Above them: [`app`]
+//! (the daemon's tasks), [`appliance`] (journald logging, sd_notify, watchdog) and
+//! [`cli`] (the process: runtime, signals, exit codes). [`emulator`] and [`generator`]
+//! serve tests and `asb-gateway demo`.
 
 pub mod app;
 pub mod appliance;
-pub mod backoff;
+mod backoff;
 pub mod budget;
 pub mod cli;
 pub mod config;
-pub mod demo;
+mod demo;
 pub mod emulator;
 pub mod event;
 pub mod generator;
@@ -35,4 +35,4 @@ pub mod routing;
 pub mod sas;
 pub mod shutdown;
 pub mod source;
-pub mod tls;
+mod tls;

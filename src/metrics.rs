@@ -207,89 +207,193 @@ impl Gauge {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Metrics {
+/// A reason label (`{reason="…"}`) of a metric family.
+pub trait Reason: Copy + 'static {
+    /// Every reason, in exposition order.
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+}
+
+impl Reason for DeadLetterReason {
+    const ALL: &'static [Self] = &DeadLetterReason::ALL;
+    fn as_str(self) -> &'static str {
+        DeadLetterReason::as_str(self)
+    }
+}
+
+impl Reason for MirrorRejectReason {
+    const ALL: &'static [Self] = &MirrorRejectReason::ALL;
+    fn as_str(self) -> &'static str {
+        MirrorRejectReason::as_str(self)
+    }
+}
+
+impl Reason for RejectReason {
+    const ALL: &'static [Self] = &RejectReason::ALL;
+    fn as_str(self) -> &'static str {
+        RejectReason::as_str(self)
+    }
+}
+
+/// One counter per reason of `R`.
+pub struct Family<R: Reason> {
+    cells: Vec<Counter>,
+    _reason: std::marker::PhantomData<R>,
+}
+
+impl<R: Reason + PartialEq> Family<R> {
+    /// The counter of reason `r`.
+    pub fn of(&self, r: R) -> &Counter {
+        let i = R::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        &self.cells[i]
+    }
+}
+
+impl<R: Reason> Default for Family<R> {
+    fn default() -> Self {
+        Family {
+            cells: R::ALL.iter().map(|_| Counter::default()).collect(),
+            _reason: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<R: Reason> std::fmt::Debug for Family<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(R::ALL.iter().map(|r| r.as_str()).zip(self.cells.iter()))
+            .finish()
+    }
+}
+
+/// What a metric cell exposes: its Prometheus type and its samples (label set, value).
+trait Exposed {
+    fn kind(&self) -> &'static str;
+    fn samples(&self, sample: &mut dyn FnMut(&str, u64));
+}
+
+impl Exposed for Counter {
+    fn kind(&self) -> &'static str {
+        "counter"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
+        sample("", self.get())
+    }
+}
+
+impl Exposed for Gauge {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
+        sample("", self.get())
+    }
+}
+
+/// A part's state is exposed as a 0/1 gauge: 1 when up.
+impl Exposed for StateCell {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
+        sample("", u64::from(self.get() == PartState::Up))
+    }
+}
+
+impl<R: Reason> Exposed for Family<R> {
+    fn kind(&self) -> &'static str {
+        "counter"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
+        for (r, c) in R::ALL.iter().zip(&self.cells) {
+            sample(&format!("{{reason=\"{}\"}}", r.as_str()), c.get())
+        }
+    }
+}
+
+/// Declares [`Metrics`] and its exposition table together: each field is one metric,
+/// with its name (after `asbgw_`) and help text, so a metric cannot be added and never
+/// rendered.
+macro_rules! metrics {
+    ($( $(#[$doc:meta])* $field:ident: $ty:ty => $name:literal, $help:literal; )*) => {
+        /// Every counter and gauge of the gateway, shared by the parts of the data flow.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[$doc])* pub $field: $ty, )*
+            /// Each subscription's link state, for `/healthz` (not a Prometheus metric).
+            pub links: LinkStates,
+        }
+
+        impl Metrics {
+            /// The exposition table: (name without `asbgw_`, help, cell), in order.
+            fn table(&self) -> Vec<(&'static str, &'static str, &dyn Exposed)> {
+                vec![$( ($name, $help, &self.$field as &dyn Exposed), )*]
+            }
+        }
+    };
+}
+
+metrics! {
     // source
-    pub received: Counter,
-    pub completed: Counter,
-    pub dead_lettered_too_large: Counter,
-    pub dead_lettered_undecodable: Counter,
-    pub dead_lettered_mirror_rejected: Counter,
-    pub lock_renewals: Counter,
-    pub lock_renewal_failures: Counter,
+    received: Counter => "received_total", "Messages received from the source.";
+    completed: Counter => "completed_total", "Messages completed (accepted) at the source.";
+    dead_lettered: Family<DeadLetterReason> =>
+        "dead_lettered_total", "Messages dead-lettered by the gateway, by reason.";
+    released: Counter => "released_total", "Messages released back to the source.";
+    abandoned_on_link_loss: Counter =>
+        "abandoned_total", "Unsettled messages whose link was lost (the broker redelivers them).";
+    duplicates: Counter => "duplicates_suppressed_total", "Redeliveries suppressed before panels.";
+    credit: Gauge => "credit", "Link credit currently granted to the source.";
+    unsettled: Gauge => "unsettled", "Messages received and not yet settled.";
+    source_reconnects: Counter => "source_reconnects_total", "Source reconnections.";
+    /// Receiver-link attach attempts (first attach and every re-attach).
+    link_attaches: Counter =>
+        "link_attaches_total", "Receiver-link attach attempts, first attaches and re-attaches.";
+    token_refreshes: Counter => "token_refreshes_total", "CBS token renewals.";
+    lock_renewals: Counter => "lock_renewals_total",
+        "Peek-lock renewals (com.microsoft:renew-lock) that extended a held message's lock.";
+    lock_renewal_failures: Counter => "lock_renewal_failures_total",
+        "Peek-lock renewals that failed (lock lost, link gone, timeout).";
     /// Held deliveries whose lock was lost before their event was handed on: left to
     /// the broker's redelivery (which is then settled as a duplicate).
-    pub locks_lost: Counter,
-    pub links: LinkStates,
-    pub released: Counter,
-    pub abandoned_on_link_loss: Counter,
-    pub duplicates: Counter,
-    pub credit: Gauge,
-    pub unsettled: Gauge,
-    pub source_reconnects: Counter,
-    /// Receiver-link attach attempts (first attach and every re-attach).
-    pub link_attaches: Counter,
-    pub token_refreshes: Counter,
-    pub source_state: StateCell,
+    locks_lost: Counter => "locks_lost_total",
+        "Held messages whose lock was lost; the broker's redelivery is settled instead.";
+    source_state: StateCell => "source_up", "1 when the source is connected.";
     // journal
-    pub journal_events: Gauge,
-    pub journal_bytes: Gauge,
-    pub journal_capacity_events: Gauge,
-    pub journal_capacity_bytes: Gauge,
+    journal_events: Gauge => "journal_events", "Events held in the journal.";
+    journal_bytes: Gauge => "journal_bytes", "Bytes of encoded events held in the journal.";
+    journal_capacity_events: Gauge => "journal_capacity_events", "Journal capacity in events.";
+    journal_capacity_bytes: Gauge => "journal_capacity_bytes", "Journal capacity in bytes.";
     // panels
-    pub panels_connected: Gauge,
-    pub panels_rejected_unauthorized: Counter,
-    pub panels_rejected_origin: Counter,
-    pub panels_rejected_full: Counter,
-    pub panels_rejected_bad_request: Counter,
-    pub frames_sent: Counter,
-    pub gaps: Counter,
-    pub events_skipped: Counter,
-    pub panels_disconnected_slow: Counter,
+    panels_connected: Gauge => "panels_connected", "Panels connected.";
+    panels_rejected: Family<RejectReason> =>
+        "panels_rejected_total", "Panel upgrades refused, by reason.";
+    frames_sent: Counter => "frames_sent_total", "Frames written to panels.";
+    gaps: Counter => "gaps_total", "Gap frames sent to panels.";
+    events_skipped: Counter =>
+        "events_skipped_total", "Events panels missed because they fell behind.";
+    panels_disconnected_slow: Counter =>
+        "panels_disconnected_slow_total", "Panels closed by slow_policy = disconnect.";
     // mirror
-    pub mqtt_published: Counter,
-    pub mqtt_acked: Counter,
-    pub mqtt_inflight: Gauge,
-    pub mqtt_reconnects: Counter,
+    mqtt_published: Counter => "mqtt_published_total", "Events published to MQTT.";
+    mqtt_acked: Counter => "mqtt_acked_total", "MQTT publishes acknowledged by the broker.";
+    mqtt_inflight: Gauge => "mqtt_inflight", "MQTT publishes awaiting acknowledgement.";
+    mqtt_reconnects: Counter => "mqtt_reconnects_total", "MQTT reconnections.";
     /// Events re-sent after a reconnect (the subscriber may see them twice).
-    pub mqtt_republished: Counter,
+    mqtt_republished: Counter =>
+        "mqtt_republished_total", "Unacknowledged MQTT publishes re-sent after a reconnect.";
     /// Events a best-effort mirror missed because the journal overwrote them.
-    pub mqtt_skipped: Counter,
-    pub mqtt_rejected_packet_too_large: Counter,
-    pub mqtt_rejected_refused: Counter,
-    pub mqtt_rejected_disconnected: Counter,
-    pub mirror_state: StateCell,
+    mqtt_skipped: Counter =>
+        "mqtt_skipped_total", "Events a best-effort mirror missed because the journal moved on.";
+    mqtt_rejected: Family<MirrorRejectReason> => "mqtt_rejected_total",
+        "Events the MQTT broker can never take (dead-lettered when the mirror is required), by reason.";
+    mirror_state: StateCell => "mirror_up", "1 when the MQTT mirror is connected.";
     // budget
-    pub budget_bytes: Gauge,
-    pub budget_limit_bytes: Gauge,
+    budget_bytes: Gauge => "budget_bytes", "Worst-case memory of this config.";
+    budget_limit_bytes: Gauge => "budget_limit_bytes", "budget.memory_mib in bytes.";
 }
 
 impl Metrics {
-    pub fn dead_lettered(&self, r: DeadLetterReason) -> &Counter {
-        match r {
-            DeadLetterReason::PayloadTooLarge => &self.dead_lettered_too_large,
-            DeadLetterReason::Undecodable => &self.dead_lettered_undecodable,
-            DeadLetterReason::MirrorRejected => &self.dead_lettered_mirror_rejected,
-        }
-    }
-
-    pub fn mqtt_rejected(&self, r: MirrorRejectReason) -> &Counter {
-        match r {
-            MirrorRejectReason::PacketTooLarge => &self.mqtt_rejected_packet_too_large,
-            MirrorRejectReason::Refused => &self.mqtt_rejected_refused,
-            MirrorRejectReason::Disconnected => &self.mqtt_rejected_disconnected,
-        }
-    }
-
-    pub fn rejected(&self, r: RejectReason) -> &Counter {
-        match r {
-            RejectReason::Unauthorized => &self.panels_rejected_unauthorized,
-            RejectReason::Origin => &self.panels_rejected_origin,
-            RejectReason::Full => &self.panels_rejected_full,
-            RejectReason::BadRequest => &self.panels_rejected_bad_request,
-        }
-    }
-
     /// Healthy when the source is up with every subscription's link attached, and the
     /// mirror, if any, is up.
     pub fn healthy(&self) -> bool {
@@ -313,260 +417,24 @@ impl Metrics {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let mut metric = |name: &str, help: &str, cell: &dyn Exposed| {
             let _ = writeln!(out, "# HELP asbgw_{name} {help}");
-            let _ = writeln!(out, "# TYPE asbgw_{name} {kind}");
-            for (labels, v) in samples {
+            let _ = writeln!(out, "# TYPE asbgw_{name} {}", cell.kind());
+            cell.samples(&mut |labels, v| {
                 let _ = writeln!(out, "asbgw_{name}{labels} {v}");
-            }
+            });
         };
-        metric(
-            "received_total",
-            "counter",
-            "Messages received from the source.",
-            &[("", self.received.get())],
-        );
-        metric(
-            "completed_total",
-            "counter",
-            "Messages completed (accepted) at the source.",
-            &[("", self.completed.get())],
-        );
-        let dl: Vec<(String, u64)> = DeadLetterReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    self.dead_lettered(*r).get(),
-                )
-            })
-            .collect();
-        let dl: Vec<(&str, u64)> = dl.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
-            "dead_lettered_total",
-            "counter",
-            "Messages dead-lettered by the gateway, by reason.",
-            &dl,
-        );
-        metric(
-            "released_total",
-            "counter",
-            "Messages released back to the source.",
-            &[("", self.released.get())],
-        );
-        metric(
-            "abandoned_total",
-            "counter",
-            "Unsettled messages whose link was lost (the broker redelivers them).",
-            &[("", self.abandoned_on_link_loss.get())],
-        );
-        metric(
-            "duplicates_suppressed_total",
-            "counter",
-            "Redeliveries suppressed before panels.",
-            &[("", self.duplicates.get())],
-        );
-        metric(
-            "credit",
-            "gauge",
-            "Link credit currently granted to the source.",
-            &[("", self.credit.get())],
-        );
-        metric(
-            "unsettled",
-            "gauge",
-            "Messages received and not yet settled.",
-            &[("", self.unsettled.get())],
-        );
-        metric(
-            "source_reconnects_total",
-            "counter",
-            "Source reconnections.",
-            &[("", self.source_reconnects.get())],
-        );
-        metric(
-            "link_attaches_total",
-            "counter",
-            "Receiver-link attach attempts, first attaches and re-attaches.",
-            &[("", self.link_attaches.get())],
-        );
-        metric(
-            "token_refreshes_total",
-            "counter",
-            "CBS token renewals.",
-            &[("", self.token_refreshes.get())],
-        );
-        metric(
-            "lock_renewals_total",
-            "counter",
-            "Peek-lock renewals (com.microsoft:renew-lock) that extended a held message's lock.",
-            &[("", self.lock_renewals.get())],
-        );
-        metric(
-            "lock_renewal_failures_total",
-            "counter",
-            "Peek-lock renewals that failed (lock lost, link gone, timeout).",
-            &[("", self.lock_renewal_failures.get())],
-        );
-        metric(
-            "locks_lost_total",
-            "counter",
-            "Held messages whose lock was lost; the broker's redelivery is settled instead.",
-            &[("", self.locks_lost.get())],
-        );
-        metric(
-            "source_up",
-            "gauge",
-            "1 when the source is connected.",
-            &[("", u64::from(self.source_state.get() == PartState::Up))],
-        );
-        metric(
-            "journal_events",
-            "gauge",
-            "Events held in the journal.",
-            &[("", self.journal_events.get())],
-        );
-        metric(
-            "journal_bytes",
-            "gauge",
-            "Bytes of encoded events held in the journal.",
-            &[("", self.journal_bytes.get())],
-        );
-        metric(
-            "journal_capacity_events",
-            "gauge",
-            "Journal capacity in events.",
-            &[("", self.journal_capacity_events.get())],
-        );
-        metric(
-            "journal_capacity_bytes",
-            "gauge",
-            "Journal capacity in bytes.",
-            &[("", self.journal_capacity_bytes.get())],
-        );
-        metric(
-            "panels_connected",
-            "gauge",
-            "Panels connected.",
-            &[("", self.panels_connected.get())],
-        );
-        let rj: Vec<(String, u64)> = RejectReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    self.rejected(*r).get(),
-                )
-            })
-            .collect();
-        let rj: Vec<(&str, u64)> = rj.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
-            "panels_rejected_total",
-            "counter",
-            "Panel upgrades refused, by reason.",
-            &rj,
-        );
-        metric(
-            "frames_sent_total",
-            "counter",
-            "Frames written to panels.",
-            &[("", self.frames_sent.get())],
-        );
-        metric(
-            "gaps_total",
-            "counter",
-            "Gap frames sent to panels.",
-            &[("", self.gaps.get())],
-        );
-        metric(
-            "events_skipped_total",
-            "counter",
-            "Events panels missed because they fell behind.",
-            &[("", self.events_skipped.get())],
-        );
-        metric(
-            "panels_disconnected_slow_total",
-            "counter",
-            "Panels closed by slow_policy = disconnect.",
-            &[("", self.panels_disconnected_slow.get())],
-        );
-        metric(
-            "mqtt_published_total",
-            "counter",
-            "Events published to MQTT.",
-            &[("", self.mqtt_published.get())],
-        );
-        metric(
-            "mqtt_acked_total",
-            "counter",
-            "MQTT publishes acknowledged by the broker.",
-            &[("", self.mqtt_acked.get())],
-        );
-        metric(
-            "mqtt_inflight",
-            "gauge",
-            "MQTT publishes awaiting acknowledgement.",
-            &[("", self.mqtt_inflight.get())],
-        );
-        metric(
-            "mqtt_reconnects_total",
-            "counter",
-            "MQTT reconnections.",
-            &[("", self.mqtt_reconnects.get())],
-        );
-        metric(
-            "mqtt_republished_total",
-            "counter",
-            "Unacknowledged MQTT publishes re-sent after a reconnect.",
-            &[("", self.mqtt_republished.get())],
-        );
-        metric(
-            "mqtt_skipped_total",
-            "counter",
-            "Events a best-effort mirror missed because the journal moved on.",
-            &[("", self.mqtt_skipped.get())],
-        );
-        let rj: Vec<(String, u64)> = MirrorRejectReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    self.mqtt_rejected(*r).get(),
-                )
-            })
-            .collect();
-        let rj: Vec<(&str, u64)> = rj.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
-            "mqtt_rejected_total",
-            "counter",
-            "Events the MQTT broker can never take (dead-lettered when the mirror is required), by reason.",
-            &rj,
-        );
-        metric(
-            "mirror_up",
-            "gauge",
-            "1 when the MQTT mirror is connected.",
-            &[("", u64::from(self.mirror_state.get() == PartState::Up))],
-        );
-        metric(
-            "budget_bytes",
-            "gauge",
-            "Worst-case memory of this config.",
-            &[("", self.budget_bytes.get())],
-        );
-        metric(
-            "budget_limit_bytes",
-            "gauge",
-            "budget.memory_mib in bytes.",
-            &[("", self.budget_limit_bytes.get())],
-        );
+        for (name, help, cell) in self.table() {
+            metric(name, help, cell);
+        }
         // Read where it is rendered: the runtime serving /metrics is the daemon's.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let alive = Gauge::default();
+            alive.set(rt.metrics().num_alive_tasks() as u64);
             metric(
                 "tasks_alive",
-                "gauge",
                 "Tokio tasks alive in the runtime (a leak shows as steady growth).",
-                &[("", rt.metrics().num_alive_tasks() as u64)],
+                &alive,
             );
         }
         out
@@ -581,7 +449,7 @@ mod tests {
     fn render_is_prometheus_text() {
         let m = Metrics::default();
         m.received.add(3);
-        m.dead_lettered(DeadLetterReason::PayloadTooLarge).inc();
+        m.dead_lettered.of(DeadLetterReason::PayloadTooLarge).inc();
         let text = m.render();
         assert!(text.contains("asbgw_received_total 3\n"));
         assert!(text.contains("asbgw_dead_lettered_total{reason=\"PayloadTooLarge\"} 1\n"));

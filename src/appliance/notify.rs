@@ -76,7 +76,12 @@ pub fn status_line(m: &Metrics) -> String {
         m.mirror_state.get().as_str(),
         m.received.get(),
         m.completed.get(),
-        m.dead_lettered_too_large.get() + m.dead_lettered_undecodable.get(),
+        m.dead_lettered
+            .of(crate::metrics::DeadLetterReason::PayloadTooLarge)
+            .get()
+            + m.dead_lettered
+                .of(crate::metrics::DeadLetterReason::Undecodable)
+                .get(),
         m.journal_events.get(),
         m.panels_connected.get(),
         m.mqtt_acked.get(),

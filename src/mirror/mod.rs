@@ -34,8 +34,9 @@ use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 
 use crate::backoff::Backoff;
 use crate::config::{Config, MqttConfig, MqttProtocol, Payload, Secret};
+use crate::event::EncodedEvent;
+use crate::journal::Handoff;
 use crate::journal::Journal;
-use crate::journal::{Event, Handoff};
 use crate::liveness::Liveness;
 use crate::liveness::Part;
 use crate::metrics::Metrics;
@@ -264,7 +265,7 @@ enum SlotState {
 }
 
 struct Slot {
-    ev: Arc<Event>,
+    ev: Arc<EncodedEvent>,
     state: SlotState,
     /// Connections lost while this was the oldest unacknowledged publish on the wire,
     /// or transient refusals of it.
@@ -297,7 +298,7 @@ struct Mirror {
     pkids: Vec<Option<Sub>>,
     /// Next journal seq to take.
     cursor: u64,
-    read_buf: Vec<Arc<Event>>,
+    read_buf: Vec<Arc<EncodedEvent>>,
     connected: bool,
     /// The Maximum Packet Size the broker announced in its last CONNACK (MQTT 5).
     broker_max: Option<usize>,
@@ -489,7 +490,7 @@ impl Mirror {
 
     /// Submit the publish of a window event, or give up on it at once when it is larger
     /// than the broker takes.
-    async fn submit_event(&mut self, ev: &Event) {
+    async fn submit_event(&mut self, ev: &EncodedEvent) {
         let frame = ev.frame();
         let payload = match self.cfg.payload {
             Payload::Body => ev.body(),
@@ -757,7 +758,7 @@ impl Mirror {
         if !self.finish(seq) {
             return;
         }
-        self.ctx.metrics.mqtt_rejected(reason).inc();
+        self.ctx.metrics.mqtt_rejected.of(reason).inc();
         log::error!(
             "MQTT mirror: event {seq} is not mirrored: {why}; {}",
             if self.required {
@@ -777,7 +778,8 @@ impl Mirror {
         }
     }
 
-    /// Mark `seq` done in the window and the journal; false when it already was.
+    /// Mark `seq` done in the window; false when it already was. (The source unpins the
+    /// event in the journal when it gets the handoff: pinning is the source's.)
     fn finish(&mut self, seq: u64) -> bool {
         let Some(slot) = self.slot_mut(seq) else {
             return false;
@@ -791,7 +793,6 @@ impl Mirror {
             self.probe = None;
             self.resume = true;
         }
-        self.ctx.journal.handed_on(seq);
         while self
             .window
             .front()

@@ -203,7 +203,7 @@ fn reject(
     peer: SocketAddr,
     why: String,
 ) -> Response<Body> {
-    server.metrics.rejected(reason).inc();
+    server.metrics.panels_rejected.of(reason).inc();
     log::debug!("panel {peer}: refused ({status}): {why}");
     let mut r = text(status, why + "\n");
     if status == StatusCode::UNAUTHORIZED {

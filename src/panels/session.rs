@@ -30,8 +30,9 @@ use super::Options;
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
 use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
 use crate::config::SlowPolicy;
+use crate::event::EncodedEvent;
 use crate::event::{Frame, GapReason};
-use crate::journal::{Event, Journal};
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::routing::Filter;
 use crate::shutdown::Shutdown;
@@ -75,7 +76,7 @@ struct Session<'a> {
     filters: heapless::Vec<Filter, MAX_FILTERS>,
     cursor: u64,
     /// Reused for every journal read; holds events only inside `pump`.
-    batch: Vec<Arc<Event>>,
+    batch: Vec<Arc<EncodedEvent>>,
     /// Bytes fed into the write buffer since the last completed flush.
     pending: usize,
     flushing: bool,

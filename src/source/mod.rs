@@ -193,7 +193,7 @@ struct Source {
 
 // Lives on the stack for one loop turn; boxing the delivery would allocate per message.
 #[allow(clippy::large_enum_variant)]
-enum Event {
+enum Wake {
     Shutdown,
     /// The heartbeat timer: an idle loop still proves it turns.
     Beat,
@@ -282,38 +282,38 @@ impl Source {
             let rotate = self.rotate;
             let ev = tokio::select! {
                 biased;
-                _ = shutdown.recv() => Event::Shutdown,
-                _ = beat.tick() => Event::Beat,
-                a = acks.recv(), if acks_open => Event::Ack(a),
-                _ = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => Event::Refresh,
-                _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Event::Retry,
-                _ = sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => Event::Renew,
-                (i, r) = recv_any(&mut self.links, rotate) => Event::Delivery(i, r),
+                _ = shutdown.recv() => Wake::Shutdown,
+                _ = beat.tick() => Wake::Beat,
+                a = acks.recv(), if acks_open => Wake::Ack(a),
+                _ = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => Wake::Refresh,
+                _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Wake::Retry,
+                _ = sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => Wake::Renew,
+                (i, r) = recv_any(&mut self.links, rotate) => Wake::Delivery(i, r),
             };
             match ev {
-                Event::Shutdown => return Stop::Shutdown,
-                Event::Beat => {}
-                Event::Ack(Some(h)) => self.on_handoff(h).await,
-                Event::Ack(None) => self.acks_open = false,
-                Event::Refresh => {
+                Wake::Shutdown => return Stop::Shutdown,
+                Wake::Beat => {}
+                Wake::Ack(Some(h)) => self.on_handoff(h).await,
+                Wake::Ack(None) => self.acks_open = false,
+                Wake::Refresh => {
                     if let Err(e) = self.refresh(conn).await {
                         return Stop::Lost(e);
                     }
                 }
-                Event::Retry => {
+                Wake::Retry => {
                     if let Err(e) = self.retry_links(&mut conn.session).await {
                         return Stop::Lost(e);
                     }
                 }
-                Event::Renew => self.renew_locks(&mut conn.session).await,
-                Event::Delivery(i, Ok(d)) => self.on_delivery(i, d).await,
-                Event::Delivery(i, Err(RecvError::MessageDecode(e))) => {
+                Wake::Renew => self.renew_locks(&mut conn.session).await,
+                Wake::Delivery(i, Ok(d)) => self.on_delivery(i, d).await,
+                Wake::Delivery(i, Err(RecvError::MessageDecode(e))) => {
                     self.metrics.received.inc();
                     let rej =
                         Rejection::undecodable(format!("message cannot be decoded: {}", e.source));
                     self.dead_letter(i, e.info, rej).await;
                 }
-                Event::Delivery(i, Err(e)) => match e.recovery() {
+                Wake::Delivery(i, Err(e)) => match e.recovery() {
                     ErrorRecovery::UseLink => {
                         log::debug!(
                             "source: {} reported {e}; link still usable",

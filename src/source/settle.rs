@@ -118,7 +118,7 @@ impl Source {
             rej.description
         );
         match r.reject(info, dead_letter_error(&rej)).await {
-            Ok(()) => self.metrics.dead_lettered(rej.reason).inc(),
+            Ok(()) => self.metrics.dead_lettered.of(rej.reason).inc(),
             Err(e) => log::debug!("source: reject on {} failed: {e}", self.links[i].address),
         }
     }

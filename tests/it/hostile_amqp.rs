@@ -372,7 +372,12 @@ async fn every_body_type_odd_properties_and_wrong_annotations() {
     assert_eq!(hundred["props"].as_object().unwrap().len(), PROPS_MAX);
     let m = &ctx.metrics;
     assert_eq!(
-        m.dead_lettered_undecodable.get() + m.dead_lettered_too_large.get(),
+        m.dead_lettered
+            .of(asb_gateway::metrics::DeadLetterReason::Undecodable)
+            .get()
+            + m.dead_lettered
+                .of(asb_gateway::metrics::DeadLetterReason::PayloadTooLarge)
+                .get(),
         dead
     );
     run.stop().await.unwrap();

@@ -164,7 +164,7 @@ async fn poison_case(protocol: &str, extra: &str, reason: MirrorRejectReason, ne
         }
         other => panic!("{protocol}: seq 2 should be rejected, got {other:?}"),
     }
-    assert_eq!(ctx.metrics.mqtt_rejected(reason).get(), 1, "{protocol}");
+    assert_eq!(ctx.metrics.mqtt_rejected.of(reason).get(), 1, "{protocol}");
     assert_eq!(ctx.journal.pinned(), 0, "{protocol}: everything handed on");
     let reconnects = ctx.metrics.mqtt_reconnects.get();
     // 3.1.1: two losses on the poison event, and one more when the broker closed before

@@ -466,10 +466,30 @@ async fn refusals_401_403_503_and_token_scopes() {
     assert_eq!(next_json(&mut p3).await["type"], "hello");
 
     let m = &ctx.metrics;
-    assert_eq!(m.panels_rejected_unauthorized.get(), 3);
-    assert_eq!(m.panels_rejected_origin.get(), 1);
-    assert_eq!(m.panels_rejected_bad_request.get(), 2);
-    assert!(m.panels_rejected_full.get() >= 1);
+    assert_eq!(
+        m.panels_rejected
+            .of(asb_gateway::metrics::RejectReason::Unauthorized)
+            .get(),
+        3
+    );
+    assert_eq!(
+        m.panels_rejected
+            .of(asb_gateway::metrics::RejectReason::Origin)
+            .get(),
+        1
+    );
+    assert_eq!(
+        m.panels_rejected
+            .of(asb_gateway::metrics::RejectReason::BadRequest)
+            .get(),
+        2
+    );
+    assert!(
+        m.panels_rejected
+            .of(asb_gateway::metrics::RejectReason::Full)
+            .get()
+            >= 1
+    );
     srv.stop().await;
 }
 

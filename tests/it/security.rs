@@ -56,7 +56,13 @@ async fn unauthenticated_and_wrong_token_panels_get_401_and_no_frames() {
         assert!(!resp.contains("wrong-token"), "token echoed: {resp}");
         assert!(!resp.contains("Sec-WebSocket-Accept"), "{resp}");
     }
-    assert_eq!(ctx.metrics.panels_rejected_unauthorized.get(), 6);
+    assert_eq!(
+        ctx.metrics
+            .panels_rejected
+            .of(asb_gateway::metrics::RejectReason::Unauthorized)
+            .get(),
+        6
+    );
     assert_eq!(ctx.metrics.frames_sent.get(), 0);
     // the right token still works afterwards
     let mut ok = connect(srv.addr, "token=right-token").await;

@@ -65,7 +65,7 @@ async fn wait_stats(h: &EmulatorHandle, sub: &str, what: &str, ok: impl Fn(&Enti
     wait_for(T, what, || ok(&stats(h, sub))).await;
 }
 
-fn body_i(ev: &asb_gateway::journal::Event) -> u64 {
+fn body_i(ev: &asb_gateway::event::EncodedEvent) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(&ev.body()).unwrap();
     v["i"].as_u64().unwrap()
 }
@@ -242,8 +242,12 @@ async fn oversize_and_undecodable_are_dead_lettered_and_the_stream_continues() {
     let m = &ctx.metrics;
     assert_eq!(
         (
-            m.dead_lettered_too_large.get(),
-            m.dead_lettered_undecodable.get()
+            m.dead_lettered
+                .of(asb_gateway::metrics::DeadLetterReason::PayloadTooLarge)
+                .get(),
+            m.dead_lettered
+                .of(asb_gateway::metrics::DeadLetterReason::Undecodable)
+                .get()
         ),
         (1, 1)
     );

@@ -1,4 +1,7 @@
 //! The MQTT mirror running in the test process, with the handoffs it sends the source.
+//! The test stands in for the source: each handoff unpins its event in the journal (as
+//! the source does) before the test sees it, so `journal.pinned()` counts the pinned
+//! events the mirror has not handed on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +20,20 @@ pub struct Running {
 
 pub fn start(ctx: &Arc<Context>) -> Running {
     let (trigger, sd) = shutdown::channel();
-    let (tx, acks) = mpsc::channel(4096);
+    let (tx, mut from_mirror) = mpsc::channel::<Handoff>(4096);
+    let (to_test, acks) = mpsc::channel(4096);
     let task = tokio::spawn({
         let (settings, shared) = ctx.mirror_inputs().expect("[mqtt] configured");
         mirror::run(settings, shared, tx, sd)
+    });
+    let journal = ctx.journal.clone();
+    tokio::spawn(async move {
+        while let Some(h) = from_mirror.recv().await {
+            journal.handed_on(h.seq());
+            if to_test.send(h).await.is_err() {
+                break;
+            }
+        }
     });
     Running {
         trigger,

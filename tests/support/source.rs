@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
-use asb_gateway::journal::Event;
+use asb_gateway::event::EncodedEvent;
 
 pub use super::emulator::{TOPIC, entities, start_emulator};
 pub use super::{capture_all_logs, free_port};
@@ -88,7 +88,7 @@ where
 }
 
 /// Every event retained in the journal, oldest first.
-pub fn events(ctx: &Context) -> Vec<Arc<Event>> {
+pub fn events(ctx: &Context) -> Vec<Arc<EncodedEvent>> {
     let mut cursor = ctx.journal.oldest();
     let mut out = Vec::new();
     ctx.journal.read(&mut cursor, &mut out, usize::MAX);
