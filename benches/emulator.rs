@@ -11,43 +11,17 @@ mod support;
 use std::time::{Duration, Instant};
 
 use asb_gateway::emulator::client::Publisher;
-use asb_gateway::emulator::{EmulatorOptions, Entities, EntityConfig, TopicConfig};
+use asb_gateway::emulator::{EmulatorHandle, EmulatorOptions, Entities, EntityConfig, TopicConfig};
+use fe2o3_amqp::Receiver;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::types::messaging::Body;
-use fe2o3_amqp::types::primitives::{Timestamp, Value};
-use fe2o3_amqp::{Connection, Receiver, Session};
-use fe2o3_amqp_cbs::client::CbsClient;
-use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp::types::primitives::Value;
 
-async fn drain(addr: std::net::SocketAddr, sub: &str, n: usize) -> Duration {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut conn = Connection::builder()
-        .container_id(format!("bench-{sub}"))
-        .sasl_profile(SaslProfile::Anonymous)
-        .open_with_stream(stream)
-        .await
-        .unwrap();
-    let mut session = Session::begin(&mut conn).await.unwrap();
-    let audience = format!("sb://{addr}/");
-    let expiry = asb_gateway::sas::now_unix() + 600;
-    let token = asb_gateway::sas::sas_token(
-        &audience,
-        "RootManageSharedAccessKey",
-        "SAS_KEY_VALUE",
-        expiry,
-    );
-    let mut cbs = CbsClient::attach(&mut session).await.unwrap();
-    cbs.put_token(
-        audience.as_str(),
-        CbsToken::new(
-            token,
-            "jwt",
-            Some(Timestamp::from_milliseconds(expiry as i64 * 1000)),
-        ),
-    )
-    .await
-    .unwrap();
+async fn drain(h: &EmulatorHandle, sub: &str, n: usize) -> Duration {
+    let support::amqp::Client {
+        mut conn,
+        mut session,
+    } = support::amqp::connect(h, &format!("bench-{sub}")).await;
     let mut r = Receiver::builder()
         .name(format!("bench-rx-{sub}"))
         .source(format!("bench/Subscriptions/{sub}"))
@@ -108,8 +82,7 @@ fn main() {
             n as f64 / pub_el.as_secs_f64()
         );
         let t = Instant::now();
-        let addr = h.addr();
-        let (a, b) = tokio::join!(drain(addr, "a", n), drain(addr, "b", n));
+        let (a, b) = tokio::join!(drain(&h, "a", n), drain(&h, "b", n));
         let all = t.elapsed();
         println!(
             "emulator peek-lock receive + accept, credit 200: sub a {:.0} msg/s, sub b {:.0} msg/s, both {:.0} msg/s total",

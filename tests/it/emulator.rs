@@ -1,6 +1,7 @@
 //! The ASB emulator over real AMQP 1.0 on loopback, driven by fe2o3-amqp clients
 //! (and by the official Python SDK in `python_sdk_sends_to_topic`).
 
+use crate::support::amqp::{Client, connect_authorized, connect_with, put_token, within};
 use crate::support::{self, http};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,25 +10,15 @@ use asb_gateway::emulator::client::Publisher;
 use asb_gateway::emulator::{
     EmulatorHandle, EmulatorOptions, Entities, EntityConfig, EntityStats, TopicConfig,
 };
-use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{Error as AmqpErr, ErrorCondition, Fields};
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
-use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Timestamp, Value};
-use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
-use fe2o3_amqp_cbs::client::CbsClient;
-use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
+use fe2o3_amqp::{Connection, Delivery, Receiver};
 
 const T: Duration = Duration::from_secs(10);
-
-async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(T, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
 
 fn entities(lock: Duration, max_delivery: u32, subs: &[&str]) -> Entities {
     Entities {
@@ -60,57 +51,6 @@ async fn start(entities: Entities) -> EmulatorHandle {
         ..Default::default()
     })
     .await
-}
-
-struct Client {
-    conn: ConnectionHandle<()>,
-    session: SessionHandle<()>,
-}
-
-async fn connect_with(h: &EmulatorHandle, profile: SaslProfile) -> Client {
-    let stream = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
-    let mut conn = within(
-        "open",
-        Connection::builder()
-            .container_id("test-client")
-            .sasl_profile(profile)
-            .open_with_stream(stream),
-    )
-    .await
-    .unwrap();
-    let session = within("begin", Session::begin(&mut conn)).await.unwrap();
-    Client { conn, session }
-}
-
-/// Connect with SASL ANONYMOUS and put a token for the namespace signed with `key`.
-async fn connect_authorized(h: &EmulatorHandle, key: &str) -> (Client, Result<(), String>) {
-    let mut c = connect_with(h, SaslProfile::Anonymous).await;
-    let r = put_token(&mut c, h, key, 3600).await;
-    (c, r)
-}
-
-async fn put_token(c: &mut Client, h: &EmulatorHandle, key: &str, ttl: u64) -> Result<(), String> {
-    let audience = format!("sb://{}/", h.addr());
-    let expiry = asb_gateway::sas::now_unix() + ttl;
-    let token = asb_gateway::sas::sas_token(&audience, "RootManageSharedAccessKey", key, expiry);
-    let mut cbs = within("cbs attach", CbsClient::attach(&mut c.session))
-        .await
-        .unwrap();
-    let r = within(
-        "put-token",
-        cbs.put_token(
-            audience.as_str(),
-            CbsToken::new(
-                token,
-                "jwt",
-                Some(Timestamp::from_milliseconds(expiry as i64 * 1000)),
-            ),
-        ),
-    )
-    .await
-    .map_err(|e| format!("{e:?}"));
-    let _ = cbs.close().await;
-    r
 }
 
 async fn receiver(c: &mut Client, addr: &str, credit: CreditMode) -> Receiver {
@@ -410,7 +350,7 @@ async fn cbs_refuses_wrong_key_and_missing_token_and_expiry_closes() {
     expect_refused(&mut c, path, "UnauthorizedAccess").await;
     let _ = c.conn.close().await;
     // No token at all: refused; unknown entity: not found.
-    let mut c = connect_with(&h, SaslProfile::Anonymous).await;
+    let mut c = connect_with(&h, SaslProfile::Anonymous, "test-client").await;
     expect_refused(&mut c, path, "UnauthorizedAccess").await;
     put_token(&mut c, &h, "SAS_KEY_VALUE", 3600).await.unwrap();
     expect_refused(&mut c, "events/Subscriptions/nope", "NotFound").await;
@@ -422,7 +362,7 @@ async fn cbs_refuses_wrong_key_and_missing_token_and_expiry_closes() {
     assert!(!e.is_empty());
     let _ = c.conn.close().await;
     // A short-lived token: the connection is closed when it expires.
-    let mut c = connect_with(&h, SaslProfile::Anonymous).await;
+    let mut c = connect_with(&h, SaslProfile::Anonymous, "test-client").await;
     put_token(&mut c, &h, "SAS_KEY_VALUE", 2).await.unwrap();
     let mut r = receiver(&mut c, path, CreditMode::Auto(10)).await;
     let started = std::time::Instant::now();
@@ -456,6 +396,7 @@ async fn sasl_plain_with_the_key_needs_no_token_and_wrong_password_fails() {
             username: "RootManageSharedAccessKey".into(),
             password: "SAS_KEY_VALUE".into(),
         },
+        "test-client",
     )
     .await;
     publish(&h, "events", 1).await;

@@ -3,6 +3,7 @@
 //! renewal on `$management` (driven by the gateway's own `source::renew::LockRenewer`).
 //! Real AMQP 1.0 on loopback, fe2o3 clients, no mocks.
 
+use crate::support::amqp::{Client, connect, within};
 use crate::support::{self, http};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -10,25 +11,14 @@ use std::time::{Duration, SystemTime};
 use asb_gateway::emulator::client::Publisher;
 use asb_gateway::emulator::{EmulatorHandle, EmulatorOptions, Entities, EntityStats};
 use asb_gateway::source::renew::{LockRenewer, RenewError, lock_token};
-use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Message, MessageId, Properties, Source,
 };
-use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Timestamp, Value};
-use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
-use fe2o3_amqp_cbs::client::CbsClient;
-use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
+use fe2o3_amqp::{Delivery, Receiver};
 
 const T: Duration = Duration::from_secs(10);
-
-async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(T, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
 
 fn config(topic_subscriptions: &str, queues: &str) -> String {
     format!(
@@ -58,52 +48,6 @@ async fn start(json: &str) -> EmulatorHandle {
         ..Default::default()
     })
     .await
-}
-
-struct Client {
-    conn: ConnectionHandle<()>,
-    session: SessionHandle<()>,
-}
-
-/// SASL ANONYMOUS, then a namespace-wide token with the emulator's key.
-async fn connect(h: &EmulatorHandle) -> Client {
-    let stream = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
-    let mut conn = within(
-        "open",
-        Connection::builder()
-            .container_id("dialect-test")
-            .sasl_profile(SaslProfile::Anonymous)
-            .open_with_stream(stream),
-    )
-    .await
-    .unwrap();
-    let mut session = within("begin", Session::begin(&mut conn)).await.unwrap();
-    let audience = format!("sb://{}/", h.addr());
-    let expiry = asb_gateway::sas::now_unix() + 3600;
-    let token = asb_gateway::sas::sas_token(
-        &audience,
-        "RootManageSharedAccessKey",
-        "SAS_KEY_VALUE",
-        expiry,
-    );
-    let mut cbs = within("cbs", CbsClient::attach(&mut session))
-        .await
-        .unwrap();
-    within(
-        "put-token",
-        cbs.put_token(
-            audience.as_str(),
-            CbsToken::new(
-                token,
-                "jwt",
-                Some(Timestamp::from_milliseconds(expiry as i64 * 1000)),
-            ),
-        ),
-    )
-    .await
-    .unwrap();
-    let _ = cbs.close().await;
-    Client { conn, session }
 }
 
 async fn receiver(c: &mut Client, addr: &str) -> Receiver {
@@ -300,7 +244,7 @@ async fn rules_deliver_only_the_matching_messages() {
         ("s-exists", &["m5"]),
         ("s-sys", &["m3"]),
     ]);
-    let mut c = connect(&h).await;
+    let mut c = connect(&h, "dialect-test").await;
     for (sub, expected) in want {
         assert_eq!(ids(&h, &mut c, sub).await, expected, "subscription {sub}");
     }
@@ -444,7 +388,7 @@ async fn requires_session_refuses_plain_receivers_as_asb_does() {
         r#"{"Name":"sq","Properties":{"RequiresSession":true}}"#,
     ))
     .await;
-    let mut c = connect(&h).await;
+    let mut c = connect(&h, "dialect-test").await;
     for addr in ["events/Subscriptions/sessions", "sq"] {
         let err = refusal(&mut c, Source::builder().address(addr).build()).await;
         assert!(err.contains("NotAllowed"), "{addr}: {err}");
@@ -480,7 +424,7 @@ async fn requires_session_refuses_plain_receivers_as_asb_does() {
 #[tokio::test]
 async fn a_missing_subscription_is_attached_then_detached_with_not_found() {
     let h = start(&config(r#"{"Name":"edge"}"#, "")).await;
-    let mut c = connect(&h).await;
+    let mut c = connect(&h, "dialect-test").await;
     let err = refusal(
         &mut c,
         Source::builder()
@@ -540,7 +484,7 @@ async fn renew_lock_keeps_a_message_past_its_lock_duration_without_redelivery() 
     ))
     .await;
     publish_n(&h, 2).await;
-    let mut c = connect(&h).await;
+    let mut c = connect(&h, "dialect-test").await;
     let mut r = receiver(&mut c, "events/Subscriptions/edge").await;
     let d0 = recv(&mut r).await;
     let d1 = recv(&mut r).await;
@@ -612,7 +556,7 @@ async fn renew_lock_of_an_unknown_settled_or_expired_lock_is_lock_lost() {
     ))
     .await;
     publish_n(&h, 3).await;
-    let mut c = connect(&h).await;
+    let mut c = connect(&h, "dialect-test").await;
     let mut r = receiver(&mut c, "events/Subscriptions/edge").await;
     let d0 = recv(&mut r).await;
     let d1 = recv(&mut r).await;
@@ -671,7 +615,7 @@ async fn fault_injection_makes_renewals_fail_with_lock_lost() {
     let h = start(&config(r#"{"Name":"edge"}"#, r#"{"Name":"q"}"#)).await;
     let admin = h.admin_addr().unwrap();
     publish_n(&h, 1).await;
-    let mut c = connect(&h).await;
+    let mut c = connect(&h, "dialect-test").await;
     let mut r = receiver(&mut c, "events/Subscriptions/edge").await;
     let d = recv(&mut r).await;
     let token = lock_token(&d).unwrap();

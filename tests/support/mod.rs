@@ -5,6 +5,7 @@
 //! captured logs.
 #![allow(dead_code, unused_imports)]
 
+pub mod amqp;
 pub mod cutter;
 pub mod daemon;
 pub mod emulator;
