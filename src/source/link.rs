@@ -174,15 +174,23 @@ impl Source {
         m.credit.set(outstanding as u64);
     }
 
-    /// A link died while the connection may live: forget its deliveries (they cannot be
-    /// settled on a new link) and attach again after a backoff.
-    pub(super) fn lose_link(&mut self, i: usize, why: String) {
+    /// Drop link `i` and everything held on it: its deliveries cannot be settled on a
+    /// new link (a new generation), so they are left to the broker. Returns how many.
+    fn forget_link(&mut self, i: usize) -> usize {
         let abandoned = self.tracker.drop_link(i);
         self.metrics.abandoned_on_link_loss.add(abandoned as u64);
         let l = &mut self.links[i];
         l.receiver = None;
         l.renewer = None;
         l.generation += 1;
+        abandoned
+    }
+
+    /// A link died while the connection may live: forget its deliveries (they cannot be
+    /// settled on a new link) and attach again after a backoff.
+    pub(super) fn lose_link(&mut self, i: usize, why: String) {
+        let abandoned = self.forget_link(i);
+        let l = &self.links[i];
         if abandoned > 0 {
             log::info!(
                 "source: link to {} lost; {abandoned} unsettled deliveries left to the broker",
@@ -195,13 +203,8 @@ impl Source {
     /// The connection died: every link with it.
     pub(super) fn lose_all_links(&mut self) {
         for i in 0..self.links.len() {
-            let abandoned = self.tracker.drop_link(i);
-            self.metrics.abandoned_on_link_loss.add(abandoned as u64);
-            let l = &mut self.links[i];
-            l.receiver = None;
-            l.renewer = None;
-            l.generation += 1;
-            l.retry_at = None;
+            self.forget_link(i);
+            self.links[i].retry_at = None;
             self.metrics
                 .links
                 .set(i, Some("connection lost".to_string()));

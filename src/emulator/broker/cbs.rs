@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
+use fe2o3_amqp::Receiver;
 use fe2o3_amqp::acceptor::LinkEndpoint;
-use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
-use fe2o3_amqp::{Delivery, Receiver};
 
 use super::reply::{self, Node};
 use super::{ConnShared, normalize_address};
@@ -37,39 +37,19 @@ pub(super) fn attach(
     }
 }
 
-/// Requests to the `$cbs` node: put-token.
-async fn requests(mut receiver: Receiver, shared: Arc<Shared>, conn: Arc<ConnShared>) {
-    loop {
-        let delivery: Delivery<Body<Value>> = tokio::select! {
-            d = receiver.recv() => match d { Ok(d) => d, Err(_) => return },
-            _ = conn.kill.killed() => return,
-        };
-        let (info, msg) = delivery.into_parts();
-        if receiver.accept(info).await.is_err() {
-            return;
-        }
-        let (code, description) = put_token(&msg, &shared, &conn);
-        let message_id = msg.properties.as_ref().and_then(|p| p.message_id.clone());
-        let reply_to = msg
-            .properties
-            .as_ref()
-            .and_then(|p| p.reply_to.clone())
-            .unwrap_or_default();
-        let reply = Message::builder()
-            .properties(Properties {
-                correlation_id: message_id,
-                ..Default::default()
-            })
-            .application_properties(
-                ApplicationProperties::builder()
-                    .insert("status-code", SimpleValue::Int(code))
-                    .insert("status-description", SimpleValue::String(description))
-                    .build(),
-            )
-            .body(Body::Value(AmqpValue(Value::Null)))
+/// Requests to the `$cbs` node: put-token, answered with `status-code` and
+/// `status-description`.
+async fn requests(receiver: Receiver, shared: Arc<Shared>, conn: Arc<ConnShared>) {
+    let c = conn.clone();
+    reply::serve_requests(receiver, conn, Node::Cbs, move |msg| {
+        let (code, description) = put_token(msg, &shared, &c);
+        let props = ApplicationProperties::builder()
+            .insert("status-code", SimpleValue::Int(code))
+            .insert("status-description", SimpleValue::String(description))
             .build();
-        reply::send(&conn, Node::Cbs, &reply_to, reply).await;
-    }
+        (props, Value::Null)
+    })
+    .await
 }
 
 /// Validate one put-token request; returns the status code and description.

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use fe2o3_amqp::Receiver;
 use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::types::definitions::AmqpError;
-use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body};
 use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
-use fe2o3_amqp::{Delivery, Receiver};
 
 use super::reply::{self, Node};
 use super::{ConnShared, error, not_found, refuse};
@@ -68,44 +68,18 @@ pub(super) fn attach(
 
 /// Requests to `<entity>/$management`: `com.microsoft:renew-lock`. Other operations get
 /// status 501 (the emulator does not implement them; never a silent success).
-async fn requests(
-    mut receiver: Receiver,
-    entity: String,
-    shared: Arc<Shared>,
-    conn: Arc<ConnShared>,
-) {
-    loop {
-        let delivery: Delivery<Body<Value>> = tokio::select! {
-            d = receiver.recv() => match d { Ok(d) => d, Err(_) => return },
-            _ = conn.kill.killed() => return,
-        };
-        let (info, msg) = delivery.into_parts();
-        if receiver.accept(info).await.is_err() {
-            return;
-        }
-        let (code, description, condition, body) = management(&msg, &entity, &shared);
-        let message_id = msg.properties.as_ref().and_then(|p| p.message_id.clone());
-        let reply_to = msg
-            .properties
-            .as_ref()
-            .and_then(|p| p.reply_to.clone())
-            .unwrap_or_default();
+async fn requests(receiver: Receiver, entity: String, shared: Arc<Shared>, conn: Arc<ConnShared>) {
+    reply::serve_requests(receiver, conn, Node::Management, move |msg| {
+        let (code, description, condition, body) = management(msg, &entity, &shared);
         let mut props = ApplicationProperties::builder()
             .insert("statusCode", SimpleValue::Int(code))
             .insert("statusDescription", SimpleValue::String(description));
         if let Some(c) = condition {
             props = props.insert("errorCondition", SimpleValue::Symbol(Symbol::from(c)));
         }
-        let reply = Message::builder()
-            .properties(Properties {
-                correlation_id: message_id,
-                ..Default::default()
-            })
-            .application_properties(props.build())
-            .body(Body::Value(AmqpValue(body)))
-            .build();
-        reply::send(&conn, Node::Management, &reply_to, reply).await;
-    }
+        (props.build(), body)
+    })
+    .await
 }
 
 /// One `$management` request on `entity`: (statusCode, statusDescription,

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fe2o3_amqp::Sender;
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Delivery, Receiver, Sender};
 use tokio::sync::mpsc;
 
 use super::ConnShared;
@@ -94,5 +96,44 @@ async fn cbs_reply_loop(sender: &mut Sender, rx: &mut mpsc::Receiver<StoredMessa
             }
             _ = sender.on_detach() => return,
         }
+    }
+}
+
+/// Serve the requests the client sends on `receiver` to `node` until the link or the
+/// connection goes: accept each request, let `answer` make the response (application
+/// properties and body value), and send it to the request's `reply-to` with the
+/// request's message-id as its correlation-id (the AMQP request/response pattern ASB's
+/// `$cbs` and `$management` nodes follow).
+pub(super) async fn serve_requests(
+    mut receiver: Receiver,
+    conn: Arc<ConnShared>,
+    node: Node,
+    mut answer: impl FnMut(&StoredMessage) -> (ApplicationProperties, Value),
+) {
+    loop {
+        let delivery: Delivery<Body<Value>> = tokio::select! {
+            d = receiver.recv() => match d { Ok(d) => d, Err(_) => return },
+            _ = conn.kill.killed() => return,
+        };
+        let (info, msg) = delivery.into_parts();
+        if receiver.accept(info).await.is_err() {
+            return;
+        }
+        let (props, body) = answer(&msg);
+        let message_id = msg.properties.as_ref().and_then(|p| p.message_id.clone());
+        let reply_to = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.reply_to.clone())
+            .unwrap_or_default();
+        let reply = Message::builder()
+            .properties(Properties {
+                correlation_id: message_id,
+                ..Default::default()
+            })
+            .application_properties(props)
+            .body(Body::Value(AmqpValue(body)))
+            .build();
+        send(&conn, node, &reply_to, reply).await;
     }
 }
