@@ -469,30 +469,58 @@ impl Source {
     }
 
     /// Graceful shutdown: release what is held, close links, session and connection.
+    ///
+    /// Every delivery the broker sent must be released before its link detaches: one
+    /// left unsettled on a detached link stays locked until its lock expires. So the flow
+    /// is stopped with a drain, not by cutting the credit to 0: fe2o3 counts credit
+    /// locally and drops a transfer that exceeds it (`TransferLimitExceeded`) without
+    /// showing it to us, and the transfers the broker sent before it saw a credit of 0
+    /// would arrive over a credit of 0 — locked at the broker, unknown to us. A drain
+    /// leaves our credit as it is, so whatever is still on its way is received and
+    /// released; the link is closed once nothing more comes.
     async fn close(&mut self, mut conn: Conn) {
         let budget = Duration::from_millis(2500);
+        // How long a link must stay quiet after the drain before it is closed: the
+        // broker's last transfers are one round trip behind the drain.
+        let quiet = Duration::from_millis(300);
         let _ = timeout(budget, async {
             let mut held = std::mem::take(&mut self.scratch);
             self.tracker.drain_all(&mut held);
+            let mut released = 0usize;
             for h in held.drain(..) {
                 if self.links[h.link].generation == h.generation {
                     self.release(h.link, h.delivery).await;
+                    released += 1;
                 }
             }
-            // Deliveries that arrived but were not taken yet are locked too: stop the
-            // flow, take what is still coming and give it back.
+            let mut arrived = 0usize;
             for i in 0..self.links.len() {
                 if let Some(r) = self.links[i].receiver.as_mut() {
-                    let _ = timeout(Duration::from_millis(200), r.set_credit(0)).await;
-                }
-                while let Some(r) = self.links[i].receiver.as_mut() {
-                    match timeout(Duration::from_millis(300), r.recv::<Body<Value>>()).await {
-                        Ok(Ok(d)) => self.release(i, DeliveryInfo::from(d)).await,
-                        Ok(Err(RecvError::MessageDecode(e))) => self.release(i, e.info).await,
-                        _ => break,
+                    let drain = timeout(Duration::from_millis(200), r.drain()).await;
+                    if !matches!(drain, Ok(Ok(()))) {
+                        let _ = timeout(Duration::from_millis(200), r.set_credit(0)).await;
                     }
                 }
+                while let Some(r) = self.links[i].receiver.as_mut() {
+                    match timeout(quiet, r.recv::<Body<Value>>()).await {
+                        Ok(Ok(d)) => self.release(i, DeliveryInfo::from(d)).await,
+                        Ok(Err(RecvError::MessageDecode(e))) => self.release(i, e.info).await,
+                        Ok(Err(e)) if e.recovery() == ErrorRecovery::UseLink => {
+                            log::warn!(
+                                "source: {} reported {e} while closing; a delivery may stay \
+                                 locked until its lock expires",
+                                self.links[i].address
+                            );
+                            continue;
+                        }
+                        _ => break,
+                    }
+                    arrived += 1;
+                }
             }
+            log::debug!(
+                "source: closing: released {released} held and {arrived} arriving deliveries"
+            );
             for l in &mut self.links {
                 if let Some(r) = l.receiver.take() {
                     let _ = timeout(Duration::from_millis(500), r.close()).await;

@@ -733,7 +733,8 @@ async fn sigterm_under_load_releases_in_flight_and_loses_nothing() {
         }
         assert!(
             Instant::now() < deadline,
-            "in-flight messages not released at shutdown: {s:?}"
+            "in-flight messages not released at shutdown: {s:?}; log {:#?}",
+            log.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
