@@ -193,6 +193,8 @@ fn run_emulator(
     config: Option<PathBuf>,
     admin: Option<SocketAddr>,
 ) -> ExitCode {
+    // Its connections, links and refusals go to stderr (or the journal), like the daemon's.
+    crate::appliance::logging::init("info");
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,

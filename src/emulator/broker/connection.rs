@@ -81,7 +81,9 @@ impl SaslAcceptor for Auth {
 /// Serve one TCP connection until it closes.
 pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
     let endpoint = stream
         .local_addr()
         .map(|a| a.to_string())
@@ -105,17 +107,17 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let mut connection = match opened {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            log::info!("emulator: connection from {peer:?} refused: {e}");
+            log::info!("emulator: connection from {peer} refused: {e}");
             shared.unregister_conn(id);
             return;
         }
         Err(_) => {
-            log::info!("emulator: connection from {peer:?} timed out while opening");
+            log::info!("emulator: connection from {peer} timed out while opening");
             shared.unregister_conn(id);
             return;
         }
     };
-    log::debug!("emulator: connection {id} from {peer:?} open");
+    log::debug!("emulator: connection {id} from {peer} open");
     let mut expiry_rx = conn.expiry.subscribe();
     loop {
         let deadline = (*expiry_rx.borrow_and_update()).map(|exp| {
