@@ -374,3 +374,258 @@ async fn damaged_snapshots_never_block_start() {
     }
     em.shutdown().await;
 }
+
+const ENTITY: &str = "operational-events/Subscriptions/edge";
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_events_reach_the_mirror_after_a_restart_and_panels_see_them_once() {
+    use crate::support::Subscriber;
+    use crate::support::mosquitto::Mosquitto;
+    // The mirror is required and its broker is down: 8 events are appended and pinned,
+    // the rest wait in ASB. SIGTERM releases the 8; the snapshot keeps them pinned.
+    let mut broker = Mosquitto::start();
+    broker.stop();
+    let em = emulator().await;
+    let dir = TempDir::new("durable-pinned");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = config(
+        &em,
+        &state,
+        &format!(
+            "unsettled = 8\n[mqtt]\nurl = {:?}\nprefix = \"pin\"\nrequired = true\n",
+            broker.url()
+        ),
+    );
+    let mut d = start(&dir, &cfg);
+    let (mut ws, hello) = panel(&d, None).await;
+    let epoch = hello["epoch"].as_str().unwrap().to_string();
+    publish(&em, "p", 30).await;
+    let got = events(&mut ws, 8).await;
+    assert_eq!(got.last().unwrap()["seq"], 8);
+    wait_for("8 locked", || em.stats()[ENTITY].locked == 8).await;
+    assert_eq!(d.terminate().0, Some(0), "log: {}", d.log_text());
+    wait_for("released", || em.stats()[ENTITY].locked == 0).await;
+    assert_eq!(em.stats()[ENTITY].completed, 0);
+
+    // Broker back, daemon restarted: the 8 restored events are published once, their
+    // redeliveries are recognised (not appended again) and completed, the rest follow.
+    broker.start_again();
+    let mut sub = Subscriber::start(broker.port, "pin/#", false).await;
+    sub.wait_subscribed(1).await;
+    let d = start(&dir, &cfg);
+    wait_for("30 completed", || em.stats()[ENTITY].completed == 30).await;
+    let mut bodies = Vec::new();
+    while let Some(r) = sub.next(Duration::from_secs(2)).await {
+        if !r.topic.ends_with("/status") {
+            let v: Value = serde_json::from_slice(&r.payload).unwrap();
+            bodies.push(v["i"].as_u64().unwrap());
+        }
+    }
+    bodies.sort_unstable();
+    assert_eq!(
+        bodies,
+        (0..30).collect::<Vec<_>>(),
+        "each event once on MQTT"
+    );
+    let s = em.stats()[ENTITY].clone();
+    assert_eq!((s.active, s.locked, s.dead_lettered), (0, 0, 0), "{s:?}");
+    // A panel resuming from seq 8 gets 9..=30 and nothing else: no event twice.
+    let (mut ws, hello) = panel(&d, Some((&epoch, 8))).await;
+    assert_eq!(hello["epoch"], epoch.as_str());
+    assert_eq!(hello["latest"], 30, "redeliveries were not appended again");
+    let got = events(&mut ws, 22).await;
+    let mut is: Vec<u64> = got
+        .iter()
+        .map(|f| f["body"]["i"].as_u64().unwrap())
+        .collect();
+    is.sort_unstable();
+    assert_eq!(is, (8..30).collect::<Vec<_>>());
+    assert!(next(&mut ws, Duration::from_millis(300)).await.is_none());
+    em.shutdown().await;
+}
+
+/// The binary the benches below run: `ASBGW_BENCH_BIN` (e.g. target/release/asb-gateway),
+/// else the test build.
+fn bench_bin() -> String {
+    std::env::var("ASBGW_BENCH_BIN").unwrap_or_else(|_| crate::support::EXE.to_string())
+}
+
+fn proc_io(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}: "))?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bench (BENCHMARKS.md "Journal snapshot"): with a full journal of ~300 B events, the
+/// bytes the daemon writes to disk (`/proc/PID/io` write_bytes) and the fsyncs it makes
+/// (strace -c, when `ASBGW_BENCH_STRACE=1`) over `ASBGW_BENCH_SECS` (60) at
+/// `ASBGW_BENCH_RATE` (10) events/s with the default checkpoint, extrapolated per hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --run-ignored only"]
+async fn bench_snapshot_write_volume() {
+    let rate: u64 = std::env::var("ASBGW_BENCH_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let secs: u64 = std::env::var("ASBGW_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let em = emulator().await;
+    let dir = TempDir::new("durable-bench-io");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config(&em, &state, "")).unwrap();
+    let d = Daemon::with_config_file(&path)
+        .env_remove("STATE_DIRECTORY")
+        .program(&bench_bin())
+        .start();
+    let pid = d.pid();
+    let body = format!("{{\"v\":\"{}\"}}", "x".repeat(290));
+    let mut p = Publisher::connect(&em.connection_string(), "operational-events")
+        .await
+        .unwrap();
+    // Fill the journal first (4096 events): the steady state of a box that runs for hours.
+    for i in 0..4096 {
+        p.send_json(&format!("fill-{i}"), &[], body.clone(), "application/json")
+            .await
+            .unwrap();
+    }
+    wait_for("filled", || em.stats()[ENTITY].completed == 4096).await;
+    let strace = std::env::var("ASBGW_BENCH_STRACE").is_ok().then(|| {
+        std::process::Command::new("strace")
+            .args(["-f", "-c", "-e", "trace=fsync,fdatasync,rename", "-o"])
+            .arg(dir.join("strace.txt"))
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let w0 = proc_io(pid, "write_bytes");
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            p.send_json(&format!("e-{sent}"), &[], body.clone(), "application/json")
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let w = proc_io(pid, "write_bytes") - w0;
+    let took = t0.elapsed().as_secs_f64();
+    if let Some(mut s) = strace {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &s.id().to_string()])
+            .status();
+        let _ = s.wait();
+        println!(
+            "{}",
+            std::fs::read_to_string(dir.join("strace.txt")).unwrap_or_default()
+        );
+    }
+    let snap = std::fs::metadata(state.join("journal.snap"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "rate {rate}/s for {took:.1} s: {sent} events, write_bytes {w} ({:.1} MiB/h), snapshot {snap} B",
+        w as f64 * 3600.0 / took / (1 << 20) as f64
+    );
+    let _ = p.close().await;
+    drop(d);
+    em.shutdown().await;
+}
+
+/// Bench: start -> READY ("running: panels on" logged after sd_notify READY) with a full
+/// 8 MiB journal snapshot, and RSS after the restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --run-ignored only"]
+async fn bench_start_with_a_full_snapshot() {
+    use asb_gateway::event::{EncodedEvent, EventMeta, IdString, Topic};
+    let dir = TempDir::new("durable-bench-start");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let em = emulator().await;
+    // ASBGW_BENCH_JOURNAL_MIB=16 makes the snapshot file itself ~8 MiB (it holds the
+    // postcard frames only, about half of the journal's bytes).
+    let mib: usize = std::env::var("ASBGW_BENCH_JOURNAL_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let text = config(
+        &em,
+        &state,
+        &format!("memory_mib = {mib}\n[budget]\nmemory_mib = {}\n", 40 + mib),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    // Fill a journal of the default limits (4096 events, 8 MiB) and save it.
+    let cfg = asb_gateway::config::Config::parse(&text, &Default::default()).unwrap();
+    let r = asb_gateway::durable::restore(
+        asb_gateway::durable::DurableSettings {
+            state: asb_gateway::journal::snapshot::StateDir::new(&state),
+            checkpoint: Duration::from_secs(30),
+            subscriptions: vec![ENTITY.into()],
+            mirror_required: false,
+        },
+        cfg.journal_limits(),
+        4096,
+        "bench".into(),
+        std::sync::Arc::new(asb_gateway::metrics::Metrics::default()),
+    );
+    let topic = Topic::try_from("line1/temp").unwrap();
+    let body = format!("{{\"v\":\"{}\"}}", "x".repeat(1900));
+    for i in 0..4096u64 {
+        let meta = EventMeta {
+            message_id: Some(IdString::try_from(format!("m-{i}").as_str()).unwrap()),
+            content_type: Some("application/json".try_into().unwrap()),
+            ..Default::default()
+        };
+        let ev = EncodedEvent::encode(r.journal.next_seq(), &topic, &meta, body.as_bytes());
+        r.journal.append(ev, false).unwrap();
+    }
+    r.persistence.as_ref().unwrap().checkpoint(true).unwrap();
+    let (events, bytes) = (r.journal.len(), r.journal.bytes());
+    drop(r);
+    let snap = std::fs::metadata(state.join("journal.snap")).unwrap().len();
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let mut d = Daemon::with_config_file(&path)
+            .env_remove("STATE_DIRECTORY")
+            .program(&bench_bin())
+            .start();
+        let ready = t0.elapsed();
+        best = best.min(ready);
+        assert!(
+            d.log_text()
+                .contains(&format!("restored {events} event(s)")),
+            "{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss = crate::support::procfs::status_field(&d.pid().to_string(), "VmRSS").unwrap_or(0);
+        let hwm = crate::support::procfs::status_field(&d.pid().to_string(), "VmHWM").unwrap_or(0);
+        println!(
+            "start -> panels on (READY): {ready:?}; {events} events, {bytes} B in the journal, \
+             snapshot {snap} B; VmRSS {rss} kB, VmHWM {hwm} kB"
+        );
+        assert_eq!(d.terminate().0, Some(0));
+    }
+    println!("best start -> READY: {best:?}");
+    em.shutdown().await;
+}
