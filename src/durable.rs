@@ -598,6 +598,44 @@ mod tests {
     }
 
     #[test]
+    fn a_state_dir_that_cannot_be_written_is_counted_and_recovered_from() {
+        let d = dir("fail");
+        let r = start(&d, 4);
+        let p = r.persistence.clone().unwrap();
+        append(&r.journal, "a", false);
+        p.checkpoint(false).unwrap();
+        // The lease cannot be written (a non-empty directory took its temporary name;
+        // a full disk fails the same step).
+        let lease = d.join("journal.lease.tmp");
+        std::fs::create_dir(&lease).unwrap();
+        std::fs::write(lease.join("x"), b"x").unwrap();
+        assert!(p.extend_lease().is_err());
+        assert_eq!(p.metrics.journal_snapshot_errors.get(), 1);
+        assert!(!d.join("journal.lease").exists());
+        // the saved state is gone (a crash now starts a new epoch) and ingest goes on
+        assert!(!d.join("journal.snap").exists());
+        assert_eq!(r.journal.reserved_until(), u64::MAX);
+        assert!(r.journal.room() > 0);
+        append(&r.journal, "b", false);
+        // a checkpoint keeps failing (retried at the next tick, never in a loop)...
+        assert!(p.checkpoint(false).is_err());
+        assert_eq!(p.metrics.journal_snapshot_errors.get(), 2);
+        // ...until the directory is writable again: lease first, then the snapshot
+        std::fs::remove_dir_all(&lease).unwrap();
+        assert!(p.checkpoint(false).unwrap());
+        assert_eq!(
+            r.journal.reserved_until(),
+            r.journal.next_seq() + RESERVE_SEQS
+        );
+        let epoch = r.journal.epoch().to_string();
+        drop((r, p));
+        let r = start(&d, 4);
+        assert_eq!(r.journal.epoch(), epoch);
+        assert_eq!(r.journal.len(), 2);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
     fn damaged_state_is_moved_aside_and_a_new_epoch_starts() {
         let d = dir("bad");
         let r = start(&d, 4);
