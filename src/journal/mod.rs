@@ -597,6 +597,45 @@ mod tests {
     }
 
     #[test]
+    fn no_seq_is_issued_at_or_above_the_reserved_bound() {
+        let j = journal(8);
+        j.set_reserved_until(3);
+        assert_eq!(j.room(), 2);
+        j.append(ev(1, b"a"), false).unwrap();
+        j.append(ev(2, b"b"), false).unwrap();
+        assert_eq!(j.room(), 0, "the source gets no credit at the bound");
+        assert_eq!(
+            j.append(ev(3, b"c"), false),
+            Err(JournalError::Unreserved {
+                seq: 3,
+                reserved_until: 3
+            })
+        );
+        j.set_reserved_until(10);
+        assert_eq!(j.append(ev(3, b"c"), false), Ok(3));
+    }
+
+    #[test]
+    fn lost_ranges_are_reported_as_lost_gaps() {
+        let j = journal(8);
+        j.append(ev(1, b"a"), false).unwrap();
+        j.append(ev(2, b"b"), false).unwrap();
+        // a crash lost 3..=9; the journal continues at 10
+        j.resume_at(10, [(3, 9)]);
+        j.append(ev(10, b"c"), false).unwrap();
+        let (mut cur, mut out) = (2, Vec::new());
+        assert_eq!(j.read(&mut cur, &mut out, 10), None, "up to the hole");
+        assert_eq!(seqs(&out), vec![2]);
+        out.clear();
+        let gap = j.read(&mut cur, &mut out, 10).unwrap();
+        assert_eq!((gap.from, gap.to, gap.kind), (3, 9, GapKind::Lost));
+        assert_eq!(seqs(&out), vec![10]);
+        assert!(j.is_lost(3, 9) && !j.is_lost(2, 9));
+        assert_eq!(j.get(10).unwrap().seq, 10);
+        assert!(j.get(5).is_none());
+    }
+
+    #[test]
     fn byte_cap_evicts_by_size() {
         let one = ev(1, &[7u8; 64]).heap_bytes();
         let j = Journal::new(
