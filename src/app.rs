@@ -13,12 +13,16 @@ use tokio::task::JoinSet;
 use crate::appliance::notify;
 use crate::budget::Budget;
 use crate::config::Config;
+use crate::durable::{self, DurableSettings, Persistence};
+use crate::journal::snapshot::StateDir;
 use crate::journal::{self, Journal};
 use crate::liveness::{Liveness, Part};
 use crate::metrics::{Metrics, PartState};
 use crate::mirror::MirrorSettings;
 use crate::panels::PanelSettings;
 use crate::shutdown;
+use crate::source::SourceSettings;
+use crate::source::tracker::{Dedup, SharedDedup};
 
 /// How long tasks get to drain after shutdown is fired.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
@@ -35,6 +39,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Heartbeats of the data path loops; gates the systemd watchdog pings.
     pub liveness: Arc<Liveness>,
+    /// The source's duplicate-suppression window (restored with the journal).
+    pub dedup: Arc<SharedDedup>,
+    /// Keeps the journal in `journal.state_dir`; `None`: memory only.
+    pub persistence: Option<Arc<Persistence>>,
 }
 
 impl Context {
@@ -49,9 +57,51 @@ impl Context {
 
     /// The gateway for `config`, whose worst-case memory `budget` the caller computed
     /// (and checked, before anything is allocated).
+    /// With `journal.state_dir`, the journal is restored from its snapshot (or starts a
+    /// new `epoch` when there is none or it is damaged).
     pub fn assemble(config: Config, budget: Budget, epoch: String) -> Arc<Self> {
-        let journal = Journal::new(config.journal_limits(), epoch);
         let metrics = Arc::new(Metrics::default());
+        let limits = config.journal_limits();
+        let window = SourceSettings::from_config(&config).dedup_window;
+        let (journal, dedup, persistence) = match &config.journal.state_dir {
+            Some(dir) => {
+                let settings = DurableSettings {
+                    state: StateDir::new(dir),
+                    checkpoint: Duration::from_secs(config.journal.checkpoint_secs),
+                    subscriptions: config
+                        .source
+                        .subscriptions
+                        .iter()
+                        .map(|s| s.address())
+                        .collect(),
+                    mirror_required: config.mirror_required(),
+                };
+                let r = durable::restore(settings, limits, window, epoch, metrics.clone());
+                (r.journal, r.dedup, r.persistence)
+            }
+            None => (
+                Journal::new(limits, epoch),
+                Arc::new(SharedDedup::new(Dedup::new(window))),
+                None,
+            ),
+        };
+        match &persistence {
+            Some(p) => log::info!(
+                "journal: kept in {} (checkpoint every {}s{})",
+                p.settings().state.dir().display(),
+                config.journal.checkpoint_secs,
+                if config.journal.checkpoint_secs == 0 {
+                    ": at graceful stop only"
+                } else {
+                    ""
+                }
+            ),
+            None if config.journal.state_dir.is_none() => log::info!(
+                "journal: memory only (no journal.state_dir and no $STATE_DIRECTORY): \
+                 history does not survive a restart"
+            ),
+            None => {}
+        }
         metrics.budget_bytes.set(budget.total() as u64);
         metrics.budget_limit_bytes.set(budget.limit_bytes as u64);
         metrics
@@ -71,6 +121,8 @@ impl Context {
             journal,
             metrics,
             liveness: Liveness::new(),
+            dedup,
+            persistence,
         })
     }
 
@@ -92,12 +144,14 @@ impl Context {
 
     /// The source's inputs: its settings and the handles it shares.
     pub fn source_context(&self) -> crate::source::SourceContext {
-        crate::source::SourceContext::new(
+        let mut cx = crate::source::SourceContext::new(
             &self.config,
             self.journal.clone(),
             self.metrics.clone(),
             self.liveness.clone(),
-        )
+        );
+        cx.dedup = self.dedup.clone();
+        cx
     }
 }
 
@@ -168,6 +222,9 @@ pub async fn run(
         ctx.liveness.clone(),
         shutdown.clone(),
     ));
+    if let Some(p) = &ctx.persistence {
+        helpers.spawn(durable::checkpoints(p.clone(), shutdown.clone()));
+    }
     drop(shutdown);
     // The panel port was bound before we were called and the source task is spawned.
     notify::ready();
@@ -205,6 +262,21 @@ pub async fn run(
         tasks.shutdown().await;
     }
     helpers.shutdown().await;
+    // The source has released what it held and nothing appends any more: save the
+    // journal (with the pinned events, which come back as redeliveries).
+    if let Some(p) = ctx.persistence.clone() {
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || p.checkpoint(true)).await {
+            Ok(Ok(_)) => log::info!(
+                "journal: snapshot of {} event(s) written in {:?}",
+                ctx.journal.len(),
+                started.elapsed()
+            ),
+            // Logged and counted by the writer.
+            Ok(Err(_)) => {}
+            Err(e) => log::error!("journal: snapshot task failed: {e}"),
+        }
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

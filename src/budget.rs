@@ -28,6 +28,9 @@ pub const RUNTIME_BASE: usize = 8 << 20;
 /// Per AMQP link: decode buffers and the tracker entry of each unsettled delivery.
 pub const AMQP_LINK: usize = 64 * 1024;
 pub const TRACKER_ENTRY: usize = 256;
+/// Per journal event while a snapshot is written: the shared view (`Arc` + pinned flag)
+/// and the exported duplicate-suppression entry.
+pub const SNAPSHOT_ENTRY: usize = 48;
 
 /// The most a panel's WebSocket write buffer ever holds: `PANEL_WRITE_BUFFER` of events
 /// or one larger event frame, plus control frames. The panel server caps the buffer here.
@@ -137,6 +140,19 @@ pub fn compute(c: &Config) -> Budget {
             bytes: m.inflight * 1024 + 2 * frame + 64 * 1024,
         });
     }
+    if let Some(dir) = &j.state_dir {
+        lines.push(Line {
+            item: "journal snapshot",
+            detail: format!(
+                "{}: {} B file buffer + {} events x {} B view (streamed, no copy of events)",
+                dir.display(),
+                crate::journal::snapshot::IO_BUFFER,
+                j.events,
+                SNAPSHOT_ENTRY
+            ),
+            bytes: crate::journal::snapshot::IO_BUFFER + j.events * SNAPSHOT_ENTRY,
+        });
+    }
     lines.push(Line {
         item: "runtime base",
         detail: "executable, runtime, allocator, stacks".into(),
@@ -165,6 +181,10 @@ mod tests {
         let b = compute(&cfg("[mqtt]\n"));
         assert!(b.fits(), "{}", b.render());
         assert!(b.render().contains("journal frames"));
+        assert!(!b.render().contains("journal snapshot"));
+        let b = compute(&cfg("[journal]\nstate_dir = \"/var/lib/asb-gateway\"\n"));
+        assert!(b.render().contains("journal snapshot"), "{}", b.render());
+        assert!(b.fits());
     }
 
     #[test]

@@ -141,6 +141,8 @@ pub enum GapReason {
     Expired,
     /// The resume point belongs to another journal epoch.
     Epoch,
+    /// The seqs were lost in a crash between checkpoints (never issued again).
+    Lost,
 }
 
 impl GapReason {
@@ -149,6 +151,7 @@ impl GapReason {
             GapReason::Lagged => "lagged",
             GapReason::Expired => "expired",
             GapReason::Epoch => "epoch",
+            GapReason::Lost => "lost",
         }
     }
 }
@@ -422,6 +425,25 @@ impl EncodedEvent {
         }
     }
 
+    /// Re-create an event from its postcard frame (as a snapshot stores it): the seq,
+    /// topic and JSON frame are derived from it, and the frame bytes are kept as they
+    /// are. `None` when the bytes are not an event frame or its topic is too long.
+    pub fn from_postcard(postcard: Bytes) -> Option<Self> {
+        let (seq, topic, json) = match postcard::from_bytes::<Frame<'_>>(&postcard) {
+            Ok(f @ Frame::Event(_)) => {
+                let Frame::Event(e) = &f else { return None };
+                (e.seq, Topic::try_from(e.topic).ok()?, f.to_json())
+            }
+            _ => return None,
+        };
+        Some(EncodedEvent {
+            seq,
+            topic,
+            json: Utf8Bytes::from(json),
+            postcard,
+        })
+    }
+
     /// A borrowed view of the event (decoded from the postcard frame without copying).
     pub fn frame(&self) -> Option<EventFrame<'_>> {
         match postcard::from_bytes::<Frame<'_>>(&self.postcard) {
@@ -492,6 +514,26 @@ mod tests {
         assert!(v["enqueued_at"].as_str().unwrap().ends_with('Z'));
         assert!(v.get("truncated").is_none());
         assert!(v.get("body_encoding").is_none());
+    }
+
+    #[test]
+    fn from_postcard_recreates_the_same_event() {
+        let topic = Topic::try_from("line1/temp").unwrap();
+        for body in [&br#"{"t": 21.5}"#[..], b"text", &[0xff, 0, 1]] {
+            let ev = EncodedEvent::encode(43, &topic, &meta(), body);
+            let back = EncodedEvent::from_postcard(ev.postcard.clone()).unwrap();
+            assert_eq!(back.seq, 43);
+            assert_eq!(back.topic, topic);
+            assert_eq!(back.json, ev.json);
+            assert_eq!(back.heap_bytes(), ev.heap_bytes());
+        }
+        let gap = Frame::Gap {
+            from: 1,
+            to: 2,
+            reason: GapReason::Lost,
+        };
+        assert!(EncodedEvent::from_postcard(Bytes::from(gap.to_postcard())).is_none());
+        assert!(EncodedEvent::from_postcard(Bytes::from_static(b"\xff\xff")).is_none());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! The data flow, one module per part (each gets only what it uses; none imports
 //! [`app`], which assembles them):
 //! - [`source`]: the AMQP 1.0 receiver side (ASB subscriptions → journal, settlement).
-//! - [`journal`]: the fixed-capacity ring of encoded events ([`event`]), read by cursors.
+//! - [`journal`]: the fixed-capacity ring of encoded events ([`event`]), read by cursors;
+//!   [`durable`] keeps it across restarts (`journal.state_dir`).
 //! - [`panels`]: HTTP and the WebSocket panel protocol v1.
 //! - [`mirror`]: the MQTT mirror.
 //!
@@ -23,6 +24,7 @@ pub mod budget;
 pub mod cli;
 pub mod config;
 mod demo;
+pub mod durable;
 pub mod emulator;
 pub mod event;
 pub mod generator;

@@ -207,6 +207,28 @@ impl Gauge {
     }
 }
 
+/// A gauge of seconds with a fractional part (stored as the bits of an `f64`).
+#[derive(Debug, Default)]
+pub struct Seconds(AtomicU64);
+
+impl Seconds {
+    pub fn set(&self, d: std::time::Duration) {
+        self.0.store(d.as_secs_f64().to_bits(), Relaxed)
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
+    }
+}
+
+impl Exposed for Seconds {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        sample("", &self.get())
+    }
+}
+
 /// A reason label (`{reason="…"}`) of a metric family.
 pub trait Reason: Copy + 'static {
     /// Every reason, in exposition order.
@@ -269,15 +291,15 @@ impl<R: Reason> std::fmt::Debug for Family<R> {
 /// What a metric cell exposes: its Prometheus type and its samples (label set, value).
 trait Exposed {
     fn kind(&self) -> &'static str;
-    fn samples(&self, sample: &mut dyn FnMut(&str, u64));
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display));
 }
 
 impl Exposed for Counter {
     fn kind(&self) -> &'static str {
         "counter"
     }
-    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
-        sample("", self.get())
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        sample("", &self.get())
     }
 }
 
@@ -285,8 +307,8 @@ impl Exposed for Gauge {
     fn kind(&self) -> &'static str {
         "gauge"
     }
-    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
-        sample("", self.get())
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        sample("", &self.get())
     }
 }
 
@@ -295,8 +317,8 @@ impl Exposed for StateCell {
     fn kind(&self) -> &'static str {
         "gauge"
     }
-    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
-        sample("", u64::from(self.get() == PartState::Up))
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        sample("", &u64::from(self.get() == PartState::Up))
     }
 }
 
@@ -304,9 +326,9 @@ impl<R: Reason> Exposed for Family<R> {
     fn kind(&self) -> &'static str {
         "counter"
     }
-    fn samples(&self, sample: &mut dyn FnMut(&str, u64)) {
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
         for (r, c) in R::ALL.iter().zip(&self.cells) {
-            sample(&format!("{{reason=\"{}\"}}", r.as_str()), c.get())
+            sample(&format!("{{reason=\"{}\"}}", r.as_str()), &c.get())
         }
     }
 }
@@ -364,6 +386,14 @@ metrics! {
     journal_bytes: Gauge => "journal_bytes", "Bytes of encoded events held in the journal.";
     journal_capacity_events: Gauge => "journal_capacity_events", "Journal capacity in events.";
     journal_capacity_bytes: Gauge => "journal_capacity_bytes", "Journal capacity in bytes.";
+    journal_snapshot_seconds: Seconds =>
+        "journal_snapshot_seconds", "Duration of the last journal snapshot write.";
+    journal_snapshot_bytes: Gauge =>
+        "journal_snapshot_bytes", "Size of the last journal snapshot written.";
+    journal_snapshot_errors: Counter =>
+        "journal_snapshot_errors_total", "Journal snapshot or lease writes that failed.";
+    journal_restored_events: Gauge =>
+        "journal_restored_events", "Events restored from the snapshot at start.";
     // panels
     panels_connected: Gauge => "panels_connected", "Panels connected.";
     panels_rejected: Family<RejectReason> =>

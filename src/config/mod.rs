@@ -126,6 +126,12 @@ pub struct JournalConfig {
     /// Bytes of encoded events the journal may hold (MiB); oldest settled events are
     /// dropped first when either this or `events` is reached.
     pub memory_mib: usize,
+    /// Where the journal snapshot is kept across restarts; `None`: memory only. Default:
+    /// `$STATE_DIRECTORY` (systemd `StateDirectory=`), resolved when the config is read.
+    pub state_dir: Option<PathBuf>,
+    /// Seconds between checkpoints of the snapshot (only when something changed);
+    /// 0: written at graceful stop only.
+    pub checkpoint_secs: u64,
 }
 
 impl Default for JournalConfig {
@@ -135,6 +141,8 @@ impl Default for JournalConfig {
             max_event_bytes: 16384,
             unsettled: 256,
             memory_mib: 8,
+            state_dir: None,
+            checkpoint_secs: 30,
         }
     }
 }
@@ -398,12 +406,22 @@ pub struct Config {
 pub struct LoadEnv {
     /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
     pub credentials_dir: Option<PathBuf>,
+    /// The first entry of `$STATE_DIRECTORY` (systemd `StateDirectory=`).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl LoadEnv {
     pub fn from_process() -> Self {
         LoadEnv {
             credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            // systemd separates several directories with ':'; ours is the first.
+            state_dir: std::env::var_os("STATE_DIRECTORY").and_then(|v| {
+                v.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            }),
         }
     }
 }
@@ -432,6 +450,10 @@ impl Config {
     fn validate(f: ConfigFile, env: &LoadEnv) -> Result<Config, ConfigError> {
         let connection = resolve_connection(&f.source, env)?;
         f.source.validate(&connection)?;
+        let mut f = f;
+        if f.journal.state_dir.is_none() {
+            f.journal.state_dir = env.state_dir.clone();
+        }
         f.journal.validate()?;
         f.panels.validate()?;
         let mqtt_password = match &f.mqtt {
@@ -523,6 +545,23 @@ impl JournalConfig {
         range("journal.max_event_bytes", self.max_event_bytes, 64, 4 << 20)?;
         range("journal.unsettled", self.unsettled, 1, 65_535)?;
         range("journal.memory_mib", self.memory_mib, 1, 65_536)?;
+        if self.checkpoint_secs > 86_400 {
+            return Err(invalid(
+                "journal.checkpoint_secs",
+                format!("must be between 0 and 86400 (got {})", self.checkpoint_secs),
+            ));
+        }
+        if let Some(d) = &self.state_dir
+            && (d.as_os_str().is_empty() || !d.is_absolute())
+        {
+            return Err(invalid(
+                "journal.state_dir",
+                format!(
+                    "must be an absolute path (got {:?})",
+                    d.display().to_string()
+                ),
+            ));
+        }
         if self.unsettled > self.events {
             return Err(invalid(
                 "journal.unsettled",
@@ -820,6 +859,7 @@ mod tests {
         let text = format!("[source]\n{}", &text[..text.len() - 9]);
         let env = LoadEnv {
             credentials_dir: Some(dir.clone()),
+            ..LoadEnv::default()
         };
         let c = Config::parse(&text, &env).unwrap();
         assert_eq!(c.connection.port, 5672);
@@ -872,6 +912,7 @@ mod tests {
         std::fs::write(creds.join(CREDENTIAL_NAME), bom(CS)).unwrap();
         let env = LoadEnv {
             credentials_dir: Some(creds),
+            ..LoadEnv::default()
         };
         let text = "[source]\n[[source.subscriptions]]\ntopic = \"t\"\nsubscription = \"s\"\n";
         assert_eq!(Config::parse(text, &env).unwrap().connection.port, 5672);

@@ -35,8 +35,8 @@ use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 use crate::backoff::Backoff;
 use crate::config::{Config, MqttConfig, MqttProtocol, Payload, Secret};
 use crate::event::EncodedEvent;
-use crate::journal::Handoff;
 use crate::journal::Journal;
+use crate::journal::{GapKind, Handoff};
 use crate::liveness::Liveness;
 use crate::liveness::Part;
 use crate::metrics::Metrics;
@@ -188,7 +188,9 @@ pub async fn run(
         window: VecDeque::with_capacity(window),
         fifo: VecDeque::with_capacity(window + 4),
         pkids: vec![None; rumqttc_inflight as usize + 1],
-        cursor: shared.journal.oldest(),
+        // Events restored from a snapshot that were not handed on come first; the rest
+        // were published before the restart.
+        cursor: shared.journal.first_unhanded(),
         read_buf: Vec::with_capacity(window),
         connected: false,
         broker_max: None,
@@ -459,7 +461,9 @@ impl Mirror {
             let room = self.window_cap - self.window.len();
             let mut buf = std::mem::take(&mut self.read_buf);
             buf.clear();
-            if let Some(gap) = self.ctx.journal.read(&mut self.cursor, &mut buf, room) {
+            if let Some(gap) = self.ctx.journal.read(&mut self.cursor, &mut buf, room)
+                && gap.kind == GapKind::Overwritten
+            {
                 // Only a best-effort mirror can fall behind: required events are pinned.
                 self.ctx.metrics.mqtt_skipped.add(gap.missed());
                 log::warn!(

@@ -32,6 +32,7 @@ use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
 use crate::config::SlowPolicy;
 use crate::event::EncodedEvent;
 use crate::event::{Frame, GapReason};
+use crate::journal::GapKind;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::routing::Filter;
@@ -262,8 +263,25 @@ impl Session<'_> {
             self.batch.clear();
             if let Some(gap) = j.read(&mut self.cursor, &mut self.batch, self.opts.batch) {
                 let m = &self.ctx.metrics;
-                match self.ctx.slow_policy {
-                    SlowPolicy::Skip => {
+                let policy = match gap.kind {
+                    // Lost in a crash: nobody could have read them; not the panel's fault.
+                    GapKind::Lost => None,
+                    GapKind::Overwritten => Some(self.ctx.slow_policy),
+                };
+                match policy {
+                    None => {
+                        m.gaps.inc();
+                        m.events_skipped.add(gap.missed());
+                        let frame = Frame::Gap {
+                            from: gap.from,
+                            to: gap.to,
+                            reason: GapReason::Lost,
+                        };
+                        if let Err(e) = self.control(tx, &frame).await {
+                            break Err(e);
+                        }
+                    }
+                    Some(SlowPolicy::Skip) => {
                         m.gaps.inc();
                         m.events_skipped.add(gap.missed());
                         let frame = Frame::Gap {
@@ -275,7 +293,7 @@ impl Session<'_> {
                             break Err(e);
                         }
                     }
-                    SlowPolicy::Disconnect => {
+                    Some(SlowPolicy::Disconnect) => {
                         m.panels_disconnected_slow.inc();
                         break Err(End::Close(CloseCode::Policy, "too slow: events expired"));
                     }
@@ -405,7 +423,11 @@ impl Session<'_> {
             Frame::Gap {
                 from: next,
                 to: oldest - 1,
-                reason: GapReason::Expired,
+                reason: if j.is_lost(next, oldest - 1) {
+                    GapReason::Lost
+                } else {
+                    GapReason::Expired
+                },
             }
         };
         if let Frame::Gap { from, to, .. } = gap {

@@ -173,7 +173,7 @@ struct Source {
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     links: Vec<Link>,
     tracker: Tracker<DeliveryInfo>,
-    dedup: Dedup,
+    dedup: Arc<tracker::SharedDedup>,
     required: bool,
     acks_open: bool,
     /// Rotates which link is polled and served credit first.
@@ -211,6 +211,7 @@ impl Source {
             journal,
             metrics,
             liveness,
+            dedup,
         } = cx;
         let ttl = opts.token_ttl.unwrap_or(settings.token_ttl);
         let tokens = cbs::Tokens::new(&settings.connection, ttl);
@@ -235,7 +236,7 @@ impl Source {
         Ok(Source {
             required: settings.mirror_required,
             tracker: Tracker::new(unsettled),
-            dedup: Dedup::new(settings.dedup_window),
+            dedup,
             scratch: Vec::with_capacity(unsettled),
             credit_now: vec![None; n],
             credit_new: vec![None; n],
@@ -253,6 +254,11 @@ impl Source {
             metrics,
             liveness,
         })
+    }
+
+    fn dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
+        // Every change to the window completes before anything could panic.
+        self.dedup.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn backoff(&self) -> Backoff {
@@ -355,7 +361,8 @@ impl Source {
         let Decoded { mut meta, body } = decoded;
         let key = meta.asb_seq.map(|asb_seq| DedupKey { link: i, asb_seq });
         let fp = fingerprint(meta.message_id.as_deref(), meta.enqueued_at_ms);
-        if let Some(seq) = key.and_then(|k| self.dedup.get(k, fp)) {
+        let earlier = key.and_then(|k| self.dedup().get(k, fp));
+        if let Some(seq) = earlier {
             self.metrics.duplicates.inc();
             if let Some(description) = self.rejected.take(seq) {
                 // The mirror rejected this event while its first delivery could not be
@@ -388,7 +395,7 @@ impl Source {
         match self.journal.append(ev, self.required) {
             Ok(seq) => {
                 if let Some(k) = key {
-                    self.dedup.insert(k, fp, seq);
+                    self.dedup().insert(k, fp, seq);
                 }
                 if self.required {
                     self.hold(seq, i, info, lock).await;

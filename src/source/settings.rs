@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::tracker::{Dedup, SharedDedup};
 use crate::config::{AuthMode, Config, ConnectionString, SubscriptionConfig};
 use crate::journal::Journal;
 use crate::liveness::Liveness;
@@ -67,6 +68,8 @@ pub struct SourceContext {
     pub metrics: Arc<Metrics>,
     /// The source beats as [`Part::Source`](crate::liveness::Part::Source).
     pub liveness: Arc<Liveness>,
+    /// The duplicate-suppression window (shared so the journal snapshot can save it).
+    pub dedup: Arc<SharedDedup>,
 }
 
 impl SourceContext {
@@ -77,11 +80,14 @@ impl SourceContext {
         metrics: Arc<Metrics>,
         liveness: Arc<Liveness>,
     ) -> Self {
+        let settings = SourceSettings::from_config(config);
+        let dedup = Arc::new(SharedDedup::new(Dedup::new(settings.dedup_window)));
         SourceContext {
-            settings: SourceSettings::from_config(config),
+            settings,
             journal,
             metrics,
             liveness,
+            dedup,
         }
     }
 }

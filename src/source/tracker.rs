@@ -5,7 +5,6 @@
 //! - [`plan_credit`]: how much credit each link gets so the total never exceeds the room.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 
 /// The peek-lock of a held delivery, kept alive by renewal (`com.microsoft:renew-lock`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,11 +118,33 @@ pub struct DedupKey {
 }
 
 /// A fingerprint of the parts of a message that stay the same across redeliveries.
+/// FNV-1a, so it is the same in every build: the window survives restarts and upgrades
+/// in the journal snapshot.
 pub fn fingerprint(message_id: Option<&str>, enqueued_at_ms: Option<i64>) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    message_id.hash(&mut h);
-    enqueued_at_ms.hash(&mut h);
-    h.finish()
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for &x in b {
+            h ^= u64::from(x);
+            h = h.wrapping_mul(PRIME);
+        }
+    };
+    match message_id {
+        Some(id) => {
+            eat(&[1]);
+            eat(&(id.len() as u64).to_le_bytes());
+            eat(id.as_bytes());
+        }
+        None => eat(&[0]),
+    }
+    match enqueued_at_ms {
+        Some(t) => {
+            eat(&[1]);
+            eat(&t.to_le_bytes());
+        }
+        None => eat(&[0]),
+    }
+    h
 }
 
 /// A bounded window of recently appended messages: key → (journal seq, fingerprint).
@@ -173,7 +194,20 @@ impl Dedup {
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+
+    /// The window, oldest first: (key, fingerprint, journal seq). Re-inserting these in
+    /// order into a new window (export/import across a restart) gives the same window.
+    pub fn entries(&self) -> impl Iterator<Item = (DedupKey, u64, u64)> + '_ {
+        self.order.iter().filter_map(|k| {
+            let (seq, fp) = self.map.get(k)?;
+            Some((*k, *fp, *seq))
+        })
+    }
 }
+
+/// The window shared by the source (its only user at run time) and the journal's
+/// snapshot, which exports it at checkpoints and imports it at start.
+pub type SharedDedup = std::sync::Mutex<Dedup>;
 
 /// Plan the credit of each link. `budget` is the total credit allowed (free room in the
 /// window); `current` holds each link's outstanding credit (`None` = link not attached).
@@ -278,6 +312,17 @@ mod tests {
         assert_eq!(d.get(k(5), fp2), Some(200));
         assert_eq!(d.len(), 3);
         assert_eq!(d.map.len(), 3);
+        // export and import give the same window
+        let mut e = Dedup::new(3);
+        for (k, fp, seq) in d.entries() {
+            e.insert(k, fp, seq);
+        }
+        assert_eq!(
+            e.entries().collect::<Vec<_>>(),
+            d.entries().collect::<Vec<_>>()
+        );
+        // the fingerprint is the same in every build
+        assert_eq!(fingerprint(Some("m"), Some(5)), 0x0f3b22145b3fe716);
     }
 
     fn plan(budget: u32, current: &[Option<u32>], start: usize) -> Vec<Option<u32>> {

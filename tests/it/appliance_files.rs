@@ -35,6 +35,7 @@ fn example_config_is_valid_with_the_credential_and_not_without() {
     .unwrap();
     let env = LoadEnv {
         credentials_dir: Some(dir.clone()),
+        ..LoadEnv::default()
     };
     let c = Config::parse(&text, &env).expect("the example config is valid");
     assert!(asb_gateway::budget::compute(&c).fits());

@@ -16,6 +16,8 @@ mod cli;
 mod config_fixtures;
 mod daemon;
 mod daemon_notify;
+mod durable;
+mod durable_props;
 mod e2e_mqtt;
 mod emulator;
 mod emulator_dialect;

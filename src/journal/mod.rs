@@ -10,6 +10,13 @@
 //!   read batches of shared `Arc`s: the cost of an event does not grow with readers.
 //! - A reader whose cursor fell behind the oldest retained event learns exactly which
 //!   range it missed ([`Gap`]).
+//! - Seqs are issued only below a reserved bound ([`Journal::set_reserved_until`]; no
+//!   bound unless one is set): the snapshot's lease (`snapshot`) records it on disk
+//!   before it is raised, so a restart after a crash never issues a seq twice. Seqs
+//!   skipped after a crash are *lost*: reading across them reports a [`Gap`] of kind
+//!   [`GapKind::Lost`].
+
+pub mod snapshot;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +33,17 @@ pub enum JournalError {
     OutOfOrder { expected: u64, got: u64 },
     #[error("event of {size} bytes exceeds the journal's limit of {limit} bytes per entry")]
     TooLarge { size: usize, limit: usize },
+    #[error("event seq {seq} is not reserved yet (reserved below {reserved_until})")]
+    Unreserved { seq: u64, reserved_until: u64 },
+}
+
+/// Why a reader missed a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapKind {
+    /// The events were overwritten before the reader got to them.
+    Overwritten,
+    /// The seqs were lost in a crash between checkpoints (never to be issued again).
+    Lost,
 }
 
 /// The range a reader missed: `from..=to`.
@@ -33,7 +51,12 @@ pub enum JournalError {
 pub struct Gap {
     pub from: u64,
     pub to: u64,
+    pub kind: GapKind,
 }
+
+/// Most lost ranges remembered (older ones are forgotten first; they are below the
+/// oldest retained event long before that matters).
+pub const LOST_MAX: usize = 16;
 
 impl Gap {
     pub fn missed(&self) -> u64 {
@@ -62,6 +85,40 @@ struct Ring {
     bytes: usize,
     next_seq: u64,
     pinned: usize,
+    /// No seq at or above this is issued (u64::MAX: no bound).
+    reserved_until: u64,
+    /// Ranges of seqs lost in crashes, oldest first, at most [`LOST_MAX`].
+    lost: VecDeque<Gap>,
+    /// Bumped by every change a snapshot would record.
+    changes: u64,
+}
+
+impl Ring {
+    fn oldest(&self) -> u64 {
+        self.slots
+            .front()
+            .map(|s| s.ev.seq)
+            .unwrap_or(self.next_seq)
+    }
+
+    /// Index of the slot holding `seq`. Retained seqs are increasing but may skip a lost
+    /// range, so this searches (from the position the seq would have without holes).
+    fn index(&self, seq: u64) -> Option<usize> {
+        let front = self.slots.front()?.ev.seq;
+        let guess = seq.checked_sub(front)? as usize;
+        if self.slots.get(guess).is_some_and(|s| s.ev.seq == seq) {
+            return Some(guess);
+        }
+        self.slots.binary_search_by_key(&seq, |s| s.ev.seq).ok()
+    }
+
+    /// Remove the oldest slot (pinned or not).
+    fn evict_front(&mut self) {
+        if let Some(s) = self.slots.pop_front() {
+            self.bytes -= s.ev.heap_bytes();
+            self.pinned -= usize::from(s.pinned);
+        }
+    }
 }
 
 pub struct Journal {
@@ -100,6 +157,9 @@ impl Journal {
                 bytes: 0,
                 next_seq: 1,
                 pinned: 0,
+                reserved_until: u64::MAX,
+                lost: VecDeque::with_capacity(LOST_MAX),
+                changes: 0,
             }),
             latest,
             epoch,
@@ -128,8 +188,7 @@ impl Journal {
 
     /// Seq of the oldest retained event (`latest + 1` when empty).
     pub fn oldest(&self) -> u64 {
-        let r = self.lock();
-        r.slots.front().map(|s| s.ev.seq).unwrap_or(r.next_seq)
+        self.lock().oldest()
     }
 
     /// Seq of the newest event (0 before the first).
@@ -159,13 +218,17 @@ impl Journal {
     /// How many appends of worst-case size are certain to succeed now.
     pub fn room(&self) -> usize {
         let r = self.lock();
+        let reserved = r.reserved_until.saturating_sub(r.next_seq);
+        let reserved = usize::try_from(reserved).unwrap_or(usize::MAX);
         let mut free_slots = self.limits.events - r.slots.len();
         let mut free_bytes = self.limits.bytes.saturating_sub(r.bytes);
         for s in r.slots.iter().take_while(|s| !s.pinned) {
             free_slots += 1;
             free_bytes += s.ev.heap_bytes();
         }
-        free_slots.min(free_bytes / self.limits.max_entry_bytes.max(1))
+        free_slots
+            .min(free_bytes / self.limits.max_entry_bytes.max(1))
+            .min(reserved)
     }
 
     /// Watch the newest seq; readers await `changed()` instead of polling.
@@ -190,6 +253,12 @@ impl Journal {
                     got: ev.seq,
                 });
             }
+            if ev.seq >= r.reserved_until {
+                return Err(JournalError::Unreserved {
+                    seq: ev.seq,
+                    reserved_until: r.reserved_until,
+                });
+            }
             // Check first, evict after: a failed append leaves the ring untouched.
             let mut evict = 0;
             let mut bytes = r.bytes;
@@ -208,6 +277,7 @@ impl Journal {
             r.bytes = bytes + size;
             r.pinned += usize::from(pinned);
             r.next_seq += 1;
+            r.changes += 1;
             r.slots.push_back(Slot {
                 ev: Arc::new(ev),
                 pinned,
@@ -223,16 +293,14 @@ impl Journal {
     /// only — it pins at [`Journal::append`] and unpins on the mirror's [`Handoff`].
     pub fn handed_on(&self, seq: u64) -> bool {
         let mut r = self.lock();
-        let Some(front) = r.slots.front().map(|s| s.ev.seq) else {
+        let Some(idx) = r.index(seq) else {
             return false;
         };
-        let Some(idx) = seq.checked_sub(front) else {
-            return false;
-        };
-        match r.slots.get_mut(idx as usize) {
+        match r.slots.get_mut(idx) {
             Some(s) if s.pinned => {
                 s.pinned = false;
                 r.pinned -= 1;
+                r.changes += 1;
                 true
             }
             _ => false,
@@ -242,18 +310,16 @@ impl Journal {
     /// Is this event still pinned (not yet handed on)?
     pub fn is_pinned(&self, seq: u64) -> bool {
         let r = self.lock();
-        let Some(front) = r.slots.front().map(|s| s.ev.seq) else {
-            return false;
-        };
-        seq.checked_sub(front)
-            .and_then(|i| r.slots.get(i as usize))
+        r.index(seq)
+            .and_then(|i| r.slots.get(i))
             .is_some_and(|s| s.pinned)
     }
 
     /// Read up to `max` events from `*cursor` (the next seq wanted) into `out`, advancing
-    /// the cursor. When the cursor is older than the oldest retained event, it is moved
-    /// to the oldest and the missed range is returned; the events from there are read in
-    /// the same call. A cursor past the newest event waits for it.
+    /// the cursor. When the cursor is older than the oldest retained event, or in a
+    /// range lost in a crash, it is moved past that range and the missed range is
+    /// returned; the events from there are read in the same call, up to the next lost
+    /// range. A cursor past the newest event waits for it.
     pub fn read(
         &self,
         cursor: &mut u64,
@@ -261,35 +327,169 @@ impl Journal {
         max: usize,
     ) -> Option<Gap> {
         let r = self.lock();
-        let oldest = r.slots.front().map(|s| s.ev.seq).unwrap_or(r.next_seq);
-        let gap = if *cursor < oldest {
+        let oldest = r.oldest();
+        let start = r.slots.partition_point(|s| s.ev.seq < *cursor);
+        // The next seq that exists at or after the cursor.
+        let next = r.slots.get(start).map(|s| s.ev.seq).unwrap_or(r.next_seq);
+        let gap = if *cursor < next {
+            let to = next - 1;
+            let kind = if *cursor >= oldest || lost_covers(&r.lost, *cursor, to) {
+                GapKind::Lost
+            } else {
+                GapKind::Overwritten
+            };
             let gap = Gap {
                 from: *cursor,
-                to: oldest - 1,
+                to,
+                kind,
             };
-            *cursor = oldest;
+            *cursor = next;
             Some(gap)
         } else {
             None
         };
-        if *cursor < r.next_seq {
-            let start = (*cursor - oldest) as usize;
-            for s in r.slots.range(start..).take(max) {
-                out.push(s.ev.clone());
-                *cursor += 1;
+        for s in r.slots.range(start..).take(max) {
+            if s.ev.seq != *cursor {
+                break;
             }
+            out.push(s.ev.clone());
+            *cursor += 1;
         }
         gap
+    }
+
+    /// Were the seqs `from..=to` (all of them) lost in a crash?
+    pub fn is_lost(&self, from: u64, to: u64) -> bool {
+        lost_covers(&self.lock().lost, from, to)
     }
 
     /// The event with this seq, if retained.
     pub fn get(&self, seq: u64) -> Option<Arc<EncodedEvent>> {
         let r = self.lock();
-        let front = r.slots.front()?.ev.seq;
-        r.slots
-            .get(seq.checked_sub(front)? as usize)
-            .map(|s| s.ev.clone())
+        r.index(seq).map(|i| r.slots[i].ev.clone())
     }
+
+    /// The bound below which seqs may be issued (`u64::MAX`: none).
+    pub fn reserved_until(&self) -> u64 {
+        self.lock().reserved_until
+    }
+
+    /// Allow seqs below `bound` to be issued. The caller records the bound durably first.
+    pub fn set_reserved_until(&self, bound: u64) {
+        self.lock().reserved_until = bound;
+    }
+
+    /// A number that changes whenever an append or a hand-on changed what a snapshot
+    /// would record.
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// The seq of the oldest pinned event, if any.
+    pub fn first_pinned(&self) -> Option<u64> {
+        let r = self.lock();
+        if r.pinned == 0 {
+            return None;
+        }
+        r.slots.iter().find(|s| s.pinned).map(|s| s.ev.seq)
+    }
+
+    /// Where a reader that must not skip (the mirror) starts: the oldest event not yet
+    /// handed on, else the next event.
+    pub fn first_unhanded(&self) -> u64 {
+        self.first_pinned().unwrap_or_else(|| self.next_seq())
+    }
+
+    /// Restore one event from a snapshot, oldest first: seqs must increase (they may
+    /// skip a lost range). Unlike [`Journal::append`] it evicts the oldest events,
+    /// pinned or not, to make room: a snapshot larger than the journal keeps its newest
+    /// events. An event larger than an entry may be is not restored (`TooLarge`).
+    pub fn restore(&self, ev: EncodedEvent, pinned: bool) -> Result<(), JournalError> {
+        let size = ev.heap_bytes();
+        if size > self.limits.max_entry_bytes || size > self.limits.bytes {
+            return Err(JournalError::TooLarge {
+                size,
+                limit: self.limits.max_entry_bytes.min(self.limits.bytes),
+            });
+        }
+        let mut r = self.lock();
+        if ev.seq < r.next_seq {
+            return Err(JournalError::OutOfOrder {
+                expected: r.next_seq,
+                got: ev.seq,
+            });
+        }
+        while r.slots.len() >= self.limits.events || r.bytes + size > self.limits.bytes {
+            r.evict_front();
+        }
+        r.next_seq = ev.seq + 1;
+        r.bytes += size;
+        r.pinned += usize::from(pinned);
+        r.slots.push_back(Slot {
+            ev: Arc::new(ev),
+            pinned,
+        });
+        Ok(())
+    }
+
+    /// After a restore: continue at `next_seq` (not below the current next seq), and
+    /// remember `lost` ranges (those already known plus, e.g., the range a crash lost).
+    pub fn resume_at(&self, next_seq: u64, lost: impl IntoIterator<Item = (u64, u64)>) {
+        let latest = {
+            let mut r = self.lock();
+            r.next_seq = r.next_seq.max(next_seq);
+            for (from, to) in lost {
+                if from > to {
+                    continue;
+                }
+                if r.lost.len() == LOST_MAX {
+                    r.lost.pop_front();
+                }
+                r.lost.push_back(Gap {
+                    from,
+                    to,
+                    kind: GapKind::Lost,
+                });
+            }
+            r.changes += 1;
+            r.next_seq - 1
+        };
+        self.latest.send_replace(latest);
+    }
+
+    /// What a snapshot records, taken under the lock without copying events: the
+    /// retained events (shared `Arc`s, with their pinned flag) into `out`, the lost
+    /// ranges into `lost`; returns the next seq.
+    pub fn snapshot_view(
+        &self,
+        out: &mut Vec<(Arc<EncodedEvent>, bool)>,
+        lost: &mut Vec<(u64, u64)>,
+    ) -> u64 {
+        let r = self.lock();
+        out.extend(r.slots.iter().map(|s| (s.ev.clone(), s.pinned)));
+        let oldest = r.oldest();
+        lost.extend(
+            r.lost
+                .iter()
+                .filter(|g| g.to + 1 >= oldest)
+                .map(|g| (g.from, g.to)),
+        );
+        r.next_seq
+    }
+}
+
+/// Do the lost ranges cover all of `from..=to`? (They are disjoint and increasing.)
+fn lost_covers(lost: &VecDeque<Gap>, from: u64, to: u64) -> bool {
+    let mut at = from;
+    for g in lost {
+        if g.from <= at && g.to >= at {
+            if g.to >= to {
+                return true;
+            }
+            at = g.to + 1;
+        }
+    }
+    false
 }
 
 /// What became of a pinned event downstream: the mirror's word to the source, which
@@ -353,7 +553,14 @@ mod tests {
         let mut out = Vec::new();
         let mut cur = 3;
         let gap = j.read(&mut cur, &mut out, 2);
-        assert_eq!(gap, Some(Gap { from: 3, to: 6 }));
+        assert_eq!(
+            gap,
+            Some(Gap {
+                from: 3,
+                to: 6,
+                kind: GapKind::Overwritten
+            })
+        );
         assert_eq!(gap.unwrap().missed(), 4);
         assert_eq!(seqs(&out), vec![7, 8]);
         assert_eq!(cur, 9);
@@ -387,6 +594,45 @@ mod tests {
         assert!(j.handed_on(3));
         j.append(ev(6, b"f"), false).unwrap();
         assert_eq!((j.oldest(), j.latest(), j.pinned()), (4, 6, 0));
+    }
+
+    #[test]
+    fn no_seq_is_issued_at_or_above_the_reserved_bound() {
+        let j = journal(8);
+        j.set_reserved_until(3);
+        assert_eq!(j.room(), 2);
+        j.append(ev(1, b"a"), false).unwrap();
+        j.append(ev(2, b"b"), false).unwrap();
+        assert_eq!(j.room(), 0, "the source gets no credit at the bound");
+        assert_eq!(
+            j.append(ev(3, b"c"), false),
+            Err(JournalError::Unreserved {
+                seq: 3,
+                reserved_until: 3
+            })
+        );
+        j.set_reserved_until(10);
+        assert_eq!(j.append(ev(3, b"c"), false), Ok(3));
+    }
+
+    #[test]
+    fn lost_ranges_are_reported_as_lost_gaps() {
+        let j = journal(8);
+        j.append(ev(1, b"a"), false).unwrap();
+        j.append(ev(2, b"b"), false).unwrap();
+        // a crash lost 3..=9; the journal continues at 10
+        j.resume_at(10, [(3, 9)]);
+        j.append(ev(10, b"c"), false).unwrap();
+        let (mut cur, mut out) = (2, Vec::new());
+        assert_eq!(j.read(&mut cur, &mut out, 10), None, "up to the hole");
+        assert_eq!(seqs(&out), vec![2]);
+        out.clear();
+        let gap = j.read(&mut cur, &mut out, 10).unwrap();
+        assert_eq!((gap.from, gap.to, gap.kind), (3, 9, GapKind::Lost));
+        assert_eq!(seqs(&out), vec![10]);
+        assert!(j.is_lost(3, 9) && !j.is_lost(2, 9));
+        assert_eq!(j.get(10).unwrap().seq, 10);
+        assert!(j.get(5).is_none());
     }
 
     #[test]
