@@ -144,14 +144,13 @@ impl Context {
 
     /// The source's inputs: its settings and the handles it shares.
     pub fn source_context(&self) -> crate::source::SourceContext {
-        let mut cx = crate::source::SourceContext::new(
+        crate::source::SourceContext::new(
             &self.config,
             self.journal.clone(),
             self.metrics.clone(),
             self.liveness.clone(),
-        );
-        cx.dedup = self.dedup.clone();
-        cx
+            self.dedup.clone(),
+        )
     }
 }
 

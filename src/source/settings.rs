@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::tracker::{Dedup, SharedDedup};
+use super::tracker::SharedDedup;
 use crate::config::{AuthMode, Config, ConnectionString, SubscriptionConfig};
 use crate::journal::Journal;
 use crate::liveness::Liveness;
@@ -79,9 +79,9 @@ impl SourceContext {
         journal: Arc<Journal>,
         metrics: Arc<Metrics>,
         liveness: Arc<Liveness>,
+        dedup: Arc<SharedDedup>,
     ) -> Self {
         let settings = SourceSettings::from_config(config);
-        let dedup = Arc::new(SharedDedup::new(Dedup::new(settings.dedup_window)));
         SourceContext {
             settings,
             journal,
