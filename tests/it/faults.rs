@@ -566,10 +566,16 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
         pubstats.clone(),
         poison,
     ));
-    // The outage starts after a third of the messages and lasts 4 lock durations.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pubstats.sent.load(Ordering::Relaxed) < m / 3 {
-        assert!(Instant::now() < deadline, "publisher stuck");
+    // The outage starts once the gateway has taken a third of the messages (on a loaded
+    // machine the gateway may still be connecting when the publisher is that far), and
+    // lasts 4 lock durations.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pubstats.sent.load(Ordering::Relaxed) < m / 3 || em.stats()[ENTITY].delivered < m / 3 {
+        assert!(
+            Instant::now() < deadline,
+            "publisher or gateway stuck: {:?}",
+            em.stats()[ENTITY]
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     block(|| broker.stop());
