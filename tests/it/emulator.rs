@@ -1,7 +1,9 @@
 //! The ASB emulator over real AMQP 1.0 on loopback, driven by fe2o3-amqp clients
 //! (and by the official Python SDK in `python_sdk_sends_to_topic`).
 
-use crate::support::amqp::{Client, connect_authorized, connect_with, put_token, within};
+use crate::support::amqp::{
+    Client, connect_authorized, connect_with, delivery_count, put_token, recv, within,
+};
 use crate::support::{self, http};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -66,10 +68,6 @@ async fn receiver(c: &mut Client, addr: &str, credit: CreditMode) -> Receiver {
     .unwrap()
 }
 
-async fn recv(r: &mut Receiver) -> Delivery<Body<Value>> {
-    within("recv", r.recv::<Body<Value>>()).await.unwrap()
-}
-
 async fn nothing_more(r: &mut Receiver, wait_ms: u64) {
     if let Ok(d) =
         tokio::time::timeout(Duration::from_millis(wait_ms), r.recv::<Body<Value>>()).await
@@ -93,14 +91,6 @@ fn seq(d: &Delivery<Body<Value>>) -> i64 {
         Some(Value::Long(n)) => n,
         other => panic!("x-opt-sequence-number missing: {other:?}"),
     }
-}
-
-fn delivery_count(d: &Delivery<Body<Value>>) -> u32 {
-    d.message()
-        .header
-        .as_ref()
-        .map(|h| h.delivery_count)
-        .unwrap_or(0)
 }
 
 fn body_json(d: &Delivery<Body<Value>>) -> serde_json::Value {

@@ -3,7 +3,7 @@
 //! renewal on `$management` (driven by the gateway's own `source::renew::LockRenewer`).
 //! Real AMQP 1.0 on loopback, fe2o3 clients, no mocks.
 
-use crate::support::amqp::{Client, connect, within};
+use crate::support::amqp::{Client, connect, delivery_count, recv, within};
 use crate::support::{self, http};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -63,10 +63,6 @@ async fn receiver(c: &mut Client, addr: &str) -> Receiver {
     .unwrap()
 }
 
-async fn recv(r: &mut Receiver) -> Delivery<Body<Value>> {
-    within("recv", r.recv::<Body<Value>>()).await.unwrap()
-}
-
 fn message_id(d: &Delivery<Body<Value>>) -> String {
     match d
         .message()
@@ -77,14 +73,6 @@ fn message_id(d: &Delivery<Body<Value>>) -> String {
         Some(MessageId::String(s)) => s.clone(),
         other => panic!("message-id {other:?}"),
     }
-}
-
-fn delivery_count(d: &Delivery<Body<Value>>) -> u32 {
-    d.message()
-        .header
-        .as_ref()
-        .map(|h| h.delivery_count)
-        .unwrap_or(0)
 }
 
 /// A message with these properties; `app` values are strings or ints.

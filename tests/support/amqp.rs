@@ -8,8 +8,10 @@ use asb_gateway::emulator::{DEFAULT_KEY, DEFAULT_KEY_NAME, EmulatorHandle};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Timestamp;
-use fe2o3_amqp::{Connection, Session};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 
@@ -91,4 +93,18 @@ pub async fn connect(h: &EmulatorHandle, container: &str) -> Client {
         .await
         .expect("the emulator accepts its own key");
     c
+}
+
+/// The next delivery on `r`, within [`STEP`].
+pub async fn recv(r: &mut Receiver) -> Delivery<Body<Value>> {
+    within("recv", r.recv::<Body<Value>>()).await.unwrap()
+}
+
+/// The header's delivery-count (0 when there is no header, AMQP 1.0 §3.2.1).
+pub fn delivery_count(d: &Delivery<Body<Value>>) -> u32 {
+    d.message()
+        .header
+        .as_ref()
+        .map(|h| h.delivery_count)
+        .unwrap_or(0)
 }
