@@ -459,14 +459,6 @@ fn bench_bin() -> String {
     std::env::var("ASBGW_BENCH_BIN").unwrap_or_else(|_| crate::support::EXE.to_string())
 }
 
-fn proc_io(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}: "))?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Bench (BENCHMARKS.md "Journal snapshot"): with a full journal of ~300 B events, the
 /// bytes the daemon writes to disk (`/proc/PID/io` write_bytes) and the fsyncs it makes
 /// (strace -c, when `ASBGW_BENCH_STRACE=1`) over `ASBGW_BENCH_SECS` (60) at
@@ -513,7 +505,7 @@ async fn bench_snapshot_write_volume() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let w0 = proc_io(pid, "write_bytes");
+    let w0 = crate::support::procfs::io_field(pid, "write_bytes");
     let t0 = Instant::now();
     let mut sent = 0u64;
     while t0.elapsed() < Duration::from_secs(secs) {
@@ -526,7 +518,7 @@ async fn bench_snapshot_write_volume() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let w = proc_io(pid, "write_bytes") - w0;
+    let w = crate::support::procfs::io_field(pid, "write_bytes") - w0;
     let took = t0.elapsed().as_secs_f64();
     if let Some(mut s) = strace {
         let _ = std::process::Command::new("kill")

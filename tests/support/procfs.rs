@@ -49,3 +49,13 @@ fn stat_ticks(stat: &str) -> u64 {
     f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
+
+/// A counter from `/proc/PID/io` (e.g. `write_bytes`, the bytes sent to the storage
+/// layer); 0 when it cannot be read.
+pub fn io_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}: "))?.trim().parse().ok())
+        .unwrap_or(0)
+}
