@@ -363,18 +363,6 @@ async fn stalled_panel_is_closed_under_disconnect_policy() {
     srv.stop().await;
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn status_of(r: Result<Client, tokio_tungstenite::tungstenite::Error>) -> u16 {
-    match r {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
-        Err(e) => panic!("expected an HTTP refusal, got {e}"),
-        Ok(_) => panic!("expected an HTTP refusal, got a WebSocket"),
-    }
-}
-
 #[tokio::test]
 async fn refusals_401_403_503_and_token_scopes() {
     use sha2::Digest;
