@@ -750,7 +750,7 @@ async fn metrics_health_page_and_404() {
 
     let (status, _, page) = http::get(srv.addr, "/").await;
     assert_eq!(status, 200);
-    assert!(page.contains("id=\"state\"") && page.contains("/page.js"));
+    assert!(page.contains("id=\"state\"") && page.contains("page.js"));
     let (status, _, js) = http::get(srv.addr, "/page.js").await;
     assert_eq!(status, 200);
     assert!(js.contains("asbgw.v1.json"));
