@@ -20,9 +20,11 @@ use crate::liveness::{Liveness, Part};
 use crate::metrics::{Metrics, PartState};
 use crate::mirror::MirrorSettings;
 use crate::panels::PanelSettings;
-use crate::shutdown;
+use crate::reload::Reload;
+use crate::shutdown::{self, Shutdown};
 use crate::source::SourceSettings;
 use crate::source::tracker::{Dedup, SharedDedup};
+use crate::tls::server::ServerTls;
 
 /// How long tasks get to drain after shutdown is fired.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
@@ -162,6 +164,44 @@ pub enum RunError {
     Part { part: &'static str, reason: String },
 }
 
+/// Apply each reload (SIGHUP) until shutdown, between `RELOADING=1` and `READY=1`:
+/// the panel port's certificate is read again (a failure keeps the one in use). Other
+/// settings need a restart; the log line says so.
+async fn reloader(
+    tls: Option<Arc<ServerTls>>,
+    metrics: Arc<Metrics>,
+    mut reload: Reload,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = reload.recv() => {}
+        }
+        notify::reloading();
+        match &tls {
+            None => log::info!(
+                "reload: nothing to re-read (no panel TLS); other settings need a restart"
+            ),
+            Some(tls) => match tls.reload() {
+                Ok(cert) => {
+                    metrics.panels_cert_expiry.set(tls.expires_in_secs());
+                    log::info!(
+                        "reload: panel certificate {} re-read, valid until {}; other settings need a restart",
+                        tls.files.cert.display(),
+                        humantime::format_rfc3339_seconds(cert.not_after)
+                    );
+                    if let Some(w) = cert.expiry_warning(&tls.files) {
+                        log::warn!("{w}");
+                    }
+                }
+                Err(e) => log::error!("reload: panel certificate kept: {e}"),
+            },
+        }
+        notify::ready();
+    }
+}
+
 /// Run the gateway on `listener` (the panel port) until `shutdown_signal` resolves or a
 /// part fails. One task per part of the data flow; shutdown by broadcast; tasks get
 /// [`DRAIN_TIMEOUT`] to release unsettled messages and close panels.
@@ -169,6 +209,7 @@ pub async fn run(
     ctx: Arc<Context>,
     listener: TcpListener,
     shutdown_signal: impl Future<Output = ()>,
+    reload: Reload,
 ) -> Result<(), RunError> {
     if !ctx.budget.fits() {
         return Err(RunError::OverBudget {
@@ -193,11 +234,21 @@ pub async fn run(
         )
     });
     let addr = listener.local_addr().ok();
+    let mut panel_settings = ctx.panel_settings();
+    if let Some(tls) = &ctx.config.panels.tls {
+        let tls = ServerTls::load(tls.files.clone()).map_err(|e| RunError::Part {
+            part: "panels",
+            reason: e.to_string(),
+        })?;
+        ctx.metrics.panels_cert_expiry.set(tls.expires_in_secs());
+        panel_settings.tls = Some(tls);
+    }
+    let panel_tls = panel_settings.tls.clone();
     let panels = crate::panels::serve(
         listener,
         ctx.journal.clone(),
         ctx.metrics.clone(),
-        ctx.panel_settings(),
+        panel_settings,
         shutdown.clone(),
     );
     tasks.spawn(async move { ("panels", panels.await.map_err(|e| e.to_string())) });
@@ -224,6 +275,12 @@ pub async fn run(
     if let Some(p) = &ctx.persistence {
         helpers.spawn(durable::checkpoints(p.clone(), shutdown.clone()));
     }
+    helpers.spawn(reloader(
+        panel_tls,
+        ctx.metrics.clone(),
+        reload,
+        shutdown.clone(),
+    ));
     drop(shutdown);
     // The panel port was bound before we were called and the source task is spawned.
     notify::ready();

@@ -28,6 +28,15 @@ pub const RUNTIME_BASE: usize = 8 << 20;
 /// Per AMQP link: decode buffers and the tracker entry of each unsettled delivery.
 pub const AMQP_LINK: usize = 64 * 1024;
 pub const TRACKER_ENTRY: usize = 256;
+/// Unsent TLS data rustls may hold per panel (`set_buffer_limit`).
+pub const PANEL_TLS_SEND_LIMIT: usize = 16 * 1024;
+/// Per panel with TLS: the send limit plus one record beyond it, the largest incoming
+/// record (16 KiB + header and tag) and the session state.
+pub const PANEL_TLS: usize = PANEL_TLS_SEND_LIMIT + 2 * (16 * 1024 + 256) + 4 * 1024;
+/// Source addresses the panel port's brute-force table tracks (`panels::throttle`).
+pub const AUTH_THROTTLE_ENTRIES: usize = 1024;
+/// Bytes per tracked address (key, entry, hash table slack).
+pub const AUTH_THROTTLE_ENTRY: usize = 128;
 /// Per journal event while a snapshot is written: the shared view (`Arc` + pinned flag)
 /// and the exported duplicate-suppression entry.
 pub const SNAPSHOT_ENTRY: usize = 48;
@@ -128,6 +137,24 @@ pub fn compute(c: &Config) -> Budget {
             bytes: c.panels.max_panels * 2 * PANEL_SNDBUF,
         },
     ];
+    if c.panels.tls.is_some() {
+        lines.push(Line {
+            item: "panel TLS",
+            detail: format!(
+                "{} panels x {} B (rustls send limit {} B, one record each way, state)",
+                c.panels.max_panels, PANEL_TLS, PANEL_TLS_SEND_LIMIT
+            ),
+            bytes: c.panels.max_panels * PANEL_TLS,
+        });
+    }
+    lines.push(Line {
+        item: "panel auth throttle",
+        detail: format!(
+            "{} source addresses x {} B",
+            AUTH_THROTTLE_ENTRIES, AUTH_THROTTLE_ENTRY
+        ),
+        bytes: AUTH_THROTTLE_ENTRIES * AUTH_THROTTLE_ENTRY,
+    });
     if c.panels.last_values > 0 {
         let index = crate::journal::LAST_VALUE_INDEX_BYTES;
         lines.push(Line {

@@ -234,6 +234,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         Ok(c) => {
             let b = crate::budget::compute(&c);
             print!("{}", b.render());
+            for w in c.warnings() {
+                println!("warning: {w}");
+            }
             if let Some(w) = crate::mirror::packet_limit_warning(&c) {
                 println!("{w}");
             }
@@ -273,6 +276,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(1);
     }
     crate::appliance::logging::init(&config.log.level);
+    for w in config.warnings() {
+        log::warn!("{w}");
+    }
     let listen = config.panels.listen;
     let ctx = crate::app::Context::assemble(config, budget, crate::journal::new_epoch());
     let rt = match runtime() {
@@ -286,7 +292,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 reason: format!("cannot listen on {listen}: {e}"),
             }
         })?;
-        crate::app::run(ctx, listener, termination()).await
+        crate::app::run(ctx, listener, termination(), hangups()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -295,6 +301,25 @@ fn run(path: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Reloads on SIGHUP (`systemctl reload`, `ExecReload=kill -HUP $MAINPID`). Without a
+/// handler SIGHUP would end the process; if none can be installed, reloads never come.
+fn hangups() -> crate::reload::Reload {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (trigger, reload) = crate::reload::channel();
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    log::info!("SIGHUP: reloading");
+                    trigger.fire();
+                }
+            });
+        }
+        Err(e) => log::warn!("cannot handle SIGHUP ({e}); reload will not work"),
+    }
+    reload
 }
 
 /// The runtime every subcommand runs on: two worker threads (an edge box has few cores

@@ -121,7 +121,13 @@ pub async fn run(options: DemoOptions, mut shutdown: Shutdown) -> Result<(), Dem
     }
     println!("  stop:        Ctrl-C");
     let ctx = Context::new(config);
-    let result = app::run(ctx, panel_listener, async move { shutdown.recv().await }).await;
+    let result = app::run(
+        ctx,
+        panel_listener,
+        async move { shutdown.recv().await },
+        crate::reload::Reload::never(),
+    )
+    .await;
     gen_trigger.fire();
     let _ = generator.await;
     emulator.shutdown().await;

@@ -111,15 +111,18 @@ pub enum RejectReason {
     BadRequest,
     /// A filter the token does not allow (`GET /v1/last`).
     Forbidden,
+    /// The TLS handshake failed or timed out.
+    Tls,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::Unauthorized,
         RejectReason::Origin,
         RejectReason::Full,
         RejectReason::BadRequest,
         RejectReason::Forbidden,
+        RejectReason::Tls,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -128,6 +131,7 @@ impl RejectReason {
             RejectReason::Full => "full",
             RejectReason::BadRequest => "bad_request",
             RejectReason::Forbidden => "forbidden",
+            RejectReason::Tls => "tls",
         }
     }
 }
@@ -320,6 +324,37 @@ impl Exposed for Gauge {
     }
 }
 
+/// A gauge that has no sample until it is first set (a value that does not exist on
+/// every box, such as a certificate's expiry).
+#[derive(Debug)]
+pub struct OptGauge(AtomicU64);
+
+impl Default for OptGauge {
+    fn default() -> Self {
+        OptGauge(AtomicU64::new(u64::MAX))
+    }
+}
+
+impl OptGauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v.min(u64::MAX - 1), Relaxed)
+    }
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(Relaxed)).filter(|v| *v != u64::MAX)
+    }
+}
+
+impl Exposed for OptGauge {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        if let Some(v) = self.get() {
+            sample("", &v)
+        }
+    }
+}
+
 /// A part's state is exposed as a 0/1 gauge: 1 when up.
 impl Exposed for StateCell {
     fn kind(&self) -> &'static str {
@@ -409,6 +444,12 @@ metrics! {
         "Topics evicted from the last-value table (panels.last_values or last_values_mib reached).";
     // panels
     panels_connected: Gauge => "panels_connected", "Panels connected.";
+    panels_auth_failures: Counter => "panels_auth_failures_total",
+        "Wrong tokens presented on the panel port (stream, /v1/last, /metrics).";
+    panels_throttled: Counter => "panels_throttled_total",
+        "Requests refused with 429 from addresses blocked after too many wrong tokens.";
+    panels_cert_expiry: OptGauge => "panels_cert_expiry_seconds",
+        "Seconds until the panel port's TLS certificate expires (no sample without TLS).";
     panels_rejected: Family<RejectReason> =>
         "panels_rejected_total", "Panel upgrades refused, by reason.";
     frames_sent: Counter => "frames_sent_total", "Frames written to panels.";

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# Setup for the panel tests: headless Chromium (Debian package) for tests/page_browser.rs.
-# Idempotent: skips what is already installed. apt is shared, so it runs under a lock.
+# Setup for the panel tests: headless Chromium (Debian package) for tests/page_browser.rs,
+# sslscan (Debian) and Python `websockets` (in .venv) for the TLS tests of
+# tests/it/panel_security.rs. Idempotent: installs only what is missing; apt is shared,
+# so it runs under a lock.
 set -euo pipefail
-
-if command -v chromium >/dev/null 2>&1; then
-    echo "panels setup: chromium present ($(chromium --version 2>/dev/null || echo unknown))"
-    exit 0
-fi
+cd "$(dirname "$0")/../.."
+WEBSOCKETS_VERSION=15.0.1
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO flock /tmp/apt.lock apt-get update -q
-$SUDO flock /tmp/apt.lock apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
-echo "panels setup: installed $(chromium --version 2>/dev/null || echo chromium)"
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
+command -v sslscan >/dev/null 2>&1 || need+=(sslscan)
+if [ "${#need[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO flock /tmp/apt.lock apt-get update -q
+    $SUDO flock /tmp/apt.lock apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+echo "panels setup: $(chromium --version 2>/dev/null || echo 'chromium ?'); sslscan present"
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -m pip show websockets 2>/dev/null | grep -qx "Version: $WEBSOCKETS_VERSION"; then
+    .venv/bin/python -m pip install -q "websockets==$WEBSOCKETS_VERSION"
+fi
+echo "panels setup: websockets $WEBSOCKETS_VERSION in .venv"

@@ -63,6 +63,15 @@ pub fn status(line: &str) {
     send(&[NotifyState::Status(line)]);
 }
 
+/// RELOADING=1 with MONOTONIC_USEC (systemd ≥ 253 requires both): a reload has begun;
+/// [`ready`] ends it.
+pub fn reloading() {
+    send(&[
+        NotifyState::Reloading,
+        NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
+    ]);
+}
+
 /// STOPPING=1: shutdown has begun.
 pub fn stopping() {
     send(&[NotifyState::Stopping]);

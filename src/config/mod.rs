@@ -197,6 +197,10 @@ fn allow_all() -> Vec<Filter> {
     vec![Filter::parse("#").expect("# is a filter")]
 }
 
+fn opt_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+    sha256_hex(d).map(Some)
+}
+
 fn sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
     let text = String::deserialize(d)?;
     // The value is never quoted back: a token pasted here by mistake stays private.
@@ -218,6 +222,30 @@ pub struct PanelsConfig {
     pub last_values: usize,
     /// MiB of last values the journal no longer holds (a quiet topic's newest event).
     pub last_values_mib: usize,
+    /// PEM certificate chain for TLS on the panel port (with `tls_key`; neither set:
+    /// the systemd credentials `panels-cert` and `panels-key` if both exist, else
+    /// plain HTTP).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (unencrypted) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Serve a non-loopback `listen` address without `tokens` (every event to anyone
+    /// who can reach the port). Without it such a config is refused.
+    pub open: bool,
+    /// SHA-256 (64 hex digits) of the bearer token `GET /metrics` requires; none = open.
+    #[serde(default, deserialize_with = "opt_sha256_hex")]
+    pub metrics_token: Option<[u8; 32]>,
+    /// The certificate files in use and their expiry, resolved from `tls_cert`/`tls_key`
+    /// or the credentials when the config is read.
+    #[serde(skip)]
+    pub tls: Option<PanelTls>,
+}
+
+/// The panel port's certificate files, checked when the config was read.
+#[derive(Debug, Clone)]
+pub struct PanelTls {
+    pub files: crate::tls::server::CertFiles,
+    /// The certificate's notAfter when it was checked.
+    pub not_after: std::time::SystemTime,
 }
 
 impl Default for PanelsConfig {
@@ -230,6 +258,11 @@ impl Default for PanelsConfig {
             tokens: Vec::new(),
             last_values: 1024,
             last_values_mib: 1,
+            tls_cert: None,
+            tls_key: None,
+            open: false,
+            metrics_token: None,
+            tls: None,
         }
     }
 }
@@ -463,6 +496,7 @@ impl Config {
         }
         f.journal.validate()?;
         f.panels.validate()?;
+        f.panels.tls = resolve_panel_tls(&f.panels, env)?;
         let mqtt_password = match &f.mqtt {
             Some(m) => m.validate()?,
             None => None,
@@ -480,6 +514,35 @@ impl Config {
             connection,
             mqtt_password,
         })
+    }
+
+    /// What the operator should know at start (and `check-config` prints): a panel port
+    /// reachable from the network without TLS, a panel certificate expiring soon.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let p = &self.panels;
+        if !p.listen.ip().is_loopback() && p.tls.is_none() {
+            w.push(format!(
+                "panels.listen {} is reachable from the network without TLS: tokens and events \
+                 travel in clear text (set panels.tls_cert and panels.tls_key)",
+                p.listen
+            ));
+        }
+        if let Some(tls) = &p.tls {
+            let left = tls
+                .not_after
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            if left < crate::tls::server::EXPIRY_WARNING {
+                w.push(format!(
+                    "panels.tls_cert {}: the certificate expires in {} days ({})",
+                    tls.files.cert.display(),
+                    left.as_secs() / 86_400,
+                    humantime::format_rfc3339_seconds(tls.not_after)
+                ));
+            }
+        }
+        w
     }
 
     /// Does settlement wait for the MQTT broker's acknowledgement (`[mqtt]` present and
@@ -597,6 +660,17 @@ impl PanelsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         range("panels.max_panels", self.max_panels, 1, 100_000)?;
         range("panels.last_values", self.last_values, 0, 1_000_000)?;
+        if !self.listen.ip().is_loopback() && self.tokens.is_empty() && !self.open {
+            return Err(invalid(
+                "panels.listen",
+                format!(
+                    "{} is reachable from the network and panels.tokens is empty: anyone who \
+                     can reach the port would read every event; add [[panels.tokens]], or set \
+                     panels.open = true to serve it open on purpose",
+                    self.listen
+                ),
+            ));
+        }
         range("panels.last_values_mib", self.last_values_mib, 0, 4096)?;
         for (i, o) in self.allowed_origins.iter().enumerate() {
             if !crate::panels::origin::valid_entry(o) {
@@ -798,6 +872,56 @@ fn resolve_connection(s: &SourceConfig, env: &LoadEnv) -> Result<ConnectionStrin
         },
     };
     ConnectionString::parse(&text).map_err(|e| invalid(key, e))
+}
+
+/// Systemd credential names of the panel port's certificate and key.
+pub const PANEL_CERT_CREDENTIAL: &str = "panels-cert";
+pub const PANEL_KEY_CREDENTIAL: &str = "panels-key";
+
+fn resolve_panel_tls(p: &PanelsConfig, env: &LoadEnv) -> Result<Option<PanelTls>, ConfigError> {
+    use crate::tls::server::{CertError, CertFiles};
+    let files = match (&p.tls_cert, &p.tls_key) {
+        (Some(cert), Some(key)) => CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (Some(_), None) => {
+            return Err(invalid("panels.tls_key", "missing: tls_cert needs its key"));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "panels.tls_cert",
+                "missing: tls_key needs its certificate",
+            ));
+        }
+        (None, None) => {
+            let creds = env
+                .credentials_dir
+                .as_ref()
+                .map(|d| (d.join(PANEL_CERT_CREDENTIAL), d.join(PANEL_KEY_CREDENTIAL)));
+            match creds {
+                Some((cert, key)) if cert.exists() || key.exists() => CertFiles { cert, key },
+                _ => return Ok(None),
+            }
+        }
+    };
+    match crate::tls::server::load(&files) {
+        Ok(loaded) => Ok(Some(PanelTls {
+            files,
+            not_after: loaded.not_after,
+        })),
+        Err(e) => {
+            let key = match e {
+                CertError::Read { ref path, .. } if *path == files.key => "panels.tls_key",
+                CertError::EncryptedKey { .. }
+                | CertError::NoKey { .. }
+                | CertError::BadKey { .. }
+                | CertError::Mismatch { .. } => "panels.tls_key",
+                _ => "panels.tls_cert",
+            };
+            Err(invalid(key, e.to_string()))
+        }
+    }
 }
 
 fn decode_sha256(hex: &str) -> Option<[u8; 32]> {

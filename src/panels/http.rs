@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -14,7 +15,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -49,12 +49,14 @@ struct Upgrade {
 
 /// Serve one TCP connection: HTTP requests until it closes, or one upgrade and then the
 /// panel session.
-pub(super) async fn connection(
+pub(super) async fn connection<S>(
     server: Arc<Server>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     mut sd: Shutdown,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
     let svc = {
         let server = server.clone();
@@ -177,6 +179,9 @@ fn route(
         }
         "/v1/last" => last_values(server, &req, peer),
         "/metrics" => {
+            if let Some(refused) = metrics_refused(server, req.headers(), peer) {
+                return refused;
+            }
             let m = &server.metrics;
             m.journal_events.set(server.journal.len() as u64);
             m.journal_bytes.set(server.journal.bytes() as u64);
@@ -184,6 +189,9 @@ fn route(
             m.last_values.set(last.topics as u64);
             m.last_values_bytes.set(last.outside_bytes as u64);
             m.last_values_evicted.set(last.evicted);
+            if let Some(tls) = &server.settings.tls {
+                m.panels_cert_expiry.set(tls.expires_in_secs());
+            }
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -300,24 +308,78 @@ fn authorize(
     query: &StreamQuery,
     peer: SocketAddr,
 ) -> Result<Option<Vec<crate::routing::Filter>>, Box<Response<Body>>> {
-    let presented = query.token.as_deref().or_else(|| bearer(h));
+    let from_entry =
+        list_elements(h, header::SEC_WEBSOCKET_PROTOCOL).find_map(protocol::token_from_entry);
+    let presented = query
+        .token
+        .as_deref()
+        .or_else(|| bearer(h))
+        .or(from_entry.as_deref());
     let tokens = &server.settings.tokens;
     match protocol::authorize(tokens, presented) {
         Access::Open => Ok(None),
         Access::Token(i) => Ok(Some(tokens[i].allow.clone())),
-        Access::Denied => {
-            let why = if presented.is_some() {
-                "unknown token"
-            } else {
-                "a token is required (token= or Authorization: Bearer)"
-            };
-            Err(Box::new(reject(
-                server,
-                RejectReason::Unauthorized,
-                StatusCode::UNAUTHORIZED,
-                peer,
-                why.into(),
-            )))
+        Access::Denied => Err(Box::new(unauthorized(server, peer, presented.is_some()))),
+    }
+}
+
+/// `401` for a missing (`presented` false) or wrong token; a wrong one counts towards
+/// blocking the address ([`super::throttle`]).
+fn unauthorized(server: &Server, peer: SocketAddr, presented: bool) -> Response<Body> {
+    let why = if presented {
+        server.metrics.panels_auth_failures.inc();
+        if server.throttle.failed(peer.ip(), Instant::now()) {
+            log::warn!(
+                "panel port: {} blocked for {} s after {} failed authentications",
+                peer.ip(),
+                super::throttle::COOLING.as_secs(),
+                super::throttle::FAILURES
+            );
+        }
+        "unknown token"
+    } else {
+        "a token is required (token=, Authorization: Bearer, or subprotocol asbgw.token.<base64url>)"
+    };
+    reject(
+        server,
+        RejectReason::Unauthorized,
+        StatusCode::UNAUTHORIZED,
+        peer,
+        why.into(),
+    )
+}
+
+/// `429` with `Retry-After` while `peer`'s address is blocked for failed
+/// authentications.
+fn throttled(server: &Server, peer: SocketAddr) -> Option<Response<Body>> {
+    let left = server.throttle.blocked(peer.ip(), Instant::now())?;
+    server.metrics.panels_throttled.inc();
+    log::debug!("panel {peer}: throttled for {} s more", left.as_secs());
+    let mut r = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many failed authentications from this address; try later\n",
+    );
+    let secs = left.as_secs().max(1).to_string();
+    if let Ok(v) = HeaderValue::from_str(&secs) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(r)
+}
+
+/// `GET /metrics` with `panels.metrics_token`: `Authorization: Bearer` (Prometheus
+/// `bearer_token`) must carry it.
+fn metrics_refused(server: &Server, h: &HeaderMap, peer: SocketAddr) -> Option<Response<Body>> {
+    let expected = server.settings.metrics_token.as_ref()?;
+    if let Some(r) = throttled(server, peer) {
+        return Some(r);
+    }
+    match bearer(h) {
+        Some(t) if protocol::token_matches(expected, t) => None,
+        presented => {
+            let mut r = unauthorized(server, peer, presented.is_some());
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Some(r)
         }
     }
 }
@@ -361,6 +423,9 @@ fn last_values(server: &Arc<Server>, req: &Request<Incoming>, peer: SocketAddr) 
             );
         }
     };
+    if let Some(r) = throttled(server, peer) {
+        return r;
+    }
     let allow = match authorize(server, h, &query, peer) {
         Ok(allow) => allow,
         Err(refused) => return *refused,
@@ -509,13 +574,19 @@ fn stream(
             );
         }
     };
+    if let Some(r) = throttled(server, peer) {
+        return r;
+    }
     let allow = match authorize(server, h, &query, peer) {
         Ok(allow) => allow,
         Err(refused) => return *refused,
     };
-    let offered = h
-        .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
-        .then(|| list_elements(h, header::SEC_WEBSOCKET_PROTOCOL).collect::<Vec<&str>>());
+    // Token entries are credentials, not protocols: never chosen, never echoed.
+    let offered = h.contains_key(header::SEC_WEBSOCKET_PROTOCOL).then(|| {
+        list_elements(h, header::SEC_WEBSOCKET_PROTOCOL)
+            .filter(|p| !protocol::is_token_entry(p))
+            .collect::<Vec<&str>>()
+    });
     // Echo the client's own spelling of the chosen subprotocol: a client must fail
     // the connection when the echo is not one of the values it sent (RFC 6455 §4.1).
     let chosen = match protocol::choose_subprotocol(offered.as_deref()) {

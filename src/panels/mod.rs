@@ -14,6 +14,7 @@ mod http;
 pub mod origin;
 pub mod protocol;
 mod session;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::budget;
 use crate::config::{Config, PanelToken, SlowPolicy};
 use crate::journal::Journal;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RejectReason};
 use crate::shutdown::{self, Shutdown};
 
 /// HTTP connections (page, metrics, health, refused upgrades) allowed besides panels.
@@ -79,6 +80,11 @@ pub struct PanelSettings {
     pub slow_policy: SlowPolicy,
     /// `journal.max_event_bytes`: the largest event frame a panel must be able to write.
     pub max_event_bytes: usize,
+    /// TLS on the port (`panels.tls_cert`/`tls_key`, loaded by the daemon; `None`: plain
+    /// HTTP).
+    pub tls: Option<Arc<crate::tls::server::ServerTls>>,
+    /// SHA-256 of the bearer token `GET /metrics` requires (`None`: open).
+    pub metrics_token: Option<[u8; 32]>,
 }
 
 impl PanelSettings {
@@ -89,6 +95,8 @@ impl PanelSettings {
             tokens: cfg.panels.tokens.clone(),
             slow_policy: cfg.panels.slow_policy,
             max_event_bytes: cfg.journal.max_event_bytes,
+            tls: None,
+            metrics_token: cfg.panels.metrics_token,
         }
     }
 }
@@ -131,11 +139,16 @@ pub async fn serve_with(
 ) -> Result<(), PanelsError> {
     let addr = listener.local_addr().map_err(PanelsError::Listener)?;
     let permits = Arc::new(Semaphore::new(settings.max_panels + HTTP_EXTRA_CONNECTIONS));
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(t.config()));
     let server = Arc::new(Server::new(journal, metrics, settings, opts));
     let (trigger, conn_sd) = shutdown::channel();
     let mut tasks = JoinSet::new();
     let mut refusing = false;
-    log::info!("panel server listening on http://{addr}/");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    log::info!("panel server listening on {scheme}://{addr}/");
     loop {
         tokio::select! {
             biased;
@@ -155,8 +168,32 @@ pub async fn serve_with(
                     configure(&stream);
                     let server = server.clone();
                     let sd = conn_sd.clone();
+                    let tls = tls.clone();
                     tasks.spawn(async move {
-                        http::connection(server, stream, peer, sd).await;
+                        match tls {
+                            None => http::connection(server, stream, peer, sd).await,
+                            Some(acceptor) => {
+                                let limit = server.opts.handshake_timeout;
+                                // rustls holds at most this much unsent TLS data, so a
+                                // stalled panel's TLS buffers stay within the budget line.
+                                let accept = acceptor.accept_with(stream, |conn| {
+                                    conn.set_buffer_limit(Some(budget::PANEL_TLS_SEND_LIMIT))
+                                });
+                                match tokio::time::timeout(limit, accept).await {
+                                    Ok(Ok(stream)) => {
+                                        http::connection(server, stream, peer, sd).await
+                                    }
+                                    Ok(Err(e)) => {
+                                        server.metrics.panels_rejected.of(RejectReason::Tls).inc();
+                                        log::debug!("panel {peer}: TLS handshake failed: {e}");
+                                    }
+                                    Err(_) => {
+                                        server.metrics.panels_rejected.of(RejectReason::Tls).inc();
+                                        log::debug!("panel {peer}: TLS handshake timed out");
+                                    }
+                                }
+                            }
+                        }
                         drop(permit);
                     });
                 }
@@ -206,6 +243,8 @@ pub(crate) struct Server {
     /// Panels connected (or upgrading); never above `max_panels`.
     panels: AtomicUsize,
     ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    /// Failed authentications per source address.
+    throttle: throttle::Throttle,
 }
 
 impl Server {
@@ -231,6 +270,7 @@ impl Server {
             opts,
             panels: AtomicUsize::new(0),
             ws_config,
+            throttle: throttle::Throttle::default(),
         }
     }
 

@@ -158,6 +158,47 @@ pub enum Access {
     Denied,
 }
 
+/// Subprotocol entries that carry a token instead of naming a protocol: the token,
+/// base64url without padding, after this prefix (`asbgw.token.<base64url>`). Browsers can
+/// send these (`new WebSocket(url, ["asbgw.v1.json", "asbgw.token.…"])`) where they
+/// cannot set `Authorization`; the server never echoes them.
+pub const TOKEN_SUBPROTOCOL: &str = "asbgw.token.";
+
+/// Is this `Sec-WebSocket-Protocol` element a token entry?
+pub fn is_token_entry(entry: &str) -> bool {
+    entry
+        .get(..TOKEN_SUBPROTOCOL.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(TOKEN_SUBPROTOCOL))
+}
+
+/// The token a token entry carries (`None` for any other entry). A payload that is not
+/// base64url of UTF-8 yields a value no configured token matches, so it counts as a
+/// wrong token, not a missing one.
+pub fn token_from_entry(entry: &str) -> Option<String> {
+    use base64::Engine;
+    if !is_token_entry(entry) {
+        return None;
+    }
+    let payload = &entry[TOKEN_SUBPROTOCOL.len()..];
+    Some(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_else(|| "\u{0}malformed".into()),
+    )
+}
+
+/// Does the SHA-256 of `presented` equal `expected`? Compared in full (constant time).
+pub fn token_matches(expected: &[u8; 32], presented: &str) -> bool {
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let diff = expected
+        .iter()
+        .zip(digest.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
 /// Compare the SHA-256 of the presented token against every configured hash, in
 /// constant time (every hash is compared in full, whether or not one matched).
 pub fn authorize(tokens: &[PanelToken], presented: Option<&str>) -> Access {
@@ -353,6 +394,21 @@ mod tests {
             sha256: Sha256::digest(secret.as_bytes()).into(),
             allow: allow.iter().map(|a| Filter::parse(a).unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn token_subprotocol_entries() {
+        assert!(is_token_entry("asbgw.token.YWJj"));
+        assert!(is_token_entry("ASBGW.Token.YWJj"));
+        assert!(!is_token_entry("asbgw.v1.json"));
+        assert!(!is_token_entry("asbgw.tok"));
+        assert_eq!(token_from_entry("asbgw.token.YWJj").as_deref(), Some("abc"));
+        assert_eq!(token_from_entry("asbgw.v1.json"), None);
+        // not base64url, or not UTF-8: a token that matches nothing
+        let bad = token_from_entry("asbgw.token.***").unwrap();
+        let h: [u8; 32] = Sha256::digest(b"").into();
+        assert!(!token_matches(&h, &bad));
+        assert!(token_matches(&h, ""));
     }
 
     #[test]

@@ -234,9 +234,14 @@ async fn every_amqp_type_reads_the_same_in_panels_postcard_and_mqtt() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let gw = tokio::spawn(app::run(ctx.clone(), listener, async move {
-        let _ = stopped.await;
-    }));
+    let gw = tokio::spawn(app::run(
+        ctx.clone(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        asb_gateway::reload::Reload::never(),
+    ));
 
     let mut json = support::panels::try_connect(addr, "", Some("asbgw.v1.json"), &[])
         .await

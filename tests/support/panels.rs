@@ -79,6 +79,16 @@ impl Running {
 }
 
 pub async fn start(ctx: Arc<Context>, opts: Options) -> Running {
+    let settings = ctx.panel_settings();
+    start_with(ctx, settings, opts).await
+}
+
+/// [`start`] with explicit settings (TLS, say).
+pub async fn start_with(
+    ctx: Arc<Context>,
+    settings: panels::PanelSettings,
+    opts: Options,
+) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, sd) = shutdown::channel();
@@ -86,7 +96,7 @@ pub async fn start(ctx: Arc<Context>, opts: Options) -> Running {
         listener,
         ctx.journal.clone(),
         ctx.metrics.clone(),
-        ctx.panel_settings(),
+        settings,
         sd,
         opts,
     ));

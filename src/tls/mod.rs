@@ -1,11 +1,14 @@
-//! The one rustls client configuration for the gateway's TLS clients: the source's AMQPS
-//! connection (`source::tls`) and the MQTT mirror's `mqtts://` connection.
+//! TLS for every part, one place: the rustls client configuration of the gateway's TLS
+//! clients — the source's AMQPS connection (`source::tls`) and the MQTT mirror's
+//! `mqtts://` connection — and, in [`server`], the panel port's server side.
 //!
 //! Both trust the platform's root certificates (`rustls-native-certs`, which honours
 //! `SSL_CERT_FILE` and `SSL_CERT_DIR`), use the `ring` crypto provider with rustls' safe
 //! default protocol versions (TLS 1.2 and 1.3), offer no ALPN protocol and present no
 //! client certificate. This module is a leaf: it knows neither the source nor the mirror,
 //! and each of them words its own errors.
+
+pub mod server;
 
 use std::sync::Arc;
 
