@@ -378,6 +378,7 @@
     if (shown !== t.shown) { t.shown = shown; t.changed = t.at; }
     t.el.dataset.seq = f.seq;
     t.value.replaceChildren();
+    t.value.classList.toggle("long", v.text.length > 9);
     if (v.text) {
       t.value.textContent = v.text;
     } else {
@@ -445,20 +446,25 @@
       if (!li) {
         li = el("li");
         li.dataset.topic = t.topic;
-        li.append(el("b"), el("span"), el("small"));
+        const d = el("div", "", li);
+        d.append(el("small"), el("b"));
         const ack = el("button", "ack", li);
         ack.type = "button";
         ack.textContent = "acknowledge";
         alarmItems.set(t.topic, li);
       }
       li.dataset.seq = t.seq;
-      li.children[0].textContent = t.topic;
-      li.children[1].textContent = t.shown;
-      li.children[2].textContent = fmtAgo(Date.now() - t.at);
+      setAlarmText(li, t);
       if ((prev ? prev.nextSibling : list.firstChild) !== li) list.insertBefore(li, prev ? prev.nextSibling : list.firstChild);
       prev = li;
     }
     $("alarms").hidden = active.length === 0;
+    $("alarm-count").textContent = active.length + (active.length === 1 ? " active alarm" : " active alarms");
+  }
+
+  function setAlarmText(li, t) {
+    li.firstChild.firstChild.textContent = t.topic + " · " + fmtAgo(Date.now() - t.at);
+    li.firstChild.lastChild.textContent = t.shown;
   }
 
   function acknowledge(topics) {
@@ -555,7 +561,7 @@
     for (const t of tiles.values()) paint(t);
     for (const [topic, li] of alarmItems) {
       const t = tiles.get(topic);
-      if (t) li.children[2].textContent = fmtAgo(Date.now() - t.at);
+      if (t) setAlarmText(li, t);
     }
   }, 1000);
 
