@@ -128,6 +128,17 @@ pub fn compute(c: &Config) -> Budget {
             bytes: c.panels.max_panels * 2 * PANEL_SNDBUF,
         },
     ];
+    if c.panels.last_values > 0 {
+        let index = crate::journal::LAST_VALUE_INDEX_BYTES;
+        lines.push(Line {
+            item: "last values",
+            detail: format!(
+                "{} topics x {} B index + panels.last_values_mib of events the journal no longer holds",
+                c.panels.last_values, index
+            ),
+            bytes: c.panels.last_values * index + (c.panels.last_values_mib << 20),
+        });
+    }
     if let Some(m) = &c.mqtt {
         // Publishes share the journal's bytes; the client holds per publish its topic and
         // properties, and its socket buffers at most a couple of frames.

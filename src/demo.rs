@@ -51,7 +51,7 @@ pub enum DemoError {
 /// The gateway config of the demo, as TOML (so it goes through the same validation).
 pub fn config_text(connection_string: &str, listen: SocketAddr, mqtt: Option<&str>) -> String {
     let mut text = format!(
-        "[source]\nconnection_string = {cs:?}\n\n[[source.subscriptions]]\ntopic = {TOPIC:?}\nsubscription = {SUBSCRIPTION:?}\n\n[routing]\ntopic = \"{{prop:line}}/{{subject}}\"\n\n[panels]\nlisten = \"{listen}\"\n",
+        "[source]\nconnection_string = {cs:?}\n\n[[source.subscriptions]]\ntopic = {TOPIC:?}\nsubscription = {SUBSCRIPTION:?}\n\n[routing]\ntopic = \"{{prop:line}}/{{prop:station}}/{{subject}}\"\n\n[panels]\nlisten = \"{listen}\"\n",
         cs = connection_string,
     );
     if let Some(url) = mqtt {

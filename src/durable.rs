@@ -74,6 +74,7 @@ pub struct Persistence {
 /// Reused between writes (capacity fixed at start: the journal's and window's sizes).
 #[derive(Debug)]
 struct Scratch {
+    last: Vec<Arc<EncodedEvent>>,
     events: Vec<(Arc<EncodedEvent>, bool)>,
     lost: Vec<(u64, u64)>,
     dedup: Vec<DedupRecord>,
@@ -121,6 +122,7 @@ pub fn restore(
     let journal = restored.unwrap_or_else(|| Journal::new(limits, new_epoch.clone()));
     let p = Arc::new(Persistence {
         scratch: Mutex::new(Scratch {
+            last: Vec::with_capacity(limits.last_values),
             events: Vec::with_capacity(limits.events),
             lost: Vec::with_capacity(crate::journal::LOST_MAX),
             dedup: Vec::with_capacity(dedup_window),
@@ -224,6 +226,18 @@ fn load(
                     skipped += 1;
                 }
             }
+            Record::LastValue(frame) => match EncodedEvent::from_postcard(frame) {
+                Some(ev) if ev.heap_bytes() <= limits.max_entry_bytes => {
+                    journal.restore_last_value(ev)
+                }
+                Some(_) => skipped += 1,
+                None => {
+                    return Err(bad(SnapshotError::Malformed {
+                        record: 0,
+                        reason: "a last-value record is not an event frame".into(),
+                    }));
+                }
+            },
             Record::Dedup(d) => {
                 if let Some(Some(link)) = links.get(d.subscription as usize) {
                     let key = DedupKey {
@@ -349,10 +363,13 @@ impl Persistence {
             return Ok(false);
         }
         let started = Instant::now();
+        s.last.clear();
         s.events.clear();
         s.lost.clear();
         s.dedup.clear();
-        let next_seq = self.journal.snapshot_view(&mut s.events, &mut s.lost);
+        let next_seq = self
+            .journal
+            .snapshot_view(&mut s.last, &mut s.events, &mut s.lost);
         s.dedup
             .extend(lock(&self.dedup).entries().filter_map(|(k, fp, seq)| {
                 Some(DedupRecord {
@@ -376,6 +393,9 @@ impl Persistence {
         let result = (|| {
             let mut w = Writer::create(&self.settings.state.snapshot())?;
             w.meta(&meta)?;
+            for ev in &s.last {
+                w.last_value(&ev.postcard)?;
+            }
             for (ev, pinned) in &s.events {
                 w.event(*pinned, &ev.postcard)?;
             }
@@ -395,6 +415,7 @@ impl Persistence {
             Ok(bytes)
         })();
         // Drop the shared events now: they may be evicted from the journal meanwhile.
+        s.last.clear();
         s.events.clear();
         match result {
             Ok(bytes) => {
@@ -496,6 +517,8 @@ mod tests {
             events,
             bytes: 1 << 20,
             max_entry_bytes: max_entry_bytes(256),
+            last_values: 16,
+            last_values_bytes: 1 << 20,
         }
     }
 
@@ -521,6 +544,57 @@ mod tests {
             body.as_bytes(),
         );
         j.append(ev, pinned).unwrap()
+    }
+
+    fn append_on(j: &Journal, topic: &str, body: &str) -> u64 {
+        let ev = EncodedEvent::encode(
+            j.next_seq(),
+            &Topic::try_from(topic).unwrap(),
+            &EventMeta::default(),
+            body.as_bytes(),
+        );
+        j.append(ev, false).unwrap()
+    }
+
+    fn last_values(j: &Journal) -> Vec<(String, u64, bytes::Bytes)> {
+        let mut out = Vec::new();
+        j.last_values_page(0, u64::MAX, |_| true, &mut out, usize::MAX);
+        out.iter()
+            .map(|e| (e.topic.to_string(), e.seq, e.body()))
+            .collect()
+    }
+
+    #[test]
+    fn last_values_survive_a_restart_also_those_the_journal_no_longer_holds() {
+        let d = dir("last");
+        let r = start(&d, 4);
+        append_on(&r.journal, "line3/state", "stopped");
+        append_on(&r.journal, "line2/state", "idle");
+        for i in 0..10 {
+            append_on(&r.journal, "line1/temp", &format!("{i}"));
+        }
+        assert_eq!(r.journal.oldest(), 9, "the states are only in the table");
+        let before = last_values(&r.journal);
+        assert_eq!(
+            before
+                .iter()
+                .map(|(t, s, _)| (t.as_str(), *s))
+                .collect::<Vec<_>>(),
+            [("line3/state", 1), ("line2/state", 2), ("line1/temp", 12)]
+        );
+        // a checkpoint (not only a clean stop) carries them, then a crash
+        assert!(r.persistence.as_ref().unwrap().checkpoint(false).unwrap());
+        drop(r);
+        let r = start(&d, 4);
+        assert_eq!(last_values(&r.journal), before);
+        assert_eq!(r.journal.last_value_stats().topics, 3);
+        assert!(r.journal.last_value_stats().outside_bytes > 0);
+        // and they keep working: a new value replaces the restored one
+        let s = append_on(&r.journal, "line3/state", "running");
+        assert_eq!(
+            last_values(&r.journal)[2],
+            ("line3/state".into(), s, "running".into())
+        );
     }
 
     #[test]

@@ -197,7 +197,20 @@ pub enum Frame<'a> {
         code: &'a str,
         message: &'a str,
     },
+    /// The last values of a `last=true` request (or `last` op) have all been sent; the
+    /// live stream continues after `latest`. JSON: `{"type":"synced","latest":N}`.
+    Synced {
+        latest: u64,
+    },
+    /// A last value: the newest event of its topic, sent on request before the live
+    /// stream. JSON: an `event` object with `"last":true` as its final field.
+    Last(#[serde(borrow)] EventFrame<'a>),
 }
+
+/// The postcard variant index of [`Frame::Event`] and of [`Frame::Last`]: a last value
+/// is its stored event frame with the first byte (this varint) replaced.
+const EVENT_TAG: u8 = 1;
+const LAST_TAG: u8 = 6;
 
 impl Frame<'_> {
     /// The postcard encoding.
@@ -230,7 +243,7 @@ impl Frame<'_> {
                 }
                 w.out.push(']');
             }
-            Frame::Event(e) => {
+            Frame::Event(e) | Frame::Last(e) => {
                 w.open("event");
                 w.num_field("seq", e.seq);
                 w.str_field("topic", e.topic);
@@ -269,6 +282,13 @@ impl Frame<'_> {
                     w.key("truncated");
                     w.out.push_str("true");
                 }
+                if matches!(self, Frame::Last(_)) {
+                    w.out.push_str(LAST_FIELD);
+                }
+            }
+            Frame::Synced { latest } => {
+                w.open("synced");
+                w.num_field("latest", *latest);
             }
             Frame::Gap { from, to, reason } => {
                 w.open("gap");
@@ -348,6 +368,9 @@ impl JsonWriter {
         self.out.push_str("\"base64\"");
     }
 }
+
+/// Appended to an event object to make it a last value.
+const LAST_FIELD: &str = ",\"last\":true";
 
 /// The last instant RFC 3339 (four-digit years) can express: 9999-12-31T23:59:59.999Z.
 pub const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
@@ -444,6 +467,28 @@ impl EncodedEvent {
         })
     }
 
+    /// The event as a last value ([`Frame::Last`]) in JSON: the stored frame with
+    /// `"last":true` added, no re-encoding.
+    pub fn last_json(&self) -> String {
+        let body = self.json.as_str();
+        let body = body.strip_suffix('}').unwrap_or(body);
+        let mut s = String::with_capacity(body.len() + LAST_FIELD.len() + 1);
+        s.push_str(body);
+        s.push_str(LAST_FIELD);
+        s.push('}');
+        s
+    }
+
+    /// The event as a last value ([`Frame::Last`]) in postcard: the stored frame with
+    /// its variant tag replaced.
+    pub fn last_postcard(&self) -> Bytes {
+        let mut b = self.postcard.to_vec();
+        if b.first() == Some(&EVENT_TAG) {
+            b[0] = LAST_TAG;
+        }
+        Bytes::from(b)
+    }
+
     /// A borrowed view of the event (decoded from the postcard frame without copying).
     pub fn frame(&self) -> Option<EventFrame<'_>> {
         match postcard::from_bytes::<Frame<'_>>(&self.postcard) {
@@ -469,6 +514,38 @@ impl EncodedEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_values_are_the_stored_frames_flagged_without_re_encoding() {
+        let mut meta = EventMeta {
+            subject: Some(bounded("temp", &mut false)),
+            ..EventMeta::default()
+        };
+        meta.push_prop("line", "line1");
+        let ev = EncodedEvent::encode(7, &Topic::try_from("a/b").unwrap(), &meta, b"{\"v\":1}");
+        let frame = ev.frame().unwrap();
+        assert_eq!(ev.last_json(), Frame::Last(frame.clone()).to_json());
+        assert!(
+            ev.last_json().ends_with(",\"last\":true}"),
+            "{}",
+            ev.last_json()
+        );
+        let v: serde_json::Value = serde_json::from_str(&ev.last_json()).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["last"].as_bool()),
+            (Some("event"), Some(true))
+        );
+        let pc = ev.last_postcard();
+        assert_eq!(&pc[..], &Frame::Last(frame.clone()).to_postcard()[..]);
+        assert_eq!(
+            postcard::from_bytes::<Frame<'_>>(&pc).unwrap(),
+            Frame::Last(frame)
+        );
+        assert_eq!(
+            Frame::Synced { latest: 42 }.to_json(),
+            r#"{"type":"synced","latest":42}"#
+        );
+    }
 
     #[test]
     fn timestamps_out_of_rfc3339_range_are_clamped_not_a_panic() {

@@ -109,14 +109,17 @@ pub enum RejectReason {
     Origin,
     Full,
     BadRequest,
+    /// A filter the token does not allow (`GET /v1/last`).
+    Forbidden,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::Unauthorized,
         RejectReason::Origin,
         RejectReason::Full,
         RejectReason::BadRequest,
+        RejectReason::Forbidden,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -124,6 +127,7 @@ impl RejectReason {
             RejectReason::Origin => "origin",
             RejectReason::Full => "full",
             RejectReason::BadRequest => "bad_request",
+            RejectReason::Forbidden => "forbidden",
         }
     }
 }
@@ -182,6 +186,10 @@ impl Counter {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
+    }
+    /// Copy in a count kept elsewhere (it only grows there), at render time.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed)
     }
 }
 
@@ -394,6 +402,11 @@ metrics! {
         "journal_snapshot_errors_total", "Journal snapshot or lease writes that failed.";
     journal_restored_events: Gauge =>
         "journal_restored_events", "Events restored from the snapshot at start.";
+    last_values: Gauge => "last_values", "Topics in the last-value table.";
+    last_values_bytes: Gauge => "last_values_bytes",
+        "Bytes of last values the journal no longer holds (bounded by panels.last_values_mib).";
+    last_values_evicted: Counter => "last_values_evicted_total",
+        "Topics evicted from the last-value table (panels.last_values or last_values_mib reached).";
     // panels
     panels_connected: Gauge => "panels_connected", "Panels connected.";
     panels_rejected: Family<RejectReason> =>

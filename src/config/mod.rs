@@ -213,6 +213,11 @@ pub struct PanelsConfig {
     pub allowed_origins: Vec<String>,
     /// Access tokens; none = open.
     pub tokens: Vec<PanelToken>,
+    /// Topics whose newest event is kept for panels that connect (`last=true`,
+    /// `GET /v1/last`); 0 = none.
+    pub last_values: usize,
+    /// MiB of last values the journal no longer holds (a quiet topic's newest event).
+    pub last_values_mib: usize,
 }
 
 impl Default for PanelsConfig {
@@ -223,6 +228,8 @@ impl Default for PanelsConfig {
             slow_policy: SlowPolicy::Skip,
             allowed_origins: Vec::new(),
             tokens: Vec::new(),
+            last_values: 1024,
+            last_values_mib: 1,
         }
     }
 }
@@ -487,6 +494,8 @@ impl Config {
             events: self.journal.events,
             bytes: self.journal.memory_mib << 20,
             max_entry_bytes: crate::event::max_entry_bytes(self.journal.max_event_bytes),
+            last_values: self.panels.last_values,
+            last_values_bytes: self.panels.last_values_mib << 20,
         }
     }
 }
@@ -587,6 +596,8 @@ impl JournalConfig {
 impl PanelsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         range("panels.max_panels", self.max_panels, 1, 100_000)?;
+        range("panels.last_values", self.last_values, 0, 1_000_000)?;
+        range("panels.last_values_mib", self.last_values_mib, 0, 4096)?;
         for (i, o) in self.allowed_origins.iter().enumerate() {
             if !crate::panels::origin::valid_entry(o) {
                 return Err(invalid(

@@ -16,7 +16,10 @@
 //!   skipped after a crash are *lost*: reading across them reports a [`Gap`] of kind
 //!   [`GapKind::Lost`].
 
+mod last;
 pub mod snapshot;
+
+pub use last::{INDEX_BYTES_PER_TOPIC as LAST_VALUE_INDEX_BYTES, LastValueStats};
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,6 +76,11 @@ pub struct Limits {
     pub bytes: usize,
     /// Largest single entry ([`crate::event::max_entry_bytes`]).
     pub max_entry_bytes: usize,
+    /// Most topics in the last-value table (`panels.last_values`; 0 = no table).
+    pub last_values: usize,
+    /// Most bytes of events the last-value table holds that the ring no longer has
+    /// (`panels.last_values_mib`).
+    pub last_values_bytes: usize,
 }
 
 struct Slot {
@@ -91,6 +99,8 @@ struct Ring {
     lost: VecDeque<Gap>,
     /// Bumped by every change a snapshot would record.
     changes: u64,
+    /// The newest event of each topic.
+    last: last::LastValues,
 }
 
 impl Ring {
@@ -160,6 +170,7 @@ impl Journal {
                 reserved_until: u64::MAX,
                 lost: VecDeque::with_capacity(LOST_MAX),
                 changes: 0,
+                last: last::LastValues::new(limits.last_values, limits.last_values_bytes),
             }),
             latest,
             epoch,
@@ -278,10 +289,13 @@ impl Journal {
             r.pinned += usize::from(pinned);
             r.next_seq += 1;
             r.changes += 1;
+            let ev = Arc::new(ev);
             r.slots.push_back(Slot {
-                ev: Arc::new(ev),
+                ev: ev.clone(),
                 pinned,
             });
+            let oldest = r.oldest();
+            r.last.record(&ev, oldest);
             r.next_seq - 1
         };
         self.latest.send_replace(seq);
@@ -425,11 +439,43 @@ impl Journal {
         r.next_seq = ev.seq + 1;
         r.bytes += size;
         r.pinned += usize::from(pinned);
+        let ev = Arc::new(ev);
         r.slots.push_back(Slot {
-            ev: Arc::new(ev),
+            ev: ev.clone(),
             pinned,
         });
+        let oldest = r.oldest();
+        r.last.record(&ev, oldest);
         Ok(())
+    }
+
+    /// Restore one entry of the last-value table that the ring no longer held when the
+    /// snapshot was written (before the events are restored).
+    pub fn restore_last_value(&self, ev: EncodedEvent) {
+        let mut r = self.lock();
+        let oldest = r.oldest();
+        r.last.record(&Arc::new(ev), oldest);
+    }
+
+    /// One page of the last-value table: the newest event of each topic that `wanted`
+    /// accepts, with a seq in `after+1..=upto`, in seq order, at most `max` into `out`.
+    /// A reader pages through the table as it was at `upto` (the `latest` it started
+    /// at) without holding the events in between: a topic updated meanwhile has moved
+    /// past `upto` and comes with the live stream instead.
+    pub fn last_values_page(
+        &self,
+        after: u64,
+        upto: u64,
+        wanted: impl FnMut(&crate::event::Topic) -> bool,
+        out: &mut Vec<Arc<EncodedEvent>>,
+        max: usize,
+    ) {
+        self.lock().last.page(after, upto, wanted, out, max);
+    }
+
+    /// What the last-value table holds.
+    pub fn last_value_stats(&self) -> LastValueStats {
+        self.lock().last.stats()
     }
 
     /// After a restore: continue at `next_seq` (not below the current next seq), and
@@ -451,6 +497,8 @@ impl Journal {
                     kind: GapKind::Lost,
                 });
             }
+            let oldest = r.oldest();
+            r.last.advance(oldest);
             r.changes += 1;
             r.next_seq - 1
         };
@@ -458,16 +506,19 @@ impl Journal {
     }
 
     /// What a snapshot records, taken under the lock without copying events: the
-    /// retained events (shared `Arc`s, with their pinned flag) into `out`, the lost
-    /// ranges into `lost`; returns the next seq.
+    /// last-value entries the ring no longer holds into `last`, the retained events
+    /// (shared `Arc`s, with their pinned flag) into `out`, the lost ranges into `lost`;
+    /// returns the next seq.
     pub fn snapshot_view(
         &self,
+        last: &mut Vec<Arc<EncodedEvent>>,
         out: &mut Vec<(Arc<EncodedEvent>, bool)>,
         lost: &mut Vec<(u64, u64)>,
     ) -> u64 {
         let r = self.lock();
-        out.extend(r.slots.iter().map(|s| (s.ev.clone(), s.pinned)));
         let oldest = r.oldest();
+        r.last.outside(oldest, last);
+        out.extend(r.slots.iter().map(|s| (s.ev.clone(), s.pinned)));
         lost.extend(
             r.lost
                 .iter()
@@ -533,6 +584,8 @@ mod tests {
                 events,
                 bytes: 1 << 20,
                 max_entry_bytes: max_entry_bytes(64),
+                last_values: 16,
+                last_values_bytes: 1 << 20,
             },
             "e".into(),
         )
@@ -643,6 +696,8 @@ mod tests {
                 events: 100,
                 bytes: one * 3,
                 max_entry_bytes: max_entry_bytes(64),
+                last_values: 16,
+                last_values_bytes: 1 << 20,
             },
             "e".into(),
         );

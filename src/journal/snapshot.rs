@@ -18,6 +18,9 @@
 //!                     in the journal, `Frame::Event` of `event.rs` — the canonical
 //!                     form; the JSON frame is re-created from it), oldest first
 //!           3 Dedup  (postcard of [`DedupRecord`]), oldest first
+//!           5 Last   (payload: the postcard frame of a last-value entry the journal no
+//!                     longer holds, as for Event), oldest first, before the events;
+//!                     written since the last-value table exists, absent in older files
 //!           0xFF End (postcard of u64: the number of records before it; last record)
 //! ```
 //!
@@ -59,6 +62,7 @@ const KIND_META: u8 = 1;
 const KIND_EVENT: u8 = 2;
 const KIND_DEDUP: u8 = 3;
 const KIND_LEASE: u8 = 4;
+const KIND_LAST: u8 = 5;
 const KIND_END: u8 = 0xFF;
 
 /// Why a snapshot or lease could not be read or written.
@@ -266,6 +270,11 @@ impl Writer {
         self.record(KIND_EVENT, &[&[u8::from(pinned)], postcard_frame])
     }
 
+    /// One last-value entry the journal no longer holds: its postcard frame.
+    pub fn last_value(&mut self, postcard_frame: &[u8]) -> Result<(), SnapshotError> {
+        self.record(KIND_LAST, &[postcard_frame])
+    }
+
     pub fn dedup(&mut self, d: &DedupRecord) -> Result<(), SnapshotError> {
         self.postcard(KIND_DEDUP, d)
     }
@@ -320,6 +329,8 @@ pub enum Record {
     },
     Dedup(DedupRecord),
     Lease(Lease),
+    /// A last-value entry's postcard frame (its own allocation).
+    LastValue(bytes::Bytes),
 }
 
 /// Streams the records of a snapshot or lease file, checking each before yielding it.
@@ -402,6 +413,7 @@ impl Reader {
         let kind = head[8];
         let limit = match kind {
             KIND_EVENT => self.event_max + 1 + 1,
+            KIND_LAST => self.event_max + 1,
             _ => SMALL_RECORD_MAX,
         };
         if len == 0 || len > limit {
@@ -435,6 +447,7 @@ impl Reader {
                 Record::Event { pinned, frame }
             }
             KIND_DEDUP => Record::Dedup(self.decode(&payload)?),
+            KIND_LAST => Record::LastValue(bytes::Bytes::from(payload)),
             KIND_LEASE => Record::Lease(self.decode(&payload)?),
             KIND_END => {
                 let count: u64 = self.decode(&payload)?;

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
@@ -33,7 +34,11 @@ const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe
 /// Largest request head accepted (hyper's read buffer).
 const MAX_REQUEST_BUF: usize = 16 * 1024;
 
-type Body = Full<Bytes>;
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Bytes of last values `GET /v1/last` puts in one chunk of its streamed body (one
+/// larger event goes alone); the table is paged, never copied whole.
+pub const LAST_CHUNK: usize = 16 * 1024;
 
 /// An accepted upgrade waiting for the 101 response to go out.
 struct Upgrade {
@@ -127,7 +132,7 @@ fn route(
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     match path {
         "/v1/stream" => stream(server, &mut req, peer, upgrade),
-        "/" | "/index.html" | "/page.js" | "/healthz" | "/metrics" if !read_only => {
+        "/" | "/index.html" | "/page.js" | "/healthz" | "/metrics" | "/v1/last" if !read_only => {
             let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -170,10 +175,15 @@ fn route(
             };
             response(status, "application/json", Bytes::from(m.health_json()))
         }
+        "/v1/last" => last_values(server, &req, peer),
         "/metrics" => {
             let m = &server.metrics;
             m.journal_events.set(server.journal.len() as u64);
             m.journal_bytes.set(server.journal.bytes() as u64);
+            let last = server.journal.last_value_stats();
+            m.last_values.set(last.topics as u64);
+            m.last_values_bytes.set(last.outside_bytes as u64);
+            m.last_values_evicted.set(last.evicted);
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -185,7 +195,7 @@ fn route(
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
-    let mut r = Response::new(Full::new(body));
+    let mut r = Response::new(Full::new(body).boxed());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -281,6 +291,162 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
         })
 }
 
+/// The token presented (`token=` or `Authorization: Bearer`) checked against
+/// `panels.tokens`: the filters it allows (`None`: no tokens configured, all allowed),
+/// or the 401 response.
+fn authorize(
+    server: &Server,
+    h: &HeaderMap,
+    query: &StreamQuery,
+    peer: SocketAddr,
+) -> Result<Option<Vec<crate::routing::Filter>>, Box<Response<Body>>> {
+    let presented = query.token.as_deref().or_else(|| bearer(h));
+    let tokens = &server.settings.tokens;
+    match protocol::authorize(tokens, presented) {
+        Access::Open => Ok(None),
+        Access::Token(i) => Ok(Some(tokens[i].allow.clone())),
+        Access::Denied => {
+            let why = if presented.is_some() {
+                "unknown token"
+            } else {
+                "a token is required (token= or Authorization: Bearer)"
+            };
+            Err(Box::new(reject(
+                server,
+                RejectReason::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                peer,
+                why.into(),
+            )))
+        }
+    }
+}
+
+/// How far `GET /v1/last` has written its array.
+#[derive(Debug, Clone, Copy)]
+struct LastListing {
+    /// Seq of the last entry written (entries after it are next).
+    after: u64,
+    opened: bool,
+    wrote_any: bool,
+    closed: bool,
+}
+
+/// `GET /v1/last?filter=F…`: the newest event of each topic that matches the filters
+/// (default: all the token allows) as a JSON array of event objects flagged
+/// `"last":true`, in seq order — the same objects `last=true` sends on the stream, under
+/// the same token and origin rules. A filter the token does not allow is refused (403).
+/// The body is streamed in chunks of about [`LAST_CHUNK`] bytes.
+fn last_values(server: &Arc<Server>, req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let h = req.headers();
+    if !origin_allowed(server, h) {
+        let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
+        return reject(
+            server,
+            RejectReason::Origin,
+            StatusCode::FORBIDDEN,
+            peer,
+            format!("origin {origin} is not in panels.allowed_origins"),
+        );
+    }
+    let query = match StreamQuery::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => {
+            return reject(
+                server,
+                RejectReason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                peer,
+                e.to_string(),
+            );
+        }
+    };
+    let allow = match authorize(server, h, &query, peer) {
+        Ok(allow) => allow,
+        Err(refused) => return *refused,
+    };
+    if let Some(f) = query
+        .filters
+        .iter()
+        .find(|f| !protocol::allowed(f, allow.as_deref()))
+    {
+        return reject(
+            server,
+            RejectReason::Forbidden,
+            StatusCode::FORBIDDEN,
+            peer,
+            format!("filter {:?} is not allowed for this token", f.as_str()),
+        );
+    }
+    let filters = if !query.filters.is_empty() {
+        query.filters
+    } else {
+        allow.unwrap_or_else(|| vec![crate::routing::Filter::parse("#").expect("'#' is a filter")])
+    };
+    let journal = server.journal.clone();
+    let upto = journal.latest();
+    let start = LastListing {
+        after: 0,
+        opened: false,
+        wrote_any: false,
+        closed: false,
+    };
+    let chunks = futures_util::stream::unfold(start, move |mut at| {
+        let journal = journal.clone();
+        let filters = filters.clone();
+        async move {
+            if at.closed {
+                return None;
+            }
+            let data =
+                |chunk: String| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(chunk)));
+            let mut chunk = String::new();
+            if !at.opened {
+                chunk.push('[');
+                at.opened = true;
+            }
+            let mut page = Vec::new();
+            let mut in_chunk = 0;
+            loop {
+                page.clear();
+                journal.last_values_page(
+                    at.after,
+                    upto,
+                    |t| filters.iter().any(|f| f.matches(t)),
+                    &mut page,
+                    64,
+                );
+                if page.is_empty() {
+                    chunk.push(']');
+                    at.closed = true;
+                    return Some((data(chunk), at));
+                }
+                for ev in &page {
+                    let json = ev.last_json();
+                    if in_chunk > 0 && chunk.len() + json.len() > LAST_CHUNK {
+                        return Some((data(chunk), at));
+                    }
+                    if at.wrote_any {
+                        chunk.push(',');
+                    }
+                    chunk.push_str(&json);
+                    at.wrote_any = true;
+                    at.after = ev.seq;
+                    in_chunk += 1;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
 /// `GET /v1/stream`: check everything, reserve a panel slot, answer 101.
 fn stream(
     server: &Arc<Server>,
@@ -343,25 +509,9 @@ fn stream(
             );
         }
     };
-    let presented = query.token.as_deref().or_else(|| bearer(h));
-    let tokens = &server.settings.tokens;
-    let allow = match protocol::authorize(tokens, presented) {
-        Access::Open => None,
-        Access::Token(i) => Some(tokens[i].allow.clone()),
-        Access::Denied => {
-            let why = if presented.is_some() {
-                "unknown token"
-            } else {
-                "a token is required (token= or Authorization: Bearer)"
-            };
-            return reject(
-                server,
-                RejectReason::Unauthorized,
-                StatusCode::UNAUTHORIZED,
-                peer,
-                why.into(),
-            );
-        }
+    let allow = match authorize(server, h, &query, peer) {
+        Ok(allow) => allow,
+        Err(refused) => return *refused,
     };
     let offered = h
         .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
@@ -401,6 +551,7 @@ fn stream(
         encoding: chosen.as_ref().map_or(Encoding::Json, |(enc, _)| *enc),
         filters: query.filters,
         since: query.since,
+        last: query.last,
         allow,
         peer,
     };
@@ -410,7 +561,7 @@ fn stream(
         params,
         slot,
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -44,6 +44,8 @@ pub enum ProtocolError {
     BadFilter { filter: String, reason: String },
     #[error("since must be EPOCH:SEQ (e.g. 0193ab12cd34:42)")]
     BadSince,
+    #[error("last must be true or false")]
+    BadLast,
     #[error("none of the offered subprotocols is supported (use {PROTO_JSON} or {PROTO_POSTCARD})")]
     Subprotocol,
 }
@@ -81,6 +83,8 @@ pub struct StreamQuery {
     pub filters: Vec<Filter>,
     pub since: Option<Since>,
     pub token: Option<String>,
+    /// `last=true`: the newest event of each matching topic first, then `synced`.
+    pub last: bool,
 }
 
 fn decode<'a>(v: &'a str, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
@@ -91,7 +95,8 @@ fn decode<'a>(v: &'a str, name: &'static str) -> Result<Cow<'a, str>, ProtocolEr
 }
 
 impl StreamQuery {
-    /// Parse `filter=…&since=…&token=…`; other parameters are ignored.
+    /// Parse `filter=…&since=…&token=…&last=true|false` (also `1`/`0`); other
+    /// parameters are ignored.
     pub fn parse(query: Option<&str>) -> Result<StreamQuery, ProtocolError> {
         let mut q = StreamQuery::default();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -108,6 +113,13 @@ impl StreamQuery {
                 }
                 "since" => q.since = Some(Since::parse(&decode(v, "since")?)?),
                 "token" => q.token = Some(decode(v, "token")?.into_owned()),
+                "last" => {
+                    q.last = match &*decode(v, "last")? {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(ProtocolError::BadLast),
+                    }
+                }
                 _ => {}
             }
         }
@@ -189,6 +201,8 @@ pub enum Op {
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
     Resume(String),
+    /// The last values of the current filters, then `synced`, then live from there.
+    Last,
     Ping,
 }
 
@@ -241,10 +255,11 @@ impl Op {
                 .map(Op::Resume)
                 .ok_or_else(|| OpError::new("bad_op", "\"since\" (\"EPOCH:SEQ\") is missing")),
             "ping" => Ok(Op::Ping),
+            "last" => Ok(Op::Last),
             other => Err(OpError::new(
                 "unknown_op",
                 format!(
-                    "unknown op {:?} (known: subscribe, unsubscribe, resume, ping)",
+                    "unknown op {:?} (known: subscribe, unsubscribe, resume, last, ping)",
                     other.chars().take(32).collect::<String>()
                 ),
             )),
@@ -268,7 +283,7 @@ mod tests {
     #[test]
     fn query_parses_filters_since_token() {
         let q = StreamQuery::parse(Some(
-            "filter=line1/%23&filter=line2/+/temp&since=abc:42&token=s%20ecret&x=1",
+            "filter=line1/%23&filter=line2/+/temp&since=abc:42&token=s%20ecret&x=1&last=true",
         ))
         .unwrap();
         let f: Vec<&str> = q.filters.iter().map(|f| f.as_str()).collect();
@@ -276,6 +291,7 @@ mod tests {
         assert_eq!(q.since.as_ref().unwrap().epoch.as_str(), "abc");
         assert_eq!(q.since.unwrap().seq, 42);
         assert_eq!(q.token.as_deref(), Some("s ecret"));
+        assert!(q.last);
         assert_eq!(StreamQuery::parse(None).unwrap(), StreamQuery::default());
     }
 
@@ -298,6 +314,11 @@ mod tests {
             StreamQuery::parse(Some("since=e:-1")),
             Err(ProtocolError::BadSince)
         );
+        assert_eq!(
+            StreamQuery::parse(Some("last=yes")),
+            Err(ProtocolError::BadLast)
+        );
+        assert!(!StreamQuery::parse(Some("last=0")).unwrap().last);
         assert_eq!(
             StreamQuery::parse(Some("token=%ff")),
             Err(ProtocolError::BadEncoding("token"))
@@ -354,6 +375,7 @@ mod tests {
     #[test]
     fn ops_parse_or_explain() {
         assert_eq!(Op::parse(br#"{"op":"ping"}"#), Ok(Op::Ping));
+        assert_eq!(Op::parse(br#"{"op":"last"}"#), Ok(Op::Last));
         assert_eq!(
             Op::parse(br#"{"op":"subscribe","filters":["a/#"]}"#),
             Ok(Op::Subscribe(vec!["a/#".into()]))

@@ -47,6 +47,8 @@ pub(crate) struct Params {
     /// Filters from the query (empty = the default).
     pub filters: Vec<Filter>,
     pub since: Option<Since>,
+    /// `last=true`: the last values first.
+    pub last: bool,
     /// The matched token's allowed filters (`None` = open).
     pub allow: Option<Vec<Filter>>,
     pub peer: std::net::SocketAddr,
@@ -78,9 +80,20 @@ struct Session<'a> {
     cursor: u64,
     /// Reused for every journal read; holds events only inside `pump`.
     batch: Vec<Arc<EncodedEvent>>,
+    /// Last values still to send (`last=true` or the `last` op), paged through the
+    /// journal's table so that a stalled panel holds none of them.
+    sync: Option<LastSync>,
     /// Bytes fed into the write buffer since the last completed flush.
     pending: usize,
     flushing: bool,
+}
+
+/// Where a panel is in sending the last values: every entry with a seq in
+/// `after+1..=upto` that matches its filters is still to go, then `synced`.
+#[derive(Debug, Clone, Copy)]
+struct LastSync {
+    after: u64,
+    upto: u64,
 }
 
 pub(crate) async fn run(ws: Ws, p: Params, ctx: Shared<'_>, opts: &Options, mut sd: Shutdown) {
@@ -94,10 +107,11 @@ pub(crate) async fn run(ws: Ws, p: Params, ctx: Shared<'_>, opts: &Options, mut 
         filters: heapless::Vec::new(),
         cursor: ctx.journal.latest() + 1,
         batch: Vec::with_capacity(opts.batch),
+        sync: None,
         pending: 0,
         flushing: false,
     };
-    let end = match s.start(&mut tx, p.filters, p.since).await {
+    let end = match s.start(&mut tx, p.filters, p.since, p.last).await {
         Ok(()) => s.run(&mut tx, &mut rx, &mut sd).await,
         Err(e) => e,
     };
@@ -147,12 +161,13 @@ async fn linger_close(
 }
 
 impl Session<'_> {
-    /// Hello, the initial filters, the resume point.
+    /// Hello, the initial filters, the resume point, the last values asked for.
     async fn start(
         &mut self,
         tx: &mut SplitSink<Ws, Message>,
         requested: Vec<Filter>,
         since: Option<Since>,
+        last: bool,
     ) -> Result<(), End> {
         let mut errors: Vec<OpError> = Vec::new();
         let requested = if requested.is_empty() {
@@ -169,10 +184,19 @@ impl Session<'_> {
                 errors.push(e);
             }
         }
+        // One reading of `latest`: the last values are those current at it, and the live
+        // stream (without `since`) starts right after it.
+        let latest = self.ctx.journal.latest();
+        if last {
+            self.sync = Some(LastSync {
+                after: 0,
+                upto: latest,
+            });
+        }
         let gap = match &since {
             Some(since) => self.resume(since),
             None => {
-                self.cursor = self.ctx.journal.latest() + 1;
+                self.cursor = latest + 1;
                 None
             }
         };
@@ -180,7 +204,7 @@ impl Session<'_> {
         let (msg, len) = self.encode(&Frame::Hello {
             epoch: j.epoch(),
             oldest: j.oldest(),
-            latest: j.latest(),
+            latest,
             filters: self.filters.iter().map(Filter::as_str).collect(),
         });
         self.feed(tx, msg, len).await?;
@@ -251,8 +275,70 @@ impl Session<'_> {
         }
     }
 
-    /// Feed events from the cursor until caught up or the write buffer is full.
+    /// Feed the last values still to send, then `synced`; false while the write buffer
+    /// filled before the end (the rest goes after the flush).
+    async fn pump_last(&mut self, tx: &mut SplitSink<Ws, Message>) -> Result<bool, End> {
+        let j = self.ctx.journal.clone();
+        let mut sent = 0u64;
+        let done = loop {
+            let Some(sync) = self.sync else { break true };
+            self.batch.clear();
+            let filters = &self.filters;
+            j.last_values_page(
+                sync.after,
+                sync.upto,
+                |topic| filters.iter().any(|f| f.matches(topic)),
+                &mut self.batch,
+                self.opts.batch,
+            );
+            if self.batch.is_empty() {
+                self.sync = None;
+                self.control(tx, &Frame::Synced { latest: sync.upto })
+                    .await?;
+                break true;
+            }
+            let mut full = false;
+            for i in 0..self.batch.len() {
+                let ev = &self.batch[i];
+                let (msg, len) = match self.enc {
+                    Encoding::Json => {
+                        let s = ev.last_json();
+                        let len = s.len();
+                        (Message::Text(s.into()), len)
+                    }
+                    Encoding::Postcard => {
+                        let b = ev.last_postcard();
+                        let len = b.len();
+                        (Message::Binary(b), len)
+                    }
+                };
+                if self.pending > 0 && self.pending + len + FRAME_HEADER > PANEL_WRITE_BUFFER {
+                    full = true;
+                    break;
+                }
+                let seq = ev.seq;
+                if let Err(e) = self.feed(tx, msg, len).await {
+                    self.batch.clear();
+                    return Err(e);
+                }
+                self.sync = Some(LastSync { after: seq, ..sync });
+                sent += 1;
+            }
+            if full {
+                break false;
+            }
+        };
+        self.batch.clear();
+        self.ctx.metrics.frames_sent.add(sent);
+        Ok(done)
+    }
+
+    /// Feed the last values still to send, then events from the cursor, until caught
+    /// up or the write buffer is full.
     async fn pump(&mut self, tx: &mut SplitSink<Ws, Message>) -> Result<(), End> {
+        if self.sync.is_some() && !self.pump_last(tx).await? {
+            return Ok(());
+        }
         let j = self.ctx.journal.clone();
         let mut sent = 0u64;
         let mut fed_all_last = true;
@@ -482,6 +568,16 @@ impl Session<'_> {
     async fn on_op(&mut self, tx: &mut SplitSink<Ws, Message>, op: Op) -> Result<(), End> {
         match op {
             Op::Ping => self.control(tx, &Frame::Pong).await,
+            Op::Last => {
+                // The last values current now, then the stream from right after them.
+                let latest = self.ctx.journal.latest();
+                self.sync = Some(LastSync {
+                    after: 0,
+                    upto: latest,
+                });
+                self.cursor = latest + 1;
+                Ok(())
+            }
             Op::Subscribe(list) | Op::Unsubscribe(list) if list.len() > MAX_FILTERS => {
                 let e = OpError::new(
                     "too_many_filters",

@@ -58,7 +58,7 @@ proptest! {
     #[test]
     fn restarts_keep_the_journal_invariants(events in 1usize..10, ops in proptest::collection::vec(op(), 1..60)) {
         let dir = TempDir::new("durable-props");
-        let limits = Limits { events, bytes: 1 << 20, max_entry_bytes: max_entry_bytes(64) };
+        let limits = Limits { events, bytes: 1 << 20, max_entry_bytes: max_entry_bytes(64), last_values: 4, last_values_bytes: 4096 };
         let topic = Topic::try_from("t").unwrap();
         let mut r = open(dir.path(), limits);
         let epoch = r.journal.epoch().to_string();

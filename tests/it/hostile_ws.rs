@@ -32,27 +32,29 @@ async fn still_serves(ctx: &Context, addr: SocketAddr) {
     }
 }
 
-/// Write `req`, read until the server closes (bounded); the whole response.
+/// Write `req`, read one response: its head and its `Content-Length` body (or up to the
+/// server's close when there is no length), bounded by 10 s.
 async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     // the server may answer (and close) before a huge head is all written
     let _ = s.write_all(req).await;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
         let mut chunk = [0u8; 4096];
         loop {
             match s.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                // enough for a status line; give the body a moment
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if let Ok(Ok(n)) =
-                    tokio::time::timeout(Duration::from_millis(50), s.read(&mut chunk)).await
-                {
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|len| buf.len() >= end + 4 + len) {
                 break;
             }
         }

@@ -35,7 +35,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn journal_invariants(events in 1usize..16, kib in 2usize..12, ops in proptest::collection::vec(op(), 1..300)) {
-        let limits = Limits { events, bytes: kib * 1024, max_entry_bytes: max_entry_bytes(600).min(kib * 1024) };
+        let limits = Limits { events, bytes: kib * 1024, max_entry_bytes: max_entry_bytes(600).min(kib * 1024), last_values: 4, last_values_bytes: 4096 };
         let j = Journal::new(limits, "p".into());
         let topic = Topic::try_from("t").unwrap();
         let mut readers: Vec<Reader> = (0..3).map(|_| Reader { cursor: 1, seen: vec![], missed: 0 }).collect();

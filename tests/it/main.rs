@@ -26,6 +26,7 @@ mod hostile_amqp;
 mod hostile_props;
 mod hostile_ws;
 mod journal_props;
+mod last_values;
 mod mirror;
 mod mirror_faults;
 mod panels;

@@ -363,18 +363,6 @@ async fn stalled_panel_is_closed_under_disconnect_policy() {
     srv.stop().await;
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn status_of(r: Result<Client, tokio_tungstenite::tungstenite::Error>) -> u16 {
-    match r {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
-        Err(e) => panic!("expected an HTTP refusal, got {e}"),
-        Ok(_) => panic!("expected an HTTP refusal, got a WebSocket"),
-    }
-}
-
 #[tokio::test]
 async fn refusals_401_403_503_and_token_scopes() {
     use sha2::Digest;
@@ -762,7 +750,7 @@ async fn metrics_health_page_and_404() {
 
     let (status, _, page) = http::get(srv.addr, "/").await;
     assert_eq!(status, 200);
-    assert!(page.contains("id=\"state\"") && page.contains("/page.js"));
+    assert!(page.contains("id=\"state\"") && page.contains("page.js"));
     let (status, _, js) = http::get(srv.addr, "/page.js").await;
     assert_eq!(status, 200);
     assert!(js.contains("asbgw.v1.json"));

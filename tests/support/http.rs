@@ -1,6 +1,7 @@
 //! Minimal HTTP/1.1 clients over a plain TCP connection (`Connection: close`, the whole
 //! response read to the end): the gateway's `/healthz`, `/metrics` and page, the
-//! emulator's admin API. The servers under test send `Content-Length` bodies.
+//! emulator's admin API. Bodies are `Content-Length` or chunked (`GET /v1/last`
+//! streams); [`request`] returns the decoded body.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -33,7 +34,33 @@ pub async fn request(addr: SocketAddr, method: &str, target: &str) -> (u16, Stri
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status code");
-    (status, head.to_string(), body.to_string())
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, head.to_string(), body)
+}
+
+/// The payload of a chunked body (RFC 9112 §7.1), checked: each chunk size, its data,
+/// CRLF, up to the last chunk.
+fn dechunk(mut b: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = b.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+            .expect("chunk size is hex");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        b = rest[size..]
+            .strip_prefix("\r\n")
+            .expect("CRLF after chunk data");
+    }
 }
 
 /// GET `path`: (status, head, body).

@@ -185,3 +185,17 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Lowercase hex (a token's SHA-256 for `panels.tokens`).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The HTTP status of a refused upgrade.
+pub fn status_of(r: Result<Client, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, got a WebSocket"),
+    }
+}
