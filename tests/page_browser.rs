@@ -423,6 +423,17 @@ async fn until_js(
     expr: &str,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    until_js_within(cdp, PAGE_WAIT, what, expr, cond).await
+}
+
+/// [`until_js`] with its own failure bound.
+async fn until_js_within(
+    cdp: &mut Cdp,
+    bound: Duration,
+    what: &str,
+    expr: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let t0 = std::time::Instant::now();
     loop {
         // null while the page (re)loads
@@ -431,7 +442,7 @@ async fn until_js(
             return s;
         }
         assert!(
-            t0.elapsed() < PAGE_WAIT,
+            t0.elapsed() < bound,
             "page never reached: {what}; last state {s}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -510,9 +521,12 @@ async fn board_shows_the_demo_in_chromium() {
     let demo = Demo::start(200).await;
     let mut cdp = Cdp::open(&demo.url).await;
 
-    // One tile per topic the generator publishes, grouped by line.
-    let s = until_js(
+    // One tile per topic the generator publishes, grouped by line. The generator is
+    // seeded: its first 885 events cover all 36 topics, 4.5 s at 200 events/s; a loaded
+    // machine publishes slower, hence the longer bound.
+    let s = until_js_within(
         &mut cdp,
+        2 * PAGE_WAIT,
         "a tile for each of the 36 demo topics",
         BOARD_STATE,
         |s| s["state"] == "live" && tile_topics(s).len() >= 36,
