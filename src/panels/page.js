@@ -273,6 +273,7 @@
     } else {
       v.text = JSON.stringify(b);
     }
+    if (v.num === null && !v.text) v.text = "(empty)";
     return v;
   }
 
