@@ -1,9 +1,15 @@
 //! The built-in page in a real browser: headless Chromium (Debian package, installed by
-//! `scripts/setup/panels.sh`) loads `/` from an in-process panel server while events are
-//! appended, and the rendered DOM must show the events and the state "live". The test
-//! also saves a screenshot (see `docs/panels.md`). A second test drives the page through
-//! a server restart: reconnect and resume without a gap. Both drive Chromium over the
-//! DevTools protocol and wait for the page's state, never for a time budget.
+//! `scripts/setup/panels.sh`), driven over the DevTools protocol; every wait is on the
+//! page's state (DOM), never on a time budget.
+//!
+//! - The log view against an in-process panel server while events are appended: the
+//!   rendered DOM shows the events and the state "live" (screenshot `docs/panel.png`);
+//!   through a server restart it reconnects and resumes without a gap.
+//! - The board view against a running `asb-gateway demo` (the built binary): one tile per
+//!   topic the generator publishes, values changing, sparklines, alarms in the banner
+//!   until acknowledged (screenshot `docs/board.png`); readable on a phone.
+//! - Each event applied once (last value, replay, `{"op":"last"}` again), acknowledgements
+//!   surviving a reload, and the page working under a reverse-proxy path prefix.
 
 mod support;
 
@@ -90,8 +96,9 @@ async fn page_shows_live_events_in_chromium() {
     };
     // Each check waits for the page to reach the state it needs (DevTools protocol),
     // never for a time budget: Chromium may take seconds to start on a loaded machine.
+    // The log view (`#log`), as before the board existed.
     let url = format!("http://{}/", srv.addr);
-    let mut cdp = Cdp::open(&url).await;
+    let mut cdp = Cdp::open(&format!("{url}#log")).await;
     until(
         &mut cdp,
         "live, history replayed and live events after it",
@@ -131,7 +138,7 @@ async fn page_shows_live_events_in_chromium() {
     drop(cdp);
 
     // The filter in the page's URL goes to the server: only line1 topics.
-    let mut cdp = Cdp::open(&format!("{url}?filter=line1/%23")).await;
+    let mut cdp = Cdp::open(&format!("{url}?filter=line1/%23#log")).await;
     until(&mut cdp, "live with more than 3 filtered rows", |s| {
         s["state"] == "live" && s["seqs"].as_array().is_some_and(|a| a.len() > 3)
     })
@@ -217,6 +224,13 @@ impl Cdp {
     }
 
     async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let v = self.call_raw(method, params).await;
+        assert!(v.get("error").is_none(), "CDP {method}: {v}");
+        v["result"].clone()
+    }
+
+    /// The whole reply to a call: `result` or `error`.
+    async fn call_raw(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
         self.next_id += 1;
@@ -235,8 +249,7 @@ impl Cdp {
             let Message::Text(t) = m else { continue };
             let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
             if v["id"] == id {
-                assert!(v.get("error").is_none(), "CDP {method}: {v}");
-                return v["result"].clone();
+                return v;
             }
         }
     }
@@ -251,6 +264,18 @@ impl Cdp {
             .await;
         r["result"]["value"].clone()
     }
+
+    /// As [`Cdp::eval`], but `null` when the page cannot evaluate it (navigating, or the
+    /// expression threw).
+    async fn try_eval(&mut self, expr: &str) -> serde_json::Value {
+        let r = self
+            .call_raw(
+                "Runtime.evaluate",
+                serde_json::json!({ "expression": expr, "returnByValue": true }),
+            )
+            .await;
+        r["result"]["result"]["value"].clone()
+    }
 }
 
 impl Cdp {
@@ -260,16 +285,21 @@ impl Cdp {
         v.as_str().expect("outerHTML").to_string()
     }
 
-    /// A PNG of the page at `width` x `height`.
-    async fn screenshot(&mut self, width: u32, height: u32) -> Vec<u8> {
-        use base64::Engine;
+    /// Emulate a screen of `width` x `height` CSS pixels (a phone with `mobile`).
+    async fn viewport(&mut self, width: u32, height: u32, mobile: bool) {
         self.call(
             "Emulation.setDeviceMetricsOverride",
             serde_json::json!({
-                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false
+                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile
             }),
         )
         .await;
+    }
+
+    /// A PNG of the page at `width` x `height`.
+    async fn screenshot(&mut self, width: u32, height: u32) -> Vec<u8> {
+        use base64::Engine;
+        self.viewport(width, height, false).await;
         let r = self
             .call(
                 "Page.captureScreenshot",
@@ -363,4 +393,584 @@ async fn page_reconnects_and_resumes_without_losing_events() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+// ---- the board ----
+
+/// The board as the page renders it: tiles (topic, latest seq, value text, classes,
+/// sparkline points), groups, the alarm banner, connection state.
+const BOARD_STATE: &str = "(() => {
+  const tiles = [...document.querySelectorAll('#groups .tile')].map(t => ({
+    topic: t.dataset.topic, seq: +t.dataset.seq,
+    group: t.closest('.group').querySelector('h2').textContent,
+    value: t.querySelector('.value').textContent, cls: t.className,
+    ago: t.querySelector('.ago').textContent,
+    points: +t.querySelector('svg').dataset.points,
+    drawn: (t.querySelector('polyline').getAttribute('points') || '').split(' ').filter(Boolean).length }));
+  return { state: document.getElementById('state').textContent,
+    syncs: +(document.body.dataset.syncs || 0), tiles,
+    groups: [...document.querySelectorAll('#groups h2')].map(h => h.textContent),
+    alarms: [...document.querySelectorAll('#alarm-list li')].map(li => ({
+      topic: li.dataset.topic, seq: +li.dataset.seq, text: li.textContent })),
+    banner: !document.getElementById('alarms').hidden,
+    rows: [...document.querySelectorAll('#rows tr')].map(r => +r.dataset.seq) };
+})()";
+
+/// Poll `expr` until `cond` holds on its value; returns that value.
+async fn until_js(
+    cdp: &mut Cdp,
+    what: &str,
+    expr: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    until_js_within(cdp, PAGE_WAIT, what, expr, cond).await
+}
+
+/// [`until_js`] with its own failure bound.
+async fn until_js_within(
+    cdp: &mut Cdp,
+    bound: Duration,
+    what: &str,
+    expr: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        // null while the page (re)loads
+        let s = cdp.try_eval(expr).await;
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "page never reached: {what}; last state {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tile<'a>(s: &'a serde_json::Value, topic: &str) -> Option<&'a serde_json::Value> {
+    s["tiles"].as_array()?.iter().find(|t| t["topic"] == topic)
+}
+
+fn tile_topics(s: &serde_json::Value) -> Vec<String> {
+    s["tiles"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t["topic"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `asb-gateway demo` (the built binary) on a free loopback port, killed on drop.
+struct Demo {
+    url: String,
+    _child: tokio::process::Child,
+}
+
+impl Demo {
+    async fn start(rate: u32) -> Demo {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_asb-gateway"))
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--rate",
+                &rate.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the demo starts");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // It prints "  panel page:  http://127.0.0.1:PORT/" once the port is bound.
+        let url = tokio::time::timeout(PAGE_WAIT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.trim().strip_prefix("panel page:") {
+                    return rest.trim().to_string();
+                }
+            }
+            panic!("the demo exited without printing its page address");
+        })
+        .await
+        .expect("the demo's page address");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Demo { url, _child: child }
+    }
+}
+
+/// The topics the demo's generator publishes (`src/generator.rs`).
+fn demo_topics() -> Vec<String> {
+    let mut v = Vec::new();
+    for line in ["line1", "line2", "line3"] {
+        for station in ["press", "weld", "paint", "pack"] {
+            for subject in ["temp", "state", "alarm"] {
+                v.push(format!("{line}/{station}/{subject}"));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn board_shows_the_demo_in_chromium() {
+    let demo = Demo::start(200).await;
+    let mut cdp = Cdp::open(&demo.url).await;
+
+    // One tile per topic the generator publishes, grouped by line. The generator is
+    // seeded: its first 885 events cover all 36 topics, 4.5 s at 200 events/s; a loaded
+    // machine publishes slower, hence the longer bound.
+    let s = until_js_within(
+        &mut cdp,
+        2 * PAGE_WAIT,
+        "a tile for each of the 36 demo topics",
+        BOARD_STATE,
+        |s| s["state"] == "live" && tile_topics(s).len() >= 36,
+    )
+    .await;
+    let mut topics = tile_topics(&s);
+    let n = topics.len();
+    topics.sort();
+    topics.dedup();
+    assert_eq!(topics.len(), n, "one tile per topic: {s}");
+    assert_eq!(topics, demo_topics(), "{s}");
+    assert_eq!(s["groups"], serde_json::json!(["line1", "line2", "line3"]));
+    for t in s["tiles"].as_array().unwrap() {
+        let topic = t["topic"].as_str().unwrap();
+        assert!(
+            topic.starts_with(&format!("{}/", t["group"].as_str().unwrap())),
+            "{t}"
+        );
+        let value = t["value"].as_str().unwrap();
+        let cls = t["cls"].as_str().unwrap();
+        // the value big and readable: a number with its unit, or a state word, coloured
+        if topic.ends_with("/temp") {
+            let num = value
+                .strip_suffix("°C")
+                .unwrap_or_else(|| panic!("unit: {t}"));
+            num.parse::<f64>().unwrap_or_else(|_| panic!("number: {t}"));
+        } else if topic.ends_with("/state") {
+            let want = match value {
+                "running" => "good",
+                "idle" | "setup" => "warn",
+                "stopped" => "bad",
+                _ => panic!("state word: {t}"),
+            };
+            assert!(cls.split(' ').any(|c| c == want), "{want}: {t}");
+        } else {
+            assert!(
+                ["E101", "E205", "E310", "W020"]
+                    .iter()
+                    .any(|c| value.starts_with(c)),
+                "alarm code and text: {t}"
+            );
+        }
+        assert!(t["ago"].as_str().unwrap().ends_with(" ago"), "{t}");
+    }
+
+    // A tile's value changes as events arrive; its sparkline fills from them.
+    let topic = "line1/press/temp";
+    let before = tile(&s, topic).unwrap().clone();
+    let s = until_js(&mut cdp, "line1/press/temp changes", BOARD_STATE, |s| {
+        tile(s, topic).is_some_and(|t| {
+            t["seq"].as_u64() > before["seq"].as_u64() && t["value"] != before["value"]
+        })
+    })
+    .await;
+    let s2 = until_js(
+        &mut cdp,
+        "a sparkline of several points",
+        BOARD_STATE,
+        |s| tile(s, topic).is_some_and(|t| t["points"].as_u64() >= Some(8)),
+    )
+    .await;
+    let t = tile(&s2, topic).unwrap();
+    assert_eq!(t["points"], t["drawn"], "every point drawn: {t}");
+    assert_eq!(
+        tile(&s, "line1/press/state").unwrap()["points"],
+        0,
+        "no sparkline for words"
+    );
+
+    // An alarm shows in the banner and leaves it when acknowledged.
+    let s = until_js(&mut cdp, "an alarm in the banner", BOARD_STATE, |s| {
+        s["banner"] == true && s["alarms"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let a = &s["alarms"][0];
+    assert!(a["topic"].as_str().unwrap().ends_with("/alarm"), "{s}");
+    let alarm_tile = tile(&s, a["topic"].as_str().unwrap()).unwrap();
+    assert!(
+        a["text"]
+            .as_str()
+            .unwrap()
+            .contains(alarm_tile["value"].as_str().unwrap()),
+        "{s}"
+    );
+    assert!(
+        alarm_tile["cls"].as_str().unwrap().contains("bad"),
+        "{alarm_tile}"
+    );
+    // One click (an operator's tap) on the first alarm's button; the result is read in
+    // the same task, before any further event can arrive.
+    let acked = cdp
+        .eval(
+            "(() => { const li = document.querySelector('#alarm-list li');
+              const topic = li.dataset.topic, seq = +li.dataset.seq;
+              li.querySelector('button.ack').click();
+              const tile = document.querySelector(`.tile[data-topic=\"${topic}\"]`);
+              return { topic, seq,
+                still: [...document.querySelectorAll('#alarm-list li')]
+                  .filter(l => l.dataset.topic === topic).length,
+                tileSeq: +tile.dataset.seq, tileCls: tile.className }; })()",
+        )
+        .await;
+    assert_eq!(
+        acked["still"], 0,
+        "acknowledged alarm left the banner: {acked}"
+    );
+    assert_eq!(acked["seq"], acked["tileSeq"], "{acked}");
+    assert!(
+        !acked["tileCls"].as_str().unwrap().contains("bad"),
+        "{acked}"
+    );
+    // It stays acknowledged while other events arrive: only a newer alarm on that topic
+    // raises it again.
+    let seen = s["tiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["seq"].as_u64())
+        .max()
+        .unwrap();
+    let s = until_js(&mut cdp, "more events", BOARD_STATE, |s| {
+        s["tiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["seq"].as_u64())
+            .max()
+            .unwrap()
+            > seen + 50
+    })
+    .await;
+    for a in s["alarms"].as_array().unwrap() {
+        if a["topic"] == acked["topic"] {
+            assert!(
+                a["seq"].as_u64() > acked["seq"].as_u64(),
+                "{a} after {acked}"
+            );
+        }
+    }
+    // "acknowledge all" empties the banner.
+    let all = cdp
+        .eval(
+            "(() => { document.getElementById('ack-all').click();
+              return { left: document.querySelectorAll('#alarm-list li').length,
+                       hidden: document.getElementById('alarms').hidden }; })()",
+        )
+        .await;
+    assert_eq!(all, serde_json::json!({ "left": 0, "hidden": true }));
+
+    // A screenshot of the board on a 1280x800 panel PC, once a fresh alarm is up: kept in
+    // the target dir, or written to docs/board.png with ASBGW_UPDATE_SCREENSHOT=1.
+    until_js(&mut cdp, "a fresh alarm", BOARD_STATE, |s| {
+        s["banner"] == true
+    })
+    .await;
+    let png = cdp.screenshot(1280, 800).await;
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
+    let shot = if std::env::var_os("ASBGW_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/board.png")
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("board-{}.png", std::process::id()))
+    };
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    std::fs::write(&shot, &png).expect("screenshot written");
+
+    // On a phone: nothing wider than the screen, touch targets at least 40 px high.
+    cdp.viewport(390, 844, true).await;
+    let phone = cdp
+        .eval(
+            "(() => ({ width: document.documentElement.scrollWidth, screen: innerWidth,
+               small: [...document.querySelectorAll('button, input')]
+                 .filter(b => b.offsetParent !== null && b.getBoundingClientRect().height < 40)
+                 .map(b => b.id || b.textContent) }))()",
+        )
+        .await;
+    assert!(
+        phone["width"].as_u64() <= phone["screen"].as_u64(),
+        "{phone}"
+    );
+    assert_eq!(phone["small"], serde_json::json!([]), "{phone}");
+    let log = cdp
+        .eval(
+            "(() => { document.getElementById('tab-log').click();
+              return { width: document.documentElement.scrollWidth, screen: innerWidth,
+                       rows: document.querySelectorAll('#rows tr').length }; })()",
+        )
+        .await;
+    assert!(log["width"].as_u64() <= log["screen"].as_u64(), "{log}");
+    assert!(log["rows"].as_u64() > Some(0), "{log}");
+    drop(cdp);
+    drop(demo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn board_applies_each_event_once() {
+    let ctx = ctx("");
+    for c in 0..6 {
+        append(
+            &ctx,
+            "line1/press/temp",
+            &format!("{{\"celsius\":{}}}", 40 + c),
+        );
+    }
+    append(&ctx, "line1/press/state", r#"{"state":"idle"}"#);
+    append(
+        &ctx,
+        "line1/press/alarm",
+        r#"{"code":"E101","text":"overtemperature"}"#,
+    );
+    append(&ctx, "line2/weld/state", r#"{"state":"running"}"#);
+    let srv = start(ctx.clone(), Options::default()).await;
+    let mut cdp = Cdp::open(&format!("http://{}/", srv.addr)).await;
+
+    // Last values first (flagged), then the replay of the same 9 events: each once.
+    let s = until_js(&mut cdp, "synced and replayed", BOARD_STATE, |s| {
+        s["syncs"] == 1 && s["rows"].as_array().is_some_and(|r| r.len() == 9)
+    })
+    .await;
+    assert_eq!(tile_topics(&s).len(), 4, "{s}");
+    let t = tile(&s, "line1/press/temp").unwrap();
+    assert_eq!(
+        (t["value"].as_str(), t["seq"].as_u64()),
+        (Some("45°C"), Some(6)),
+        "{t}"
+    );
+    assert_eq!(t["points"], 6, "each replayed event is one point: {t}");
+    assert!(
+        tile(&s, "line1/press/state").unwrap()["cls"]
+            .as_str()
+            .unwrap()
+            .contains("warn")
+    );
+    assert!(
+        tile(&s, "line2/weld/state").unwrap()["cls"]
+            .as_str()
+            .unwrap()
+            .contains("good")
+    );
+    assert_eq!(s["alarms"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["alarms"][0]["seq"], 8, "{s}");
+
+    // A live event adds one point; {"op":"last"} again (a filter added in the page)
+    // sends every last value once more, which changes nothing.
+    append(&ctx, "line1/press/temp", r#"{"celsius":39.5}"#);
+    until_js(&mut cdp, "the live event", BOARD_STATE, |s| {
+        tile(s, "line1/press/temp").is_some_and(|t| t["points"] == 7 && t["value"] == "39.5°C")
+    })
+    .await;
+    cdp.eval(
+        "(() => { document.getElementById('filter').value = '# $sys/#';
+          document.querySelector('#filter-form button').click(); })()",
+    )
+    .await;
+    let s = until_js(&mut cdp, "synced again", BOARD_STATE, |s| s["syncs"] == 2).await;
+    let t = tile(&s, "line1/press/temp").unwrap();
+    assert_eq!(
+        (t["points"].as_u64(), t["seq"].as_u64()),
+        (Some(7), Some(10)),
+        "{t}"
+    );
+    assert_eq!(s["alarms"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["rows"].as_array().unwrap().len(), 10, "{s}");
+
+    // An acknowledged alarm stays acknowledged through a reload (same journal epoch).
+    cdp.eval("document.querySelector('#alarm-list button.ack').click()")
+        .await;
+    cdp.eval("location.reload()").await;
+    let s = until_js(&mut cdp, "reloaded and synced", BOARD_STATE, |s| {
+        s["syncs"] == 1 && s["rows"].as_array().is_some_and(|r| r.len() == 10)
+    })
+    .await;
+    assert_eq!(s["banner"], false, "{s}");
+    assert!(
+        tile(&s, "line1/press/alarm").unwrap()["cls"]
+            .as_str()
+            .unwrap()
+            .contains("acked"),
+        "{s}"
+    );
+    // A newer alarm on that topic raises it again.
+    append(
+        &ctx,
+        "line1/press/alarm",
+        r#"{"code":"E205","text":"jam detected"}"#,
+    );
+    let s = until_js(&mut cdp, "the new alarm", BOARD_STATE, |s| {
+        s["banner"] == true
+    })
+    .await;
+    assert_eq!(s["alarms"][0]["seq"], 11, "{s}");
+    assert!(
+        s["alarms"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("E205 jam detected"),
+        "{s}"
+    );
+    drop(cdp);
+    srv.stop().await;
+}
+
+/// A reverse proxy serving the gateway under `/gw/`, like nginx `location /gw/ {
+/// proxy_pass http://gateway/; }`: each connection carries one request, its path loses
+/// the prefix (anything outside `/gw/` is a 404), and an upgraded connection is piped
+/// through. Returns its address and the paths requested.
+async fn prefix_proxy(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                // the request head, byte by byte so nothing after it is consumed
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    if client.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let (line, rest) = head.split_once("\r\n").unwrap();
+                let mut parts = line.splitn(3, ' ');
+                let (method, target, version) = (
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                );
+                seen.lock().unwrap().push(target.to_string());
+                let Some(path) = target.strip_prefix("/gw") else {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                };
+                let upgrade = rest.to_ascii_lowercase().contains("upgrade: websocket");
+                let rest: String = if upgrade {
+                    rest.to_string()
+                } else {
+                    rest.split("\r\n")
+                        .filter(|h| !h.to_ascii_lowercase().starts_with("connection:"))
+                        .map(|h| {
+                            if h.is_empty() {
+                                h.to_string()
+                            } else {
+                                format!("{h}\r\n")
+                            }
+                        })
+                        .collect::<String>()
+                        + "connection: close\r\n\r\n"
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                if up
+                    .write_all(format!("{method} {path} {version}\r\n{rest}").as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, paths)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_works_under_a_path_prefix() {
+    let ctx = ctx("");
+    for i in 0..3 {
+        append(
+            &ctx,
+            &format!("line{}/press/temp", i + 1),
+            &format!("{{\"celsius\":{}}}", 30 + i),
+        );
+    }
+    let srv = start(ctx.clone(), Options::default()).await;
+    let (proxy, paths) = prefix_proxy(srv.addr).await;
+    let mut cdp = Cdp::open(&format!("http://{proxy}/gw/")).await;
+    let s = until_js(
+        &mut cdp,
+        "live through the proxy, a tile per topic",
+        BOARD_STATE,
+        |s| s["state"] == "live" && tile_topics(s).len() == 3,
+    )
+    .await;
+    assert_eq!(s["rows"], serde_json::json!([3, 2, 1]), "{s}");
+    // (the browser's own /favicon.ico request is not the page's)
+    let paths: Vec<String> = paths
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| *p != "/favicon.ico")
+        .cloned()
+        .collect();
+    assert!(
+        paths.iter().all(|p| p.starts_with("/gw/")),
+        "only relative URLs: {paths:?}"
+    );
+    assert!(paths.iter().any(|p| p == "/gw/page.js"), "{paths:?}");
+    assert!(
+        paths.iter().any(|p| p.starts_with("/gw/v1/stream?")),
+        "{paths:?}"
+    );
+    drop(cdp);
+    srv.stop().await;
+}
+
+/// The page is small, loads nothing from elsewhere and refers to its own files and the
+/// stream only by relative URLs (so a reverse proxy may put it under a path prefix).
+#[test]
+fn page_is_small_and_self_contained() {
+    let html = include_str!("../src/panels/page.html");
+    let js = include_str!("../src/panels/page.js");
+    let size = html.len() + js.len();
+    assert!(
+        size < 40 * 1024,
+        "page.html + page.js = {size} bytes, over 40 KiB"
+    );
+    for (name, text) in [("page.html", html), ("page.js", js)] {
+        for bad in [
+            "src=\"/", "href=\"/", "URL(\"/", "url(", "@import", "//cdn", "https://",
+        ] {
+            assert!(!text.contains(bad), "{name} contains {bad:?}");
+        }
+        let external = text
+            .match_indices("http://")
+            .filter(|(i, _)| !text[*i..].starts_with("http://www.w3.org/2000/svg"))
+            .count();
+        assert_eq!(external, 0, "{name} refers to another host");
+    }
+    assert!(html.contains("<script src=\"page.js\"></script>"));
+    assert!(js.contains("new URL(\"v1/stream\", location.href)"));
 }
