@@ -299,7 +299,8 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
         })
 }
 
-/// The token presented (`token=` or `Authorization: Bearer`) checked against
+/// The token presented — `token=`, `Authorization: Bearer`, or a subprotocol entry
+/// `asbgw.token.<base64url>`, first found in that order — checked against
 /// `panels.tokens`: the filters it allows (`None`: no tokens configured, all allowed),
 /// or the 401 response.
 fn authorize(
