@@ -921,9 +921,13 @@ async fn page_works_under_a_path_prefix() {
     let mut cdp = Cdp::open(&format!("http://{proxy}/gw/")).await;
     let s = until_js(
         &mut cdp,
-        "live through the proxy, a tile per topic",
+        "live through the proxy, a tile per topic, history replayed",
         BOARD_STATE,
-        |s| s["state"] == "live" && tile_topics(s).len() == 3,
+        |s| {
+            s["state"] == "live"
+                && tile_topics(s).len() == 3
+                && s["rows"] == serde_json::json!([3, 2, 1])
+        },
     )
     .await;
     assert_eq!(s["rows"], serde_json::json!([3, 2, 1]), "{s}");
