@@ -1112,6 +1112,21 @@ async fn page_over_https_asks_for_the_token_once_and_keeps_it_out_of_urls() {
     );
     assert_eq!(s["tiles"], serde_json::json!([]), "{s}");
     assert!(s["href"].as_str().unwrap().starts_with("https://"), "{s}");
+    // Touch-sized on a phone, nothing wider than the screen.
+    cdp.viewport(390, 844, true).await;
+    let form = cdp
+        .eval(
+            "(() => ({ width: document.documentElement.scrollWidth, screen: innerWidth,
+               heights: [...document.querySelectorAll('#token-form input, #token-form button')]
+                 .map(e => e.getBoundingClientRect().height) }))()",
+        )
+        .await;
+    assert!(form["width"].as_u64() <= form["screen"].as_u64(), "{form}");
+    let heights = form["heights"].as_array().unwrap();
+    assert!(
+        heights.len() == 2 && heights.iter().all(|h| h.as_f64() >= Some(40.0)),
+        "{form}"
+    );
 
     // The operator types it: the board goes live, and an event appended shows.
     type_token(&mut cdp, PAGE_TOKEN).await;
