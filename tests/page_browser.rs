@@ -160,12 +160,20 @@ struct Cdp {
     ws: Client,
     session: String,
     next_id: u64,
+    /// `Network.*` events received so far (with [`Cdp::open_with`]'s `network`).
+    events: Vec<serde_json::Value>,
     _child: tokio::process::Child,
     profile: PathBuf,
 }
 
 impl Cdp {
     async fn open(url: &str) -> Cdp {
+        Cdp::open_with(url, &[], false).await
+    }
+
+    /// [`Cdp::open`] with more Chromium flags; with `network`, every request of the page
+    /// from its first one on is recorded in `events` (`Network.enable` before navigating).
+    async fn open_with(url: &str, flags: &[String], network: bool) -> Cdp {
         use tokio::io::AsyncBufReadExt;
         let profile = tempdir();
         let mut child = tokio::process::Command::new(chromium())
@@ -182,6 +190,7 @@ impl Cdp {
                 "--remote-debugging-port=0",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(flags)
             .arg("about:blank")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -206,11 +215,13 @@ impl Cdp {
             ws,
             session: String::new(),
             next_id: 0,
+            events: Vec::new(),
             _child: child,
             profile,
         };
+        let first = if network { "about:blank" } else { url };
         let target = cdp
-            .call("Target.createTarget", serde_json::json!({ "url": url }))
+            .call("Target.createTarget", serde_json::json!({ "url": first }))
             .await;
         let target_id = target["targetId"].as_str().unwrap().to_string();
         let attached = cdp
@@ -220,6 +231,11 @@ impl Cdp {
             )
             .await;
         cdp.session = attached["sessionId"].as_str().unwrap().to_string();
+        if network {
+            cdp.call("Network.enable", serde_json::json!({})).await;
+            cdp.call("Page.navigate", serde_json::json!({ "url": url }))
+                .await;
+        }
         cdp
     }
 
@@ -250,6 +266,12 @@ impl Cdp {
             let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
             if v["id"] == id {
                 return v;
+            }
+            if v["method"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Network."))
+            {
+                self.events.push(v);
             }
         }
     }
@@ -386,6 +408,8 @@ async fn page_reconnects_and_resumes_without_losing_events() {
     .await;
     assert_eq!(s["seqs"], serde_json::json!([9, 8, 7, 6, 5, 4, 3, 2, 1]));
     assert_eq!(s["gaps"], 0, "resumed, nothing missed");
+    // An open gateway never asks for a token, not even after failed connections.
+    assert_eq!(cdp.eval(AUTH_STATE).await["asked"], 0);
     drop(cdp);
     trigger.fire();
     tokio::time::timeout(Duration::from_secs(5), task)
@@ -921,9 +945,13 @@ async fn page_works_under_a_path_prefix() {
     let mut cdp = Cdp::open(&format!("http://{proxy}/gw/")).await;
     let s = until_js(
         &mut cdp,
-        "live through the proxy, a tile per topic",
+        "live through the proxy, a tile per topic, history replayed",
         BOARD_STATE,
-        |s| s["state"] == "live" && tile_topics(s).len() == 3,
+        |s| {
+            s["state"] == "live"
+                && tile_topics(s).len() == 3
+                && s["rows"] == serde_json::json!([3, 2, 1])
+        },
     )
     .await;
     assert_eq!(s["rows"], serde_json::json!([3, 2, 1]), "{s}");
@@ -946,6 +974,373 @@ async fn page_works_under_a_path_prefix() {
     );
     drop(cdp);
     srv.stop().await;
+}
+
+// ---- tokens ----
+
+/// A token with characters that break a query string and that base64 spells with `+`,
+/// `/` and padding (base64url without padding must be sent).
+const PAGE_TOKEN: &str = "line1-panel-7f3a?~~~&???!";
+
+fn token_config(token: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "[[panels.tokens]]\nname = \"panel\"\nsha256 = \"{}\"\n",
+        hex(&sha2::Sha256::digest(token.as_bytes()))
+    )
+}
+
+/// What the page shows and keeps about its token.
+const AUTH_STATE: &str = "({ state: document.getElementById('state').textContent,
+    form: !document.getElementById('token-form').hidden,
+    asked: +(document.body.dataset.asked || 0),
+    error: document.getElementById('error').textContent,
+    href: location.href, search: location.search,
+    stored: sessionStorage.getItem('asbgw.token'),
+    tiles: [...document.querySelectorAll('#groups .tile')].map(t => t.dataset.topic + '@' + t.dataset.seq) })";
+
+/// Type `text` into the token form and press Enter, as an operator does (DevTools input
+/// events, not a script setting the value).
+async fn type_token(cdp: &mut Cdp, text: &str) {
+    cdp.eval("document.getElementById('token').focus()").await;
+    cdp.call("Input.insertText", serde_json::json!({ "text": text }))
+        .await;
+    for kind in ["keyDown", "keyUp"] {
+        cdp.call(
+            "Input.dispatchKeyEvent",
+            serde_json::json!({ "type": kind, "key": "Enter", "code": "Enter",
+                "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13, "text": "\r" }),
+        )
+        .await;
+    }
+}
+
+/// The URLs the page requested (`Network.requestWillBeSent`, `Network.webSocketCreated`)
+/// and the request headers of its WebSocket handshakes and fetches of `v1/last`, from
+/// the recorded DevTools events.
+fn requests(cdp: &Cdp) -> (Vec<String>, Vec<serde_json::Value>) {
+    let mut urls = Vec::new();
+    let mut headers = Vec::new();
+    for e in &cdp.events {
+        let p = &e["params"];
+        match e["method"].as_str().unwrap_or_default() {
+            "Network.requestWillBeSent" => {
+                let url = p["request"]["url"].as_str().unwrap().to_string();
+                if url.contains("/v1/last") {
+                    headers.push(p["request"]["headers"].clone());
+                }
+                urls.push(url);
+            }
+            "Network.webSocketCreated" => urls.push(p["url"].as_str().unwrap().to_string()),
+            "Network.webSocketWillSendHandshakeRequest" => {
+                headers.push(p["request"]["headers"].clone())
+            }
+            _ => {}
+        }
+    }
+    (urls, headers)
+}
+
+/// A header of a DevTools `headers` object, whatever its case.
+fn header<'a>(headers: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    headers
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.as_str())
+}
+
+/// No URL carries `token` in any spelling, nor a `token=` parameter.
+fn assert_no_token_in(urls: &[String], token: &str) {
+    use base64::Engine;
+    let spellings = [
+        token.to_string(),
+        url_encode(token),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token),
+        "token=".to_string(),
+    ];
+    for url in urls {
+        for s in &spellings {
+            assert!(!url.contains(s.as_str()), "{url} contains {s:?}");
+        }
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_over_https_asks_for_the_token_once_and_keeps_it_out_of_urls() {
+    use asb_gateway::tls::server::{CertFiles, ServerTls};
+    use base64::Engine;
+    let dir = support::TempDir::new("page-tls");
+    support::tls::make_ca(dir.path(), "ca");
+    let (cert, key) = support::tls::server_cert(dir.path(), "ca", "server", 30);
+    // Chromium trusts this certificate (by its key) and no other invalid one.
+    let spki = support::tls::spki_sha256(dir.path(), &cert);
+    let ctx = ctx(&token_config(PAGE_TOKEN));
+    append(&ctx, "line1/press/temp", "{\"celsius\":41}");
+    let mut settings = ctx.panel_settings();
+    settings.tls = Some(ServerTls::load(CertFiles { cert, key }).unwrap());
+    let srv = start_with(ctx.clone(), settings, Options::default()).await;
+    let url = format!("https://127.0.0.1:{}/", srv.addr.port());
+    let mut cdp = Cdp::open_with(
+        &url,
+        &[format!("--ignore-certificate-errors-spki-list={spki}")],
+        true,
+    )
+    .await;
+
+    // No token yet: the stream is refused, v1/last says 401, the page asks.
+    let s = until_js(&mut cdp, "the token form", AUTH_STATE, |s| {
+        s["form"] == true
+    })
+    .await;
+    assert_eq!(
+        (s["state"].as_str(), s["asked"].as_u64()),
+        (Some("offline"), Some(1)),
+        "{s}"
+    );
+    assert_eq!(s["tiles"], serde_json::json!([]), "{s}");
+    assert!(s["href"].as_str().unwrap().starts_with("https://"), "{s}");
+    // Touch-sized on a phone, nothing wider than the screen.
+    cdp.viewport(390, 844, true).await;
+    let form = cdp
+        .eval(
+            "(() => ({ width: document.documentElement.scrollWidth, screen: innerWidth,
+               heights: [...document.querySelectorAll('#token-form input, #token-form button')]
+                 .map(e => e.getBoundingClientRect().height) }))()",
+        )
+        .await;
+    assert!(form["width"].as_u64() <= form["screen"].as_u64(), "{form}");
+    let heights = form["heights"].as_array().unwrap();
+    assert!(
+        heights.len() == 2 && heights.iter().all(|h| h.as_f64() >= Some(40.0)),
+        "{form}"
+    );
+
+    // The operator types it: the board goes live, and an event appended shows.
+    type_token(&mut cdp, PAGE_TOKEN).await;
+    until_js(&mut cdp, "live with the last value", AUTH_STATE, |s| {
+        s["state"] == "live" && s["tiles"] == serde_json::json!(["line1/press/temp@1"])
+    })
+    .await;
+    let seq = append(&ctx, "line1/press/temp", "{\"celsius\":42.5}");
+    let s = until_js(&mut cdp, "the appended event", BOARD_STATE, |s| {
+        tile(s, "line1/press/temp").is_some_and(|t| t["seq"] == seq)
+    })
+    .await;
+    assert_eq!(tile(&s, "line1/press/temp").unwrap()["value"], "42.5°C");
+    let s = cdp.eval(AUTH_STATE).await;
+    assert_eq!(
+        (
+            s["form"].as_bool(),
+            s["asked"].as_u64(),
+            s["search"].as_str()
+        ),
+        (Some(false), Some(1), Some("")),
+        "{s}"
+    );
+    assert_eq!(s["stored"], PAGE_TOKEN, "kept for the session: {s}");
+    assert_eq!(
+        ctx.metrics.panels_auth_failures.get(),
+        0,
+        "no wrong token was ever presented"
+    );
+
+    // What went over the wire: no URL with the token; the WebSocket handshake carried it
+    // as a subprotocol entry, the check of the typed token as a bearer header.
+    let entry = format!(
+        "asbgw.token.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(PAGE_TOKEN)
+    );
+    let (urls, headers) = requests(&cdp);
+    assert!(
+        urls.iter().any(|u| u.starts_with(&format!("{url}page.js"))),
+        "{urls:?}"
+    );
+    assert!(
+        urls.iter()
+            .any(|u| u.starts_with(&format!("wss://127.0.0.1:{}/v1/stream?", srv.addr.port()))),
+        "{urls:?}"
+    );
+    assert_no_token_in(&urls, PAGE_TOKEN);
+    assert!(
+        headers.iter().any(
+            |h| header(h, "sec-websocket-protocol") == Some(&format!("asbgw.v1.json, {entry}"))
+        ),
+        "{headers:?}"
+    );
+    let bearer = format!("Bearer {PAGE_TOKEN}");
+    assert!(
+        headers
+            .iter()
+            .any(|h| header(h, "authorization") == Some(&bearer)),
+        "{headers:?}"
+    );
+
+    // A reload goes live on the kept token without asking (the new document has not
+    // asked: `asked` is 0 there).
+    cdp.events.clear();
+    cdp.eval("location.reload()").await;
+    let s = until_js(&mut cdp, "live again after the reload", AUTH_STATE, |s| {
+        s["state"] == "live"
+            && s["asked"] == 0
+            && s["tiles"] == serde_json::json!([format!("line1/press/temp@{seq}")])
+    })
+    .await;
+    assert_eq!(
+        (s["form"].as_bool(), s["stored"].as_str()),
+        (Some(false), Some(PAGE_TOKEN)),
+        "{s}"
+    );
+    let (urls, headers) = requests(&cdp);
+    assert!(urls.iter().any(|u| u.contains("/v1/stream?")), "{urls:?}");
+    assert_no_token_in(&urls, PAGE_TOKEN);
+    assert!(
+        headers.iter().any(
+            |h| header(h, "sec-websocket-protocol") == Some(&format!("asbgw.v1.json, {entry}"))
+        ),
+        "{headers:?}"
+    );
+    assert_eq!(ctx.metrics.panels_auth_failures.get(), 0);
+    drop(cdp);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_token_url_is_cleaned_and_a_rotated_token_asks_again() {
+    let ctx = ctx(&token_config(PAGE_TOKEN));
+    append(&ctx, "line1/press/temp", "{\"celsius\":41}");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let addr = srv.addr;
+    let page = format!("http://{addr}/?token={}#log", url_encode(PAGE_TOKEN));
+    let mut cdp = Cdp::open_with(&page, &[], true).await;
+
+    // A bookmark from before: the page goes live on it, the address bar loses it.
+    let s = until_js(
+        &mut cdp,
+        "live on the token from the URL",
+        AUTH_STATE,
+        |s| s["state"] == "live" && s["tiles"] == serde_json::json!(["line1/press/temp@1"]),
+    )
+    .await;
+    assert_eq!(s["href"], format!("http://{addr}/#log"), "{s}");
+    assert_eq!(
+        (s["stored"].as_str(), s["asked"].as_u64()),
+        (Some(PAGE_TOKEN), Some(0)),
+        "{s}"
+    );
+    // The tab's history holds the cleaned URL only (replaced, not pushed).
+    let history = cdp
+        .call("Page.getNavigationHistory", serde_json::json!({}))
+        .await;
+    let entries: Vec<&str> = history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        entries,
+        ["about:blank", &format!("http://{addr}/#log")],
+        "{history}"
+    );
+    // Only the page itself was requested with it; the page's own requests were not.
+    let (urls, _) = requests(&cdp);
+    assert_eq!(urls[0], page.trim_end_matches("#log"), "{urls:?}");
+    assert_no_token_in(&urls[1..], PAGE_TOKEN);
+
+    // The token is rotated (the server comes back with another one): the page asks
+    // instead of reconnecting for ever, after one refused connection and one check.
+    srv.stop().await;
+    until_js(&mut cdp, "offline", AUTH_STATE, |s| s["state"] != "live").await;
+    // (not ASCII: no HTTP header can carry it, the subprotocol entry can)
+    const ROTATED: &str = "Linie-1-Schlüssel-€";
+    let mut settings = ctx.panel_settings();
+    settings.tokens = support::panels::ctx(&token_config(ROTATED))
+        .panel_settings()
+        .tokens;
+    let failures = ctx.metrics.panels_auth_failures.get();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("rebind the port");
+    let (trigger, sd) = asb_gateway::shutdown::channel();
+    let task = tokio::spawn(asb_gateway::panels::serve_with(
+        listener,
+        ctx.journal.clone(),
+        ctx.metrics.clone(),
+        settings,
+        sd,
+        Options::default(),
+    ));
+    let s = until_js(&mut cdp, "the token form again", AUTH_STATE, |s| {
+        s["form"] == true
+    })
+    .await;
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["error"].as_str(),
+            s["stored"].as_str()
+        ),
+        (Some("offline"), Some("token not accepted"), None),
+        "{s}"
+    );
+    let refused = ctx.metrics.panels_auth_failures.get() - failures;
+    // (the stream's upgrade and the check, or the check alone if the page's last
+    // attempt found the port closed)
+    assert!(
+        (1..=2).contains(&refused),
+        "{refused} wrong tokens presented"
+    );
+    // A wrong one typed: asked again, not stored.
+    type_token(&mut cdp, "not-the-token").await;
+    let s = until_js(&mut cdp, "asked again", AUTH_STATE, |s| s["asked"] == 2).await;
+    assert_eq!(
+        (
+            s["form"].as_bool(),
+            s["error"].as_str(),
+            s["stored"].as_str()
+        ),
+        (Some(true), Some("token not accepted"), None),
+        "{s}"
+    );
+    // The new one: live again.
+    append(&ctx, "line1/press/temp", "{\"celsius\":43}");
+    type_token(&mut cdp, ROTATED).await;
+    let s = until_js(&mut cdp, "live on the new token", AUTH_STATE, |s| {
+        s["state"] == "live" && s["tiles"] == serde_json::json!(["line1/press/temp@2"])
+    })
+    .await;
+    assert_eq!(
+        (s["form"].as_bool(), s["stored"].as_str()),
+        (Some(false), Some(ROTATED)),
+        "{s}"
+    );
+    assert_eq!(
+        ctx.metrics.panels_auth_failures.get() - failures,
+        refused + 1,
+        "no retries on the old token while the form was up"
+    );
+    let (urls, _) = requests(&cdp);
+    assert_no_token_in(&urls[1..], ROTATED);
+    drop(cdp);
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 /// The page is small, loads nothing from elsewhere and refers to its own files and the

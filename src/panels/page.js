@@ -8,6 +8,10 @@
 // with backoff resuming from the last event seen (since=EPOCH:SEQ), counts gaps. Every
 // event is applied idempotently by seq: one seen twice (last value, then replay) changes
 // nothing the second time.
+// Tokens never go in a URL: the stream gets one as a subprotocol entry
+// (asbgw.token.<base64url>), v1/last as Authorization: Bearer. A connection that fails
+// before it opens (the browser only sees 1006) is explained by GET v1/last: 401 shows the
+// token form (asked once, kept in sessionStorage), 429 waits Retry-After.
 "use strict";
 (function () {
   const MAX_ROWS = 200; // log rows
@@ -31,7 +35,13 @@
   const SVG = "http://www.w3.org/2000/svg";
 
   const params = new URLSearchParams(location.search);
-  const token = params.get("token");
+  let token = null;
+  try { token = sessionStorage.getItem("asbgw.token"); } catch (e) { /* memory only */ }
+  // A legacy ?token= bookmark: kept for the session, taken out of the address bar.
+  if (params.has("token")) {
+    if (params.get("token")) keep(params.get("token"));
+    setParams("token", []);
+  }
   let filters = params.getAll("filter").filter(Boolean);
   if (filters.length === 0) filters = ["#"];
   let alarmFilters = params.getAll("alarm").filter(Boolean);
@@ -66,6 +76,21 @@
     return null;
   }
 
+  function keep(t) {
+    token = t;
+    try {
+      if (t) sessionStorage.setItem("asbgw.token", t);
+      else sessionStorage.removeItem("asbgw.token");
+    } catch (e) { /* storage disabled: the token lasts until reload */ }
+  }
+
+  // The token as a subprotocol entry: its UTF-8 in base64url without padding.
+  function tokenEntry(t) {
+    let bin = "";
+    for (const b of new TextEncoder().encode(t)) bin += String.fromCharCode(b);
+    return "asbgw.token." + btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
   function setState(s, detail) {
     const el = $("state");
     el.textContent = s;
@@ -82,22 +107,33 @@
     u.searchParams.set("last", "true");
     for (const f of filters) u.searchParams.append("filter", f);
     if (epoch !== null && lastSeq !== null) u.searchParams.set("since", epoch + ":" + lastSeq);
-    if (token) u.searchParams.set("token", token);
+    return u.toString();
+  }
+
+  function lastUrl() {
+    const u = new URL("v1/last", location.href);
+    u.search = "";
+    u.hash = "";
+    for (const f of filters) u.searchParams.append("filter", f);
     return u.toString();
   }
 
   function connect() {
     clearTimeout(retry);
+    if (ws) { const s = ws; ws = null; s.close(); }
     setState("connecting");
     lastOps = 0;
-    let sock;
+    const protocols = ["asbgw.v1.json"];
+    if (token) protocols.push(tokenEntry(token));
+    let sock, opened = false;
     try {
-      sock = new WebSocket(streamUrl(), "asbgw.v1.json");
+      sock = new WebSocket(streamUrl(), protocols);
     } catch (e) {
       schedule(String(e));
       return;
     }
     ws = sock;
+    sock.onopen = () => { opened = true; };
     sock.onmessage = (ev) => {
       lastHeard = Date.now();
       let f;
@@ -107,9 +143,68 @@
     sock.onclose = (ev) => {
       if (ws !== sock) return;
       ws = null;
-      schedule(ev.code + (ev.reason ? " " + ev.reason : ""));
+      const why = ev.code + (ev.reason ? " " + ev.reason : "");
+      if (opened) schedule(why);
+      else check(why, false);
     };
   }
+
+  // An HTTP header carries printable ASCII only; the subprotocol entry carries any token.
+  const headerSafe = (t) => /^[\x20-\x7e]+$/.test(t);
+
+  // GET v1/last with the token: its status (0: unreachable), Retry-After, refusal text.
+  async function probe() {
+    try {
+      const r = await fetch(lastUrl(), {
+        headers: token && headerSafe(token) ? { Authorization: "Bearer " + token } : {},
+        cache: "no-store",
+      });
+      const text = r.ok ? "" : await r.text();
+      if (r.ok && r.body) r.body.cancel(); // only the status matters
+      return { status: r.status, wait: Number(r.headers.get("Retry-After")) || 60, text: text.trim() };
+    } catch (e) {
+      return { status: 0 };
+    }
+  }
+
+  // Why did the stream fail (or: is a token just typed accepted)? 401 asks for a token
+  // and stops retrying; 429 waits; anything else retries (at once if `now`).
+  async function check(why, now) {
+    setState(now ? "connecting" : "offline", why);
+    if (now && token && !headerSafe(token)) { connect(); return; } // the stream will tell
+    const p = await probe();
+    if (p.status === 401) { ask(token ? "token not accepted" : ""); return; }
+    if (p.status === 429) {
+      setState("offline", "429");
+      $("error").textContent = "too many wrong tokens from this address: retry in " + p.wait + " s";
+      clearTimeout(retry);
+      retry = setTimeout(connect, p.wait * 1000);
+      return;
+    }
+    if (p.status > 299) $("error").textContent = p.status + ": " + p.text;
+    if (now) connect();
+    else schedule(why);
+  }
+
+  function ask(msg) {
+    keep(null);
+    clearTimeout(retry);
+    setState("offline", "a token is required");
+    $("error").textContent = msg;
+    $("token-form").hidden = false;
+    document.body.dataset.asked = (Number(document.body.dataset.asked) || 0) + 1;
+    $("token").focus();
+  }
+
+  $("token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const t = $("token").value.trim();
+    if (!t) return;
+    $("token").value = "";
+    $("token-form").hidden = true;
+    keep(t);
+    check("", true);
+  });
 
   function schedule(why) {
     setState("offline", why);
