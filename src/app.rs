@@ -25,6 +25,7 @@ use crate::shutdown::{self, Shutdown};
 use crate::source::SourceSettings;
 use crate::source::tracker::{Dedup, SharedDedup};
 use crate::tls::server::ServerTls;
+use crate::tls::{CertFiles, ReloadableCert};
 
 /// How long tasks get to drain after shutdown is fired.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
@@ -164,40 +165,58 @@ pub enum RunError {
     Part { part: &'static str, reason: String },
 }
 
-/// Apply each reload (SIGHUP) until shutdown, between `RELOADING=1` and `READY=1`:
-/// the panel port's certificate is read again (a failure keeps the one in use). Other
-/// settings need a restart; the log line says so.
+/// The certificates a reload re-reads.
+#[derive(Default)]
+struct Reloadable {
+    /// The panel port's server certificate.
+    panels: Option<Arc<ServerTls>>,
+    /// The mirror's client certificate (used from its next connection on).
+    mqtt: Option<(CertFiles, Arc<ReloadableCert>)>,
+}
+
+/// Apply each reload (SIGHUP) until shutdown, between `RELOADING=1` and `READY=1`: the
+/// panel port's and the mirror's certificates are read again (a file that fails the
+/// checks keeps the certificate in use). Other settings need a restart; the log says so.
 async fn reloader(
-    tls: Option<Arc<ServerTls>>,
+    certs: Reloadable,
     metrics: Arc<Metrics>,
     mut reload: Reload,
     mut shutdown: Shutdown,
 ) {
+    fn said(
+        key: &str,
+        files: &CertFiles,
+        r: Result<crate::tls::LoadedCert, crate::tls::CertError>,
+    ) {
+        match r {
+            Ok(cert) => {
+                log::info!(
+                    "reload: {key} {} re-read, valid until {}",
+                    files.cert.display(),
+                    humantime::format_rfc3339_seconds(cert.not_after)
+                );
+                if let Some(w) = crate::tls::certs::expiry_warning(key, files, cert.not_after) {
+                    log::warn!("{w}");
+                }
+            }
+            Err(e) => log::error!("reload: {key} kept: {e}"),
+        }
+    }
     loop {
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = reload.recv() => {}
         }
         notify::reloading();
-        match &tls {
-            None => log::info!(
-                "reload: nothing to re-read (no panel TLS); other settings need a restart"
-            ),
-            Some(tls) => match tls.reload() {
-                Ok(cert) => {
-                    metrics.panels_cert_expiry.set(tls.expires_in_secs());
-                    log::info!(
-                        "reload: panel certificate {} re-read, valid until {}; other settings need a restart",
-                        tls.files.cert.display(),
-                        humantime::format_rfc3339_seconds(cert.not_after)
-                    );
-                    if let Some(w) = cert.expiry_warning(&tls.files) {
-                        log::warn!("{w}");
-                    }
-                }
-                Err(e) => log::error!("reload: panel certificate kept: {e}"),
-            },
+        if let Some(tls) = &certs.panels {
+            said("panels.tls_cert", &tls.files, tls.reload());
+            metrics.panels_cert_expiry.set(tls.expires_in_secs());
         }
+        if let Some((files, cert)) = &certs.mqtt {
+            let r = crate::tls::certs::load(files).inspect(|c| cert.set(c));
+            said("mqtt.client_cert", files, r);
+        }
+        log::info!("reload: done; settings other than certificates need a restart");
         notify::ready();
     }
 }
@@ -243,7 +262,10 @@ pub async fn run(
         ctx.metrics.panels_cert_expiry.set(tls.expires_in_secs());
         panel_settings.tls = Some(tls);
     }
-    let panel_tls = panel_settings.tls.clone();
+    let mut reloadable = Reloadable {
+        panels: panel_settings.tls.clone(),
+        ..Reloadable::default()
+    };
     let panels = crate::panels::serve(
         listener,
         ctx.journal.clone(),
@@ -252,7 +274,16 @@ pub async fn run(
         shutdown.clone(),
     );
     tasks.spawn(async move { ("panels", panels.await.map_err(|e| e.to_string())) });
-    if let Some((settings, shared)) = ctx.mirror_inputs() {
+    if let Some((mut settings, shared)) = ctx.mirror_inputs() {
+        if let Some(t) = settings.mqtt.client_tls.as_ref() {
+            let loaded = crate::tls::certs::load(&t.files).map_err(|e| RunError::Part {
+                part: "mirror",
+                reason: e.to_string(),
+            })?;
+            let cert = ReloadableCert::new(&loaded);
+            settings.client_cert = Some(cert.clone());
+            reloadable.mqtt = Some((t.files.clone(), cert));
+        }
         let mirror = crate::mirror::run(settings, shared, acks_tx, shutdown.clone());
         tasks.spawn(async move { ("mirror", mirror.await.map_err(|e| e.to_string())) });
     } else {
@@ -276,7 +307,7 @@ pub async fn run(
         helpers.spawn(durable::checkpoints(p.clone(), shutdown.clone()));
     }
     helpers.spawn(reloader(
-        panel_tls,
+        reloadable,
         ctx.metrics.clone(),
         reload,
         shutdown.clone(),

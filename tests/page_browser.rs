@@ -1080,7 +1080,8 @@ fn url_encode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_over_https_asks_for_the_token_once_and_keeps_it_out_of_urls() {
-    use asb_gateway::tls::server::{CertFiles, ServerTls};
+    use asb_gateway::tls::CertFiles;
+    use asb_gateway::tls::server::ServerTls;
     use base64::Engine;
     let dir = support::TempDir::new("page-tls");
     support::tls::make_ca(dir.path(), "ca");

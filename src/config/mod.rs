@@ -243,7 +243,7 @@ pub struct PanelsConfig {
 /// The panel port's certificate files, checked when the config was read.
 #[derive(Debug, Clone)]
 pub struct PanelTls {
-    pub files: crate::tls::server::CertFiles,
+    pub files: crate::tls::CertFiles,
     /// The certificate's notAfter when it was checked.
     pub not_after: std::time::SystemTime,
 }
@@ -307,6 +307,28 @@ pub struct MqttConfig {
     /// (MQTT 3.1.1); an MQTT 5 broker's CONNACK value applies as well. A publish larger
     /// than either is a poison event for the mirror (never sent, dead-lettered).
     pub max_packet_size: Option<usize>,
+    /// PEM bundle of CAs to trust for `mqtts://` besides the platform's roots (a
+    /// plant's own CA).
+    pub ca_file: Option<PathBuf>,
+    /// Trust only `ca_file`, not the platform's roots.
+    pub ca_only: bool,
+    /// PEM client certificate (chain) for mutual TLS, with `client_key`; neither set:
+    /// the systemd credentials `mqtt-cert` and `mqtt-key` if present.
+    pub client_cert: Option<PathBuf>,
+    /// Unencrypted PEM key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// The client certificate files in use and their expiry, resolved when the config
+    /// is read.
+    #[serde(skip)]
+    pub client_tls: Option<ClientTls>,
+}
+
+/// The mirror's client certificate files, checked when the config was read.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub files: crate::tls::CertFiles,
+    /// The certificate's notAfter when it was checked.
+    pub not_after: std::time::SystemTime,
 }
 
 impl Default for MqttConfig {
@@ -326,6 +348,11 @@ impl Default for MqttConfig {
             password_file: None,
             keep_alive_secs: 30,
             max_packet_size: None,
+            ca_file: None,
+            ca_only: false,
+            client_cert: None,
+            client_key: None,
+            client_tls: None,
         }
     }
 }
@@ -501,6 +528,9 @@ impl Config {
             Some(m) => m.validate()?,
             None => None,
         };
+        if let Some(m) = &mut f.mqtt {
+            m.client_tls = resolve_mqtt_tls(m, env)?;
+        }
         range("budget.memory_mib", f.budget.memory_mib, 4, 1 << 20)?;
         f.log.validate()?;
         Ok(Config {
@@ -517,7 +547,7 @@ impl Config {
     }
 
     /// What the operator should know at start (and `check-config` prints): a panel port
-    /// reachable from the network without TLS, a panel certificate expiring soon.
+    /// reachable from the network without TLS, a certificate expiring soon.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         let p = &self.panels;
@@ -529,18 +559,18 @@ impl Config {
             ));
         }
         if let Some(tls) = &p.tls {
-            let left = tls
-                .not_after
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            if left < crate::tls::server::EXPIRY_WARNING {
-                w.push(format!(
-                    "panels.tls_cert {}: the certificate expires in {} days ({})",
-                    tls.files.cert.display(),
-                    left.as_secs() / 86_400,
-                    humantime::format_rfc3339_seconds(tls.not_after)
-                ));
-            }
+            w.extend(crate::tls::certs::expiry_warning(
+                "panels.tls_cert",
+                &tls.files,
+                tls.not_after,
+            ));
+        }
+        if let Some(tls) = self.mqtt.as_ref().and_then(|m| m.client_tls.as_ref()) {
+            w.extend(crate::tls::certs::expiry_warning(
+                "mqtt.client_cert",
+                &tls.files,
+                tls.not_after,
+            ));
         }
         w
     }
@@ -879,45 +909,114 @@ pub const PANEL_CERT_CREDENTIAL: &str = "panels-cert";
 pub const PANEL_KEY_CREDENTIAL: &str = "panels-key";
 
 fn resolve_panel_tls(p: &PanelsConfig, env: &LoadEnv) -> Result<Option<PanelTls>, ConfigError> {
-    use crate::tls::server::{CertError, CertFiles};
-    let files = match (&p.tls_cert, &p.tls_key) {
+    let keys = CertKeys {
+        cert: "panels.tls_cert",
+        key: "panels.tls_key",
+        cert_credential: PANEL_CERT_CREDENTIAL,
+        key_credential: PANEL_KEY_CREDENTIAL,
+    };
+    Ok(resolve_cert(&keys, &p.tls_cert, &p.tls_key, env)?
+        .map(|(files, not_after)| PanelTls { files, not_after }))
+}
+
+/// Systemd credential names of the mirror's client certificate and key.
+pub const MQTT_CERT_CREDENTIAL: &str = "mqtt-cert";
+pub const MQTT_KEY_CREDENTIAL: &str = "mqtt-key";
+
+/// The mirror's TLS keys: a CA bundle that parses, a client certificate and key that
+/// belong together and have not expired — and none of it on a URL without TLS.
+fn resolve_mqtt_tls(m: &MqttConfig, env: &LoadEnv) -> Result<Option<ClientTls>, ConfigError> {
+    let url = m.url.as_str();
+    if let Some(ca) = &m.ca_file {
+        if !m.url.tls {
+            return Err(invalid(
+                "mqtt.ca_file",
+                format!("applies to mqtts:// only, and mqtt.url is {url}"),
+            ));
+        }
+        let mut scratch = tokio_rustls::rustls::RootCertStore::empty();
+        crate::tls::certs::add_ca_bundle(&mut scratch, ca)
+            .map_err(|e| invalid("mqtt.ca_file", e.to_string()))?;
+    } else if m.ca_only {
+        return Err(invalid(
+            "mqtt.ca_only",
+            "needs mqtt.ca_file (the only CAs to trust)",
+        ));
+    }
+    let keys = CertKeys {
+        cert: "mqtt.client_cert",
+        key: "mqtt.client_key",
+        cert_credential: MQTT_CERT_CREDENTIAL,
+        key_credential: MQTT_KEY_CREDENTIAL,
+    };
+    let Some((files, not_after)) = resolve_cert(&keys, &m.client_cert, &m.client_key, env)? else {
+        return Ok(None);
+    };
+    if !m.url.tls {
+        return Err(invalid(
+            "mqtt.client_cert",
+            format!("a client certificate needs mqtts://, and mqtt.url is {url}"),
+        ));
+    }
+    Ok(Some(ClientTls { files, not_after }))
+}
+
+/// The config keys and credential names of one certificate and key.
+struct CertKeys {
+    cert: &'static str,
+    key: &'static str,
+    cert_credential: &'static str,
+    key_credential: &'static str,
+}
+
+/// A certificate and key from their config keys — both or neither; neither: the systemd
+/// credentials if either exists — read and checked ([`crate::tls::certs::load`]): the
+/// files and the certificate's notAfter, or an error on the key the fault is in.
+fn resolve_cert(
+    keys: &CertKeys,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    env: &LoadEnv,
+) -> Result<Option<(crate::tls::CertFiles, std::time::SystemTime)>, ConfigError> {
+    use crate::tls::{CertError, CertFiles};
+    let files = match (cert, key) {
         (Some(cert), Some(key)) => CertFiles {
             cert: cert.clone(),
             key: key.clone(),
         },
         (Some(_), None) => {
-            return Err(invalid("panels.tls_key", "missing: tls_cert needs its key"));
+            return Err(invalid(
+                keys.key,
+                format!("missing: {} needs its key", keys.cert),
+            ));
         }
         (None, Some(_)) => {
             return Err(invalid(
-                "panels.tls_cert",
-                "missing: tls_key needs its certificate",
+                keys.cert,
+                format!("missing: {} needs its certificate", keys.key),
             ));
         }
         (None, None) => {
             let creds = env
                 .credentials_dir
                 .as_ref()
-                .map(|d| (d.join(PANEL_CERT_CREDENTIAL), d.join(PANEL_KEY_CREDENTIAL)));
+                .map(|d| (d.join(keys.cert_credential), d.join(keys.key_credential)));
             match creds {
                 Some((cert, key)) if cert.exists() || key.exists() => CertFiles { cert, key },
                 _ => return Ok(None),
             }
         }
     };
-    match crate::tls::server::load(&files) {
-        Ok(loaded) => Ok(Some(PanelTls {
-            files,
-            not_after: loaded.not_after,
-        })),
+    match crate::tls::certs::load(&files) {
+        Ok(loaded) => Ok(Some((files, loaded.not_after))),
         Err(e) => {
             let key = match e {
-                CertError::Read { ref path, .. } if *path == files.key => "panels.tls_key",
+                CertError::Read { ref path, .. } if *path == files.key => keys.key,
                 CertError::EncryptedKey { .. }
                 | CertError::NoKey { .. }
                 | CertError::BadKey { .. }
-                | CertError::Mismatch { .. } => "panels.tls_key",
-                _ => "panels.tls_cert",
+                | CertError::Mismatch { .. } => keys.key,
+                _ => keys.cert,
             };
             Err(invalid(key, e.to_string()))
         }

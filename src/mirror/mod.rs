@@ -43,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::metrics::{MirrorRejectReason, PartState};
 use crate::routing::mqtt_clean;
 use crate::shutdown::Shutdown;
+use crate::tls::ReloadableCert;
 
 /// Delay before the first reconnect attempt; doubles per failure up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -69,6 +70,9 @@ pub struct MirrorSettings {
     pub max_event_bytes: usize,
     /// Said once at start-up (see [`packet_limit_warning`]).
     pub packet_limit_warning: Option<String>,
+    /// The client certificate to present (`mqtt.client_cert`), when the caller keeps it
+    /// to replace on reload; `None` with `mqtt.client_cert` set: read at start.
+    pub client_cert: Option<Arc<ReloadableCert>>,
 }
 
 impl MirrorSettings {
@@ -79,6 +83,7 @@ impl MirrorSettings {
             password: cfg.mqtt_password.clone(),
             max_event_bytes: cfg.journal.max_event_bytes,
             packet_limit_warning: packet_limit_warning(cfg),
+            client_cert: None,
         })
     }
 }
@@ -119,21 +124,46 @@ pub fn event_topic(prefix: &str, topic: &str) -> String {
     }
 }
 
-/// Build a rustls client config (ring provider, the platform's roots; `SSL_CERT_FILE`
-/// and `SSL_CERT_DIR` are honoured): the one [`crate::tls`] builds for every TLS client.
-fn tls_config(broker: &str) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, MirrorError> {
-    crate::tls::native_client_config().map_err(|e| MirrorError::Tls {
-        broker: broker.to_string(),
-        reason: match e {
-            crate::tls::TlsError::NoRoots { errors } => format!(
-                "no trusted root certificates ({})",
-                errors
-                    .first()
-                    .map_or("no certificates found", String::as_str)
-            ),
-            other => other.to_string(),
-        },
-    })
+/// Build the rustls client config ([`crate::tls`], the one every TLS client uses): the
+/// platform's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured) plus `mqtt.ca_file`,
+/// or that file alone with `mqtt.ca_only`; the client certificate when one is set.
+fn tls_config(
+    cfg: &MqttConfig,
+    client_cert: Option<Arc<ReloadableCert>>,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, MirrorError> {
+    let fail = |reason: String| MirrorError::Tls {
+        broker: cfg.url.as_str().to_string(),
+        reason,
+    };
+    let mut roots = if cfg.ca_only {
+        tokio_rustls::rustls::RootCertStore::empty()
+    } else {
+        match crate::tls::native_roots() {
+            Ok(r) => r,
+            // A plant CA alone is enough.
+            Err(_) if cfg.ca_file.is_some() => tokio_rustls::rustls::RootCertStore::empty(),
+            Err(crate::tls::TlsError::NoRoots { errors }) => {
+                return Err(fail(format!(
+                    "no trusted root certificates ({})",
+                    errors
+                        .first()
+                        .map_or("no certificates found", String::as_str)
+                )));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    };
+    if let Some(ca) = &cfg.ca_file {
+        crate::tls::certs::add_ca_bundle(&mut roots, ca).map_err(|e| fail(e.to_string()))?;
+    }
+    let client_cert = match (client_cert, &cfg.client_tls) {
+        (Some(c), _) => Some(c),
+        (None, Some(t)) => Some(ReloadableCert::new(
+            &crate::tls::certs::load(&t.files).map_err(|e| fail(e.to_string()))?,
+        )),
+        (None, None) => None,
+    };
+    crate::tls::client_config_with(roots, client_cert).map_err(|e| fail(e.to_string()))
 }
 
 /// Run the mirror until `shutdown`. Returns an error only for a config that cannot work
@@ -153,10 +183,11 @@ pub async fn run(
         password,
         max_event_bytes,
         packet_limit_warning,
+        client_cert,
     } = settings;
     let broker = cfg.url.clone();
     let tls = if broker.tls {
-        Some(tls_config(cfg.url.as_str())?)
+        Some(tls_config(&cfg, client_cert)?)
     } else {
         None
     };
@@ -923,7 +954,11 @@ mod tests {
     fn tls_config_uses_ring() {
         // The platform may have no roots in a minimal container; both outcomes name
         // the broker and never panic.
-        match tls_config("mqtts://b:8883") {
+        let cfg = MqttConfig {
+            url: crate::config::BrokerUrl::parse("mqtts://b:8883").unwrap(),
+            ..MqttConfig::default()
+        };
+        match tls_config(&cfg, None) {
             Ok(cfg) => assert!(!cfg.crypto_provider().cipher_suites.is_empty()),
             Err(e) => assert!(e.to_string().contains("mqtts://b:8883")),
         }

@@ -3,12 +3,16 @@
 //! `mqtts://` connection — and, in [`server`], the panel port's server side.
 //!
 //! Both trust the platform's root certificates (`rustls-native-certs`, which honours
-//! `SSL_CERT_FILE` and `SSL_CERT_DIR`), use the `ring` crypto provider with rustls' safe
-//! default protocol versions (TLS 1.2 and 1.3), offer no ALPN protocol and present no
-//! client certificate. This module is a leaf: it knows neither the source nor the mirror,
-//! and each of them words its own errors.
+//! `SSL_CERT_FILE` and `SSL_CERT_DIR`), optionally with a plant CA added or instead, use
+//! the `ring` crypto provider with rustls' safe default protocol versions (TLS 1.2 and
+//! 1.3) and offer no ALPN protocol; the mirror may present a client certificate. PEM
+//! files are read and checked by [`certs`]. This module is a leaf: it knows neither the
+//! source, the mirror nor the panels, and each of them words its own errors.
 
+pub mod certs;
 pub mod server;
+
+pub use certs::{CertError, CertFiles, EXPIRY_WARNING, LoadedCert, ReloadableCert};
 
 use std::sync::Arc;
 
@@ -45,12 +49,25 @@ pub fn native_roots() -> Result<RootCertStore, TlsError> {
 /// A client config trusting exactly `roots`: `ring` provider, safe default protocol
 /// versions, no ALPN, no client authentication.
 pub fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(roots, None)
+}
+
+/// [`client_config`] presenting `client_cert` when the server asks for one (mutual TLS);
+/// the certificate can be replaced while it runs ([`ReloadableCert::set`]) and is used
+/// from the next connection on.
+pub fn client_config_with(
+    roots: RootCertStore,
+    client_cert: Option<Arc<ReloadableCert>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        Some(cert) => builder.with_client_cert_resolver(cert),
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
 }
 

@@ -29,6 +29,7 @@ mod journal_props;
 mod last_values;
 mod mirror;
 mod mirror_faults;
+mod mirror_tls;
 mod panel_security;
 mod panels;
 mod security;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use asb_gateway::config::{Config, LoadEnv};
 use asb_gateway::panels::Options;
-use asb_gateway::tls::server::{CertFiles, ServerTls};
+use asb_gateway::tls::CertFiles;
+use asb_gateway::tls::server::ServerTls;
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
 use sha2::Digest;
@@ -540,7 +541,7 @@ async fn certificate_rotates_on_sighup_while_panels_stay_and_tokens_never_reach_
         .unwrap();
     assert!(st.success());
     let t0 = Instant::now();
-    while !daemon.log_text().contains("reload: panel certificate") {
+    while !daemon.log_text().contains("reload: panels.tls_cert") {
         assert!(t0.elapsed() < T, "no reload line:\n{}", daemon.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -566,7 +567,7 @@ async fn certificate_rotates_on_sighup_while_panels_stay_and_tokens_never_reach_
         .status()
         .unwrap();
     let t0 = Instant::now();
-    while !daemon.log_text().contains("reload: panel certificate kept") {
+    while !daemon.log_text().contains("reload: panels.tls_cert kept") {
         assert!(t0.elapsed() < T, "no refusal line:\n{}", daemon.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -101,6 +101,60 @@ pub fn server_cert(dir: &Path, ca: &str, name: &str, days: u32) -> (PathBuf, Pat
     )
 }
 
+/// A client certificate `NAME.pem` (key `NAME.key`) with common name `cn` (mosquitto's
+/// `use_identity_as_username` makes it the user name), signed by the CA `ca` in `dir`.
+pub fn client_cert(dir: &Path, ca: &str, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    std::fs::write(
+        dir.join("client-ext.cnf"),
+        "basicConstraints=CA:FALSE
+keyUsage=digitalSignature
+extendedKeyUsage=clientAuth
+",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client-ext.cnf",
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
 /// A server certificate `NAME.pem` that expired in 2020 (`openssl ca` sets the dates).
 pub fn expired_cert(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
     request(dir, name);
