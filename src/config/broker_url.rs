@@ -25,6 +25,11 @@ impl BrokerUrl {
             (false, r)
         } else if let Some(r) = url.strip_prefix("mqtts://") {
             (true, r)
+        } else if url.starts_with("ws://") || url.starts_with("wss://") {
+            return Err(fail(
+                "is MQTT over WebSockets, which this build does not speak (docs/mirror-tls.md \
+                 says why); use mqtt:// or mqtts://",
+            ));
         } else {
             return Err(fail("must start with mqtt:// or mqtts://"));
         };
