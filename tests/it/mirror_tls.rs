@@ -278,6 +278,10 @@ fn client_certificate_keys_are_checked_when_the_config_is_read() {
             "mqtt.ca_only",
         ),
         (
+            "url = \"wss://b:443/mqtt\"\n".to_string(),
+            "MQTT over WebSockets",
+        ),
+        (
             format!("url = \"mqtts://b:8883\"\nca_file = {key:?}\n"),
             "no PEM CERTIFICATE",
         ),
