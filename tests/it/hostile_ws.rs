@@ -32,8 +32,8 @@ async fn still_serves(ctx: &Context, addr: SocketAddr) {
     }
 }
 
-/// Write `req`, read one response: its head and its `Content-Length` body (or up to the
-/// server's close when there is no length), bounded by 10 s.
+/// Write `req`, read one response: its head and its `Content-Length` body (a `101` has
+/// none; without a length, up to the server's close), bounded by 10 s.
 async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     // the server may answer (and close) before a huge head is all written
@@ -50,6 +50,9 @@ async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
                 continue;
             };
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            if head.starts_with("http/1.1 101") {
+                break; // an upgrade: no body, and the connection stays open
+            }
             let length = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
