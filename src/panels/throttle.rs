@@ -128,7 +128,10 @@ mod tests {
         // half the threshold per window, for three windows: never blocked
         let t = Throttle::default();
         for i in 0..3 * FAILURES {
-            assert!(!t.failed(ip(3), t0 + WINDOW / (FAILURES / 2) * i), "failure {i}");
+            assert!(
+                !t.failed(ip(3), t0 + WINDOW / (FAILURES / 2) * i),
+                "failure {i}"
+            );
         }
     }
 

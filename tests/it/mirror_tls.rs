@@ -15,6 +15,8 @@ use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::journal::Handoff;
 use asb_gateway::metrics::PartState;
 
+use crate::support::daemon::Daemon;
+use crate::support::emulator::start_default as emulator;
 use crate::support::mirror_run::start;
 use crate::support::mosquitto::{Mosquitto, MosquittoOptions};
 use crate::support::{Subscriber, TempDir, capture_logs, free_port, logs, tls};
@@ -30,7 +32,8 @@ fn secured_broker(acl_dir: &Path, plain: u16) -> Mosquitto {
     std::fs::write(
         &acl,
         "topic read factory/#\n\
-         user gateway-01\ntopic readwrite factory/asb/line1/#\ntopic readwrite factory/asb/status\n",
+         user gateway-01\ntopic readwrite factory/asb/line1/#\ntopic readwrite factory/asb/status\n\
+         user gateway-02\ntopic readwrite factory/asb/line1/#\ntopic readwrite factory/asb/status\n",
     )
     .unwrap();
     Mosquitto::start_with(MosquittoOptions {
@@ -289,4 +292,60 @@ fn client_certificate_keys_are_checked_when_the_config_is_read() {
         let e = parse(&mqtt).unwrap_err();
         assert!(e.contains(want), "{mqtt}: {e}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_certificate_is_used_from_the_next_connection_after_sighup() {
+    let em = emulator().await;
+    let acl_dir = TempDir::new("acl");
+    let mut broker = secured_broker(acl_dir.path(), free_port());
+    let certs = TempDir::new("mqtt-rotate");
+    let ca = ca_copy(&broker, &certs);
+    let (first, first_key) = tls::client_cert(certs.path(), "ca", "first", "gateway-01");
+    let (cert, key) = (certs.join("client.pem"), certs.join("client.key"));
+    std::fs::copy(&first, &cert).unwrap();
+    std::fs::copy(&first_key, &key).unwrap();
+    let config = format!(
+        "[source]\nconnection_string = {:?}\n[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n\
+         [panels]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{}\"\nca_file = {ca:?}\nca_only = true\n\
+         client_cert = {cert:?}\nclient_key = {key:?}\nkeep_alive_secs = 5\n",
+        em.connection_string(),
+        broker.port
+    );
+    let mut daemon = tokio::task::spawn_blocking(move || Daemon::start(&config))
+        .await
+        .unwrap();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < WAIT, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("connected as gateway-01", &|| {
+        broker.log().contains("u'gateway-01'")
+    });
+    // rotate the files, reload, and make the mirror reconnect
+    let (second, second_key) = tls::client_cert(certs.path(), "ca", "second", "gateway-02");
+    std::fs::copy(&second, &cert).unwrap();
+    std::fs::copy(&second_key, &key).unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait("reload logged", &|| {
+        daemon.log_text().contains("reload: mqtt.client_cert")
+    });
+    broker.stop();
+    broker.start_again();
+    wait("reconnected as gateway-02", &|| {
+        broker.log().contains("u'gateway-02'")
+    });
+    assert!(
+        !daemon.log_text().contains("mqtt.client_cert kept"),
+        "{}",
+        daemon.log_text()
+    );
+    daemon.terminate();
 }
