@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
 use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
-use asb_gateway::panels::{self, Options};
-use asb_gateway::shutdown;
+use asb_gateway::panels::Options;
 use futures_util::StreamExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::mosquitto::Mosquitto;
@@ -135,17 +134,9 @@ fn main() {
     let mosquitto = Mosquitto::start();
     let port = mosquitto.port;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (trigger, sd) = shutdown::channel();
-        let server = tokio::spawn(panels::serve_with(
-            listener,
-            ctx.journal.clone(),
-            ctx.metrics.clone(),
-            ctx.panel_settings(),
-            sd,
-            Options::default(),
-        ));
+        let settings = ctx.panel_settings();
+        let server = support::panels::start_with(ctx.clone(), settings, Options::default()).await;
+        let addr = server.addr;
         // the same 1,000 topics as retained messages on mosquitto
         let (client, mut ev) =
             AsyncClient::new(MqttOptions::new("bench-pub", "127.0.0.1", port), 64);
@@ -197,7 +188,6 @@ fn main() {
         let ratio = percentile(&mut retained, 0.5).as_secs_f64()
             / percentile(&mut synced, 0.5).as_secs_f64();
         println!("  mosquitto retained / gateway last=true (median): {ratio:.2}x");
-        trigger.fire();
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        server.stop().await;
     });
 }

@@ -351,18 +351,7 @@ async fn until(
     what: &str,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let t0 = std::time::Instant::now();
-    loop {
-        let s = cdp.eval(PAGE_STATE).await;
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < PAGE_WAIT,
-            "page never reached: {what}; last state {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_js(cdp, what, PAGE_STATE, cond).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

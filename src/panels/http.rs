@@ -299,6 +299,9 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
         })
 }
 
+/// The filters a token allows (`None`: no tokens configured, all allowed).
+type Allowed = Option<Vec<crate::routing::Filter>>;
+
 /// The token presented — `token=`, `Authorization: Bearer`, or a subprotocol entry
 /// `asbgw.token.<base64url>`, first found in that order — checked against
 /// `panels.tokens`: the filters it allows (`None`: no tokens configured, all allowed),
@@ -308,7 +311,7 @@ fn authorize(
     h: &HeaderMap,
     query: &StreamQuery,
     peer: SocketAddr,
-) -> Result<Option<Vec<crate::routing::Filter>>, Box<Response<Body>>> {
+) -> Result<Allowed, Box<Response<Body>>> {
     let from_entry =
         list_elements(h, header::SEC_WEBSOCKET_PROTOCOL).find_map(protocol::token_from_entry);
     let presented = query
@@ -385,6 +388,41 @@ fn metrics_refused(server: &Server, h: &HeaderMap, peer: SocketAddr) -> Option<R
     }
 }
 
+/// The checks `/v1/stream` and `/v1/last` share, in order: the `Origin` (403), the
+/// query (400), the address not blocked for failed logins (429), the token (401).
+/// Returns the query and the filters the token allows (`None`: open).
+fn admit(
+    server: &Server,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(StreamQuery, Allowed), Box<Response<Body>>> {
+    let h = req.headers();
+    if !origin_allowed(server, h) {
+        let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
+        return Err(Box::new(reject(
+            server,
+            RejectReason::Origin,
+            StatusCode::FORBIDDEN,
+            peer,
+            format!("origin {origin} is not in panels.allowed_origins"),
+        )));
+    }
+    let query = StreamQuery::parse(req.uri().query()).map_err(|e| {
+        Box::new(reject(
+            server,
+            RejectReason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            peer,
+            e.to_string(),
+        ))
+    })?;
+    if let Some(r) = throttled(server, peer) {
+        return Err(Box::new(r));
+    }
+    let allow = authorize(server, h, &query, peer)?;
+    Ok((query, allow))
+}
+
 /// How far `GET /v1/last` has written its array.
 #[derive(Debug, Clone, Copy)]
 struct LastListing {
@@ -401,34 +439,8 @@ struct LastListing {
 /// the same token and origin rules. A filter the token does not allow is refused (403).
 /// The body is streamed in chunks of about [`LAST_CHUNK`] bytes.
 fn last_values(server: &Arc<Server>, req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let h = req.headers();
-    if !origin_allowed(server, h) {
-        let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
-        return reject(
-            server,
-            RejectReason::Origin,
-            StatusCode::FORBIDDEN,
-            peer,
-            format!("origin {origin} is not in panels.allowed_origins"),
-        );
-    }
-    let query = match StreamQuery::parse(req.uri().query()) {
-        Ok(q) => q,
-        Err(e) => {
-            return reject(
-                server,
-                RejectReason::BadRequest,
-                StatusCode::BAD_REQUEST,
-                peer,
-                e.to_string(),
-            );
-        }
-    };
-    if let Some(r) = throttled(server, peer) {
-        return r;
-    }
-    let allow = match authorize(server, h, &query, peer) {
-        Ok(allow) => allow,
+    let (query, allow) = match admit(server, req, peer) {
+        Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };
     if let Some(f) = query
@@ -553,33 +565,8 @@ fn stream(
         );
         return r;
     }
-    if !origin_allowed(server, h) {
-        let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
-        return reject(
-            server,
-            RejectReason::Origin,
-            StatusCode::FORBIDDEN,
-            peer,
-            format!("origin {origin} is not in panels.allowed_origins"),
-        );
-    }
-    let query = match StreamQuery::parse(req.uri().query()) {
-        Ok(q) => q,
-        Err(e) => {
-            return reject(
-                server,
-                RejectReason::BadRequest,
-                StatusCode::BAD_REQUEST,
-                peer,
-                e.to_string(),
-            );
-        }
-    };
-    if let Some(r) = throttled(server, peer) {
-        return r;
-    }
-    let allow = match authorize(server, h, &query, peer) {
-        Ok(allow) => allow,
+    let (query, allow) = match admit(server, req, peer) {
+        Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };
     // Token entries are credentials, not protocols: never chosen, never echoed.

@@ -74,53 +74,13 @@ fn unique_dir() -> PathBuf {
     dir
 }
 
-pub use super::tls::{make_ca, openssl};
+pub use super::tls::make_ca;
 
+/// A CA (`ca.pem`) and a server certificate (`server.pem`, `server.key`) for
+/// 127.0.0.1/localhost signed by it.
 fn make_certs(dir: &Path) {
     make_ca(dir, "ca");
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.pem",
-        ],
-    );
+    super::tls::server_cert(dir, "ca", "server", 2);
 }
 
 fn current_user() -> String {

@@ -44,66 +44,9 @@ pub fn make_ca(dir: &Path, name: &str) {
     );
 }
 
-/// A key `NAME.key` and a signing request `NAME.csr` for CN=127.0.0.1.
-fn request(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-}
-
-/// A server certificate `NAME.pem` (key `NAME.key`) for 127.0.0.1/localhost signed by the
-/// CA `ca`, valid for `days` days.
-pub fn server_cert(dir: &Path, ca: &str, name: &str, days: u32) -> (PathBuf, PathBuf) {
-    request(dir, name);
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            &days.to_string(),
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    );
-    (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    )
-}
-
-/// A client certificate `NAME.pem` (key `NAME.key`) with common name `cn` (mosquitto's
-/// `use_identity_as_username` makes it the user name), signed by the CA `ca` in `dir`.
-pub fn client_cert(dir: &Path, ca: &str, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+/// A key `NAME.key` and a signing request `NAME.csr` for `/CN=cn`, and the extensions
+/// file `NAME.ext` holding `ext`.
+fn request(dir: &Path, name: &str, cn: &str, ext: &str) {
     openssl(
         dir,
         &[
@@ -121,14 +64,11 @@ pub fn client_cert(dir: &Path, ca: &str, name: &str, cn: &str) -> (PathBuf, Path
             &format!("{name}.csr"),
         ],
     );
-    std::fs::write(
-        dir.join("client-ext.cnf"),
-        "basicConstraints=CA:FALSE
-keyUsage=digitalSignature
-extendedKeyUsage=clientAuth
-",
-    )
-    .unwrap();
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+}
+
+/// Sign `NAME.csr` with the CA `ca` for `days` days into `NAME.pem`.
+fn sign(dir: &Path, ca: &str, name: &str, days: u32) -> (PathBuf, PathBuf) {
     openssl(
         dir,
         &[
@@ -142,9 +82,9 @@ extendedKeyUsage=clientAuth
             &format!("{ca}.key"),
             "-CAcreateserial",
             "-days",
-            "2",
+            &days.to_string(),
             "-extfile",
-            "client-ext.cnf",
+            &format!("{name}.ext"),
             "-out",
             &format!("{name}.pem"),
         ],
@@ -155,9 +95,31 @@ extendedKeyUsage=clientAuth
     )
 }
 
+const SERVER_EXT: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+                          keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n";
+
+/// A server certificate `NAME.pem` (key `NAME.key`) for 127.0.0.1/localhost signed by the
+/// CA `ca`, valid for `days` days.
+pub fn server_cert(dir: &Path, ca: &str, name: &str, days: u32) -> (PathBuf, PathBuf) {
+    request(dir, name, "127.0.0.1", SERVER_EXT);
+    sign(dir, ca, name, days)
+}
+
+/// A client certificate `NAME.pem` (key `NAME.key`) with common name `cn` (mosquitto's
+/// `use_identity_as_username` makes it the user name), signed by the CA `ca` in `dir`.
+pub fn client_cert(dir: &Path, ca: &str, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+    request(
+        dir,
+        name,
+        cn,
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    );
+    sign(dir, ca, name, 2)
+}
+
 /// A server certificate `NAME.pem` that expired in 2020 (`openssl ca` sets the dates).
 pub fn expired_cert(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
-    request(dir, name);
+    request(dir, name, "127.0.0.1", SERVER_EXT);
     std::fs::write(
         dir.join("ca.cnf"),
         "[ca]\ndefault_ca=d\n[d]\ndatabase=index.txt\nnew_certs_dir=.\nserial=serial\n\
