@@ -41,6 +41,9 @@ SYSUNITS=/usr/lib/systemd/system
 [ -d "$SYSUNITS" ] || SYSUNITS=/lib/systemd/system
 cp -a "$SYSUNITS" "$VROOT/usr/lib/systemd/system"
 install -m 0755 "$BIN" "$VROOT/usr/bin/asb-gateway"
+# ExecReload runs /bin/kill: a merged-/usr root with the host's kill.
+install -m 0755 /usr/bin/kill "$VROOT/usr/bin/kill"
+ln -s usr/bin "$VROOT/bin"
 # verify_unit FILE: systemd-analyze verify must exit 0 and print nothing (it exits 0 on
 # unknown keys and bad values, which only show up as output).
 verify_unit() {
