@@ -52,7 +52,7 @@ pub enum CertError {
     Expired { path: PathBuf, at: String },
 }
 
-/// A checked certificate and key, ready for the server.
+/// A checked certificate and key, ready for a TLS endpoint.
 #[derive(Debug)]
 pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
