@@ -236,6 +236,31 @@ pub async fn run(
             limit: ctx.budget.limit_bytes,
         });
     }
+    // Certificates are read (and may fail) before any part starts.
+    let mut panel_settings = ctx.panel_settings();
+    if let Some(tls) = &ctx.config.panels.tls {
+        let tls = ServerTls::load(tls.files.clone()).map_err(|e| RunError::Part {
+            part: "panels",
+            reason: e.to_string(),
+        })?;
+        ctx.metrics.panels_cert_expiry.set(tls.expires_in_secs());
+        panel_settings.tls = Some(tls);
+    }
+    let mut reloadable = Reloadable {
+        panels: panel_settings.tls.clone(),
+        ..Reloadable::default()
+    };
+    let mirror = ctx.mirror_inputs();
+    if let Some(t) = mirror
+        .as_ref()
+        .and_then(|(m, _)| m.mqtt.client_tls.as_ref())
+    {
+        let loaded = crate::tls::certs::load(&t.files).map_err(|e| RunError::Part {
+            part: "mirror",
+            reason: e.to_string(),
+        })?;
+        reloadable.mqtt = Some((t.files.clone(), ReloadableCert::new(&loaded)));
+    }
     let (trigger, shutdown) = shutdown::channel();
     // Mirror -> source: "this seq is safely with the broker". At most `unsettled` events
     // can be pinned, so the channel never holds more than that.
@@ -253,19 +278,6 @@ pub async fn run(
         )
     });
     let addr = listener.local_addr().ok();
-    let mut panel_settings = ctx.panel_settings();
-    if let Some(tls) = &ctx.config.panels.tls {
-        let tls = ServerTls::load(tls.files.clone()).map_err(|e| RunError::Part {
-            part: "panels",
-            reason: e.to_string(),
-        })?;
-        ctx.metrics.panels_cert_expiry.set(tls.expires_in_secs());
-        panel_settings.tls = Some(tls);
-    }
-    let mut reloadable = Reloadable {
-        panels: panel_settings.tls.clone(),
-        ..Reloadable::default()
-    };
     let panels = crate::panels::serve(
         listener,
         ctx.journal.clone(),
@@ -274,16 +286,8 @@ pub async fn run(
         shutdown.clone(),
     );
     tasks.spawn(async move { ("panels", panels.await.map_err(|e| e.to_string())) });
-    if let Some((mut settings, shared)) = ctx.mirror_inputs() {
-        if let Some(t) = settings.mqtt.client_tls.as_ref() {
-            let loaded = crate::tls::certs::load(&t.files).map_err(|e| RunError::Part {
-                part: "mirror",
-                reason: e.to_string(),
-            })?;
-            let cert = ReloadableCert::new(&loaded);
-            settings.client_cert = Some(cert.clone());
-            reloadable.mqtt = Some((t.files.clone(), cert));
-        }
+    if let Some((mut settings, shared)) = mirror {
+        settings.client_cert = reloadable.mqtt.as_ref().map(|(_, c)| c.clone());
         let mirror = crate::mirror::run(settings, shared, acks_tx, shutdown.clone());
         tasks.spawn(async move { ("mirror", mirror.await.map_err(|e| e.to_string())) });
     } else {
