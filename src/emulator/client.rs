@@ -59,6 +59,9 @@ pub fn token_for(credential: &Credential, audience: &str, ttl_secs: u64) -> (Str
     }
 }
 
+/// Bound on [`Publisher::connect`] as a whole.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A sender to one topic (or queue) on the emulator (or any plain-AMQP ASB endpoint).
 pub struct Publisher {
     connection: ConnectionHandle<()>,
@@ -75,8 +78,27 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// Connect, authorise with CBS and attach a sender to `topic`.
+    ///
+    /// Errors: the connection string, the connection, the put-token or the attach; a
+    /// peer that has not finished all of them within [`CONNECT_TIMEOUT`] is a
+    /// [`ClientError::Connect`] naming the timeout, never a wait without end.
     pub async fn connect(conn_str: &str, topic: &str) -> Result<Self, ClientError> {
         let cs = ConnectionString::parse(conn_str)?;
+        let addr = format!("{}:{}", cs.host, cs.port);
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_to(cs, topic))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Connect {
+                    addr,
+                    reason: format!(
+                        "no answer within {} s (connect, put-token and attach)",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                })
+            })
+    }
+
+    async fn connect_to(cs: ConnectionString, topic: &str) -> Result<Self, ClientError> {
         if cs.tls {
             return Err(ClientError::TlsUnsupported);
         }

@@ -61,7 +61,13 @@ async fn panel(d: &Daemon, since: Option<(&str, u64)>) -> (Ws, Value) {
     if let Some((e, s)) = since {
         url += &format!("?since={e}:{s}");
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("the panel connects within 10 s")
+    .unwrap();
     let hello = next(&mut ws, Duration::from_secs(10)).await.expect("hello");
     assert_eq!(hello["type"], "hello");
     (ws, hello)
@@ -278,7 +284,16 @@ async fn kill_9_under_load_never_reuses_a_seq() {
         d.kill();
         seen.follow(&mut ws, &hello, Instant::now() + Duration::from_millis(200))
             .await;
-        let _ = load.await;
+        tokio::time::timeout(Duration::from_secs(30), load)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the publisher finished {n} sends within 30 s")
+            })
+            .unwrap();
+        eprintln!(
+            "round {round}: {n} sent, {} events, {} lost gaps",
+            seen.events, seen.lost
+        );
     }
     assert!(
         seen.events > 100,

@@ -10,7 +10,7 @@ use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 
-use super::reply::{self, Node};
+use super::reply::{self, Node, ReplySlot};
 use super::{ConnShared, normalize_address};
 use crate::emulator::Shared;
 use crate::emulator::message::StoredMessage;
@@ -22,10 +22,11 @@ const TOKEN_TYPES: [&str; 2] = ["jwt", "servicebus.windows.net:sastoken"];
 pub(super) const ADDRESS: &str = "$cbs";
 
 /// A link attached to `$cbs`: the client's sender carries requests, the client's
-/// receiver (at its `reply_addr`) gets the responses.
+/// receiver (at the address `slot` registered before the attach was answered) gets the
+/// responses.
 pub(super) fn attach(
     link: LinkEndpoint,
-    reply_addr: Option<String>,
+    slot: Option<ReplySlot>,
     shared: &Arc<Shared>,
     conn: &Arc<ConnShared>,
 ) {
@@ -33,7 +34,9 @@ pub(super) fn attach(
         LinkEndpoint::Receiver(r) => {
             tokio::spawn(requests(r, shared.clone(), conn.clone()));
         }
-        LinkEndpoint::Sender(s) => reply::attach(s, reply_addr, conn, Node::Cbs),
+        LinkEndpoint::Sender(s) => slot
+            .unwrap_or_else(|| ReplySlot::reserve(conn, Node::Cbs, None))
+            .serve(s),
     }
 }
 

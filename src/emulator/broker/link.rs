@@ -16,6 +16,7 @@ use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Delivery, Receiver, Sender};
 
+use super::reply::{Node, ReplySlot};
 use super::{ConnShared, cbs, error, management, normalize_address, not_found, refuse};
 use crate::emulator::Shared;
 use crate::emulator::store::{Address, CreditTracker, PublishError};
@@ -76,6 +77,20 @@ pub(super) async fn serve_session(
             Role::Sender => &for_client_senders,
             Role::Receiver => &for_client_receivers,
         };
+        let lower = path.to_ascii_lowercase();
+        // A client receiver on a request/response node: its reply address is registered
+        // before the attach is answered (a dropped slot unregisters it again).
+        let reply_node = if lower == cbs::ADDRESS {
+            Some(Node::Cbs)
+        } else {
+            management::entity_of(&lower).map(|_| Node::Management)
+        };
+        let slot = match reply_node {
+            Some(node) if role == Role::Receiver => {
+                Some(ReplySlot::reserve(&conn, node, reply_addr))
+            }
+            _ => None,
+        };
         let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(l) => l,
             Err(e) => {
@@ -83,13 +98,12 @@ pub(super) async fn serve_session(
                 continue;
             }
         };
-        let lower = path.to_ascii_lowercase();
         if lower == cbs::ADDRESS {
-            cbs::attach(link, reply_addr, &shared, &conn);
+            cbs::attach(link, slot, &shared, &conn);
             continue;
         }
         if let Some(entity) = management::entity_of(&lower) {
-            management::attach(link, &path, entity, reply_addr, &shared, &conn);
+            management::attach(link, &path, entity, slot, &shared, &conn);
             continue;
         }
         let resolved = shared.store.resolve(&lower);

@@ -10,7 +10,7 @@ use fe2o3_amqp::types::definitions::AmqpError;
 use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body};
 use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 
-use super::reply::{self, Node};
+use super::reply::{self, Node, ReplySlot};
 use super::{ConnShared, error, not_found, refuse};
 use crate::emulator::Shared;
 use crate::emulator::message::StoredMessage;
@@ -28,13 +28,13 @@ pub(super) fn entity_of(lower: &str) -> Option<&str> {
 
 /// A link attached to `<entity>/$management` (`path` as the client wrote it, `entity`
 /// lowercase): refused for an unknown entity, a topic or without a token; otherwise the
-/// client's sender carries requests and the client's receiver (at its `reply_addr`)
-/// gets the responses.
+/// client's sender carries requests and the client's receiver (at the address `slot`
+/// registered before the attach was answered) gets the responses.
 pub(super) fn attach(
     link: LinkEndpoint,
     path: &str,
     entity: &str,
-    reply_addr: Option<String>,
+    slot: Option<ReplySlot>,
     shared: &Arc<Shared>,
     conn: &Arc<ConnShared>,
 ) {
@@ -62,7 +62,9 @@ pub(super) fn attach(
         LinkEndpoint::Receiver(r) => {
             tokio::spawn(requests(r, entity, shared.clone(), conn.clone()));
         }
-        LinkEndpoint::Sender(s) => reply::attach(s, reply_addr, conn, Node::Management),
+        LinkEndpoint::Sender(s) => slot
+            .unwrap_or_else(|| ReplySlot::reserve(conn, Node::Management, None))
+            .serve(s),
     }
 }
 

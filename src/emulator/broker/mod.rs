@@ -24,9 +24,8 @@ use std::sync::{Arc, Mutex};
 
 use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::message::StoredMessage;
 use super::tap::{FlowMap, Kill};
 
 pub use connection::serve;
@@ -43,9 +42,10 @@ pub struct ConnShared {
     pub kill: Arc<Kill>,
     detach: watch::Sender<u64>,
     flows: Arc<FlowMap>,
-    cbs_replies: Mutex<HashMap<String, mpsc::Sender<StoredMessage>>>,
+    /// Reply links of the `$cbs` node, by the client's reply address.
+    cbs_replies: Mutex<reply::ReplyMap>,
     /// Reply links of `$management` nodes, by the client's reply address.
-    mgmt_replies: Mutex<HashMap<String, mpsc::Sender<StoredMessage>>>,
+    mgmt_replies: Mutex<reply::ReplyMap>,
     /// `host:port` the client connected to, for entity URIs in error descriptions.
     endpoint: String,
 }

@@ -2,6 +2,7 @@
 //! attaches a receiver at its reply address; responses are sent there.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,29 +21,74 @@ pub(super) enum Node {
     Management,
 }
 
-/// The reply links of `node` on `conn`, by the client's reply address.
-fn replies(conn: &ConnShared, node: Node) -> &Mutex<HashMap<String, mpsc::Sender<StoredMessage>>> {
+/// The reply links of `node` on `conn`, by the client's reply address: the slot's id
+/// and the channel its link sends from.
+fn replies(conn: &ConnShared, node: Node) -> &Mutex<ReplyMap> {
     match node {
         Node::Cbs => &conn.cbs_replies,
         Node::Management => &conn.mgmt_replies,
     }
 }
 
-/// A reply link attached by the client at `reply_addr`: register it, then send it the
-/// responses handed to [`send`] until it detaches.
-pub(super) fn attach(
-    sender: Sender,
-    reply_addr: Option<String>,
-    conn: &Arc<ConnShared>,
+/// Reply links by the client's reply address (see [`ReplySlot`]).
+pub(super) type ReplyMap = HashMap<String, (u64, mpsc::Sender<StoredMessage>)>;
+
+/// Ids of reply slots, so a slot only ever unregisters itself.
+static SLOT_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// The reply address of a client receiver on `$cbs` or `<entity>/$management`,
+/// registered before its attach is answered: a client sends its first request as soon
+/// as its attach completes, and that request must find the address (without this, a
+/// response could be dropped and the client wait for it forever). Responses handed to
+/// [`send`] wait in the slot until [`ReplySlot::serve`] sends them. Dropped, the slot
+/// unregisters its address unless a newer link took it.
+pub(super) struct ReplySlot {
+    conn: Arc<ConnShared>,
     node: Node,
-) {
-    let (tx, rx) = mpsc::channel(16);
-    let key = reply_addr.unwrap_or_default();
-    replies(conn, node)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.clone(), tx);
-    tokio::spawn(node_replies(sender, rx, conn.clone(), key, node));
+    key: String,
+    id: u64,
+    rx: Option<mpsc::Receiver<StoredMessage>>,
+}
+
+impl ReplySlot {
+    /// Register `reply_addr` (empty when the client named none) for `node` on `conn`.
+    pub(super) fn reserve(conn: &Arc<ConnShared>, node: Node, reply_addr: Option<String>) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let key = reply_addr.unwrap_or_default();
+        let id = SLOT_IDS.fetch_add(1, Ordering::Relaxed);
+        replies(conn, node)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), (id, tx));
+        ReplySlot {
+            conn: conn.clone(),
+            node,
+            key,
+            id,
+            rx: Some(rx),
+        }
+    }
+
+    /// Send the responses to the client's receiver over `sender` until it detaches.
+    pub(super) fn serve(mut self, mut sender: Sender) {
+        let Some(mut rx) = self.rx.take() else { return };
+        tokio::spawn(async move {
+            cbs_reply_loop(&mut sender, &mut rx).await;
+            drop(self);
+            let _ = tokio::time::timeout(Duration::from_secs(2), sender.close()).await;
+        });
+    }
+}
+
+impl Drop for ReplySlot {
+    fn drop(&mut self) {
+        let mut map = replies(&self.conn, self.node)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// Hand a response to the reply link attached with the request's reply-to address (for
@@ -58,7 +104,7 @@ pub(super) async fn send(conn: &ConnShared, node: Node, reply_to: &str, reply: S
                 Node::Cbs => replies.values().next(),
                 Node::Management => None,
             })
-            .cloned()
+            .map(|(_, tx)| tx.clone())
     };
     match tx {
         Some(tx) => {
@@ -66,22 +112,6 @@ pub(super) async fn send(conn: &ConnShared, node: Node, reply_to: &str, reply: S
         }
         None => log::info!("emulator: {node:?} request without a reply link to '{reply_to}'"),
     }
-}
-
-/// A `$cbs` or `$management` reply link: send the responses put in `rx`.
-async fn node_replies(
-    mut sender: Sender,
-    mut rx: mpsc::Receiver<StoredMessage>,
-    conn: Arc<ConnShared>,
-    key: String,
-    node: Node,
-) {
-    cbs_reply_loop(&mut sender, &mut rx).await;
-    replies(&conn, node)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&key);
-    let _ = tokio::time::timeout(Duration::from_secs(2), sender.close()).await;
 }
 
 async fn cbs_reply_loop(sender: &mut Sender, rx: &mut mpsc::Receiver<StoredMessage>) {
