@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::appliance::notify;
@@ -20,6 +20,7 @@ use crate::liveness::{Liveness, Part};
 use crate::metrics::{Metrics, PartState};
 use crate::mirror::MirrorSettings;
 use crate::panels::PanelSettings;
+use crate::panels::policy::PanelPolicy;
 use crate::reload::Reload;
 use crate::shutdown::{self, Shutdown};
 use crate::source::SourceSettings;
@@ -174,11 +175,25 @@ struct Reloadable {
     mqtt: Option<(CertFiles, Arc<ReloadableCert>)>,
 }
 
-/// Apply each reload (SIGHUP) until shutdown, between `RELOADING=1` and `READY=1`: the
-/// panel port's and the mirror's certificates are read again (a file that fails the
-/// checks keeps the certificate in use). Other settings need a restart; the log says so.
+/// What the reloader needs besides the certificates: the config as it runs (live
+/// settings replaced by each reload) and the channel the panel server takes its policy
+/// from.
+struct Running {
+    config: Config,
+    panels: watch::Sender<Arc<PanelPolicy>>,
+}
+
+/// Apply each reload (SIGHUP) until shutdown, between `RELOADING=1` and `READY=1`:
+/// - the config file is read again and checked as at start (and against the memory
+///   budget); a config that fails is refused with the error in the log and the running
+///   one stays. Otherwise its live settings are applied (see [`crate::config::reload`]:
+///   tokens, origins, the panel limit, the slow-panel policy, the metrics token, the
+///   log level) and one line says what was applied and what needs a restart;
+/// - the panel port's and the mirror's certificates are read again (a file that fails
+///   the checks keeps the certificate in use).
 async fn reloader(
     certs: Reloadable,
+    mut running: Running,
     metrics: Arc<Metrics>,
     mut reload: Reload,
     mut shutdown: Shutdown,
@@ -208,6 +223,9 @@ async fn reloader(
             _ = reload.recv() => {}
         }
         notify::reloading();
+        if let Some(path) = reload.config_file() {
+            reload_config(path, &mut running);
+        }
         if let Some(tls) = &certs.panels {
             said("panels.tls_cert", &tls.files, tls.reload());
             metrics.panels_cert_expiry.set(tls.expires_in_secs());
@@ -216,9 +234,50 @@ async fn reloader(
             let r = crate::tls::certs::load(files).inspect(|c| cert.set(c));
             said("mqtt.client_cert", files, r);
         }
-        log::info!("reload: done; settings other than certificates need a restart");
         notify::ready();
     }
+}
+
+/// Read the config at `path` again and apply its live settings to `running` (and to
+/// the panel server), or refuse it and keep the running config.
+fn reload_config(path: &std::path::Path, running: &mut Running) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!(
+                "reload: {}: {e}; refused, the running config stays",
+                path.display()
+            );
+            return;
+        }
+    };
+    let budget = crate::budget::compute(&new);
+    if !budget.fits() {
+        log::error!(
+            "reload: {}: budget.memory_mib: the worst case ({} bytes) exceeds the budget \
+             ({} bytes); refused, the running config stays",
+            path.display(),
+            budget.total(),
+            budget.limit_bytes
+        );
+        return;
+    }
+    for w in new.warnings() {
+        log::warn!("{w}");
+    }
+    let changes = crate::config::reload::apply_live(&mut running.config, &new);
+    if changes.applied.iter().any(|k| k.starts_with("panels.")) {
+        running
+            .panels
+            .send_replace(Arc::new(PanelPolicy::from_config(&running.config)));
+    }
+    if changes.applied.contains(&"log.level") {
+        let rust_log = std::env::var("RUST_LOG").ok();
+        let level =
+            crate::appliance::logging::choose_level(rust_log.as_deref(), &running.config.log.level);
+        log::set_max_level(level);
+    }
+    log::info!("reload: {}: {}", path.display(), changes.summary());
 }
 
 /// Run the gateway on `listener` (the panel port) until `shutdown_signal` resolves or a
@@ -246,6 +305,8 @@ pub async fn run(
         ctx.metrics.panels_cert_expiry.set(tls.expires_in_secs());
         panel_settings.tls = Some(tls);
     }
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(panel_settings.policy.clone()));
+    panel_settings.updates = Some(policy_rx);
     let mut reloadable = Reloadable {
         panels: panel_settings.tls.clone(),
         ..Reloadable::default()
@@ -312,6 +373,10 @@ pub async fn run(
     }
     helpers.spawn(reloader(
         reloadable,
+        Running {
+            config: ctx.config.clone(),
+            panels: policy_tx,
+        },
         ctx.metrics.clone(),
         reload,
         shutdown.clone(),

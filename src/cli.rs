@@ -292,7 +292,13 @@ fn run(path: &std::path::Path) -> ExitCode {
                 reason: format!("cannot listen on {listen}: {e}"),
             }
         })?;
-        crate::app::run(ctx, listener, termination(), hangups()).await
+        crate::app::run(
+            ctx,
+            listener,
+            termination(),
+            hangups().with_config_file(path),
+        )
+        .await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! Reload by broadcast (SIGHUP, `systemctl reload`): one [`ReloadTrigger`], any number of
 //! [`Reload`] listeners. A listener sees each reload fired after it was made (reloads
-//! fired while it was busy are seen once). What a part re-reads is its own business;
-//! today that is the panel port's TLS certificate.
+//! fired while it was busy are seen once). A listener may carry the config file the
+//! process was started with, which the daemon reads again on each reload.
 
 use tokio::sync::watch;
 
@@ -15,11 +15,18 @@ pub struct ReloadTrigger {
 #[derive(Debug, Clone)]
 pub struct Reload {
     rx: watch::Receiver<u64>,
+    config_file: Option<std::path::PathBuf>,
 }
 
 pub fn channel() -> (ReloadTrigger, Reload) {
     let (tx, rx) = watch::channel(0);
-    (ReloadTrigger { tx }, Reload { rx })
+    (
+        ReloadTrigger { tx },
+        Reload {
+            rx,
+            config_file: None,
+        },
+    )
 }
 
 impl ReloadTrigger {
@@ -32,6 +39,17 @@ impl Reload {
     /// A listener that never fires (no process signal behind it: tests, the demo).
     pub fn never() -> Reload {
         channel().1
+    }
+
+    /// The same listener, re-reading the config at `path` on each reload.
+    pub fn with_config_file(mut self, path: impl Into<std::path::PathBuf>) -> Reload {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// The config file a reload reads again (`None`: only certificates are re-read).
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        self.config_file.as_deref()
     }
 
     /// Resolves at the next reload; never when the trigger is gone. Cancel-safe.

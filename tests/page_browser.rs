@@ -1257,8 +1257,9 @@ async fn a_legacy_token_url_is_cleaned_and_a_rotated_token_asks_again() {
     // (not ASCII: no HTTP header can carry it, the subprotocol entry can)
     const ROTATED: &str = "Linie-1-Schlüssel-€";
     let mut settings = ctx.panel_settings();
-    settings.tokens = support::panels::ctx(&token_config(ROTATED))
+    settings.policy.tokens = support::panels::ctx(&token_config(ROTATED))
         .panel_settings()
+        .policy
         .tokens;
     let failures = ctx.metrics.panels_auth_failures.get();
     let listener = tokio::net::TcpListener::bind(addr)

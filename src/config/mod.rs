@@ -4,6 +4,7 @@
 
 mod broker_url;
 mod connstr;
+pub mod reload;
 mod textfile;
 
 use std::net::SocketAddr;
@@ -172,7 +173,7 @@ pub enum SlowPolicy {
 
 /// A panel token (`[[panels.tokens]]`): the SHA-256 of the secret token and the topic
 /// filters it may subscribe to, parsed when the config is read.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PanelToken {
     pub name: String,

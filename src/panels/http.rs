@@ -19,6 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use super::policy::{self, Admission, PanelPolicy};
 use super::protocol::{self, Access, Encoding, StreamQuery};
 use super::session::{self, Params};
 use super::{PanelSlot, Server};
@@ -117,9 +118,9 @@ pub(super) async fn connection<S>(
     let shared = session::Shared {
         journal: &server.journal,
         metrics: &server.metrics,
-        slow_policy: server.settings.slow_policy,
     };
-    session::run(ws, up.params, shared, &server.opts, sd).await;
+    let policy = server.policy.subscribe();
+    session::run(ws, up.params, shared, policy, &server.opts, sd).await;
     drop(up.slot);
     log::info!("panel {peer} disconnected");
 }
@@ -257,33 +258,13 @@ fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     list_elements(h, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// Is the request's `Origin` acceptable? No `Origin` (a non-browser client) is. With
-/// `allowed_origins` set, every origin the request names (RFC 6454 §7: the header may be
-/// a space-separated list, and a request with more than one line is judged by all of
-/// them) must be the page's own origin (the `Host` it was served from) or an allowed
-/// one, compared as (scheme, host, port) with default ports (RFC 6454 §5).
-fn origin_allowed(server: &Server, h: &HeaderMap) -> bool {
-    let allowed = &server.settings.allowed_origins;
-    let lines: Vec<&str> = h
-        .get_all(header::ORIGIN)
+/// The request's `Origin` header lines (a line that is not text never matches).
+fn origin_lines(h: &HeaderMap) -> Vec<&str> {
+    h.get_all(header::ORIGIN)
         .into_iter()
         .map(|v| v.to_str().unwrap_or("\u{0}"))
         .filter(|v| !v.trim_matches(is_ows).is_empty())
-        .collect();
-    if lines.is_empty() || allowed.is_empty() {
-        return true;
-    }
-    let host = header_str(h, header::HOST);
-    let admitted = |o: &str| {
-        // The built-in page talks to the host that served it.
-        let own = host.is_some_and(|host| {
-            super::origin::Origin::parse(o).is_some_and(|origin| origin.is_served_by(host))
-        });
-        own || allowed.iter().any(|a| super::origin::same(a, o))
-    };
-    lines
-        .iter()
-        .all(|line| super::origin::list_allowed(line, admitted))
+        .collect()
 }
 
 /// The token of the first `Authorization: Bearer` credential (RFC 9110 §11.4: the
@@ -302,16 +283,25 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
 /// The filters a token allows (`None`: no tokens configured, all allowed).
 type Allowed = Option<Vec<crate::routing::Filter>>;
 
+/// What a request was admitted with: the filters its token allows, and what a reload
+/// checks again ([`Admission`]).
+struct Admitted {
+    query: StreamQuery,
+    allow: Allowed,
+    admission: Admission,
+}
+
 /// The token presented — `token=`, `Authorization: Bearer`, or a subprotocol entry
 /// `asbgw.token.<base64url>`, first found in that order — checked against
 /// `panels.tokens`: the filters it allows (`None`: no tokens configured, all allowed),
 /// or the 401 response.
 fn authorize(
     server: &Server,
+    policy: &PanelPolicy,
     h: &HeaderMap,
     query: &StreamQuery,
     peer: SocketAddr,
-) -> Result<Allowed, Box<Response<Body>>> {
+) -> Result<(Allowed, Option<String>), Box<Response<Body>>> {
     let from_entry =
         list_elements(h, header::SEC_WEBSOCKET_PROTOCOL).find_map(protocol::token_from_entry);
     let presented = query
@@ -319,10 +309,10 @@ fn authorize(
         .as_deref()
         .or_else(|| bearer(h))
         .or(from_entry.as_deref());
-    let tokens = &server.settings.tokens;
+    let tokens = &policy.tokens;
     match protocol::authorize(tokens, presented) {
-        Access::Open => Ok(None),
-        Access::Token(i) => Ok(Some(tokens[i].allow.clone())),
+        Access::Open => Ok((None, presented.map(String::from))),
+        Access::Token(i) => Ok((Some(tokens[i].allow.clone()), presented.map(String::from))),
         Access::Denied => Err(Box::new(unauthorized(server, peer, presented.is_some()))),
     }
 }
@@ -373,7 +363,8 @@ fn throttled(server: &Server, peer: SocketAddr) -> Option<Response<Body>> {
 /// `GET /metrics` with `panels.metrics_token`: `Authorization: Bearer` (Prometheus
 /// `bearer_token`) must carry it.
 fn metrics_refused(server: &Server, h: &HeaderMap, peer: SocketAddr) -> Option<Response<Body>> {
-    let expected = server.settings.metrics_token.as_ref()?;
+    let expected = server.policy().metrics_token?;
+    let expected = &expected;
     if let Some(r) = throttled(server, peer) {
         return Some(r);
     }
@@ -395,9 +386,12 @@ fn admit(
     server: &Server,
     req: &Request<Incoming>,
     peer: SocketAddr,
-) -> Result<(StreamQuery, Allowed), Box<Response<Body>>> {
+) -> Result<Admitted, Box<Response<Body>>> {
     let h = req.headers();
-    if !origin_allowed(server, h) {
+    let policy = server.policy();
+    let origin = origin_lines(h);
+    let host = header_str(h, header::HOST);
+    if !policy::origin_allowed(&policy.allowed_origins, &origin, host) {
         let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
         return Err(Box::new(reject(
             server,
@@ -419,8 +413,17 @@ fn admit(
     if let Some(r) = throttled(server, peer) {
         return Err(Box::new(r));
     }
-    let allow = authorize(server, h, &query, peer)?;
-    Ok((query, allow))
+    let (allow, token) = authorize(server, &policy, h, &query, peer)?;
+    let admission = Admission::new(
+        token.as_deref(),
+        origin.iter().map(|o| o.to_string()).collect(),
+        host.map(String::from),
+    );
+    Ok(Admitted {
+        query,
+        allow,
+        admission,
+    })
 }
 
 /// How far `GET /v1/last` has written its array.
@@ -439,7 +442,7 @@ struct LastListing {
 /// the same token and origin rules. A filter the token does not allow is refused (403).
 /// The body is streamed in chunks of about [`LAST_CHUNK`] bytes.
 fn last_values(server: &Arc<Server>, req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let (query, allow) = match admit(server, req, peer) {
+    let Admitted { query, allow, .. } = match admit(server, req, peer) {
         Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };
@@ -565,7 +568,11 @@ fn stream(
         );
         return r;
     }
-    let (query, allow) = match admit(server, req, peer) {
+    let Admitted {
+        query,
+        allow,
+        admission,
+    } = match admit(server, req, peer) {
         Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };
@@ -601,7 +608,7 @@ fn stream(
             peer,
             format!(
                 "panel limit reached ({} panels)",
-                server.settings.max_panels
+                server.policy().max_panels
             ),
         );
     };
@@ -612,6 +619,7 @@ fn stream(
         since: query.since,
         last: query.last,
         allow,
+        admission,
         peer,
     };
     let on_upgrade = hyper::upgrade::on(req);

@@ -12,6 +12,7 @@
 
 mod http;
 pub mod origin;
+pub mod policy;
 pub mod protocol;
 mod session;
 pub mod throttle;
@@ -21,14 +22,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::budget;
-use crate::config::{Config, PanelToken, SlowPolicy};
+use crate::config::Config;
 use crate::journal::Journal;
 use crate::metrics::{Metrics, RejectReason};
 use crate::shutdown::{self, Shutdown};
+use policy::PanelPolicy;
 
 /// HTTP connections (page, metrics, health, refused upgrades) allowed besides panels.
 pub const HTTP_EXTRA_CONNECTIONS: usize = 32;
@@ -70,33 +72,26 @@ impl Default for Options {
 /// event size that sizes each panel's write buffer).
 #[derive(Debug, Clone)]
 pub struct PanelSettings {
-    /// At most this many panels at a time; the next upgrade gets HTTP 503.
-    pub max_panels: usize,
-    /// Origins (RFC 6454 serialisation) a browser may open the stream from; empty = any.
-    pub allowed_origins: Vec<String>,
-    /// Access tokens; none = open.
-    pub tokens: Vec<PanelToken>,
-    /// What happens to a panel that falls behind the oldest retained event.
-    pub slow_policy: SlowPolicy,
+    /// Tokens, origins, the panel limit, the slow-panel policy, the metrics token: at
+    /// the start.
+    pub policy: PanelPolicy,
+    /// Later policies (a reload): applied to new requests at once and to connected
+    /// panels by [`policy::Admission::recheck`]. `None`: the policy never changes.
+    pub updates: Option<watch::Receiver<Arc<PanelPolicy>>>,
     /// `journal.max_event_bytes`: the largest event frame a panel must be able to write.
     pub max_event_bytes: usize,
     /// TLS on the port (`panels.tls_cert`/`tls_key`, loaded by the daemon; `None`: plain
     /// HTTP).
     pub tls: Option<Arc<crate::tls::server::ServerTls>>,
-    /// SHA-256 of the bearer token `GET /metrics` requires (`None`: open).
-    pub metrics_token: Option<[u8; 32]>,
 }
 
 impl PanelSettings {
     pub fn from_config(cfg: &Config) -> Self {
         PanelSettings {
-            max_panels: cfg.panels.max_panels,
-            allowed_origins: cfg.panels.allowed_origins.clone(),
-            tokens: cfg.panels.tokens.clone(),
-            slow_policy: cfg.panels.slow_policy,
+            policy: PanelPolicy::from_config(cfg),
+            updates: None,
             max_event_bytes: cfg.journal.max_event_bytes,
             tls: None,
-            metrics_token: cfg.panels.metrics_token,
         }
     }
 }
@@ -138,7 +133,12 @@ pub async fn serve_with(
     opts: Options,
 ) -> Result<(), PanelsError> {
     let addr = listener.local_addr().map_err(PanelsError::Listener)?;
-    let permits = Arc::new(Semaphore::new(settings.max_panels + HTTP_EXTRA_CONNECTIONS));
+    let mut limit = settings.policy.max_panels;
+    let permits = Arc::new(Semaphore::new(limit + HTTP_EXTRA_CONNECTIONS));
+    let mut updates = settings.updates.clone();
+    // Permits a lowered limit could not take back yet (they were in use): taken as
+    // connections end.
+    let mut owed = 0usize;
     let tls = settings
         .tls
         .as_ref()
@@ -153,7 +153,33 @@ pub async fn serve_with(
         tokio::select! {
             biased;
             _ = shutdown.recv() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                if owed > 0 {
+                    owed -= permits.forget_permits(owed);
+                }
+            }
+            r = async { updates.as_mut()?.changed().await.ok() }, if updates.is_some() => {
+                let Some(()) = r else {
+                    updates = None;
+                    continue;
+                };
+                let new = updates.as_mut().map(|u| u.borrow_and_update().clone());
+                if let Some(new) = new {
+                    // Connections beyond a lowered limit are not closed; they are not
+                    // replaced until enough have gone.
+                    if new.max_panels > limit {
+                        let add = new.max_panels - limit;
+                        let paid = add.min(owed);
+                        owed -= paid;
+                        permits.add_permits(add - paid);
+                    } else {
+                        let cut = limit - new.max_panels;
+                        owed += cut - permits.forget_permits(cut);
+                    }
+                    limit = new.max_panels;
+                    server.policy.send_replace(new);
+                }
+            }
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -239,6 +265,8 @@ pub(crate) struct Server {
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
     settings: PanelSettings,
+    /// The policy in force; sessions watch it (a reload replaces it).
+    policy: watch::Sender<Arc<PanelPolicy>>,
     opts: Options,
     /// Panels connected (or upgrading); never above `max_panels`.
     panels: AtomicUsize,
@@ -266,6 +294,7 @@ impl Server {
         Server {
             journal,
             metrics,
+            policy: watch::Sender::new(Arc::new(settings.policy.clone())),
             settings,
             opts,
             panels: AtomicUsize::new(0),
@@ -274,9 +303,14 @@ impl Server {
         }
     }
 
+    /// The policy in force now.
+    fn policy(&self) -> Arc<PanelPolicy> {
+        self.policy.borrow().clone()
+    }
+
     /// Reserve a panel slot, or `None` when `max_panels` are connected.
     fn reserve_panel(self: &Arc<Self>) -> Option<PanelSlot> {
-        let max = self.settings.max_panels;
+        let max = self.policy().max_panels;
         self.panels
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)

@@ -202,13 +202,18 @@ pub fn token_matches(expected: &[u8; 32], presented: &str) -> bool {
 /// Compare the SHA-256 of the presented token against every configured hash, in
 /// constant time (every hash is compared in full, whether or not one matched).
 pub fn authorize(tokens: &[PanelToken], presented: Option<&str>) -> Access {
+    let digest: Option<[u8; 32]> = presented.map(|p| Sha256::digest(p.as_bytes()).into());
+    authorize_digest(tokens, digest.as_ref())
+}
+
+/// [`authorize`] for a token known by its SHA-256 (`None`: none presented).
+pub fn authorize_digest(tokens: &[PanelToken], digest: Option<&[u8; 32]>) -> Access {
     if tokens.is_empty() {
         return Access::Open;
     }
-    let Some(presented) = presented else {
+    let Some(digest) = digest else {
         return Access::Denied;
     };
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
     let mut found = usize::MAX;
     for (i, t) in tokens.iter().enumerate() {
         let diff = t

@@ -19,6 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -27,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Options;
+use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
 use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
 use crate::config::SlowPolicy;
@@ -51,6 +53,8 @@ pub(crate) struct Params {
     pub last: bool,
     /// The matched token's allowed filters (`None` = open).
     pub allow: Option<Vec<Filter>>,
+    /// What it was admitted with, checked again when the policy changes.
+    pub admission: Admission,
     pub peer: std::net::SocketAddr,
 }
 
@@ -62,17 +66,20 @@ enum End {
     Close(CloseCode, &'static str),
 }
 
-/// What a session reads besides its own socket: the journal, the metrics it counts in,
-/// and the server's slow-panel policy.
+/// What a session reads besides its own socket and the policy: the journal and the
+/// metrics it counts in.
 #[derive(Clone, Copy)]
 pub(crate) struct Shared<'a> {
     pub journal: &'a Arc<Journal>,
     pub metrics: &'a Metrics,
-    pub slow_policy: SlowPolicy,
 }
 
 struct Session<'a> {
     ctx: Shared<'a>,
+    /// The server's policy (tokens, origins, slow-panel policy); a reload changes it.
+    policy: watch::Receiver<Arc<PanelPolicy>>,
+    admission: Admission,
+    peer: std::net::SocketAddr,
     opts: &'a Options,
     enc: Encoding,
     allow: Option<Vec<Filter>>,
@@ -96,11 +103,21 @@ struct LastSync {
     upto: u64,
 }
 
-pub(crate) async fn run(ws: Ws, p: Params, ctx: Shared<'_>, opts: &Options, mut sd: Shutdown) {
+pub(crate) async fn run(
+    ws: Ws,
+    p: Params,
+    ctx: Shared<'_>,
+    policy: watch::Receiver<Arc<PanelPolicy>>,
+    opts: &Options,
+    mut sd: Shutdown,
+) {
     let peer = p.peer;
     let (mut tx, mut rx) = ws.split();
     let mut s = Session {
         ctx,
+        policy,
+        admission: p.admission,
+        peer,
         opts,
         enc: p.encoding,
         allow: p.allow,
@@ -161,6 +178,22 @@ async fn linger_close(
 }
 
 impl Session<'_> {
+    /// The policy changed (a reload): go on under the filters the token allows now, or
+    /// close with 1008 and the reason.
+    fn recheck(&mut self) -> Result<(), End> {
+        let policy = self.policy.borrow_and_update().clone();
+        match self.admission.recheck(&policy, self.filters.iter()) {
+            Ok(allow) => {
+                self.allow = allow;
+                Ok(())
+            }
+            Err(why) => {
+                log::info!("panel {}: closed after a reload: {why}", self.peer);
+                Err(End::Close(CloseCode::Policy, why))
+            }
+        }
+    }
+
     /// Hello, the initial filters, the resume point, the last values asked for.
     async fn start(
         &mut self,
@@ -224,6 +257,11 @@ impl Session<'_> {
         rx: &mut SplitStream<Ws>,
         sd: &mut Shutdown,
     ) -> End {
+        // A reload between the admission and this session's subscription to the policy
+        // is not missed.
+        if let Err(end) = self.recheck() {
+            return end;
+        }
         let mut notify = self.ctx.journal.subscribe();
         notify.borrow_and_update();
         let start = Instant::now() + self.opts.ping_interval;
@@ -240,6 +278,14 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = sd.recv() => return End::Close(CloseCode::Away, "server shutting down"),
+                r = self.policy.changed() => {
+                    if r.is_err() {
+                        return End::Close(CloseCode::Away, "server shutting down");
+                    }
+                    if let Err(end) = self.recheck() {
+                        return end;
+                    }
+                }
                 r = tx.flush(), if self.flushing => {
                     if r.is_err() {
                         return End::Gone;
@@ -352,7 +398,7 @@ impl Session<'_> {
                 let policy = match gap.kind {
                     // Lost in a crash: nobody could have read them; not the panel's fault.
                     GapKind::Lost => None,
-                    GapKind::Overwritten => Some(self.ctx.slow_policy),
+                    GapKind::Overwritten => Some(self.policy.borrow().slow_policy),
                 };
                 match policy {
                     None => {

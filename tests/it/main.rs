@@ -32,6 +32,7 @@ mod mirror_faults;
 mod mirror_tls;
 mod panel_security;
 mod panels;
+mod reload;
 mod security;
 mod source;
 mod source_auth;
