@@ -417,6 +417,25 @@ pub struct EncodedEvent {
     pub json: Utf8Bytes,
     /// The complete `asbgw.v1.postcard` frame.
     pub postcard: Bytes,
+    /// When the event was enqueued at Service Bus and received by the gateway, for the
+    /// latency histograms.
+    pub times: EventTimes,
+}
+
+/// Wall-clock times of one event, in milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventTimes {
+    /// `x-opt-enqueued-time` (Service Bus' clock).
+    pub enqueued_at_ms: Option<i64>,
+    /// When the gateway received it (`None`: restored from a snapshot).
+    pub received_at_ms: Option<i64>,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl EncodedEvent {
@@ -445,6 +464,10 @@ impl EncodedEvent {
             topic: topic.clone(),
             json: Utf8Bytes::from(frame.to_json()),
             postcard: Bytes::from(frame.to_postcard()),
+            times: EventTimes {
+                enqueued_at_ms: meta.enqueued_at_ms,
+                received_at_ms: Some(now_ms()),
+            },
         }
     }
 
@@ -452,10 +475,16 @@ impl EncodedEvent {
     /// topic and JSON frame are derived from it, and the frame bytes are kept as they
     /// are. `None` when the bytes are not an event frame or its topic is too long.
     pub fn from_postcard(postcard: Bytes) -> Option<Self> {
-        let (seq, topic, json) = match postcard::from_bytes::<Frame<'_>>(&postcard) {
+        let (seq, topic, json, enqueued_at_ms) = match postcard::from_bytes::<Frame<'_>>(&postcard)
+        {
             Ok(f @ Frame::Event(_)) => {
                 let Frame::Event(e) = &f else { return None };
-                (e.seq, Topic::try_from(e.topic).ok()?, f.to_json())
+                (
+                    e.seq,
+                    Topic::try_from(e.topic).ok()?,
+                    f.to_json(),
+                    e.enqueued_at_ms,
+                )
             }
             _ => return None,
         };
@@ -464,6 +493,10 @@ impl EncodedEvent {
             topic,
             json: Utf8Bytes::from(json),
             postcard,
+            times: EventTimes {
+                enqueued_at_ms,
+                received_at_ms: None,
+            },
         })
     }
 

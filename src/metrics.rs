@@ -376,6 +376,99 @@ impl<R: Reason> Exposed for Family<R> {
     }
 }
 
+/// Upper bounds of the latency histograms' buckets, in milliseconds: 1 ms … 60 s.
+pub const LATENCY_BUCKETS_MS: [u64; 15] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
+];
+/// The buckets and the `+Inf` one.
+const SLOTS: usize = LATENCY_BUCKETS_MS.len() + 1;
+
+/// Observations gathered by one loop (a panel's batch, the mirror's acknowledgements)
+/// before they are added to a [`Histogram`] at once: one atomic add per bucket touched,
+/// not per event.
+#[derive(Debug, Default, Clone)]
+pub struct Observations {
+    counts: [u64; SLOTS],
+    sum_ms: u64,
+}
+
+impl Observations {
+    /// One duration in milliseconds; a negative one (the two clocks disagree) counts as 0.
+    pub fn observe_ms(&mut self, ms: i64) {
+        let ms = ms.max(0) as u64;
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(SLOTS - 1);
+        self.counts[i] += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().all(|c| *c == 0)
+    }
+}
+
+/// A Prometheus histogram of durations over [`LATENCY_BUCKETS_MS`]: fixed memory
+/// (16 counters and a sum), whatever the traffic.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; SLOTS],
+    sum_ms: AtomicU64,
+}
+
+impl Histogram {
+    /// Add what a loop observed.
+    pub fn record(&self, o: &Observations) {
+        for (cell, n) in self.counts.iter().zip(o.counts) {
+            if n > 0 {
+                cell.fetch_add(n, Relaxed);
+            }
+        }
+        if o.sum_ms > 0 {
+            self.sum_ms.fetch_add(o.sum_ms, Relaxed);
+        }
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
+/// Histograms labelled by where events go (`to="panels"`, `to="mirror"`).
+#[derive(Debug, Default)]
+pub struct ByDestination {
+    /// Events handed to a panel's socket writes (live events; not a replay a panel asked
+    /// for with `since`, nor last values).
+    pub panels: Histogram,
+    /// Events the MQTT broker acknowledged (QoS 1).
+    pub mirror: Histogram,
+}
+
+impl Exposed for ByDestination {
+    fn kind(&self) -> &'static str {
+        "histogram"
+    }
+    /// Each sample's "labels" start with its suffix (`_bucket`, `_sum`, `_count`).
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        for (to, h) in [("panels", &self.panels), ("mirror", &self.mirror)] {
+            let mut cumulative = 0u64;
+            for (i, cell) in h.counts.iter().enumerate() {
+                cumulative += cell.load(Relaxed);
+                let le = match LATENCY_BUCKETS_MS.get(i) {
+                    Some(ms) => (*ms as f64 / 1000.0).to_string(),
+                    None => "+Inf".to_string(),
+                };
+                sample(&format!("_bucket{{to=\"{to}\",le=\"{le}\"}}"), &cumulative);
+            }
+            let sum = h.sum_ms.load(Relaxed) as f64 / 1000.0;
+            sample(&format!("_sum{{to=\"{to}\"}}"), &sum);
+            sample(&format!("_count{{to=\"{to}\"}}"), &cumulative);
+        }
+    }
+}
+
 /// Declares [`Metrics`] and its exposition table together: each field is one metric,
 /// with its name (after `asbgw_`) and help text, so a metric cannot be added and never
 /// rendered.
@@ -472,6 +565,13 @@ metrics! {
     mqtt_rejected: Family<MirrorRejectReason> => "mqtt_rejected_total",
         "Events the MQTT broker can never take (dead-lettered when the mirror is required), by reason.";
     mirror_state: StateCell => "mirror_up", "1 when the MQTT mirror is connected.";
+    // latency
+    /// Measured from `x-opt-enqueued-time`: Service Bus backlog and gateway delay.
+    event_age: ByDestination => "event_age_seconds",
+        "Age of each event since Service Bus enqueued it, when handed to a panel's socket writes (to=panels, live events) and when the MQTT broker acknowledged it (to=mirror).";
+    /// Measured from the gateway's receipt: its own delay only.
+    gateway_latency: ByDestination => "gateway_latency_seconds",
+        "Time from the gateway's receipt of each event to a panel's socket writes (to=panels) and to the MQTT broker's acknowledgement (to=mirror).";
     // budget
     budget_bytes: Gauge => "budget_bytes", "Worst-case memory of this config.";
     budget_limit_bytes: Gauge => "budget_limit_bytes", "budget.memory_mib in bytes.";
@@ -545,6 +645,32 @@ mod tests {
             assert!(name.starts_with("asbgw_"), "{line}");
             value.parse::<f64>().unwrap();
         }
+    }
+
+    #[test]
+    fn histograms_are_cumulative_prometheus_histograms() {
+        let m = Metrics::default();
+        let mut o = Observations::default();
+        for ms in [0, 1, 3, 70, 70, 120_000, -5] {
+            o.observe_ms(ms);
+        }
+        m.event_age.panels.record(&o);
+        let text = m.render();
+        assert!(text.contains("# TYPE asbgw_event_age_seconds histogram\n"));
+        for (le, n) in [
+            ("0.001", 3),
+            ("0.005", 4),
+            ("0.1", 6),
+            ("60", 6),
+            ("+Inf", 7),
+        ] {
+            let line = format!("asbgw_event_age_seconds_bucket{{to=\"panels\",le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        assert!(text.contains("asbgw_event_age_seconds_count{to=\"panels\"} 7\n"));
+        assert!(text.contains("asbgw_event_age_seconds_sum{to=\"panels\"} 120.144\n"));
+        assert!(text.contains("asbgw_event_age_seconds_count{to=\"mirror\"} 0\n"));
+        assert_eq!(m.event_age.panels.count(), 7);
     }
 
     #[test]

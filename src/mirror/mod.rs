@@ -778,6 +778,20 @@ impl Mirror {
 
     /// The broker has event `seq`: hand it on and tell the source.
     async fn delivered(&mut self, seq: u64) {
+        if let Some(t) = self.slot_mut(seq).map(|s| s.ev.times) {
+            let now = crate::event::now_ms();
+            let m = &self.ctx.metrics;
+            let mut o = crate::metrics::Observations::default();
+            if let Some(at) = t.enqueued_at_ms {
+                o.observe_ms(now - at);
+                m.event_age.mirror.record(&o);
+            }
+            if let Some(at) = t.received_at_ms {
+                o = crate::metrics::Observations::default();
+                o.observe_ms(now - at);
+                m.gateway_latency.mirror.record(&o);
+            }
+        }
         if self.finish(seq) {
             self.ctx.metrics.mqtt_acked.inc();
             if self.required {

@@ -33,10 +33,11 @@ use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
 use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
 use crate::config::SlowPolicy;
 use crate::event::EncodedEvent;
+use crate::event::now_ms;
 use crate::event::{Frame, GapReason};
 use crate::journal::GapKind;
 use crate::journal::Journal;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Observations};
 use crate::routing::Filter;
 use crate::shutdown::Shutdown;
 
@@ -85,6 +86,9 @@ struct Session<'a> {
     allow: Option<Vec<Filter>>,
     filters: heapless::Vec<Filter, MAX_FILTERS>,
     cursor: u64,
+    /// The first seq that was not in the journal when the panel connected: events from
+    /// here on are live (the latency histograms count those).
+    live_from: u64,
     /// Reused for every journal read; holds events only inside `pump`.
     batch: Vec<Arc<EncodedEvent>>,
     /// Last values still to send (`last=true` or the `last` op), paged through the
@@ -123,6 +127,7 @@ pub(crate) async fn run(
         allow: p.allow,
         filters: heapless::Vec::new(),
         cursor: ctx.journal.latest() + 1,
+        live_from: ctx.journal.latest() + 1,
         batch: Vec::with_capacity(opts.batch),
         sync: None,
         pending: 0,
@@ -220,6 +225,7 @@ impl Session<'_> {
         // One reading of `latest`: the last values are those current at it, and the live
         // stream (without `since`) starts right after it.
         let latest = self.ctx.journal.latest();
+        self.live_from = latest + 1;
         if last {
             self.sync = Some(LastSync {
                 after: 0,
@@ -387,6 +393,7 @@ impl Session<'_> {
         }
         let j = self.ctx.journal.clone();
         let mut sent = 0u64;
+        let (mut age, mut delay) = (Observations::default(), Observations::default());
         let mut fed_all_last = true;
         let result = loop {
             if !fed_all_last {
@@ -435,6 +442,7 @@ impl Session<'_> {
                 break Ok(());
             }
             let mut fed_all = true;
+            let now = now_ms();
             for i in 0..self.batch.len() {
                 let ev = &self.batch[i];
                 if !self.filters.iter().any(|f| f.matches(&ev.topic)) {
@@ -456,8 +464,19 @@ impl Session<'_> {
                     Encoding::Json => (Message::Text(ev.json.clone()), ev.json.len()),
                     Encoding::Postcard => (Message::Binary(ev.postcard.clone()), ev.postcard.len()),
                 };
+                // Live events only: a replay the panel asked for is old on purpose.
+                if ev.seq >= self.live_from {
+                    let t = ev.times;
+                    if let Some(at) = t.enqueued_at_ms {
+                        age.observe_ms(now - at);
+                    }
+                    if let Some(at) = t.received_at_ms {
+                        delay.observe_ms(now - at);
+                    }
+                }
                 if let Err(e) = self.feed(tx, msg, len).await {
                     self.batch.clear();
+                    self.record(&age, &delay);
                     return Err(e);
                 }
                 sent += 1;
@@ -466,7 +485,19 @@ impl Session<'_> {
         };
         self.batch.clear();
         self.ctx.metrics.frames_sent.add(sent);
+        self.record(&age, &delay);
         result
+    }
+
+    /// Add a pump's latency observations to the histograms.
+    fn record(&self, age: &Observations, delay: &Observations) {
+        let m = self.ctx.metrics;
+        if !age.is_empty() {
+            m.event_age.panels.record(age);
+        }
+        if !delay.is_empty() {
+            m.gateway_latency.panels.record(delay);
+        }
     }
 
     /// Queue one message; never waits for the socket (the write buffer is sized so the

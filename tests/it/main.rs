@@ -27,6 +27,7 @@ mod hostile_props;
 mod hostile_ws;
 mod journal_props;
 mod last_values;
+mod latency;
 mod mirror;
 mod mirror_faults;
 mod mirror_tls;

@@ -650,7 +650,7 @@ fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
             let value = parts.next().expect("help or type text");
             assert!(kind == "HELP" || kind == "TYPE", "{line}");
             if kind == "TYPE" {
-                assert!(["counter", "gauge"].contains(&value), "{line}");
+                assert!(["counter", "gauge", "histogram"].contains(&value), "{line}");
                 typed.insert(name.to_string());
             }
             continue;
@@ -676,7 +676,12 @@ fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
                 );
             }
         }
-        assert!(typed.contains(name), "sample before its TYPE: {line}");
+        // A histogram's samples are its name with _bucket, _sum or _count.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its TYPE: {line}");
         samples.insert(
             series.to_string(),
             value.parse::<f64>().expect("numeric value"),
