@@ -21,8 +21,11 @@ pub const PROP_VALUE_MAX: usize = 256;
 pub const TOPIC_MAX: usize = 256;
 
 /// Raw metadata bytes one event can carry at most (ids, content type, topic, properties).
-pub const META_RAW_MAX: usize =
-    3 * ID_MAX + CONTENT_TYPE_MAX + TOPIC_MAX + PROPS_MAX * (PROP_KEY_MAX + PROP_VALUE_MAX);
+pub const META_RAW_MAX: usize = 3 * ID_MAX
+    + CONTENT_TYPE_MAX
+    + TOPIC_MAX
+    + PROPS_MAX * (PROP_KEY_MAX + PROP_VALUE_MAX)
+    + crate::trace::TRACEPARENT_LEN;
 
 pub type IdString = HString<ID_MAX>;
 pub type ContentType = HString<CONTENT_TYPE_MAX>;
@@ -63,6 +66,9 @@ pub struct EventMeta {
     /// The broker's sequence number (`x-opt-sequence-number`).
     pub asb_seq: Option<i64>,
     pub props: Props,
+    /// W3C trace context from the `traceparent` or `Diagnostic-Id` application property,
+    /// when valid ([`crate::trace`]).
+    pub traceparent: Option<crate::trace::TraceParent>,
     /// Set when any metadata was cut or altered to fit the limits.
     pub truncated: bool,
 }
@@ -173,6 +179,17 @@ pub struct EventFrame<'a> {
     #[serde(borrow)]
     pub body: Body<'a>,
     pub truncated: bool,
+    /// W3C `traceparent` of the producer's trace. The last field: a frame written before
+    /// it existed (an older snapshot) reads as `None`, and an older postcard reader
+    /// ignores it (postcard leaves trailing bytes unread).
+    #[serde(borrow, default, deserialize_with = "trailing_opt_str")]
+    pub traceparent: Option<&'a str>,
+}
+
+/// A last optional field that older frames do not have: the end of the input reads as
+/// `None` (postcard reports it as an error; any other error in this field does too).
+fn trailing_opt_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
+    Ok(<Option<&'de str> as Deserialize>::deserialize(d).unwrap_or(None))
 }
 
 /// Server → panel frames of protocol v1. In `asbgw.v1.postcard` these Rust types are the
@@ -281,6 +298,9 @@ impl Frame<'_> {
                 if e.truncated {
                     w.key("truncated");
                     w.out.push_str("true");
+                }
+                if let Some(tp) = e.traceparent {
+                    w.str_field("traceparent", tp);
                 }
                 if matches!(self, Frame::Last(_)) {
                     w.out.push_str(LAST_FIELD);
@@ -458,6 +478,7 @@ impl EncodedEvent {
             props,
             body: Body::classify(body, meta.content_type.as_deref()),
             truncated: meta.truncated,
+            traceparent: meta.traceparent.as_deref(),
         });
         EncodedEvent {
             seq,
@@ -673,6 +694,59 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
         assert_eq!(v["body_encoding"], "base64");
         assert!(ev.heap_bytes() <= max_entry_bytes(4096));
+    }
+
+    #[test]
+    fn traceparent_is_a_trailing_field_older_frames_and_readers_agree_with() {
+        let topic = Topic::try_from("line1/press/temp").unwrap();
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut m = meta();
+        m.traceparent = crate::trace::parse_traceparent(tp);
+        let ev = EncodedEvent::encode(5, &topic, &m, b"{}");
+        let v: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
+        assert_eq!(v["traceparent"], tp);
+        assert_eq!(ev.frame().unwrap().traceparent, Some(tp));
+        let back = EncodedEvent::from_postcard(ev.postcard.clone()).unwrap();
+        assert_eq!(back.json, ev.json);
+        // A frame from before the field (an older snapshot): the same bytes without the
+        // trailing `None` (one 0 byte) still decode, with no traceparent.
+        let plain = EncodedEvent::encode(6, &topic, &meta(), b"{}");
+        assert_eq!(plain.postcard.last(), Some(&0));
+        let old = plain.postcard.slice(..plain.postcard.len() - 1);
+        let restored = EncodedEvent::from_postcard(old).unwrap();
+        assert_eq!(restored.seq, 6);
+        assert_eq!(restored.frame().unwrap().traceparent, None);
+        assert!(!restored.json.contains("traceparent"));
+        // An older reader (the type without the field) reads a new frame: postcard
+        // leaves the trailing field unread.
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Before<'a> {
+            seq: u64,
+            topic: &'a str,
+            subject: Option<&'a str>,
+            message_id: Option<&'a str>,
+            correlation_id: Option<&'a str>,
+            content_type: Option<&'a str>,
+            enqueued_at_ms: Option<i64>,
+            asb_seq: Option<i64>,
+            #[serde(borrow)]
+            props: Vec<(&'a str, &'a str)>,
+            #[serde(borrow)]
+            body: Body<'a>,
+            truncated: bool,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        enum BeforeFrame<'a> {
+            Hello,
+            #[serde(borrow)]
+            Event(Before<'a>),
+        }
+        match postcard::from_bytes::<BeforeFrame<'_>>(&ev.postcard).unwrap() {
+            BeforeFrame::Event(e) => assert_eq!((e.seq, e.topic), (5, "line1/press/temp")),
+            BeforeFrame::Hello => panic!("an event"),
+        }
     }
 
     #[test]

@@ -39,3 +39,4 @@ pub mod sas;
 pub mod shutdown;
 pub mod source;
 pub mod tls;
+pub mod trace;

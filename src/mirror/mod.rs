@@ -536,10 +536,14 @@ impl Mirror {
         let props = v5.then(|| {
             // Values cut to the limits of DESIGN §3 and cleaned of what MQTT forbids.
             let text = |s: &str| mqtt_clean(s, '?', client::MQTT_STRING_MAX).into_owned();
-            let mut user = Vec::with_capacity(3);
+            let mut user = Vec::with_capacity(4);
             user.push(("seq".to_string(), ev.seq.to_string()));
             let mut ct = None;
             if let Some(f) = &frame {
+                // Valid by construction (crate::trace): hex digits and dashes.
+                if let Some(tp) = f.traceparent {
+                    user.push(("traceparent".to_string(), tp.to_string()));
+                }
                 if let Some(id) = f.message_id {
                     user.push(("message_id".to_string(), text(id)));
                 }

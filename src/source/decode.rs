@@ -102,6 +102,13 @@ pub fn metadata(msg: &AmqpMessage) -> EventMeta {
             }
             m.push_prop(k, &simple_value_string(v));
         }
+        // Trace context: the first of the properties that carries a valid traceparent.
+        m.traceparent = crate::trace::PROPERTIES
+            .iter()
+            .find_map(|name| match ap.0.get(*name) {
+                Some(SimpleValue::String(s)) => crate::trace::parse_traceparent(s),
+                _ => None,
+            });
     }
     if let Some(ma) = &msg.message_annotations {
         for (k, v) in ma.0.iter() {

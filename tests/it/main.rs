@@ -38,5 +38,6 @@ mod security;
 mod source;
 mod source_auth;
 mod source_rabbitmq;
+mod trace_context;
 mod typed_props;
 mod yocto;
