@@ -119,6 +119,27 @@ mod tests {
     }
 
     #[test]
+    fn the_config_key_is_checked_and_names_the_entry() {
+        use crate::config::{Config, LoadEnv};
+        let cfg = |peers: &str| {
+            Config::parse(
+                &format!(
+                    "[source]\nconnection_string = \"Endpoint=sb://h/;SharedAccessKeyName=k;SharedAccessKey=v\"\n\
+                     [[source.subscriptions]]\ntopic = \"t\"\nsubscription = \"s\"\n\
+                     [panels]\npeer_gateways = {peers}\n"
+                ),
+                &LoadEnv::default(),
+            )
+        };
+        let ok = cfg("[\"http://box-b:8080/\"]").expect("a valid peer");
+        assert_eq!(ok.panels.peer_gateways, ["http://box-b:8080/"]);
+        let err = cfg("[\"http://box-b:8080/\", \"http://x; script-src *\"]")
+            .expect_err("a CSP injection is refused")
+            .to_string();
+        assert!(err.contains("panels.peer_gateways[1]"), "{err}");
+    }
+
+    #[test]
     fn the_csp_allows_the_peers_websockets_only() {
         assert_eq!(page_csp(BASE, &[]), BASE);
         let peers = ["http://box-b:8080/".to_string(), "https://box-c/gw/".into()];
