@@ -408,6 +408,74 @@ async fn page_reconnects_and_resumes_without_losing_events() {
         .unwrap();
 }
 
+/// The page's state with the fleet fields: which gateway it is on, the epoch notice.
+const FLEET_STATE: &str = "({state: document.getElementById('state').textContent, \
+    gaps: +document.getElementById('gaps').textContent, \
+    gateway: document.body.dataset.gateway, epochs: +(document.body.dataset.epochs || 0), \
+    notice: document.getElementById('notice').textContent, \
+    seqs: [...document.querySelectorAll('#rows tr')].map(r => +r.dataset.seq), \
+    bodies: [...document.querySelectorAll('#rows tr td.body')].map(td => td.textContent)})";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_fails_over_to_a_peer_gateway_and_shows_its_epoch() {
+    // Box B: another journal (another epoch) with its own history.
+    let ctx_b = asb_gateway::app::Context::with_epoch(config(""), "fedcba987654".into());
+    for i in 0..3 {
+        append(&ctx_b, "line2/temp", &format!("{{\"b\":{i}}}"));
+    }
+    let srv_b = start(ctx_b.clone(), Options::default()).await;
+    // Box A names B in panels.peer_gateways: its page's CSP allows B, the page lists it.
+    let ctx_a = ctx(&format!(
+        "[panels]\npeer_gateways = [\"http://{}/\"]\n",
+        srv_b.addr
+    ));
+    for i in 0..4 {
+        append(&ctx_a, "line1/temp", &format!("{{\"a\":{i}}}"));
+    }
+    let srv_a = start(ctx_a.clone(), Options::default()).await;
+    let mut cdp = Cdp::open(&format!("http://{}/", srv_a.addr)).await;
+    let s = until_js(&mut cdp, "live on A", FLEET_STATE, |s| {
+        s["state"] == "live" && s["seqs"] == serde_json::json!([4, 3, 2, 1])
+    })
+    .await;
+    assert_eq!(s["gateway"], "0", "{s}");
+    assert_eq!(
+        (s["gaps"].as_u64(), s["epochs"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // A goes away: the page moves to B (resuming with A's since), B's epoch differs, so
+    // B says gap "epoch" and replays its own history, which replaces A's on the page.
+    srv_a.stop().await;
+    let s = until_js(&mut cdp, "live on B with B's history", FLEET_STATE, |s| {
+        s["state"] == "live" && s["gateway"] == "1" && s["seqs"] == serde_json::json!([3, 2, 1])
+    })
+    .await;
+    assert_eq!(s["epochs"], 1, "{s}");
+    assert!(s["gaps"].as_u64().unwrap() >= 1, "{s}");
+    assert!(
+        s["bodies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b.as_str().unwrap().contains("\"b\"")),
+        "{s}"
+    );
+    let notice = s["notice"].as_str().unwrap();
+    assert!(
+        notice.contains("fedcba987654") && notice.contains(&srv_b.addr.to_string()),
+        "{s}"
+    );
+    // and stays live on B
+    append(&ctx_b, "line2/temp", "{\"b\":3}");
+    until_js(&mut cdp, "B's next event", FLEET_STATE, |s| {
+        s["seqs"] == serde_json::json!([4, 3, 2, 1]) && s["gateway"] == "1"
+    })
+    .await;
+    drop(cdp);
+    srv_b.stop().await;
+}
+
 // ---- the board ----
 
 /// The board as the page renders it: tiles (topic, latest seq, value text, classes,
@@ -1358,5 +1426,7 @@ fn page_is_small_and_self_contained() {
         assert_eq!(external, 0, "{name} refers to another host");
     }
     assert!(html.contains("<script src=\"page.js\"></script>"));
-    assert!(js.contains("new URL(\"v1/stream\", location.href)"));
+    // the stream is relative to the page (the first gateway is the page's own)
+    assert!(js.contains("const gateways = [location.href];"));
+    assert!(js.contains("new URL(\"v1/stream\", gateways[current])"));
 }

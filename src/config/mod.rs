@@ -239,6 +239,9 @@ pub struct PanelsConfig {
     /// or the credentials when the config is read.
     #[serde(skip)]
     pub tls: Option<PanelTls>,
+    /// Base URLs of the other boxes' pages (`http[s]://host[:port][/path/]`), which the
+    /// built-in page fails over to and its CSP allows (docs/fleet.md); empty = none.
+    pub peer_gateways: Vec<String>,
 }
 
 /// The panel port's certificate files, checked when the config was read.
@@ -264,6 +267,7 @@ impl Default for PanelsConfig {
             open: false,
             metrics_token: None,
             tls: None,
+            peer_gateways: Vec::new(),
         }
     }
 }
@@ -708,6 +712,15 @@ impl PanelsConfig {
                 return Err(invalid(
                     &format!("panels.allowed_origins[{i}]"),
                     "must be an origin, scheme://host[:port], such as \"http://panel.local:8080\"",
+                ));
+            }
+        }
+        for (i, p) in self.peer_gateways.iter().enumerate() {
+            if !crate::panels::fleet::valid_peer(p) {
+                return Err(invalid(
+                    &format!("panels.peer_gateways[{i}]"),
+                    "must be the http:// or https:// address of another gateway's page, \
+                     host[:port] and an optional path, such as \"http://box-b.local:8080/\"",
                 ));
             }
         }

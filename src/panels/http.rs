@@ -28,7 +28,8 @@ use crate::shutdown::Shutdown;
 
 const PAGE_HTML: &str = include_str!("page.html");
 const PAGE_JS: &str = include_str!("page.js");
-/// The page loads only its own script and talks only to its own origin.
+/// The page loads only its own script and talks only to its own origin (and to the
+/// `panels.peer_gateways`, added by [`super::fleet::page_csp`]).
 const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
                         connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
                         form-action 'none'; frame-ancestors 'none'";
@@ -145,12 +146,12 @@ fn route(
             let mut r = response(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                Bytes::from_static(PAGE_HTML.as_bytes()),
+                super::fleet::page_html(PAGE_HTML, &server.settings.peer_gateways),
             );
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(PAGE_CSP),
+                super::fleet::page_csp(PAGE_CSP, &server.settings.peer_gateways),
             );
             h.insert(
                 header::X_CONTENT_TYPE_OPTIONS,

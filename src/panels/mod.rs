@@ -10,6 +10,7 @@
 //! - Shutdown: stop accepting, close every panel with 1001, return within
 //!   [`Options::shutdown_grace`].
 
+pub mod fleet;
 mod http;
 pub mod origin;
 pub mod policy;
@@ -83,6 +84,9 @@ pub struct PanelSettings {
     /// TLS on the port (`panels.tls_cert`/`tls_key`, loaded by the daemon; `None`: plain
     /// HTTP).
     pub tls: Option<Arc<crate::tls::server::ServerTls>>,
+    /// `panels.peer_gateways`: the other boxes the built-in page fails over to
+    /// ([`fleet`]); read at the start.
+    pub peer_gateways: Vec<String>,
 }
 
 impl PanelSettings {
@@ -92,6 +96,7 @@ impl PanelSettings {
             updates: None,
             max_event_bytes: cfg.journal.max_event_bytes,
             tls: None,
+            peer_gateways: cfg.panels.peer_gateways.clone(),
         }
     }
 }

@@ -12,6 +12,11 @@
 // (asbgw.token.<base64url>), v1/last as Authorization: Bearer. A connection that fails
 // before it opens (the browser only sees 1006) is explained by GET v1/last: 401 shows the
 // token form (asked once, kept in sessionStorage), 429 waits Retry-After.
+// Fleet (docs/fleet.md): the gateways are this page's own, then the peers the server
+// names in <meta name="asbgw-peers"> (panels.peer_gateways; the CSP allows exactly those).
+// A lost or failed connection moves on to the next gateway, with the same backoff and
+// since=EPOCH:SEQ; another box has another epoch, so it answers with a gap "epoch" and
+// its own history, which replaces what the page showed.
 "use strict";
 (function () {
   const MAX_ROWS = 200; // log rows
@@ -46,6 +51,18 @@
   if (filters.length === 0) filters = ["#"];
   let alarmFilters = params.getAll("alarm").filter(Boolean);
   if (alarmFilters.length === 0) alarmFilters = words(store("asbgw.alarm") || "+/+/alarm");
+
+  const gateways = [location.href];
+  const peersMeta = document.querySelector('meta[name="asbgw-peers"]');
+  for (const p of words(peersMeta ? peersMeta.content : "")) {
+    try {
+      const u = new URL(p);
+      if (u.protocol !== "http:" && u.protocol !== "https:") continue;
+      if (!u.pathname.endsWith("/")) u.pathname += "/";
+      gateways.push(u.toString());
+    } catch (e) { /* not a URL: skipped */ }
+  }
+  let current = 0; // index into gateways
 
   let ws = null;
   let epoch = null;
@@ -99,9 +116,9 @@
   }
 
   function streamUrl() {
-    // Relative to the page, so a path prefix (reverse proxy) is kept.
-    const u = new URL("v1/stream", location.href);
-    u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    // Relative to the page (or the peer's page), so a path prefix (reverse proxy) is kept.
+    const u = new URL("v1/stream", gateways[current]);
+    u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
     u.search = "";
     u.hash = "";
     u.searchParams.set("last", "true");
@@ -144,8 +161,8 @@
       if (ws !== sock) return;
       ws = null;
       const why = ev.code + (ev.reason ? " " + ev.reason : "");
-      if (opened) schedule(why);
-      else check(why, false);
+      if (opened || current !== 0) schedule(why);
+      else check(why, false); // only the page's own gateway can be asked why (same origin)
     };
   }
 
@@ -209,6 +226,7 @@
   function schedule(why) {
     setState("offline", why);
     clearTimeout(retry);
+    current = (current + 1) % gateways.length; // the next box of the fleet, if any
     retry = setTimeout(connect, backoff);
     backoff = Math.min(backoff * 2, 10000);
   }
@@ -224,7 +242,10 @@
         setState("live");
         $("error").textContent = "";
         $("info").textContent = "epoch " + f.epoch + " · journal " + f.oldest + "–" + f.latest +
-          " · filters " + f.filters.join(" ");
+          " · filters " + f.filters.join(" ") +
+          (gateways.length > 1 ? " · gateway " + new URL(gateways[current]).host : "");
+        document.body.dataset.gateway = current;
+        $("notice").textContent = "";
         if (epoch !== null && f.epoch !== epoch) {
           // A new journal: old sequence numbers mean nothing any more.
           clearRows();
@@ -269,6 +290,11 @@
         if (f.reason === "epoch") {
           clearRows();
           lastSeq = 0;
+          // Say what happened: another journal (another box, or this one restarted
+          // without its snapshot); what follows is its history, numbered anew.
+          $("notice").textContent = "new journal (epoch " + epoch + ") on " +
+            new URL(gateways[current]).host + ": showing its history; events from before may be missing";
+          document.body.dataset.epochs = (Number(document.body.dataset.epochs) || 0) + 1;
         }
         break;
       case "error":

@@ -22,6 +22,7 @@ mod e2e_mqtt;
 mod emulator;
 mod emulator_dialect;
 mod faults;
+mod fleet;
 mod hostile_amqp;
 mod hostile_props;
 mod hostile_ws;
