@@ -6,7 +6,7 @@
 //! mirror's certificates are re-read on every reload besides). Everything else —
 //! `[source]` and the connection string, `[journal]`, `[routing]`, `[mqtt]` and its
 //! password, `[budget]`, `panels.listen`, `panels.last_values`, `panels.last_values_mib`,
-//! `panels.open`, `panels.tls_cert`/`tls_key` — keeps its running value until a restart.
+//! `panels.open`, `panels.peer_gateways`, `panels.tls_cert`/`tls_key` — keeps its running value until a restart.
 //! The routing template stays too: the last-value table and every panel's filters are
 //! keyed by the topic names it makes, and one epoch names topics one way.
 
@@ -99,6 +99,7 @@ pub fn apply_live(running: &mut Config, new: &Config) -> Changes {
             r.panels.last_values_mib != n.last_values_mib,
         ),
         ("panels.open", r.panels.open != n.open),
+        ("panels.peer_gateways", r.panels.peer_gateways != n.peer_gateways),
         ("panels.tls_cert", r.panels.tls_cert != n.tls_cert),
         ("panels.tls_key", r.panels.tls_key != n.tls_key),
         (
