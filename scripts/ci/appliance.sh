@@ -3,12 +3,16 @@
 #   (a) systemd-analyze verify of the unit: empty output, and a typo makes it fail
 #   (b) systemd-analyze security --offline=yes under a threshold
 #   (c) release builds for aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf
-#       with Debian's cross gcc, printing the stripped binary sizes
+#       with Debian's cross gcc, and x86_64-unknown-linux-gnu, printing the stripped
+#       binary sizes
+#   (g) the Debian packages of the three release builds (scripts/ci/package.sh: lintian,
+#       contents, install/upgrade/purge of the amd64 package in a scratch root)
 #   (d) the library's unit tests on aarch64 under qemu-aarch64 (profile cross-test)
 #   (e) oelint-adv on the Yocto recipe (only the network-dependent HOMEPAGE ping
 #       suppressed)
 #   (f) the Yocto crates include in sync with Cargo.lock (and the license checksum)
-# Skip the slow ARM parts with APPLIANCE_SKIP_ARM=1 (for a quick local run only).
+# Skip the slow ARM parts and the packages with APPLIANCE_SKIP_ARM=1 (for a quick local
+# run only).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -25,6 +29,7 @@ fail() { echo "appliance: FAIL: $*" >&2; exit 1; }
 for tool in systemd-analyze qemu-aarch64 aarch64-linux-gnu-gcc arm-linux-gnueabihf-gcc; do
     command -v "$tool" >/dev/null || fail "$tool missing: run scripts/setup/appliance.sh"
 done
+cargo deb --version >/dev/null 2>&1 || fail "cargo-deb missing: run scripts/setup/package.sh"
 [ -x .venv/bin/oelint-adv ] || fail "oelint-adv missing: run scripts/setup/appliance.sh"
 
 # ---------------------------------------------------------------- (a) verify
@@ -106,20 +111,24 @@ if [ "${APPLIANCE_SKIP_ARM:-0}" = 1 ]; then
     exit 0
 fi
 
-# ---------------------------------------------------------------- (c) ARM release builds
-# One cargo run for both targets: each ends in a long single-threaded LTO step, and
-# together they keep both cores busy.
-ARM_TARGETS="aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf"
-step "(c) release builds for $ARM_TARGETS"
+# ---------------------------------------------------------------- (c) release builds
+# One cargo run for the three targets: each ends in a long single-threaded LTO step, and
+# together they keep both cores busy. x86_64 is here for the amd64 package (g).
+RELEASE_TARGETS="aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf x86_64-unknown-linux-gnu"
+step "(c) release builds for $RELEASE_TARGETS"
 cargo build --quiet --release --locked --bin asb-gateway \
-    $(for t in $ARM_TARGETS; do printf -- '--target %s ' "$t"; done)
-for target in $ARM_TARGETS; do
+    $(for t in $RELEASE_TARGETS; do printf -- '--target %s ' "$t"; done)
+for target in $RELEASE_TARGETS; do
     out="$TARGET_DIR/$target/release/asb-gateway"
     file -b "$out" 2>/dev/null || true
     size=$(stat -c %s "$out")
     awk -v t="$target" -v s="$size" \
         'BEGIN { printf "stripped size %s: %d bytes (%.2f MiB)\n", t, s, s / 1048576 }'
 done
+
+# ---------------------------------------------------------------- (g) Debian packages
+step "(g) Debian packages from the release builds (scripts/ci/package.sh)"
+bash scripts/ci/package.sh
 
 # ---------------------------------------------------------------- (d) tests under qemu
 # Profile cross-test = dev without debug info: the same code and checks, built faster.
