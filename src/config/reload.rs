@@ -99,7 +99,10 @@ pub fn apply_live(running: &mut Config, new: &Config) -> Changes {
             r.panels.last_values_mib != n.last_values_mib,
         ),
         ("panels.open", r.panels.open != n.open),
-        ("panels.peer_gateways", r.panels.peer_gateways != n.peer_gateways),
+        (
+            "panels.peer_gateways",
+            r.panels.peer_gateways != n.peer_gateways,
+        ),
         ("panels.tls_cert", r.panels.tls_cert != n.tls_cert),
         ("panels.tls_key", r.panels.tls_key != n.tls_key),
         (
