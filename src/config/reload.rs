@@ -80,7 +80,7 @@ pub fn apply_live(running: &mut Config, new: &Config) -> Changes {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let r = &*running;
-    let restart: [(&'static str, bool); 12] = [
+    let restart: [(&'static str, bool); 13] = [
         (
             "source",
             differs(&r.source, &new.source) || r.connection != new.connection,
