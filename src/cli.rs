@@ -26,7 +26,8 @@ Usage:
   asb-gateway demo [--listen ADDR] [--mqtt URL] [--rate N]
                                              emulator + event generator + gateway + panel page
   asb-gateway emulator [--listen ADDR] [--config FILE] [--admin ADDR]
-                                             the ASB emulator alone
+                      [--listen-ws ADDR [--tls-cert FILE --tls-key FILE]]
+                                             the ASB emulator alone (and over WebSockets)
   asb-gateway --version | --help
 
 Exit codes: 0 ok, 1 bad config or input, 2 runtime failure.
@@ -45,11 +46,7 @@ pub enum Command {
         mqtt: Option<String>,
         rate: f64,
     },
-    Emulator {
-        listen: SocketAddr,
-        config: Option<PathBuf>,
-        admin: Option<SocketAddr>,
-    },
+    Emulator(emulator::ServeOptions),
     Help,
     Version,
 }
@@ -87,6 +84,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
     let mut config: Option<PathBuf> = None;
     let mut listen: Option<SocketAddr> = None;
     let mut admin: Option<SocketAddr> = None;
+    let mut listen_ws: Option<SocketAddr> = None;
+    let (mut tls_cert, mut tls_key): (Option<PathBuf>, Option<PathBuf>) = (None, None);
     let mut mqtt: Option<String> = None;
     let mut rate: f64 = 5.0;
     while let Some(arg) = p.next()? {
@@ -97,6 +96,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             }
             ("demo" | "emulator", Long("listen")) => listen = Some(addr(p.value()?, "--listen")?),
             ("emulator", Long("admin")) => admin = Some(addr(p.value()?, "--admin")?),
+            ("emulator", Long("listen-ws")) => listen_ws = Some(addr(p.value()?, "--listen-ws")?),
+            ("emulator", Long("tls-cert")) => tls_cert = Some(p.value()?.into()),
+            ("emulator", Long("tls-key")) => tls_key = Some(p.value()?.into()),
             ("demo", Long("mqtt")) => mqtt = Some(p.value()?.to_string_lossy().into_owned()),
             ("demo", Long("rate")) => {
                 let v = p.value()?.to_string_lossy().into_owned();
@@ -129,11 +131,29 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             mqtt,
             rate,
         },
-        "emulator" => Command::Emulator {
-            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5672))),
-            config,
-            admin,
-        },
+        "emulator" => {
+            let ws_tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::CertFiles { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(UsageError(
+                        "emulator: --tls-cert and --tls-key go together".into(),
+                    ));
+                }
+            };
+            if ws_tls.is_some() && listen_ws.is_none() {
+                return Err(UsageError(
+                    "emulator: --tls-cert/--tls-key serve the --listen-ws listener; give it".into(),
+                ));
+            }
+            Command::Emulator(emulator::ServeOptions {
+                listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5672))),
+                config,
+                admin,
+                listen_ws,
+                ws_tls,
+            })
+        }
         other => return Err(UsageError(format!("unknown command '{other}'; try --help"))),
     })
 }
@@ -159,11 +179,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
         Command::Demo { listen, mqtt, rate } => run_demo(DemoOptions { listen, mqtt, rate }),
-        Command::Emulator {
-            listen,
-            config,
-            admin,
-        } => run_emulator(listen, config, admin),
+        Command::Emulator(options) => run_emulator(options),
     }
 }
 
@@ -188,20 +204,14 @@ fn run_demo(options: DemoOptions) -> ExitCode {
 
 /// `asb-gateway emulator`: exit 1 for a bad Config.json, 2 when the emulator cannot run
 /// (e.g. the port is in use).
-fn run_emulator(
-    listen: SocketAddr,
-    config: Option<PathBuf>,
-    admin: Option<SocketAddr>,
-) -> ExitCode {
+fn run_emulator(options: emulator::ServeOptions) -> ExitCode {
     // Its connections, links and refusals go to stderr (or the journal), like the daemon's.
     crate::appliance::logging::init("info");
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let served = rt.block_on(until_terminated(|stop| {
-        emulator::serve(listen, config.as_deref(), admin, stop)
-    }));
+    let served = rt.block_on(until_terminated(|stop| emulator::serve(options, stop)));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -395,12 +405,31 @@ mod tests {
                 "127.0.0.1:9"
             ])
             .unwrap(),
-            Command::Emulator {
+            Command::Emulator(emulator::ServeOptions {
                 listen: "127.0.0.1:5673".parse().unwrap(),
                 config: None,
                 admin: Some("127.0.0.1:9".parse().unwrap()),
-            }
+                listen_ws: None,
+                ws_tls: None,
+            })
         );
+        assert!(matches!(
+            p(&[
+                "emulator",
+                "--listen-ws",
+                "127.0.0.1:0",
+                "--tls-cert",
+                "c",
+                "--tls-key",
+                "k"
+            ])
+            .unwrap(),
+            Command::Emulator(emulator::ServeOptions {
+                listen_ws: Some(_),
+                ws_tls: Some(_),
+                ..
+            })
+        ));
         assert!(matches!(
             p(&["demo", "--mqtt", "mqtt://127.0.0.1:1883"]).unwrap(),
             Command::Demo { mqtt: Some(_), .. }
@@ -417,5 +446,7 @@ mod tests {
         assert!(p(&["demo", "--listen", "nope"]).is_err());
         assert!(p(&["demo", "--rate", "-1"]).is_err());
         assert!(p(&["check-config", "--config"]).is_err());
+        assert!(p(&["emulator", "--tls-cert", "c"]).is_err());
+        assert!(p(&["emulator", "--tls-cert", "c", "--tls-key", "k"]).is_err());
     }
 }

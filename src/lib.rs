@@ -12,11 +12,13 @@
 //!
 //! Below them: [`config`] (typed TOML, parsed once), [`routing`] (topic templates and
 //! filters), [`budget`] (worst-case memory), [`metrics`], [`liveness`] (heartbeats),
-//! [`shutdown`] (shutdown by broadcast), [`sas`] (SAS tokens). Above them: [`app`]
+//! [`shutdown`] (shutdown by broadcast), [`sas`] (SAS tokens), [`tls`], [`proxy`] (HTTP
+//! CONNECT tunnels) and [`amqp_ws`] (AMQP over WebSockets). Above them: [`app`]
 //! (the daemon's tasks), [`appliance`] (journald logging, sd_notify, watchdog) and
 //! [`cli`] (the process: runtime, signals, exit codes). [`emulator`] and [`generator`]
 //! serve tests and `asb-gateway demo`.
 
+pub mod amqp_ws;
 pub mod app;
 pub mod appliance;
 mod backoff;
@@ -33,6 +35,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod mirror;
 pub mod panels;
+pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod sas;

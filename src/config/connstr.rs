@@ -1,7 +1,9 @@
 //! Azure Service Bus connection strings, as the SDKs accept them:
 //! `Endpoint=sb://HOST[:PORT]/;SharedAccessKeyName=K;SharedAccessKey=V[;EntityPath=E]`
 //! or `...;SharedAccessSignature=SharedAccessSignature sr=...`, plus
-//! `UseDevelopmentEmulator=true` for plain AMQP (default port 5672) instead of AMQPS (5671).
+//! `UseDevelopmentEmulator=true` for plain AMQP (default port 5672) instead of AMQPS (5671),
+//! and `TransportType=AmqpWebSockets` for AMQP over WebSockets (`wss://HOST:443/
+//! $servicebus/websocket`; `ws://HOST:80/…` with the emulator flag).
 //! Errors name the part that is wrong and never echo a value.
 
 use super::Secret;
@@ -32,6 +34,8 @@ pub enum ConnStrError {
     BadEmulatorFlag,
     #[error("connection string SharedAccessSignature must start with 'SharedAccessSignature '")]
     BadSignature,
+    #[error("connection string TransportType must be Amqp or AmqpWebSockets")]
+    BadTransportType,
 }
 
 /// How to authenticate.
@@ -56,6 +60,16 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// The port a transport uses when the Endpoint names none.
+fn default_port(tls: bool, websockets: bool) -> u16 {
+    match (tls, websockets) {
+        (true, false) => 5671,
+        (false, false) => 5672,
+        (true, true) => 443,
+        (false, true) => 80,
+    }
+}
+
 /// A parsed connection string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionString {
@@ -66,6 +80,11 @@ pub struct ConnectionString {
     pub credential: Credential,
     pub entity_path: Option<String>,
     pub emulator: bool,
+    /// AMQP over WebSockets (`TransportType=AmqpWebSockets`, or `source.transport`).
+    pub websockets: bool,
+    /// The Endpoint named the port; otherwise it follows the transport
+    /// ([`ConnectionString::set_websockets`]).
+    pub port_explicit: bool,
 }
 
 impl ConnectionString {
@@ -80,6 +99,7 @@ impl ConnectionString {
         let mut sas = None;
         let mut entity = None;
         let mut emulator = None;
+        let mut transport = None;
         fn set<'a>(
             slot: &mut Option<&'a str>,
             v: &'a str,
@@ -106,8 +126,9 @@ impl ConnectionString {
                 "sharedaccesssignature" => set(&mut sas, v, "SharedAccessSignature")?,
                 "entitypath" => set(&mut entity, v, "EntityPath")?,
                 "usedevelopmentemulator" => set(&mut emulator, v, "UseDevelopmentEmulator")?,
-                // Other keys the SDKs know (TransportType, ...) do not change how we
-                // connect: accepted and ignored.
+                "transporttype" => set(&mut transport, v, "TransportType")?,
+                // Other keys the SDKs know do not change how we connect: accepted and
+                // ignored.
                 _ => {}
             }
         }
@@ -116,6 +137,12 @@ impl ConnectionString {
             Some(v) if v == "true" => true,
             Some(v) if v == "false" => false,
             Some(_) => return Err(ConnStrError::BadEmulatorFlag),
+        };
+        let websockets = match transport.map(|v| v.to_ascii_lowercase()) {
+            None => false,
+            Some(v) if v == "amqp" => false,
+            Some(v) if v == "amqpwebsockets" => true,
+            Some(_) => return Err(ConnStrError::BadTransportType),
         };
         let endpoint = endpoint.ok_or(ConnStrError::NoEndpoint)?;
         let rest = endpoint
@@ -127,12 +154,14 @@ impl ConnectionString {
         if authority.is_empty() || authority.contains('@') {
             return Err(ConnStrError::BadEndpoint);
         }
-        let default_port = if emulator { 5672 } else { 5671 };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| ConnStrError::BadPort)?)
-            }
-            _ => (authority, default_port),
+        let default_port = default_port(!emulator, websockets);
+        let (host, port, port_explicit) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
+                h,
+                p.parse::<u16>().map_err(|_| ConnStrError::BadPort)?,
+                true,
+            ),
+            _ => (authority, default_port, false),
         };
         if host.is_empty() || port == 0 {
             return Err(ConnStrError::BadEndpoint);
@@ -160,7 +189,30 @@ impl ConnectionString {
             credential,
             entity_path: entity.filter(|e| !e.is_empty()).map(str::to_string),
             emulator,
+            websockets,
+            port_explicit,
         })
+    }
+
+    /// Choose the transport (`source.transport` overrides `TransportType`); a port the
+    /// Endpoint did not name follows it (5671/5672 for AMQP, 443/80 for WebSockets).
+    pub fn set_websockets(&mut self, on: bool) {
+        self.websockets = on;
+        if !self.port_explicit {
+            self.port = default_port(self.tls, on);
+        }
+    }
+
+    /// The WebSocket URL of the namespace: `wss://HOST:PORT/$servicebus/websocket`
+    /// (`ws://` with the emulator flag).
+    pub fn websocket_url(&self) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}{}", self.port, crate::amqp_ws::PATH)
     }
 
     /// The namespace URI tokens are scoped to, e.g. `sb://host/`.
@@ -273,5 +325,38 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains(KEY), "{dbg}");
         assert!(dbg.contains("***"));
+    }
+
+    #[test]
+    fn transport_type_chooses_websockets_and_their_port() {
+        let base = format!(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=K;SharedAccessKey={KEY}"
+        );
+        let c = ConnectionString::parse(&format!("{base};TransportType=AmqpWebSockets")).unwrap();
+        assert!(c.websockets);
+        assert_eq!(c.port, 443);
+        assert_eq!(
+            c.websocket_url(),
+            "wss://ns.servicebus.windows.net:443/$servicebus/websocket"
+        );
+        let mut c = ConnectionString::parse(&format!("{base};transporttype=amqp")).unwrap();
+        assert!(!c.websockets);
+        assert_eq!(c.port, 5671);
+        c.set_websockets(true);
+        assert_eq!(c.port, 443);
+        let mut c = ConnectionString::parse(
+            "Endpoint=sb://127.0.0.1:5300;SharedAccessKeyName=K;SharedAccessKey=V;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        c.set_websockets(true);
+        assert_eq!(c.port, 5300, "a port the Endpoint names stays");
+        assert_eq!(
+            c.websocket_url(),
+            "ws://127.0.0.1:5300/$servicebus/websocket"
+        );
+        assert_eq!(
+            ConnectionString::parse(&format!("{base};TransportType=Tcp")),
+            Err(ConnStrError::BadTransportType)
+        );
     }
 }

@@ -16,6 +16,7 @@ pub use broker_url::BrokerUrl;
 pub use connstr::{ConnStrError, ConnectionString, Credential};
 pub use textfile::{decode_text, read_text_file, strip_bom};
 
+use crate::proxy::Proxy;
 use crate::routing::{Filter, Template};
 
 /// Name of the systemd credential that carries the connection string.
@@ -86,6 +87,26 @@ pub struct SourceConfig {
     /// Lifetime of the SAS tokens the gateway signs; renewed well before expiry.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
+    /// `amqp` (port 5671) or `websockets` (AMQP over WebSockets, port 443); absent: the
+    /// connection string's `TransportType`.
+    pub transport: Option<Transport>,
+    /// HTTP proxy to tunnel through, `http://[user:password@]host:port` (a secret: the
+    /// password is never shown); `""`: none, even when `HTTPS_PROXY` is set; absent:
+    /// `HTTPS_PROXY`/`https_proxy` unless `NO_PROXY`/`no_proxy` names the namespace.
+    pub proxy: Option<Secret>,
+    /// PEM bundle of CAs trusted besides the platform's roots for the namespace's
+    /// certificate (a TLS-inspecting proxy's plant CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How AMQP reaches the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// AMQP 1.0 over TCP (AMQPS on 5671).
+    Amqp,
+    /// AMQP over WebSockets (`wss://HOST:443/$servicebus/websocket`).
+    Websockets,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -469,6 +490,9 @@ pub struct Config {
     pub log: LogConfig,
     /// The parsed connection string (from the config, a file, or the credential).
     pub connection: ConnectionString,
+    /// The HTTP proxy the source tunnels through, from `source.proxy` or the
+    /// environment (`HTTPS_PROXY`, `NO_PROXY`).
+    pub source_proxy: Option<Proxy>,
     /// MQTT password resolved from `password` or `password_file`.
     pub mqtt_password: Option<Secret>,
 }
@@ -480,6 +504,10 @@ pub struct LoadEnv {
     pub credentials_dir: Option<PathBuf>,
     /// The first entry of `$STATE_DIRECTORY` (systemd `StateDirectory=`).
     pub state_dir: Option<PathBuf>,
+    /// `$HTTPS_PROXY` (or `$https_proxy`), when `source.proxy` is absent.
+    pub https_proxy: Option<String>,
+    /// `$NO_PROXY` (or `$no_proxy`): hosts not reached through `https_proxy`.
+    pub no_proxy: Option<String>,
 }
 
 impl LoadEnv {
@@ -494,8 +522,18 @@ impl LoadEnv {
                     .filter(|s| !s.is_empty())
                     .map(PathBuf::from)
             }),
+            https_proxy: env_either("HTTPS_PROXY", "https_proxy"),
+            no_proxy: env_either("NO_PROXY", "no_proxy"),
         }
     }
+}
+
+/// The first of two environment variables that is set and not empty.
+fn env_either(upper: &str, lower: &str) -> Option<String> {
+    [upper, lower]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.trim().is_empty())
 }
 
 impl Config {
@@ -520,8 +558,12 @@ impl Config {
     }
 
     fn validate(f: ConfigFile, env: &LoadEnv) -> Result<Config, ConfigError> {
-        let connection = resolve_connection(&f.source, env)?;
+        let mut connection = resolve_connection(&f.source, env)?;
         f.source.validate(&connection)?;
+        if let Some(t) = f.source.transport {
+            connection.set_websockets(t == Transport::Websockets);
+        }
+        let source_proxy = resolve_proxy(&f.source, env, &connection)?;
         let mut f = f;
         if f.journal.state_dir.is_none() {
             f.journal.state_dir = env.state_dir.clone();
@@ -547,6 +589,7 @@ impl Config {
             budget: f.budget,
             log: f.log,
             connection,
+            source_proxy,
             mqtt_password,
         })
     }
@@ -642,8 +685,50 @@ impl SourceConfig {
                 "\"plain\" needs SharedAccessKeyName and SharedAccessKey in the connection string",
             ));
         }
+        if let Some(ca) = &self.ca_file {
+            if !connection.tls {
+                return Err(invalid(
+                    "source.ca_file",
+                    "applies to TLS only, and the connection string has UseDevelopmentEmulator=true (plain AMQP)",
+                ));
+            }
+            let mut scratch = tokio_rustls::rustls::RootCertStore::empty();
+            crate::tls::certs::add_ca_bundle(&mut scratch, ca)
+                .map_err(|e| invalid("source.ca_file", e.to_string()))?;
+        }
         Ok(())
     }
+}
+
+/// The source's HTTP proxy: `source.proxy` (`""` = none), else `HTTPS_PROXY` unless
+/// `NO_PROXY` names the namespace's host. Errors name the key (or the variable), never
+/// the URL, which may hold a password.
+fn resolve_proxy(
+    s: &SourceConfig,
+    env: &LoadEnv,
+    connection: &ConnectionString,
+) -> Result<Option<Proxy>, ConfigError> {
+    if let Some(url) = &s.proxy {
+        if url.expose().trim().is_empty() {
+            return Ok(None);
+        }
+        return Proxy::parse(url.expose())
+            .map(Some)
+            .map_err(|e| invalid("source.proxy", e));
+    }
+    let Some(url) = env.https_proxy.as_deref() else {
+        return Ok(None);
+    };
+    if env
+        .no_proxy
+        .as_deref()
+        .is_some_and(|np| crate::proxy::no_proxy_matches(np, &connection.host))
+    {
+        return Ok(None);
+    }
+    Proxy::parse(url)
+        .map(Some)
+        .map_err(|e| invalid("HTTPS_PROXY (environment)", e))
 }
 
 impl JournalConfig {

@@ -32,13 +32,14 @@ mod tap;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::shutdown::{self, Shutdown, Trigger};
 
@@ -78,6 +79,11 @@ pub struct EmulatorOptions {
     pub admin: Option<SocketAddr>,
     /// Reuse the messages of a previous emulator (its entities win over `entities`).
     pub store: Option<Store>,
+    /// Also serve AMQP over WebSockets here (`/$servicebus/websocket`, subprotocol
+    /// `AMQPWSB10`; port 0: any free port).
+    pub websocket: Option<SocketAddr>,
+    /// Serve the WebSocket listener in TLS (`wss://`) with this certificate.
+    pub websocket_tls: Option<Arc<crate::tls::server::ServerTls>>,
 }
 
 impl std::fmt::Debug for EmulatorOptions {
@@ -88,6 +94,8 @@ impl std::fmt::Debug for EmulatorOptions {
             .field("key", &"***")
             .field("admin", &self.admin)
             .field("store", &self.store.as_ref().map(|_| "reused"))
+            .field("websocket", &self.websocket)
+            .field("websocket_tls", &self.websocket_tls.is_some())
             .finish()
     }
 }
@@ -100,6 +108,8 @@ impl Default for EmulatorOptions {
             key: DEFAULT_KEY.into(),
             admin: None,
             store: None,
+            websocket: None,
+            websocket_tls: None,
         }
     }
 }
@@ -185,6 +195,8 @@ impl Shared {
 pub struct EmulatorHandle {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
+    ws_tls: bool,
     shared: Arc<Shared>,
     stop: Trigger,
     tasks: Vec<JoinHandle<()>>,
@@ -224,6 +236,26 @@ pub async fn start(
             stop_rx.clone(),
         )));
     }
+    let mut ws_addr = None;
+    if let Some(a) = opts.websocket {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| EmulatorError::Listen {
+                addr: a.to_string(),
+                reason: e.to_string(),
+            })?;
+        ws_addr = l.local_addr().ok();
+        let tls = opts
+            .websocket_tls
+            .as_ref()
+            .map(|t| TlsAcceptor::from(t.config()));
+        tasks.push(tokio::spawn(ws_accept_loop(
+            l,
+            tls,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(accept_loop(
         listener,
         shared.clone(),
@@ -231,9 +263,22 @@ pub async fn start(
     )));
     tasks.push(tokio::spawn(expire_locks(shared.store.clone(), stop_rx)));
     log::info!("emulator: listening on {addr}");
+    if let Some(a) = ws_addr {
+        let scheme = if opts.websocket_tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        log::info!(
+            "emulator: AMQP over WebSockets on {scheme}://{a}{}",
+            crate::amqp_ws::PATH
+        );
+    }
     Ok(EmulatorHandle {
         addr,
         admin_addr,
+        ws_addr,
+        ws_tls: opts.websocket_tls.is_some(),
         shared,
         stop,
         tasks,
@@ -252,6 +297,61 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutd
             },
             _ = stop.recv() => return,
         }
+    }
+}
+
+/// Accept WebSocket connections: TLS first when configured, then the upgrade on
+/// `/$servicebus/websocket` ([`crate::amqp_ws::accept`]), then the same broker as TCP.
+async fn ws_accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: Shutdown,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    log::warn!("emulator: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.recv() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let endpoint = tcp
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let (tls, shared) = (tls.clone(), shared.clone());
+        tokio::spawn(async move {
+            let peer = peer.to_string();
+            let handshake = async {
+                match tls {
+                    Some(acceptor) => {
+                        let s = acceptor
+                            .accept(tcp)
+                            .await
+                            .map_err(|e| format!("TLS: {e}"))?;
+                        let ws = crate::amqp_ws::accept(s).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(Box::new(ws) as Box<dyn broker::Io>)
+                    }
+                    None => {
+                        let ws = crate::amqp_ws::accept(tcp)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok(Box::new(ws) as Box<dyn broker::Io>)
+                    }
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                Ok(Ok(ws)) => broker::serve_stream(ws, peer, endpoint, shared).await,
+                Ok(Err(e)) => log::info!("emulator: WebSocket from {peer} refused: {e}"),
+                Err(_) => log::info!("emulator: WebSocket from {peer} timed out in its handshake"),
+            }
+        });
     }
 }
 
@@ -278,6 +378,29 @@ impl EmulatorHandle {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The AMQP over WebSockets listener, when [`EmulatorOptions::websocket`] was given.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// The connection string for the WebSocket listener (`TransportType=AmqpWebSockets`):
+    /// plain `ws://` with the emulator flag, or in TLS for host `localhost` (the name a
+    /// test certificate carries). None without a WebSocket listener.
+    pub fn websocket_connection_string(&self) -> Option<String> {
+        let a = self.ws_addr?;
+        let (host, flag) = if self.ws_tls {
+            ("localhost".to_string(), "")
+        } else {
+            (a.ip().to_string(), ";UseDevelopmentEmulator=true")
+        };
+        Some(format!(
+            "Endpoint=sb://{host}:{};SharedAccessKeyName={};SharedAccessKey={}{flag};TransportType=AmqpWebSockets",
+            a.port(),
+            self.shared.key_name,
+            self.shared.key
+        ))
     }
 
     /// The connection string for this emulator (plain AMQP, the configured key).
@@ -337,28 +460,50 @@ impl EmulatorHandle {
     }
 }
 
-/// `asb-gateway emulator`: serve the emulator on `listen` until `shutdown` fires, then
-/// stop it (the ports are free when this returns).
+/// What `asb-gateway emulator` serves ([`serve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// The AMQP listener (plain AMQP, as the Microsoft emulator).
+    pub listen: SocketAddr,
+    /// A Config.json in the format of Microsoft's emulator (see [`Entities`]); `None`:
+    /// [`Entities::default_entities`].
+    pub config: Option<PathBuf>,
+    /// Also serve the admin HTTP endpoint (`GET /stats`, fault injection) there.
+    pub admin: Option<SocketAddr>,
+    /// Also serve AMQP over WebSockets there (`--listen-ws`).
+    pub listen_ws: Option<SocketAddr>,
+    /// Serve the WebSocket listener in TLS with this certificate and key (`--tls-cert`,
+    /// `--tls-key`).
+    pub ws_tls: Option<crate::tls::CertFiles>,
+}
+
+/// `asb-gateway emulator`: serve the emulator until `shutdown` fires, then stop it (the
+/// ports are free when this returns).
 ///
-/// - `config`: a Config.json in the format of Microsoft's emulator (see [`Entities`]);
-///   `None`: [`Entities::default_entities`].
-/// - `admin`: also serve the admin HTTP endpoint (`GET /stats`, fault injection) there.
-///
-/// Once listening it prints the address and the connection string (key name
+/// Once listening it prints the addresses and the connection strings (key name
 /// [`DEFAULT_KEY_NAME`], key [`DEFAULT_KEY`]) on stderr.
 ///
 /// Errors: [`EmulatorError::Config`] when the file cannot be read or is not a
-/// Config.json the emulator can apply (before anything listens);
-/// [`EmulatorError::Listen`] when `listen` or `admin` cannot be bound.
-pub async fn serve(
-    listen: SocketAddr,
-    config: Option<&Path>,
-    admin: Option<SocketAddr>,
-    mut shutdown: Shutdown,
-) -> Result<(), EmulatorError> {
-    let entities = match config {
+/// Config.json the emulator can apply, or the TLS certificate or key cannot be used
+/// (before anything listens); [`EmulatorError::Listen`] when an address cannot be bound.
+pub async fn serve(options: ServeOptions, mut shutdown: Shutdown) -> Result<(), EmulatorError> {
+    let ServeOptions {
+        listen,
+        config,
+        admin,
+        listen_ws,
+        ws_tls,
+    } = options;
+    let entities = match &config {
         Some(p) => Entities::load(p)?,
         None => Entities::default_entities(),
+    };
+    let websocket_tls = match ws_tls {
+        Some(files) => Some(
+            crate::tls::server::ServerTls::load(files)
+                .map_err(|e| EmulatorError::Config(format!("--tls-cert/--tls-key: {e}")))?,
+        ),
+        None => None,
     };
     let listener = TcpListener::bind(listen)
         .await
@@ -369,6 +514,8 @@ pub async fn serve(
     let opts = EmulatorOptions {
         entities,
         admin,
+        websocket: listen_ws,
+        websocket_tls,
         ..Default::default()
     };
     let handle = start(listener, opts).await?;
@@ -381,6 +528,9 @@ pub async fn serve(
             .unwrap_or_default(),
         handle.connection_string()
     );
+    if let Some(cs) = handle.websocket_connection_string() {
+        eprintln!("asb-gateway: AMQP over WebSockets; connection string:\n{cs}");
+    }
     shutdown.recv().await;
     handle.shutdown().await;
     Ok(())

@@ -17,7 +17,6 @@ use fe2o3_amqp::types::definitions::Role;
 use fe2o3_amqp::types::performatives::{Attach, Flow};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::store::CreditTracker;
@@ -186,23 +185,21 @@ impl FrameTap {
     }
 }
 
-/// The emulator side of one TCP connection.
-pub struct TapStream {
-    inner: TcpStream,
+/// The emulator side of one connection (TCP, or a WebSocket's byte stream).
+pub struct TapStream<S> {
+    inner: S,
     tap: FrameTap,
     kill: Arc<Kill>,
 }
 
-impl std::fmt::Debug for TapStream {
+impl<S> std::fmt::Debug for TapStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TapStream")
-            .field("peer", &self.inner.peer_addr().ok())
-            .finish()
+        f.debug_struct("TapStream").finish_non_exhaustive()
     }
 }
 
-impl TapStream {
-    pub fn new(inner: TcpStream, flows: Arc<FlowMap>, kill: Arc<Kill>) -> Self {
+impl<S> TapStream<S> {
+    pub fn new(inner: S, flows: Arc<FlowMap>, kill: Arc<Kill>) -> Self {
         TapStream {
             inner,
             tap: FrameTap {
@@ -223,7 +220,7 @@ fn killed() -> io::Error {
     )
 }
 
-impl AsyncRead for TapStream {
+impl<S: AsyncRead + Unpin> AsyncRead for TapStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -243,7 +240,7 @@ impl AsyncRead for TapStream {
     }
 }
 
-impl AsyncWrite for TapStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

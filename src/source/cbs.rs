@@ -123,6 +123,8 @@ mod tests {
             credential,
             entity_path: None,
             emulator: false,
+            websockets: false,
+            port_explicit: false,
         }
     }
 

@@ -1,5 +1,6 @@
-//! Getting a connection up (DESIGN §5): TCP, AMQPS (TLS from the first byte, see
-//! [`super::tls`]) unless the emulator's plain AMQP, the AMQP open with SASL (ANONYMOUS
+//! Getting a connection up (DESIGN §5): the stream ([`super::transport`]: TCP or a
+//! proxy's tunnel, AMQPS — TLS from the first byte — unless the emulator's plain AMQP,
+//! a WebSocket for AMQP over WebSockets), the AMQP open with SASL (ANONYMOUS
 //! for CBS, PLAIN with the key for brokers without CBS), one session, and — for ASB —
 //! claims-based security: a SAS token put on `$cbs` for every link's audience before its
 //! attach, and put again on the live connection before it expires ([`super::cbs`]).
@@ -12,13 +13,12 @@ use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
 use super::Source;
 use super::error::SourceError;
 use super::link::attach_reason;
-use super::tls;
+use super::transport;
 use crate::config::{AuthMode, Credential};
 
 /// A live connection: its one session, and its `$cbs` client when authenticating by CBS.
@@ -48,17 +48,8 @@ impl Source {
         let cs = &self.settings.connection;
         let addr = format!("{}:{}", cs.host, cs.port);
         let step = self.opts.step_timeout;
-        let tcp = timeout(step, TcpStream::connect((cs.host.as_str(), cs.port)))
-            .await
-            .map_err(|_| SourceError::Connect {
-                addr: addr.clone(),
-                reason: "timed out".into(),
-            })?
-            .map_err(|e| SourceError::Connect {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let stream =
+            transport::open(cs, self.settings.proxy.as_ref(), self.tls.as_ref(), step).await?;
         let sasl = match self.settings.auth {
             AuthMode::Cbs => SaslProfile::Anonymous,
             AuthMode::Plain => match &cs.credential {
@@ -80,17 +71,7 @@ impl Source {
             addr: addr.clone(),
             reason,
         };
-        let opened = match &self.tls {
-            Some(cfg) => {
-                let stream = timeout(step, tls::connect(cfg.clone(), &cs.host, tcp))
-                    .await
-                    .map_err(|_| {
-                        SourceError::Tls(format!("TLS handshake with {addr} timed out"))
-                    })??;
-                timeout(step, builder.open_with_stream(stream)).await
-            }
-            None => timeout(step, builder.open_with_stream(tcp)).await,
-        };
+        let opened = timeout(step, builder.open_with_stream(stream)).await;
         let mut connection = opened
             .map_err(|_| open_err("timed out".into()))?
             .map_err(|e| open_err(e.to_string()))?;

@@ -12,6 +12,13 @@ pub enum SourceError {
     /// TCP connect to `host:port` failed or timed out.
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    /// The HTTP proxy could not be reached or refused the tunnel (407, 403, …); names
+    /// the proxy, never its credentials.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    /// The WebSocket upgrade to `url` (AMQP over WebSockets) was refused or failed.
+    #[error("AMQP over WebSockets with {url} failed: {reason}")]
+    WebSocket { url: String, reason: String },
     /// The AMQP open (AMQP 1.0 §2.4.1) or SASL exchange (§5.3) failed or timed out.
     #[error("AMQP open with {addr} failed: {reason}")]
     Open { addr: String, reason: String },
@@ -40,6 +47,8 @@ impl SourceError {
         match self {
             SourceError::Tls(_) => "tls",
             SourceError::Connect { .. } => "connect",
+            SourceError::Proxy(_) => "proxy",
+            SourceError::WebSocket { .. } => "websocket",
             SourceError::Open { .. } => "open",
             SourceError::Session(_) => "session",
             SourceError::TokenRejected { .. } => "token",

@@ -38,6 +38,7 @@ mod settings;
 mod settle;
 pub mod tls;
 pub mod tracker;
+mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,8 +99,7 @@ pub async fn run_with(
     let mut backoff = src.backoff();
     let mut logged: Option<&'static str> = None;
     let mut attempts: u64 = 0;
-    let cs = &src.settings.connection;
-    let addr = format!("{}:{}", cs.host, cs.port);
+    let addr = transport::describe(&src.settings.connection, src.settings.proxy.as_ref());
     loop {
         if shutdown.is_shutdown() {
             break;
@@ -216,7 +216,7 @@ impl Source {
         let ttl = opts.token_ttl.unwrap_or(settings.token_ttl);
         let tokens = cbs::Tokens::new(&settings.connection, ttl);
         let tls = if settings.connection.tls {
-            Some(tls::client_config()?)
+            Some(tls::client_config(settings.ca_file.as_deref())?)
         } else {
             None
         };

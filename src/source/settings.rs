@@ -2,6 +2,7 @@
 //! ([`SourceSettings`]), the handles it shares with the rest of the daemon
 //! ([`SourceContext`]), and the tuning that is not in the config file ([`Options`]).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use crate::config::{AuthMode, Config, ConnectionString, SubscriptionConfig};
 use crate::journal::Journal;
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 use crate::routing::Template;
 
 /// What the source needs from the config, taken once from [`Config`] by the daemon
@@ -19,6 +21,10 @@ pub struct SourceSettings {
     /// The namespace: host, port, AMQPS or plain AMQP, SAS credential (secrets redacted
     /// in Debug).
     pub connection: ConnectionString,
+    /// The HTTP proxy to tunnel through (`source.proxy` or `HTTPS_PROXY`).
+    pub proxy: Option<Proxy>,
+    /// CAs trusted besides the platform's roots (`source.ca_file`).
+    pub ca_file: Option<PathBuf>,
     /// `source.auth`: CBS put-token (ASB) or SASL PLAIN.
     pub auth: AuthMode,
     /// Lifetime of the SAS tokens the source signs (`source.token_ttl_secs`).
@@ -45,6 +51,8 @@ impl SourceSettings {
     pub fn from_config(cfg: &Config) -> Self {
         SourceSettings {
             connection: cfg.connection.clone(),
+            proxy: cfg.source_proxy.clone(),
+            ca_file: cfg.source.ca_file.clone(),
             auth: cfg.source.auth,
             token_ttl: Duration::from_secs(cfg.source.token_ttl_secs),
             subscriptions: cfg.source.subscriptions.clone(),

@@ -29,6 +29,7 @@ mod hostile_ws;
 mod journal_props;
 mod last_values;
 mod latency;
+mod locked_down;
 mod mirror;
 mod mirror_faults;
 mod mirror_tls;

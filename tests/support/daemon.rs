@@ -72,6 +72,12 @@ impl Daemon {
                 ("RUST_LOG".into(), Some("info".into())),
                 ("NOTIFY_SOCKET".into(), None),
                 ("JOURNAL_STREAM".into(), None),
+                // Tests reach the emulator on loopback; a proxy of the machine running
+                // them must not be used (tests that want one set it).
+                ("HTTPS_PROXY".into(), None),
+                ("https_proxy".into(), None),
+                ("NO_PROXY".into(), None),
+                ("no_proxy".into(), None),
             ],
             log: Log::default(),
             max_lines: 200_000,

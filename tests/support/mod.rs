@@ -16,6 +16,7 @@ pub mod mqtt;
 pub mod panels;
 pub mod procfs;
 pub mod source;
+pub mod tinyproxy;
 pub mod tls;
 pub mod ws_raw;
 

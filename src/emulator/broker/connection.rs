@@ -11,6 +11,7 @@ use fe2o3_amqp::acceptor::{ConnectionAcceptor, SaslAcceptor, SessionAcceptor};
 use fe2o3_amqp::types::definitions::AmqpError;
 use fe2o3_amqp::types::primitives::{Array, Symbol};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::{ConnShared, error, link};
@@ -88,6 +89,15 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "localhost".into());
+    serve_stream(stream, peer, endpoint, shared).await;
+}
+
+/// Serve one connection on any byte stream (a WebSocket's, in TLS or not) until it
+/// closes; `peer` names the client in the log, `endpoint` is the address it reached.
+pub async fn serve_stream<S>(stream: S, peer: String, endpoint: String, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
     let conn = Arc::new(ConnShared::new(endpoint));
     let id = shared.register_conn(conn.clone());
     let tap = TapStream::new(stream, conn.flows.clone(), conn.kill.clone());

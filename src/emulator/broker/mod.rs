@@ -28,7 +28,17 @@ use tokio::sync::watch;
 
 use super::tap::{FlowMap, Kill};
 
-pub use connection::serve;
+pub use connection::{serve, serve_stream};
+
+/// A byte stream the broker can serve (TCP, TLS, a WebSocket's).
+pub trait Io:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static
+{
+}
+impl<T> Io for T where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static
+{
+}
 
 /// What one connection knows: its authorisation and its controls.
 #[derive(Debug)]
