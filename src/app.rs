@@ -228,10 +228,13 @@ async fn reloader(
         }
         if let Some(tls) = &certs.panels {
             said("panels.tls_cert", &tls.files, tls.reload());
-            metrics.panels_cert_expiry.set(tls.expires_in_secs());
+            metrics.panels_cert_expiry.set(tls.not_after());
         }
         if let Some((files, cert)) = &certs.mqtt {
-            let r = crate::tls::certs::load(files).inspect(|c| cert.set(c));
+            let r = crate::tls::certs::load(files).inspect(|c| {
+                cert.set(c);
+                metrics.mqtt_cert_expiry.set(c.not_after);
+            });
             said("mqtt.client_cert", files, r);
         }
         notify::ready();
@@ -262,9 +265,8 @@ fn reload_config(path: &std::path::Path, running: &mut Running) {
         );
         return;
     }
-    for w in new.warnings() {
-        log::warn!("{w}");
-    }
+    // No `new.warnings()` here: the certificates' expiry is said once below, as each is
+    // re-read, and the clear-text warning concerns panels.listen, which needs a restart.
     let changes = crate::config::reload::apply_live(&mut running.config, &new);
     if changes.applied.iter().any(|k| k.starts_with("panels.")) {
         running
@@ -302,7 +304,7 @@ pub async fn run(
             part: "panels",
             reason: e.to_string(),
         })?;
-        ctx.metrics.panels_cert_expiry.set(tls.expires_in_secs());
+        ctx.metrics.panels_cert_expiry.set(tls.not_after());
         panel_settings.tls = Some(tls);
     }
     let (policy_tx, policy_rx) = watch::channel(Arc::new(panel_settings.policy.clone()));
@@ -320,6 +322,7 @@ pub async fn run(
             part: "mirror",
             reason: e.to_string(),
         })?;
+        ctx.metrics.mqtt_cert_expiry.set(loaded.not_after);
         reloadable.mqtt = Some((t.files.clone(), ReloadableCert::new(&loaded)));
     }
     let (trigger, shutdown) = shutdown::channel();

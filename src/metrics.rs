@@ -355,6 +355,39 @@ impl Exposed for OptGauge {
     }
 }
 
+/// A certificate's expiry, exposed as the seconds left until it (0 once expired), as of
+/// each scrape; no sample until a certificate is known.
+#[derive(Debug, Default)]
+pub struct Expiry(OptGauge);
+
+impl Expiry {
+    /// The certificate in use is valid until `not_after`.
+    pub fn set(&self, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.0.set(secs)
+    }
+    /// Seconds left, or None before [`Expiry::set`].
+    pub fn seconds_left(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.0.get().map(|at| at.saturating_sub(now))
+    }
+}
+
+impl Exposed for Expiry {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+    fn samples(&self, sample: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        if let Some(v) = self.seconds_left() {
+            sample("", &v)
+        }
+    }
+}
+
 /// A part's state is exposed as a 0/1 gauge: 1 when up.
 impl Exposed for StateCell {
     fn kind(&self) -> &'static str {
@@ -541,7 +574,7 @@ metrics! {
         "Wrong tokens presented on the panel port (stream, /v1/last, /metrics).";
     panels_throttled: Counter => "panels_throttled_total",
         "Requests refused with 429 from addresses blocked after too many wrong tokens.";
-    panels_cert_expiry: OptGauge => "panels_cert_expiry_seconds",
+    panels_cert_expiry: Expiry => "panels_cert_expiry_seconds",
         "Seconds until the panel port's TLS certificate expires (no sample without TLS).";
     panels_rejected: Family<RejectReason> =>
         "panels_rejected_total", "Panel upgrades refused, by reason.";
@@ -556,6 +589,8 @@ metrics! {
     mqtt_acked: Counter => "mqtt_acked_total", "MQTT publishes acknowledged by the broker.";
     mqtt_inflight: Gauge => "mqtt_inflight", "MQTT publishes awaiting acknowledgement.";
     mqtt_reconnects: Counter => "mqtt_reconnects_total", "MQTT reconnections.";
+    mqtt_cert_expiry: Expiry => "mqtt_cert_expiry_seconds",
+        "Seconds until the mirror's TLS client certificate expires (no sample without one).";
     /// Events re-sent after a reconnect (the subscriber may see them twice).
     mqtt_republished: Counter =>
         "mqtt_republished_total", "Unacknowledged MQTT publishes re-sent after a reconnect.";

@@ -191,9 +191,6 @@ fn route(
             m.last_values.set(last.topics as u64);
             m.last_values_bytes.set(last.outside_bytes as u64);
             m.last_values_evicted.set(last.evicted);
-            if let Some(tls) = &server.settings.tls {
-                m.panels_cert_expiry.set(tls.expires_in_secs());
-            }
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

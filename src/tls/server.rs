@@ -75,10 +75,11 @@ impl ServerTls {
         self.config.clone()
     }
 
-    /// Seconds until the certificate in use expires (0 once expired).
-    pub fn expires_in_secs(&self) -> u64 {
-        self.not_after
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(unix_secs(SystemTime::now()))
+    /// notAfter of the certificate in use.
+    pub fn not_after(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(
+                self.not_after.load(std::sync::atomic::Ordering::Relaxed),
+            )
     }
 }

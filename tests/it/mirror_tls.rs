@@ -337,6 +337,28 @@ async fn a_rotated_client_certificate_is_used_from_the_next_connection_after_sig
     wait("reload logged", &|| {
         daemon.log_text().contains("reload: mqtt.client_cert")
     });
+    // The client certificates are valid for 2 days: the expiry is warned once at start
+    // and once for the reload, and /metrics says how long is left.
+    let warning = "mqtt.client_cert";
+    let warnings = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(warning) && l.contains("the certificate expires in 1 days"))
+        .count();
+    assert_eq!(warnings, 2, "{}", daemon.log_text());
+    let panels = daemon.panels();
+    let (status, _, metrics) = crate::support::http::get(panels, "/metrics").await;
+    assert_eq!(status, 200);
+    let left: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("asbgw_mqtt_cert_expiry_seconds "))
+        .unwrap_or_else(|| panic!("no asbgw_mqtt_cert_expiry_seconds:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (2 * 86_400 - 3_600..=2 * 86_400).contains(&left),
+        "{left} s left of a 2-day certificate"
+    );
     broker.stop();
     broker.start_again();
     wait("reconnected as gateway-02", &|| {
