@@ -263,6 +263,9 @@ async fn deliver(
         match tokio::time::timeout(Duration::from_secs(5), sender.send_batchable(msg)).await {
             Ok(Ok(outcome)) => {
                 tracker.on_sent();
+                // Competing receivers share an entity's messages, as on ASB: let another
+                // link's task take the next one rather than this one taking them all.
+                tokio::task::yield_now().await;
                 let store = store.clone();
                 let key = key.clone();
                 tokio::spawn(async move {
