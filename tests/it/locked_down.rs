@@ -173,7 +173,7 @@ async fn amqp_over_ws_and_wss_completes_each_message_once_and_survives_a_dropped
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     publish(&em, ["after-ca".to_string()]).await;
-    let (status, body, _) = support::http::get(d.panels(), "/healthz").await;
+    let (status, _, body) = support::http::get(d.panels(), "/healthz").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(
         em.stats()[ENTITY].delivered,
@@ -278,7 +278,7 @@ async fn through_tinyproxy_with_and_without_basic_auth_and_a_wrong_password_is_a
         1,
         "the failure is logged once as a warning, the retries at debug level"
     );
-    let (status, body, _) = support::http::get(d.panels(), "/healthz").await;
+    let (status, _, body) = support::http::get(d.panels(), "/healthz").await;
     assert_eq!(status, 503, "{body}");
     drop(d);
     em.shutdown().await;
