@@ -26,7 +26,7 @@ Usage:
   asb-gateway demo [--listen ADDR] [--mqtt URL] [--rate N]
                                              emulator + event generator + gateway + panel page
   asb-gateway emulator [--listen ADDR] [--config FILE] [--admin ADDR]
-                      [--listen-ws ADDR [--tls-cert FILE --tls-key FILE]]
+                      [--listen-ws ADDR [--tls-cert FILE --tls-key FILE]] [--jwt-public-key PEM]
                                              the ASB emulator alone (and over WebSockets)
   asb-gateway --version | --help
 
@@ -86,6 +86,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
     let mut admin: Option<SocketAddr> = None;
     let mut listen_ws: Option<SocketAddr> = None;
     let (mut tls_cert, mut tls_key): (Option<PathBuf>, Option<PathBuf>) = (None, None);
+    let mut jwt_public_key: Option<PathBuf> = None;
     let mut mqtt: Option<String> = None;
     let mut rate: f64 = 5.0;
     while let Some(arg) = p.next()? {
@@ -99,6 +100,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             ("emulator", Long("listen-ws")) => listen_ws = Some(addr(p.value()?, "--listen-ws")?),
             ("emulator", Long("tls-cert")) => tls_cert = Some(p.value()?.into()),
             ("emulator", Long("tls-key")) => tls_key = Some(p.value()?.into()),
+            ("emulator", Long("jwt-public-key")) => jwt_public_key = Some(p.value()?.into()),
             ("demo", Long("mqtt")) => mqtt = Some(p.value()?.to_string_lossy().into_owned()),
             ("demo", Long("rate")) => {
                 let v = p.value()?.to_string_lossy().into_owned();
@@ -152,6 +154,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
                 admin,
                 listen_ws,
                 ws_tls,
+                jwt_public_key,
             })
         }
         other => return Err(UsageError(format!("unknown command '{other}'; try --help"))),
@@ -411,6 +414,7 @@ mod tests {
                 admin: Some("127.0.0.1:9".parse().unwrap()),
                 listen_ws: None,
                 ws_tls: None,
+                jwt_public_key: None,
             })
         );
         assert!(matches!(

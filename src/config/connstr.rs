@@ -45,6 +45,9 @@ pub enum Credential {
     Key { name: String, key: Secret },
     /// A ready-made SAS token (`SharedAccessSignature sr=…`): used as given, not renewed.
     Signature(Secret),
+    /// No SAS credential (`Endpoint=…` alone): tokens come from Microsoft Entra ID
+    /// (`source.auth = "entra"` or `"managed-identity"`).
+    None,
 }
 
 impl std::fmt::Debug for Credential {
@@ -56,6 +59,7 @@ impl std::fmt::Debug for Credential {
                 .field("key", &"***")
                 .finish(),
             Credential::Signature(_) => f.write_str("Signature(***)"),
+            Credential::None => f.write_str("None"),
         }
     }
 }
@@ -180,7 +184,8 @@ impl ConnectionString {
             }
             (Some(_), None, _) | (None, Some(_), _) => return Err(ConnStrError::HalfKey),
             (Some(_), Some(_), None) => return Err(ConnStrError::HalfKey),
-            (None, None, None) => return Err(ConnStrError::NoCredentials),
+            // Checked against source.auth by the config: Entra ID needs no key.
+            (None, None, None) => Credential::None,
         };
         Ok(ConnectionString {
             host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
@@ -282,7 +287,6 @@ mod tests {
                 "Endpoint=sb://x:99999/;SharedAccessKeyName=K;SharedAccessKey=SECRETX",
                 ConnStrError::BadPort,
             ),
-            ("Endpoint=sb://x/", ConnStrError::NoCredentials),
             (
                 "Endpoint=sb://x/;SharedAccessKey=SECRETX",
                 ConnStrError::HalfKey,

@@ -97,6 +97,37 @@ pub struct SourceConfig {
     /// PEM bundle of CAs trusted besides the platform's roots for the namespace's
     /// certificate (a TLS-inspecting proxy's plant CA).
     pub ca_file: Option<PathBuf>,
+    /// `[source.entra]`: the service principal of `auth = "entra"`.
+    pub entra: Option<EntraConfig>,
+    /// `[source.managed_identity]`: the endpoint of `auth = "managed-identity"`.
+    pub managed_identity: Option<ManagedIdentityConfig>,
+}
+
+/// A Microsoft Entra ID service principal (app registration) with a client secret or a
+/// certificate (`[source.entra]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EntraConfig {
+    /// The directory (tenant) ID or domain.
+    pub tenant_id: String,
+    /// The application (client) ID.
+    pub client_id: String,
+    /// A file holding the client secret (mode 0600).
+    pub client_secret_file: Option<PathBuf>,
+    /// A PEM file with the certificate and its unencrypted RSA key.
+    pub certificate_file: Option<PathBuf>,
+    /// `https://login.microsoftonline.com` unless set (sovereign clouds; `http://` only
+    /// on loopback).
+    pub authority_host: Option<String>,
+}
+
+/// The managed identity endpoint (`[source.managed_identity]`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedIdentityConfig {
+    /// Default `$IDENTITY_ENDPOINT`, else the Azure Arc agent's
+    /// `http://localhost:40342/metadata/identity/oauth2/token`.
+    pub endpoint: Option<String>,
 }
 
 /// How AMQP reaches the namespace.
@@ -112,9 +143,27 @@ pub enum Transport {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
+    /// SAS tokens from the connection string's key, put on `$cbs`.
     #[default]
     Cbs,
+    /// SASL PLAIN with the key name and key (brokers without CBS).
     Plain,
+    /// Microsoft Entra ID tokens of a service principal (`[source.entra]`), on `$cbs`.
+    Entra,
+    /// Entra ID tokens of the box's managed identity (Azure Arc), on `$cbs`.
+    #[serde(rename = "managed-identity")]
+    ManagedIdentity,
+}
+
+impl AuthMode {
+    /// Does this mode put tokens on `$cbs` (everything but SASL PLAIN)?
+    pub fn uses_cbs(self) -> bool {
+        self != AuthMode::Plain
+    }
+    /// Are the tokens Entra ID's (not signed with a SAS key)?
+    pub fn entra_id(self) -> bool {
+        matches!(self, AuthMode::Entra | AuthMode::ManagedIdentity)
+    }
 }
 
 fn default_token_ttl() -> u64 {
@@ -493,6 +542,9 @@ pub struct Config {
     /// The HTTP proxy the source tunnels through, from `source.proxy` or the
     /// environment (`HTTPS_PROXY`, `NO_PROXY`).
     pub source_proxy: Option<Proxy>,
+    /// Where Entra ID tokens come from (`auth = "entra"` or `"managed-identity"`),
+    /// with the secret or key read.
+    pub source_identity: Option<crate::identity::Credential>,
     /// MQTT password resolved from `password` or `password_file`.
     pub mqtt_password: Option<Secret>,
 }
@@ -508,6 +560,8 @@ pub struct LoadEnv {
     pub https_proxy: Option<String>,
     /// `$NO_PROXY` (or `$no_proxy`): hosts not reached through `https_proxy`.
     pub no_proxy: Option<String>,
+    /// `$IDENTITY_ENDPOINT` (Azure Arc), when `source.managed_identity.endpoint` is absent.
+    pub identity_endpoint: Option<String>,
 }
 
 impl LoadEnv {
@@ -524,6 +578,9 @@ impl LoadEnv {
             }),
             https_proxy: env_either("HTTPS_PROXY", "https_proxy"),
             no_proxy: env_either("NO_PROXY", "no_proxy"),
+            identity_endpoint: std::env::var("IDENTITY_ENDPOINT")
+                .ok()
+                .filter(|v| !v.trim().is_empty()),
         }
     }
 }
@@ -564,6 +621,7 @@ impl Config {
             connection.set_websockets(t == Transport::Websockets);
         }
         let source_proxy = resolve_proxy(&f.source, env, &connection)?;
+        let source_identity = resolve_identity(&f.source, env)?;
         let mut f = f;
         if f.journal.state_dir.is_none() {
             f.journal.state_dir = env.state_dir.clone();
@@ -590,6 +648,7 @@ impl Config {
             log: f.log,
             connection,
             source_proxy,
+            source_identity,
             mqtt_password,
         })
     }
@@ -678,6 +737,35 @@ impl SourceConfig {
                 "must be between 60 and 86400 seconds",
             ));
         }
+        match (self.auth.entra_id(), &connection.credential) {
+            (false, Credential::None) => {
+                return Err(invalid(
+                    "source.connection_string",
+                    "needs SharedAccessKeyName and SharedAccessKey, or SharedAccessSignature \
+                     (or source.auth = \"entra\" or \"managed-identity\" for Entra ID tokens)",
+                ));
+            }
+            (true, Credential::Key { .. } | Credential::Signature(_)) => {
+                return Err(invalid(
+                    "source.auth",
+                    "Entra ID tokens replace the connection string's shared access key or \
+                     signature: give the connection string as Endpoint=sb://NAMESPACE/ alone",
+                ));
+            }
+            _ => {}
+        }
+        if self.auth != AuthMode::Entra && self.entra.is_some() {
+            return Err(invalid(
+                "source.entra",
+                "applies to source.auth = \"entra\" only",
+            ));
+        }
+        if self.auth != AuthMode::ManagedIdentity && self.managed_identity.is_some() {
+            return Err(invalid(
+                "source.managed_identity",
+                "applies to source.auth = \"managed-identity\" only",
+            ));
+        }
         if self.auth == AuthMode::Plain && !matches!(connection.credential, Credential::Key { .. })
         {
             return Err(invalid(
@@ -697,6 +785,87 @@ impl SourceConfig {
                 .map_err(|e| invalid("source.ca_file", e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+/// The Entra ID credential of `auth = "entra"` (secret or certificate file read and
+/// checked) or `"managed-identity"` (the endpoint checked). Errors name the key and
+/// never the secret.
+fn resolve_identity(
+    s: &SourceConfig,
+    env: &LoadEnv,
+) -> Result<Option<crate::identity::Credential>, ConfigError> {
+    use crate::identity::{self, Credential as Id};
+    match s.auth {
+        AuthMode::Entra => {
+            let e = s.entra.as_ref().ok_or_else(|| {
+                invalid(
+                    "source.entra",
+                    "missing: auth = \"entra\" needs [source.entra] with tenant_id, client_id and client_secret_file or certificate_file",
+                )
+            })?;
+            if e.client_id.trim().is_empty() {
+                return Err(invalid("source.entra.client_id", "must not be empty"));
+            }
+            let endpoint = identity::token_endpoint(
+                e.authority_host.as_deref().unwrap_or(identity::AUTHORITY),
+                e.tenant_id.trim(),
+            )
+            .map_err(|r| {
+                let key = if r.starts_with("tenant") {
+                    "source.entra.tenant_id"
+                } else {
+                    "source.entra.authority_host"
+                };
+                invalid(key, r)
+            })?;
+            let client_id = e.client_id.trim().to_string();
+            match (&e.client_secret_file, &e.certificate_file) {
+                (Some(p), None) => {
+                    let secret = read_secret_file(p)
+                        .map_err(|r| invalid("source.entra.client_secret_file", r))?;
+                    Ok(Some(Id::ClientSecret {
+                        endpoint,
+                        client_id,
+                        secret,
+                    }))
+                }
+                (None, Some(p)) => {
+                    let key = "source.entra.certificate_file";
+                    let pem = std::fs::read(p)
+                        .map_err(|e| invalid(key, format!("{}: cannot read: {e}", p.display())))?;
+                    let (x5t, x5t_s256) = crate::jwt::thumbprints(&pem)
+                        .map_err(|e| invalid(key, format!("{}: {e}", p.display())))?;
+                    let signer = crate::jwt::RsaSigner::from_pem(&pem)
+                        .map_err(|e| invalid(key, format!("{}: {e}", p.display())))?;
+                    Ok(Some(Id::ClientCertificate {
+                        endpoint,
+                        client_id,
+                        signer: std::sync::Arc::new(signer),
+                        x5t,
+                        x5t_s256,
+                    }))
+                }
+                _ => Err(invalid(
+                    "source.entra",
+                    "needs exactly one of client_secret_file and certificate_file",
+                )),
+            }
+        }
+        AuthMode::ManagedIdentity => {
+            let configured = s.managed_identity.as_ref().and_then(|m| m.endpoint.clone());
+            let (key, url) = match (configured, &env.identity_endpoint) {
+                (Some(u), _) => ("source.managed_identity.endpoint", u),
+                (None, Some(u)) => ("IDENTITY_ENDPOINT (environment)", u.clone()),
+                (None, None) => (
+                    "source.managed_identity.endpoint",
+                    identity::ARC_ENDPOINT.into(),
+                ),
+            };
+            let endpoint = identity::identity_endpoint(&url).map_err(|r| invalid(key, r))?;
+            Ok(Some(Id::ManagedIdentity { endpoint }))
+        }
+        AuthMode::Cbs | AuthMode::Plain => Ok(None),
     }
 }
 

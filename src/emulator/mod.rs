@@ -84,6 +84,8 @@ pub struct EmulatorOptions {
     pub websocket: Option<SocketAddr>,
     /// Serve the WebSocket listener in TLS (`wss://`) with this certificate.
     pub websocket_tls: Option<Arc<crate::tls::server::ServerTls>>,
+    /// Accept Entra ID access tokens (type `jwt`) signed with this key on `$cbs`.
+    pub jwt_key: Option<Arc<crate::jwt::RsaVerifier>>,
 }
 
 impl std::fmt::Debug for EmulatorOptions {
@@ -96,6 +98,7 @@ impl std::fmt::Debug for EmulatorOptions {
             .field("store", &self.store.as_ref().map(|_| "reused"))
             .field("websocket", &self.websocket)
             .field("websocket_tls", &self.websocket_tls.is_some())
+            .field("jwt_key", &self.jwt_key.is_some())
             .finish()
     }
 }
@@ -110,6 +113,7 @@ impl Default for EmulatorOptions {
             store: None,
             websocket: None,
             websocket_tls: None,
+            jwt_key: None,
         }
     }
 }
@@ -119,6 +123,8 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) key_name: Arc<str>,
     pub(crate) key: Arc<str>,
+    /// `--jwt-public-key`: the key Entra ID tokens must be signed with.
+    pub(crate) jwt_key: Option<Arc<crate::jwt::RsaVerifier>>,
     conns: Mutex<HashMap<u64, Arc<broker::ConnShared>>>,
     next_conn: AtomicU64,
 }
@@ -216,6 +222,7 @@ pub async fn start(
         store,
         key_name: opts.key_name.into(),
         key: opts.key.into(),
+        jwt_key: opts.jwt_key.clone(),
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
     });
@@ -475,6 +482,9 @@ pub struct ServeOptions {
     /// Serve the WebSocket listener in TLS with this certificate and key (`--tls-cert`,
     /// `--tls-key`).
     pub ws_tls: Option<crate::tls::CertFiles>,
+    /// Accept Entra ID tokens signed with the RSA public key in this PEM file
+    /// (`--jwt-public-key`).
+    pub jwt_public_key: Option<PathBuf>,
 }
 
 /// `asb-gateway emulator`: serve the emulator until `shutdown` fires, then stop it (the
@@ -493,7 +503,22 @@ pub async fn serve(options: ServeOptions, mut shutdown: Shutdown) -> Result<(), 
         admin,
         listen_ws,
         ws_tls,
+        jwt_public_key,
     } = options;
+    let jwt_key = match jwt_public_key {
+        Some(p) => {
+            let pem = std::fs::read(&p).map_err(|e| {
+                EmulatorError::Config(format!(
+                    "--jwt-public-key {}: cannot read: {e}",
+                    p.display()
+                ))
+            })?;
+            Some(Arc::new(crate::jwt::RsaVerifier::from_pem(&pem).map_err(
+                |e| EmulatorError::Config(format!("--jwt-public-key {}: {e}", p.display())),
+            )?))
+        }
+        None => None,
+    };
     let entities = match &config {
         Some(p) => Entities::load(p)?,
         None => Entities::default_entities(),
@@ -516,6 +541,7 @@ pub async fn serve(options: ServeOptions, mut shutdown: Shutdown) -> Result<(), 
         admin,
         websocket: listen_ws,
         websocket_tls,
+        jwt_key,
         ..Default::default()
     };
     let handle = start(listener, opts).await?;

@@ -1,6 +1,9 @@
-//! Claims-based security (DESIGN §5): SAS tokens put on the `$cbs` node, one per link
-//! audience (`sb://HOST/<address>`), renewed on the live connection before they expire.
+//! Claims-based security (DESIGN §5): tokens put on the `$cbs` node, one per link
+//! audience (`sb://HOST/<address>`), renewed on the live connection before they expire:
+//! SAS tokens signed with the connection string's key (or its ready-made signature),
+//! or Microsoft Entra ID access tokens (type `jwt`, [`crate::identity`]).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
@@ -9,10 +12,13 @@ use fe2o3_amqp_types::primitives::Timestamp;
 
 use super::error::SourceError;
 use crate::config::{ConnectionString, Credential};
+use crate::identity::{AccessToken, TokenClient};
 use crate::sas;
 
 /// The token type ASB expects for SAS tokens.
 pub const TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
+/// The token type of Entra ID access tokens.
+pub const JWT_TOKEN_TYPE: &str = "jwt";
 
 /// Makes the tokens of one namespace.
 #[derive(Clone)]
@@ -20,6 +26,13 @@ pub struct Tokens {
     host: String,
     credential: Credential,
     ttl: Duration,
+    /// Entra ID: the token client and the last token (with when it was obtained).
+    entra: Option<Arc<Entra>>,
+}
+
+struct Entra {
+    client: TokenClient,
+    cached: Mutex<Option<(AccessToken, u64)>>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -28,6 +41,7 @@ impl std::fmt::Debug for Tokens {
             .field("host", &self.host)
             .field("credential", &self.credential)
             .field("ttl", &self.ttl)
+            .field("entra", &self.entra.as_ref().map(|e| &e.client))
             .finish()
     }
 }
@@ -38,7 +52,59 @@ impl Tokens {
             host: conn.host.clone(),
             credential: conn.credential.clone(),
             ttl,
+            entra: None,
         }
+    }
+
+    /// Tokens from Microsoft Entra ID instead of the connection string.
+    pub fn with_entra(mut self, client: TokenClient) -> Self {
+        self.entra = Some(Arc::new(Entra {
+            client,
+            cached: Mutex::new(None),
+        }));
+        self
+    }
+
+    /// Forget the cached Entra ID token, so the next put gets a new one (before the
+    /// one in use expires).
+    pub fn renew_entra(&self) {
+        if let Some(e) = &self.entra {
+            *e.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// How long until the tokens put last should be put again: 80 % of the Entra ID
+    /// token's remaining life (at least 1 s), or None for SAS tokens (their interval is
+    /// the TTL's).
+    pub fn entra_refresh_in(&self) -> Option<Duration> {
+        let e = self.entra.as_ref()?;
+        let cached = e.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let left = cached
+            .as_ref()
+            .map_or(0, |(t, _)| t.expires_on.saturating_sub(sas::now_unix()));
+        Some(
+            Duration::from_secs(left)
+                .mul_f64(0.8)
+                .max(Duration::from_secs(1)),
+        )
+    }
+
+    /// The Entra ID token to put: the cached one while more than half of its life is
+    /// left, else a new one.
+    async fn entra_token(&self, e: &Entra) -> Result<AccessToken, SourceError> {
+        let now = sas::now_unix();
+        if let Some((t, obtained)) = e.cached.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            && t.expires_on.saturating_sub(now) * 2 > t.expires_on.saturating_sub(obtained)
+        {
+            return Ok(t);
+        }
+        let t = e.client.token().await?;
+        log::debug!(
+            "source: Entra ID token obtained, valid for {} s",
+            t.expires_on.saturating_sub(now)
+        );
+        *e.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((t.clone(), now));
+        Ok(t)
     }
 
     /// The audience (and put-token name) of a link source address.
@@ -46,9 +112,10 @@ impl Tokens {
         format!("sb://{}/{}", self.host, address.trim_start_matches('/'))
     }
 
-    /// Signed locally (and so renewable), or a ready-made signature used as given?
+    /// Signed locally or obtained from Entra ID (and so renewable), or a ready-made
+    /// signature used as given?
     pub fn renewable(&self) -> bool {
-        matches!(self.credential, Credential::Key { .. })
+        self.entra.is_some() || matches!(self.credential, Credential::Key { .. })
     }
 
     /// A token for `audience` and its expiry (seconds since the Unix epoch).
@@ -62,14 +129,28 @@ impl Tokens {
                 )
             }
             Credential::Signature(sig) => (sig.expose().to_string(), token_expiry(sig.expose())),
+            // Entra ID tokens come from `put`; the config refuses CBS without either.
+            Credential::None => (String::new(), None),
         }
     }
 
     /// Put a token for `audience` on the `$cbs` node.
+    ///
+    /// Errors: [`SourceError::Identity`] when no Entra ID token could be obtained,
+    /// [`SourceError::TokenRejected`]/[`SourceError::Cbs`] when the broker refused it.
     pub async fn put(&self, cbs: &mut CbsClient, audience: &str) -> Result<(), SourceError> {
-        let (token, expiry) = self.token(audience);
+        let (token, expiry, kind) = match &self.entra {
+            Some(e) => {
+                let t = self.entra_token(e).await?;
+                (t.token, Some(t.expires_on), JWT_TOKEN_TYPE)
+            }
+            None => {
+                let (t, expiry) = self.token(audience);
+                (t, expiry, TOKEN_TYPE)
+            }
+        };
         let expires = expiry.map(|s| Timestamp::from_milliseconds(s as i64 * 1000));
-        let token = CbsToken::new(token, TOKEN_TYPE, expires);
+        let token = CbsToken::new(token, kind, expires);
         cbs.put_token(audience, token)
             .await
             .map_err(|e| put_error(audience, e))

@@ -34,8 +34,11 @@ impl Source {
     /// How often to put the tokens again: `Options::token_refresh`, or 80% of their
     /// lifetime; None when not authenticating by CBS or the signature is given, not signed.
     fn refresh_interval(&self) -> Option<Duration> {
-        if self.settings.auth != AuthMode::Cbs || !self.tokens.renewable() {
+        if !self.settings.auth.uses_cbs() || !self.tokens.renewable() {
             return None;
+        }
+        if let Some(d) = self.tokens.entra_refresh_in() {
+            return Some(self.opts.token_refresh.map_or(d, |r| r.min(d)));
         }
         Some(self.opts.token_refresh.unwrap_or_else(|| {
             let ttl = self.opts.token_ttl.unwrap_or(self.settings.token_ttl);
@@ -51,14 +54,14 @@ impl Source {
         let stream =
             transport::open(cs, self.settings.proxy.as_ref(), self.tls.as_ref(), step).await?;
         let sasl = match self.settings.auth {
-            AuthMode::Cbs => SaslProfile::Anonymous,
+            AuthMode::Cbs | AuthMode::Entra | AuthMode::ManagedIdentity => SaslProfile::Anonymous,
             AuthMode::Plain => match &cs.credential {
                 Credential::Key { name, key } => SaslProfile::Plain {
                     username: name.clone(),
                     password: key.expose().to_string(),
                 },
                 // Config validation refuses `plain` without a key.
-                Credential::Signature(_) => SaslProfile::Anonymous,
+                Credential::Signature(_) | Credential::None => SaslProfile::Anonymous,
             },
         };
         let container = format!("asb-gateway-{:08x}", fastrand::u32(..));
@@ -81,7 +84,7 @@ impl Source {
             Err(_) => return Err(SourceError::Session("begin timed out".into())),
         };
         let mut cbs = None;
-        if self.settings.auth == AuthMode::Cbs {
+        if self.settings.auth.uses_cbs() {
             let mut client = timeout(step, CbsClient::attach(&mut session))
                 .await
                 .map_err(|_| SourceError::Cbs("attaching to $cbs timed out".into()))?
@@ -116,6 +119,8 @@ impl Source {
     /// Re-put every token on the live connection.
     pub(super) async fn refresh(&mut self, conn: &mut Conn) -> Result<(), SourceError> {
         let step = self.opts.step_timeout;
+        // A new Entra ID token before the one in use expires.
+        self.tokens.renew_entra();
         if let Some(client) = conn.cbs.as_mut() {
             for l in &self.links {
                 timeout(step, self.tokens.put(client, &l.audience))

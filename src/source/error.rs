@@ -16,6 +16,9 @@ pub enum SourceError {
     /// the proxy, never its credentials.
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
+    /// No Entra ID token: the token endpoint is unreachable or refused the credential.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// The WebSocket upgrade to `url` (AMQP over WebSockets) was refused or failed.
     #[error("AMQP over WebSockets with {url} failed: {reason}")]
     WebSocket { url: String, reason: String },
@@ -48,6 +51,7 @@ impl SourceError {
             SourceError::Tls(_) => "tls",
             SourceError::Connect { .. } => "connect",
             SourceError::Proxy(_) => "proxy",
+            SourceError::Identity(_) => "identity",
             SourceError::WebSocket { .. } => "websocket",
             SourceError::Open { .. } => "open",
             SourceError::Session(_) => "session",

@@ -214,12 +214,28 @@ impl Source {
             dedup,
         } = cx;
         let ttl = opts.token_ttl.unwrap_or(settings.token_ttl);
-        let tokens = cbs::Tokens::new(&settings.connection, ttl);
+        let mut tokens = cbs::Tokens::new(&settings.connection, ttl);
         let tls = if settings.connection.tls {
             Some(tls::client_config(settings.ca_file.as_deref())?)
         } else {
             None
         };
+        if let Some(credential) = &settings.identity {
+            // The token endpoint is verified like the namespace (roots plus ca_file).
+            let identity_tls = match (&tls, credential.uses_https()) {
+                (Some(t), _) => t.clone(),
+                (None, true) => tls::client_config(settings.ca_file.as_deref())?,
+                (None, false) => {
+                    tls::config_with_roots(tokio_rustls::rustls::RootCertStore::empty())?
+                }
+            };
+            tokens = tokens.with_entra(crate::identity::TokenClient::new(
+                credential.clone(),
+                settings.proxy.clone(),
+                identity_tls,
+                opts.step_timeout,
+            ));
+        }
         let links: Vec<Link> = settings
             .subscriptions
             .iter()

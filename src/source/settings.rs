@@ -25,6 +25,8 @@ pub struct SourceSettings {
     pub proxy: Option<Proxy>,
     /// CAs trusted besides the platform's roots (`source.ca_file`).
     pub ca_file: Option<PathBuf>,
+    /// Where Entra ID tokens come from (`source.auth = "entra"`/`"managed-identity"`).
+    pub identity: Option<crate::identity::Credential>,
     /// `source.auth`: CBS put-token (ASB) or SASL PLAIN.
     pub auth: AuthMode,
     /// Lifetime of the SAS tokens the source signs (`source.token_ttl_secs`).
@@ -53,6 +55,7 @@ impl SourceSettings {
             connection: cfg.connection.clone(),
             proxy: cfg.source_proxy.clone(),
             ca_file: cfg.source.ca_file.clone(),
+            identity: cfg.source_identity.clone(),
             auth: cfg.source.auth,
             token_ttl: Duration::from_secs(cfg.source.token_ttl_secs),
             subscriptions: cfg.source.subscriptions.clone(),

@@ -21,6 +21,7 @@ mod durable_props;
 mod e2e_mqtt;
 mod emulator;
 mod emulator_dialect;
+mod entra;
 mod faults;
 mod fleet;
 mod hostile_amqp;

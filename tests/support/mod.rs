@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod cutter;
 pub mod daemon;
 pub mod emulator;
+pub mod entra;
 pub mod http;
 pub mod mirror_run;
 pub mod mosquitto;

@@ -1,7 +1,8 @@
 //! The `$cbs` node: `put-token` requests (token types `jwt` and
-//! `servicebus.windows.net:sastoken`, both carrying a SAS string) validated against
-//! the key; an accepted token authorises links to the entities it covers until it
-//! expires.
+//! `servicebus.windows.net:sastoken`) carrying a SAS string validated against the key,
+//! or — with `--jwt-public-key` — a Microsoft Entra ID access token (RS256, audience
+//! `https://servicebus.azure.net`, not expired), which covers the whole namespace. An
+//! accepted token authorises links to the entities it covers until it expires.
 
 use std::sync::Arc;
 
@@ -55,6 +56,42 @@ async fn requests(receiver: Receiver, shared: Arc<Shared>, conn: Arc<ConnShared>
     .await
 }
 
+/// The audiences Service Bus accepts in an Entra ID token.
+const AUDIENCES: [&str; 2] = [
+    "https://servicebus.azure.net",
+    "https://servicebus.azure.net/",
+];
+
+/// Check an Entra ID access token as Service Bus does: RS256 signature by `key`,
+/// audience Service Bus, `exp` in the future (and `nbf`, if present, not); returns its
+/// expiry (seconds since the Unix epoch) or the refusal's description.
+fn entra_token(key: &crate::jwt::RsaVerifier, token: &str, now: u64) -> Result<u64, String> {
+    let claims = key
+        .verify(token)
+        .map_err(|e| format!("InvalidSignature: {e}"))?;
+    let aud = claims.get("aud").and_then(|a| a.as_str()).unwrap_or("");
+    if !AUDIENCES.contains(&aud) {
+        return Err(format!(
+            "InvalidAudience: the token's audience {aud:?} is not Service Bus"
+        ));
+    }
+    let exp = claims
+        .get("exp")
+        .and_then(|e| e.as_u64())
+        .ok_or("InvalidToken: no exp claim")?;
+    if exp <= now {
+        return Err(format!("ExpiredToken: the token expired at {exp}"));
+    }
+    if claims
+        .get("nbf")
+        .and_then(|n| n.as_u64())
+        .is_some_and(|nbf| nbf > now + 300)
+    {
+        return Err("InvalidToken: the token is not valid yet (nbf)".into());
+    }
+    Ok(exp)
+}
+
 /// Validate one put-token request; returns the status code and description.
 fn put_token(msg: &StoredMessage, shared: &Shared, conn: &ConnShared) -> (i32, String) {
     let prop = |k: &str| {
@@ -83,6 +120,21 @@ fn put_token(msg: &StoredMessage, shared: &Shared, conn: &ConnShared) -> (i32, S
         Body::Value(AmqpValue(Value::Binary(b))) => String::from_utf8_lossy(b).into_owned(),
         _ => return (400, "The token must be a string.".into()),
     };
+    if let Some(key) = &shared.jwt_key
+        && kind == "jwt"
+        && !token.starts_with(crate::sas::PREFIX)
+    {
+        return match entra_token(key, &token, crate::sas::now_unix()) {
+            Ok(expiry) => {
+                conn.add_token(normalize_address(&audience).to_ascii_lowercase(), expiry);
+                (202, "Accepted".into())
+            }
+            Err(e) => {
+                log::info!("emulator: put-token (jwt) for '{audience}' refused: {e}");
+                (401, e)
+            }
+        };
+    }
     match crate::sas::verify_sas(
         &token,
         &shared.key_name,
