@@ -774,7 +774,8 @@ impl SourceConfig {
             ));
         }
         if let Some(ca) = &self.ca_file {
-            if !connection.tls {
+            // It verifies the namespace and the Entra ID token endpoint.
+            if !connection.tls && !self.auth.entra_id() {
                 return Err(invalid(
                     "source.ca_file",
                     "applies to TLS only, and the connection string has UseDevelopmentEmulator=true (plain AMQP)",

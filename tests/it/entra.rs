@@ -277,6 +277,45 @@ async fn a_wrong_secret_or_a_disabled_application_is_a_clear_error_with_backoff(
     s.em.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_go_through_the_proxy_and_trust_the_plant_ca() {
+    use asb_gateway::tls::{CertFiles, server::ServerTls};
+    let s = setup().await;
+    support::tls::make_ca(s.dir.path(), "plant-ca");
+    let (cert, key) = support::tls::server_cert(s.dir.path(), "plant-ca", "login", 2);
+    let signing = s.dir.join("signing.pem");
+    let https = Entra::start_with(
+        s.dir.path(),
+        &signing,
+        None,
+        Some(ServerTls::load(CertFiles { cert, key }).unwrap()),
+    )
+    .await;
+    let proxy = crate::support::tinyproxy::Tinyproxy::start(None);
+    let secret = s.dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let auth = format!(
+        "auth = \"entra\"\nproxy = {:?}\nca_file = {:?}\n[source.entra]\ntenant_id = {TENANT:?}\n\
+         client_id = {CLIENT_ID:?}\nclient_secret_file = {:?}\nauthority_host = {:?}",
+        proxy.url(None),
+        s.dir.join("plant-ca.pem").display().to_string(),
+        secret.display().to_string(),
+        https.authority()
+    );
+    let d = Daemon::start(&config(&s.em, &auth));
+    flows(&s.em, &d, "via-proxy", 3).await;
+    assert_eq!(https.issued("secret"), 1);
+    // The token request was tunnelled (the AMQP connection to the plain emulator is
+    // tunnelled too: one proxy for the source).
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("CONNECT localhost:{}", https.addr.port())),
+        "{log}"
+    );
+    drop(d);
+    s.em.shutdown().await;
+}
+
 #[test]
 fn entra_settings_are_checked_and_name_their_key() {
     use asb_gateway::config::{Config, LoadEnv};

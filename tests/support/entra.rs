@@ -102,6 +102,7 @@ pub struct Entra {
     /// Client assertions are checked with this key (the client certificate's).
     client_cert: Mutex<Option<RsaVerifier>>,
     arc_key_file: PathBuf,
+    https: bool,
 }
 
 impl Entra {
@@ -111,6 +112,16 @@ impl Entra {
         dir: &Path,
         signing_key: &Path,
         client_cert: Option<RsaVerifier>,
+    ) -> Arc<Entra> {
+        Self::start_with(dir, signing_key, client_cert, None).await
+    }
+
+    /// The same over HTTPS with `tls` (a certificate for localhost).
+    pub async fn start_with(
+        dir: &Path,
+        signing_key: &Path,
+        client_cert: Option<RsaVerifier>,
+        tls: Option<Arc<asb_gateway::tls::server::ServerTls>>,
     ) -> Arc<Entra> {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let arc_key_file = dir.join("arc-token.key");
@@ -124,28 +135,47 @@ impl Entra {
             signer: RsaSigner::from_pem(&std::fs::read(signing_key).unwrap()).unwrap(),
             client_cert: Mutex::new(client_cert),
             arc_key_file,
+            https: tls.is_some(),
         });
+        let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config()));
         let served = e.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 let e = served.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let e = e.clone();
                         async move { Ok::<_, std::convert::Infallible>(e.handle(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(s) = a.accept(s).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
+                        }
+                    }
                 });
             }
         });
         e
     }
 
-    /// `http://127.0.0.1:PORT` (the authority host).
+    /// `http://127.0.0.1:PORT` (the authority host), or `https://localhost:PORT`.
     pub fn authority(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.https {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// The managed identity endpoint.
@@ -155,7 +185,7 @@ impl Entra {
 
     /// The token endpoint of [`TENANT`].
     pub fn token_endpoint(&self) -> String {
-        format!("http://{}/{TENANT}/oauth2/v2.0/token", self.addr)
+        format!("{}/{TENANT}/oauth2/v2.0/token", self.authority())
     }
 
     pub fn issued(&self, grant: &str) -> usize {
