@@ -170,8 +170,16 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        self.join_readers();
+        // Every daemon's log is kept for the whole run's secret grep
+        // (scripts/ci/secrets-in-logs.sh, run by scripts/test.sh).
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("daemon-logs");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let text: Vec<String> = self.log.lock().unwrap().iter().cloned().collect();
+            let text = text.join("\n");
+            let _ = std::fs::write(dir.join(format!("{}.log", self.child.id())), text);
+        }
         if std::thread::panicking() {
-            self.join_readers();
             let log = self.log.lock().unwrap();
             eprintln!(
                 "---- asb-gateway log (pid {}, {} lines kept) ----",

@@ -146,7 +146,13 @@ where
                 break;
             }
             s = connection.next_incoming_session() => {
-                let Some(incoming) = s else { break };
+                let Some(incoming) = s else {
+                    // The client closed (or the engine stopped): let the engine finish
+                    // its answering close frame before the stream is killed below, or
+                    // the client sees the end of the stream before it (IllegalState).
+                    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close()).await;
+                    break;
+                };
                 let channel = incoming.channel;
                 match SessionAcceptor::new().accept_incoming_session(incoming, &mut connection).await {
                     Ok(session) => {
