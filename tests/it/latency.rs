@@ -2,7 +2,8 @@
 //! WebSocket panel): `asbgw_event_age_seconds` and `asbgw_gateway_latency_seconds`
 //! parse as Prometheus text (the `prometheus-client` parser), count each live event
 //! once per panel write and once per broker acknowledgement, and not the history a
-//! panel replays with `since`.
+//! panel replays with `since`; and their values: a Service Bus backlog shows in the age
+//! (measured from `x-opt-enqueued-time`), not in the gateway's own latency.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -209,5 +210,116 @@ async fn latency_histograms_count_live_events_per_panel_and_per_broker_ack() {
         m["asbgw_event_age_seconds_bucket|panels|60"] as u64, 22,
         "{m:?}"
     );
+    em.shutdown().await;
+}
+
+/// Observations of `family`/`to` at most `le` seconds (the cumulative bucket).
+fn at_most(m: &BTreeMap<String, f64>, family: &str, to: &str, le: f64) -> u64 {
+    let prefix = format!("asbgw_{family}_bucket|{to}|");
+    let v = m
+        .iter()
+        .find(|(k, _)| {
+            k.strip_prefix(&prefix)
+                .is_some_and(|b| b != "+Inf" && b.parse::<f64>().unwrap() == le)
+        })
+        .unwrap_or_else(|| panic!("no {family} {to} bucket le={le}: {m:?}"));
+    *v.1 as u64
+}
+
+fn signal(d: &Daemon, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig}");
+}
+
+/// Wait until every thread of the daemon is stopped: `kill` returns when SIGSTOP is
+/// queued, and the other threads stop only once one of them has taken it.
+async fn stopped(d: &Daemon) {
+    let t0 = Instant::now();
+    loop {
+        let dir = std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap();
+        let states: Vec<String> = dir
+            .flatten()
+            .filter_map(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                let after = &stat[stat.rfind(')')? + 1..];
+                after.split_whitespace().next().map(str::to_string)
+            })
+            .collect();
+        if !states.is_empty() && states.iter().all(|s| s == "T") {
+            return;
+        }
+        assert!(
+            t0.elapsed() < T,
+            "the daemon's threads did not stop: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_bus_backlog_shows_in_the_age_and_not_in_the_gateway_latency() {
+    const N: u32 = 20;
+    const HELD: Duration = Duration::from_millis(1500);
+    let em = support::emulator::start_default().await;
+    let dir = support::TempDir::new("latency-backlog");
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nconnection_string = {:?}\n[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n[panels]\nlisten = \"127.0.0.1:0\"\n",
+            em.connection_string(),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::with_config_file(&cfg).start();
+    let mut live = panel(&d, "").await;
+    // One event through first: the source is attached and the panel is live.
+    publish(&em, 0, 1).await;
+    events(&mut live, 1).await;
+    until(&d, "the first event", |m| {
+        count(m, "event_age_seconds", "panels") == 1
+            && count(m, "gateway_latency_seconds", "panels") == 1
+    })
+    .await;
+    let before = parsed(&d).await;
+
+    // The gateway is not running (SIGSTOP, every thread stopped) while N events are
+    // enqueued and wait in Service Bus; it takes them only after HELD.
+    signal(&d, "-STOP");
+    stopped(&d).await;
+    publish(&em, 1, 1 + N).await;
+    let enqueued = Instant::now();
+    tokio::time::sleep(HELD).await;
+    let held = enqueued.elapsed();
+    signal(&d, "-CONT");
+    events(&mut live, N as usize).await;
+    until(&d, "the backlog once per panel", |m| {
+        count(m, "event_age_seconds", "panels") == 1 + u64::from(N)
+            && count(m, "gateway_latency_seconds", "panels") == 1 + u64::from(N)
+    })
+    .await;
+    let after = parsed(&d).await;
+    let delta = |family: &str, le: f64| {
+        at_most(&after, family, "panels", le) - at_most(&before, family, "panels", le)
+    };
+    let n = u64::from(N);
+    // Every backlog event was older than 1 s when written to the panel: its age counts
+    // the time it waited in Service Bus …
+    assert_eq!(delta("event_age_seconds", 1.0), 0, "{after:?}");
+    assert_eq!(delta("event_age_seconds", 60.0), n, "{after:?}");
+    let age_sum = after["asbgw_event_age_seconds_sum|panels|"]
+        - before["asbgw_event_age_seconds_sum|panels|"];
+    assert!(
+        age_sum >= n as f64 * held.as_secs_f64() - 0.01 * n as f64,
+        "the age includes the {held:?} in Service Bus: sum {age_sum} for {n} events"
+    );
+    // … and the gateway itself took well under a second for each.
+    assert_eq!(delta("gateway_latency_seconds", 1.0), n, "{after:?}");
+    for family in ["event_age_seconds", "gateway_latency_seconds"] {
+        well_formed(&after, family, "panels");
+    }
     em.shutdown().await;
 }

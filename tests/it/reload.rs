@@ -6,6 +6,12 @@
 //!   line says what was applied and what needs a restart; no token in the log.
 //! - a config that fails validation on reload is refused with the error, and everything
 //!   stays as it was.
+//! - `panels.max_panels` lowered closes nobody and admits no one until fewer than the new
+//!   limit remain; raised, it admits up to the new limit.
+//! - `panels.allowed_origins` narrowed closes the panel whose origin is gone with 1008
+//!   `origin no longer allowed`; the others keep receiving.
+//! - `panels.slow_policy` changed from `skip` to `disconnect` applies to a panel connected
+//!   before the reload: when it falls behind it is closed, not given a gap.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -16,11 +22,12 @@ use asb_gateway::emulator::client::Publisher;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::support::daemon::Daemon;
 use crate::support::panels::hex;
-use crate::support::{self, TempDir};
+use crate::support::{self, TempDir, http};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -304,5 +311,320 @@ async fn a_config_that_fails_on_reload_is_refused_and_nothing_changes() {
         "nothing applied:\n{}",
         d.log_text()
     );
+    em.shutdown().await;
+}
+
+/// Upgrade to `/v1/stream?{query}` with extra headers: the panel after its hello, or the
+/// HTTP status of the refusal.
+async fn try_panel(d: &Daemon, query: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    let mut req = format!("ws://{}/v1/stream?{query}", d.panels())
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http_header_value(v),
+        );
+    }
+    match tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("an answer within 20 s")
+    {
+        Ok((mut ws, _)) => {
+            let hello = next_text(&mut ws).await.expect("hello");
+            assert!(hello.contains("\"hello\""), "{hello}");
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("upgrade failed without an HTTP status: {e}"),
+    }
+}
+
+fn http_header_value(v: &str) -> tokio_tungstenite::tungstenite::http::HeaderValue {
+    tokio_tungstenite::tungstenite::http::HeaderValue::from_str(v).unwrap()
+}
+
+/// Refused with 503 (the panel limit).
+async fn refused_503(d: &Daemon, what: &str) {
+    match try_panel(d, "", &[]).await {
+        Err(status) => assert_eq!(status, 503, "{what}"),
+        Ok(_) => panic!("{what}: admitted, expected 503"),
+    }
+}
+
+/// Wait until `/healthz` reports `n` panels connected.
+async fn connected(d: &Daemon, n: usize) {
+    let want = format!("\"panels\":{n}}}");
+    let t0 = Instant::now();
+    loop {
+        let (_, _, body) = http::get(d.panels(), "/healthz").await;
+        if body.contains(&want) {
+            return;
+        }
+        assert!(t0.elapsed() < T, "{n} panels connected: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Close from the client side and read until the server's answer.
+async fn leave(mut ws: Ws) {
+    ws.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(T, ws.next()).await {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_panels_lowered_admits_nobody_until_enough_left_and_raised_admits_more() {
+    let em = support::emulator::start_default().await;
+    let dir = TempDir::new("reload-max-panels");
+    let (sock, sock_path) = notify_socket(&dir);
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        config(
+            &em,
+            "max_panels = 4
+",
+            "",
+        ),
+    )
+    .unwrap();
+    let d = start(&cfg, &sock_path);
+    let mut panels = Vec::new();
+    for _ in 0..4 {
+        panels.push(panel(&d, "").await);
+    }
+    refused_503(&d, "the 5th of 4").await;
+
+    // Lowered to 2 with 4 connected: nobody is closed, all 4 keep receiving.
+    std::fs::write(
+        &cfg,
+        config(
+            &em,
+            "max_panels = 2
+",
+            "",
+        ),
+    )
+    .unwrap();
+    reload(&d, &sock);
+    let line = wait_log(&d, "reload: ");
+    assert!(line.contains("applied panels.max_panels"), "{line}");
+    publish(&em, &["line1/press/after-lower"]).await;
+    for ws in &mut panels {
+        event_with(ws, "line1/press/after-lower").await;
+    }
+    connected(&d, 4).await;
+    refused_503(&d, "4 connected, limit 2").await;
+    // Two leave: 2 remain, which is still not below the new limit (the old one would
+    // admit).
+    leave(panels.pop().unwrap()).await;
+    leave(panels.pop().unwrap()).await;
+    connected(&d, 2).await;
+    refused_503(&d, "2 connected, limit 2").await;
+    // A third leaves: 1 remains, one more is admitted, and the next is refused.
+    leave(panels.pop().unwrap()).await;
+    connected(&d, 1).await;
+    panels.push(panel(&d, "").await);
+    connected(&d, 2).await;
+    refused_503(&d, "2 connected again, limit 2").await;
+
+    // Raised to 6: four more are admitted, the 7th is refused.
+    std::fs::write(
+        &cfg,
+        config(
+            &em,
+            "max_panels = 6
+",
+            "",
+        ),
+    )
+    .unwrap();
+    reload(&d, &sock);
+    for _ in 0..4 {
+        panels.push(panel(&d, "").await);
+    }
+    connected(&d, 6).await;
+    refused_503(&d, "the 7th of 6").await;
+    publish(&em, &["line1/press/after-raise"]).await;
+    for ws in &mut panels {
+        event_with(ws, "line1/press/after-raise").await;
+    }
+    em.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_origins_narrowed_closes_only_the_panel_whose_origin_is_gone() {
+    let em = support::emulator::start_default().await;
+    let dir = TempDir::new("reload-origins");
+    let (sock, sock_path) = notify_socket(&dir);
+    let cfg = dir.join("config.toml");
+    let origins = |list: &str| format!("allowed_origins = [{list}]\n");
+    std::fs::write(
+        &cfg,
+        config(
+            &em,
+            &origins("\"http://hmi-a.plant\", \"http://hmi-b.plant\""),
+            "",
+        ),
+    )
+    .unwrap();
+    let d = start(&cfg, &sock_path);
+    let mut a = try_panel(&d, "", &[("Origin", "http://hmi-a.plant")])
+        .await
+        .expect("origin a admitted");
+    let mut b = try_panel(&d, "", &[("Origin", "http://hmi-b.plant")])
+        .await
+        .expect("origin b admitted");
+    // Not a browser: no Origin, never refused for it.
+    let mut cli = panel(&d, "").await;
+    publish(&em, &["line1/press/before"]).await;
+    for ws in [&mut a, &mut b, &mut cli] {
+        event_with(ws, "line1/press/before").await;
+    }
+
+    std::fs::write(&cfg, config(&em, &origins("\"http://hmi-b.plant\""), "")).unwrap();
+    reload(&d, &sock);
+    assert_eq!(
+        close_of(&mut a).await,
+        (CloseCode::Policy, "origin no longer allowed".to_string())
+    );
+    publish(&em, &["line1/press/after"]).await;
+    event_with(&mut b, "line1/press/after").await;
+    event_with(&mut cli, "line1/press/after").await;
+    // New connections follow the new list.
+    assert_eq!(
+        try_panel(&d, "", &[("Origin", "http://hmi-a.plant")])
+            .await
+            .err(),
+        Some(403)
+    );
+    let line = wait_log(&d, "reload: ");
+    assert!(line.contains("applied panels.allowed_origins"), "{line}");
+    em.shutdown().await;
+}
+
+/// A WebSocket over a socket with a tiny receive buffer that reads the hello and then
+/// nothing: the gateway's writes to it stall once the TCP window is full.
+async fn stalled_panel(d: &Daemon) -> Ws {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    let stream = sock.connect(d.panels()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/v1/stream", d.panels()),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let hello = next_text(&mut ws).await.expect("hello");
+    assert!(hello.contains("\"hello\""), "{hello}");
+    ws
+}
+
+/// Events of ~1 KiB through a 16-event journal: far more than a stalled panel's buffers
+/// hold, so it falls behind the oldest retained event.
+const STALL_EVENTS: u64 = 600;
+
+/// Wait until the gateway has completed `n` messages at the source (each right after its
+/// append to the journal).
+async fn completed(d: &Daemon, n: u64) {
+    let want = format!("asbgw_completed_total {n}");
+    let t0 = Instant::now();
+    loop {
+        let (_, _, body) = http::get(d.panels(), "/metrics").await;
+        if body.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(t0.elapsed() < T, "{want}:\n{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publish [`STALL_EVENTS`] events of ~1 KiB on `line1/`.
+async fn flood(em: &EmulatorHandle, tag: &str) {
+    let mut p = Publisher::connect(&em.connection_string(), "operational-events")
+        .await
+        .unwrap();
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1000));
+    for i in 0..STALL_EVENTS {
+        p.send_json(
+            &format!("line1/press/{tag}{i}"),
+            &[],
+            body.clone(),
+            "application/json",
+        )
+        .await
+        .unwrap();
+    }
+    p.close().await.unwrap();
+}
+
+/// Read a stalled panel again: the events it had buffered, then either a gap frame
+/// (`Ok(reason)`) or its close (`Err((code, reason))`).
+async fn drain_stalled(ws: &mut Ws) -> Result<String, (CloseCode, String)> {
+    loop {
+        match tokio::time::timeout(T, ws.next())
+            .await
+            .expect("a frame within 20 s")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let f: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                match f["type"].as_str() {
+                    Some("event") => {}
+                    Some("gap") => return Ok(f["reason"].as_str().unwrap().to_string()),
+                    _ => panic!("unexpected {f}"),
+                }
+            }
+            Some(Ok(Message::Close(Some(c)))) => return Err((c.code, c.reason.to_string())),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_policy_changed_to_disconnect_applies_to_a_connected_panel() {
+    let em = support::emulator::start_default().await;
+    let dir = TempDir::new("reload-slow");
+    let (sock, sock_path) = notify_socket(&dir);
+    let cfg = dir.join("config.toml");
+    let journal = "[journal]\nevents = 16\nunsettled = 4\n";
+    std::fs::write(&cfg, config(&em, "slow_policy = \"skip\"\n", journal)).unwrap();
+    let d = start(&cfg, &sock_path);
+
+    // Under "skip", a panel that stops reading and falls behind gets a gap.
+    let mut before = stalled_panel(&d).await;
+    flood(&em, "a").await;
+    completed(&d, STALL_EVENTS).await;
+    assert_eq!(drain_stalled(&mut before).await, Ok("lagged".to_string()));
+    leave(before).await;
+
+    // Connected under "skip", and reading.
+    let mut later = stalled_panel(&d).await;
+    publish(&em, &["line1/press/live"]).await;
+    event_with(&mut later, "line1/press/live").await;
+
+    std::fs::write(&cfg, config(&em, "slow_policy = \"disconnect\"\n", journal)).unwrap();
+    reload(&d, &sock);
+    let line = wait_log(&d, "reload: ");
+    assert!(line.contains("applied panels.slow_policy"), "{line}");
+
+    // The same panel stops reading now, falls behind, and is closed instead of getting
+    // a gap.
+    flood(&em, "b").await;
+    completed(&d, 2 * STALL_EVENTS + 1).await;
+    assert_eq!(
+        drain_stalled(&mut later).await,
+        Err((CloseCode::Policy, "too slow: events expired".to_string()))
+    );
+    let t0 = Instant::now();
+    loop {
+        let (_, _, body) = http::get(d.panels(), "/metrics").await;
+        let has = |l: &str| body.lines().any(|x| x == l);
+        if has("asbgw_panels_disconnected_slow_total 1") && has("asbgw_gaps_total 1") {
+            break;
+        }
+        assert!(t0.elapsed() < T, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     em.shutdown().await;
 }
