@@ -457,34 +457,46 @@ async fn ten_thousand_addresses_do_not_grow_the_daemon_beyond_its_budget_line() 
     let addr = daemon.panels();
     let pid = daemon.pid().to_string();
     let rss = || crate::support::procfs::status_field(&pid, "VmRSS").unwrap();
-    // warm up: the first connections allocate the runtime's buffers once
-    for n in 0..200u32 {
-        let ip = Ipv4Addr::from(0x7f01_0000 | n);
-        get_from(ip, addr, "/v1/last?token=wrong", "").await;
+    // 8 clients at a time, each from its own addresses in 127.B.x.y.
+    let flood = |b: u32, count: u32| async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for chunk in 0..8u32 {
+            tasks.spawn(async move {
+                for n in 0..count / 8 {
+                    let host = 0x7f00_0000 | (b << 16) | (chunk * (count / 8) + n);
+                    let r = get_from(Ipv4Addr::from(host), addr, "/v1/last?token=wrong", "").await;
+                    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    };
+    // Warm up with 2,000 addresses (the failure table, 1,024 entries, is full), then
+    // twice 10,000 new ones. The first round still grows the runtime's and the
+    // allocator's buffers for this load (measured: 170-570 KiB); by the second the
+    // process is in its steady state, and a bounded table keeps it there, while an
+    // unbounded one would grow by ~1.2 MiB every round.
+    flood(1, 2_000).await;
+    let mut rounds = Vec::new();
+    for b in [2, 3] {
+        let before = rss();
+        let t0 = Instant::now();
+        flood(b, 10_000).await;
+        let after = rss();
+        eprintln!(
+            "10,000 more addresses in {:?}: RSS {before} -> {after} KiB",
+            t0.elapsed()
+        );
+        rounds.push(after.saturating_sub(before));
     }
-    let before = rss();
-    let t0 = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for chunk in 0..8u32 {
-        tasks.spawn(async move {
-            for n in 0..1250u32 {
-                let host = 0x7f02_0000 | (chunk * 1250 + n);
-                let r = get_from(Ipv4Addr::from(host), addr, "/v1/last?token=wrong", "").await;
-                assert!(r.starts_with("HTTP/1.1 401"), "{r}");
-            }
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.unwrap();
-    }
-    let after = rss();
-    let grew = after.saturating_sub(before);
-    eprintln!(
-        "10,000 addresses in {:?}: RSS {before} -> {after} KiB",
-        t0.elapsed()
+    // The table's budget line is 1,024 x 128 B = 128 KiB: the steady round stays
+    // within it and as much allocator slack.
+    assert!(
+        rounds[1] < 256,
+        "RSS grew {rounds:?} KiB per round of 10,000 addresses"
     );
-    // the table's budget line is 1,024 x 128 B = 128 KiB; allow the allocator its slack
-    assert!(grew < 1024, "RSS grew {grew} KiB");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
