@@ -208,6 +208,16 @@ pub struct EmulatorHandle {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Bind a listener, or say which address could not be bound and why.
+async fn bind(addr: SocketAddr) -> Result<TcpListener, EmulatorError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| EmulatorError::Listen {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+}
+
 /// Start an emulator on `listener`; returns at once (the broker runs in tasks).
 pub async fn start(
     listener: TcpListener,
@@ -230,12 +240,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     let mut admin_addr = None;
     if let Some(a) = opts.admin {
-        let l = TcpListener::bind(a)
-            .await
-            .map_err(|e| EmulatorError::Listen {
-                addr: a.to_string(),
-                reason: e.to_string(),
-            })?;
+        let l = bind(a).await?;
         admin_addr = l.local_addr().ok();
         tasks.push(tokio::spawn(admin::serve(
             l,
@@ -245,12 +250,7 @@ pub async fn start(
     }
     let mut ws_addr = None;
     if let Some(a) = opts.websocket {
-        let l = TcpListener::bind(a)
-            .await
-            .map_err(|e| EmulatorError::Listen {
-                addr: a.to_string(),
-                reason: e.to_string(),
-            })?;
+        let l = bind(a).await?;
         ws_addr = l.local_addr().ok();
         let tls = opts
             .websocket_tls
@@ -530,12 +530,7 @@ pub async fn serve(options: ServeOptions, mut shutdown: Shutdown) -> Result<(), 
         ),
         None => None,
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| EmulatorError::Listen {
-            addr: listen.to_string(),
-            reason: e.to_string(),
-        })?;
+    let listener = bind(listen).await?;
     let opts = EmulatorOptions {
         entities,
         admin,
