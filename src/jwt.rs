@@ -215,13 +215,24 @@ fn spki_rsa_key(der: &[u8]) -> Option<Vec<u8>> {
     Some(key.to_vec())
 }
 
+/// A fresh 2048-bit RSA key (`openssl genpkey`), for the crate's unit tests.
+#[cfg(test)]
+pub(crate) fn test_signer() -> RsaSigner {
+    tests::key()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A 2048-bit test key (PKCS#8), made once with `openssl genpkey -algorithm RSA`.
-    fn key() -> RsaSigner {
-        let dir = std::env::temp_dir().join(format!("asbgw-jwt-{}", std::process::id()));
+    /// A fresh 2048-bit test key (PKCS#8) from `openssl genpkey -algorithm RSA`, checked
+    /// against its SPKI as `openssl pkey -pubout` writes it.
+    pub(super) fn key() -> RsaSigner {
+        let dir = std::env::temp_dir().join(format!(
+            "asbgw-jwt-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("k.pem");
         let st = std::process::Command::new("openssl")

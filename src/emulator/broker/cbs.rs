@@ -167,3 +167,35 @@ fn put_token(msg: &StoredMessage, shared: &Shared, conn: &ConnShared) -> (i32, S
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::{RsaVerifier, test_signer};
+
+    #[test]
+    fn entra_tokens_are_checked_for_signature_audience_and_expiry() {
+        let signer = test_signer();
+        let key = RsaVerifier::of(&signer);
+        let now = 1_800_000_000;
+        let token = |aud: &str, exp: u64| {
+            signer.sign(
+                serde_json::Map::new(),
+                &serde_json::json!({"aud": aud, "exp": exp, "nbf": now - 10}),
+            )
+        };
+        let sb = "https://servicebus.azure.net";
+        assert_eq!(entra_token(&key, &token(sb, now + 60), now), Ok(now + 60));
+        assert_eq!(
+            entra_token(&key, &token("https://servicebus.azure.net/", now + 1), now),
+            Ok(now + 1)
+        );
+        let e = entra_token(&key, &token("https://storage.azure.com", now + 60), now).unwrap_err();
+        assert!(e.starts_with("InvalidAudience"), "{e}");
+        let e = entra_token(&key, &token(sb, now), now).unwrap_err();
+        assert!(e.starts_with("ExpiredToken"), "{e}");
+        let other = RsaVerifier::of(&test_signer());
+        let e = entra_token(&other, &token(sb, now + 60), now).unwrap_err();
+        assert!(e.starts_with("InvalidSignature"), "{e}");
+    }
+}
