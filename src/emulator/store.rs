@@ -560,6 +560,15 @@ impl Store {
         id
     }
 
+    /// Are other receiver links than `id` attached to the entity `key` (competing
+    /// receivers)?
+    pub fn has_competitors(&self, key: &str, id: u64) -> bool {
+        lock(&self.state)
+            .links
+            .iter()
+            .any(|(other, (k, _))| *other != id && k == key)
+    }
+
     pub fn unregister_link(&self, id: u64) {
         lock(&self.state).links.remove(&id);
     }

@@ -265,7 +265,9 @@ async fn deliver(
                 tracker.on_sent();
                 // Competing receivers share an entity's messages, as on ASB: let another
                 // link's task take the next one rather than this one taking them all.
-                tokio::task::yield_now().await;
+                if store.has_competitors(&key, link_id) {
+                    tokio::task::yield_now().await;
+                }
                 let store = store.clone();
                 let key = key.clone();
                 tokio::spawn(async move {
