@@ -151,17 +151,22 @@ fn check_scheme(uri: &Uri, what: &str) -> Result<(), String> {
         Some("https") => Ok(()),
         Some("http") if is_loopback(host) => Ok(()),
         Some("http") => Err(format!(
-            "{what} may be http:// only on a loopback host (tokens would travel in clear text)"
+            "{what} may be http:// only on a loopback or link-local host (tokens would travel \
+             in clear text)"
         )),
         _ => Err(format!("{what} must be an https:// URL")),
     }
 }
 
+/// Loopback, or IPv4 link-local (Azure IMDS's 169.254.169.254): addresses a plain
+/// `http://` token request never leaves the box or its host for.
 fn is_loopback(host: &str) -> bool {
     let h = host.trim_matches(['[', ']']);
     h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
+            std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_loopback(),
+        })
 }
 
 /// An access token and when it expires (seconds since the Unix epoch).
@@ -560,6 +565,8 @@ mod tests {
         );
         assert!(token_endpoint(AUTHORITY, "a/b").is_err());
         assert!(identity_endpoint(ARC_ENDPOINT).is_ok());
+        let imds = "http://169.254.169.254/metadata/identity/oauth2/token";
+        assert!(identity_endpoint(imds).is_ok(), "Azure IMDS is link-local");
         assert!(identity_endpoint("http://10.0.0.1/token").is_err());
         assert!(identity_endpoint("ftp://localhost/x").is_err());
     }
