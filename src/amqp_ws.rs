@@ -56,12 +56,14 @@ pub enum WsError {
 }
 
 /// Sizes for both sides: messages up to [`MAX_MESSAGE`], writes passed on at once (fe2o3
-/// writes whole frames and flushes).
+/// writes whole frames and flushes), and a write buffer bounded at twice a message (a
+/// peer that stops reading makes writes wait, then fail, never grow it).
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
         .write_buffer_size(0)
+        .max_write_buffer_size(2 * MAX_MESSAGE)
 }
 
 /// The WebSocket client handshake over `stream` (plain TCP, a proxy tunnel, or TLS) for

@@ -31,7 +31,7 @@ use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::jwt::RsaSigner;
-use crate::proxy::Proxy;
+use crate::proxy::Route;
 
 /// The scope of a Service Bus token (client credentials grant).
 pub const SCOPE: &str = "https://servicebus.azure.net/.default";
@@ -208,7 +208,7 @@ pub enum IdentityError {
 /// Gets tokens for one [`Credential`].
 pub struct TokenClient {
     credential: Credential,
-    proxy: Option<Proxy>,
+    proxy: Option<Route>,
     tls: Arc<ClientConfig>,
     step: Duration,
 }
@@ -231,10 +231,11 @@ struct Response {
 
 impl TokenClient {
     /// `tls` verifies `https://` endpoints (the source's: platform roots plus
-    /// `source.ca_file`); `proxy` tunnels them; each request is bounded by `step`.
+    /// `source.ca_file`); `proxy` tunnels them (unless its `NO_PROXY` names the
+    /// endpoint's host); each request is bounded by `step`.
     pub fn new(
         credential: Credential,
-        proxy: Option<Proxy>,
+        proxy: Option<Route>,
         tls: Arc<ClientConfig>,
         step: Duration,
     ) -> Self {
@@ -345,7 +346,8 @@ impl TokenClient {
             endpoint: endpoint.clone(),
             reason,
         };
-        let tcp = match (&self.proxy, https) {
+        let proxy = self.proxy.as_ref().and_then(|r| r.for_host(&host));
+        let tcp = match (proxy, https) {
             (Some(p), true) => p
                 .connect(&host, port, self.step)
                 .await

@@ -257,6 +257,31 @@ fn split_host_port(s: &str, default: u16) -> Option<(String, u16)> {
     }
 }
 
+/// The source's proxy and the hosts that bypass it: `NO_PROXY` applies to every host
+/// the source reaches — the namespace and the Entra ID token endpoint alike — each
+/// checked by name when it is connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    proxy: Proxy,
+    /// The `NO_PROXY` list (environment only; `source.proxy` proxies every host).
+    no_proxy: Option<String>,
+}
+
+impl Route {
+    pub fn new(proxy: Proxy, no_proxy: Option<String>) -> Self {
+        Route { proxy, no_proxy }
+    }
+
+    /// The proxy to reach `host` through, or None when `NO_PROXY` names it.
+    pub fn for_host(&self, host: &str) -> Option<&Proxy> {
+        let bypass = self
+            .no_proxy
+            .as_deref()
+            .is_some_and(|np| no_proxy_matches(np, host));
+        (!bypass).then_some(&self.proxy)
+    }
+}
+
 /// Is `host` excluded from the proxy by a `NO_PROXY` list (comma- or space-separated:
 /// `*`, host names matching themselves and their subdomains, a leading `.` or `*.`
 /// allowed, an optional `:port` ignored, IP addresses matched exactly; case-insensitive)?

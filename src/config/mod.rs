@@ -92,7 +92,7 @@ pub struct SourceConfig {
     pub transport: Option<Transport>,
     /// HTTP proxy to tunnel through, `http://[user:password@]host:port` (a secret: the
     /// password is never shown); `""`: none, even when `HTTPS_PROXY` is set; absent:
-    /// `HTTPS_PROXY`/`https_proxy` unless `NO_PROXY`/`no_proxy` names the namespace.
+    /// `HTTPS_PROXY`/`https_proxy` for the hosts `NO_PROXY`/`no_proxy` does not name.
     pub proxy: Option<Secret>,
     /// PEM bundle of CAs trusted besides the platform's roots for the namespace's
     /// certificate (a TLS-inspecting proxy's plant CA).
@@ -541,7 +541,7 @@ pub struct Config {
     pub connection: ConnectionString,
     /// The HTTP proxy the source tunnels through, from `source.proxy` or the
     /// environment (`HTTPS_PROXY`, `NO_PROXY`).
-    pub source_proxy: Option<Proxy>,
+    pub source_proxy: Option<crate::proxy::Route>,
     /// Where Entra ID tokens come from (`auth = "entra"` or `"managed-identity"`),
     /// with the secret or key read.
     pub source_identity: Option<crate::identity::Credential>,
@@ -620,7 +620,7 @@ impl Config {
         if let Some(t) = f.source.transport {
             connection.set_websockets(t == Transport::Websockets);
         }
-        let source_proxy = resolve_proxy(&f.source, env, &connection)?;
+        let source_proxy = resolve_proxy(&f.source, env)?;
         let source_identity = resolve_identity(&f.source, env)?;
         let mut f = f;
         if f.journal.state_dir.is_none() {
@@ -870,34 +870,28 @@ fn resolve_identity(
     }
 }
 
-/// The source's HTTP proxy: `source.proxy` (`""` = none), else `HTTPS_PROXY` unless
-/// `NO_PROXY` names the namespace's host. Errors name the key (or the variable), never
+/// The source's HTTP proxy: `source.proxy` (`""` = none) for every host, else
+/// `HTTPS_PROXY` for the hosts `NO_PROXY` does not name (checked per host as it is
+/// connected to: [`crate::proxy::Route`]). Errors name the key (or the variable), never
 /// the URL, which may hold a password.
 fn resolve_proxy(
     s: &SourceConfig,
     env: &LoadEnv,
-    connection: &ConnectionString,
-) -> Result<Option<Proxy>, ConfigError> {
+) -> Result<Option<crate::proxy::Route>, ConfigError> {
+    use crate::proxy::Route;
     if let Some(url) = &s.proxy {
         if url.expose().trim().is_empty() {
             return Ok(None);
         }
         return Proxy::parse(url.expose())
-            .map(Some)
+            .map(|p| Some(Route::new(p, None)))
             .map_err(|e| invalid("source.proxy", e));
     }
     let Some(url) = env.https_proxy.as_deref() else {
         return Ok(None);
     };
-    if env
-        .no_proxy
-        .as_deref()
-        .is_some_and(|np| crate::proxy::no_proxy_matches(np, &connection.host))
-    {
-        return Ok(None);
-    }
     Proxy::parse(url)
-        .map(Some)
+        .map(|p| Some(Route::new(p, env.no_proxy.clone())))
         .map_err(|e| invalid("HTTPS_PROXY (environment)", e))
 }
 

@@ -46,13 +46,18 @@ impl Source {
         }))
     }
 
+    /// The proxy to reach the namespace through (none when `NO_PROXY` names it).
+    pub(super) fn proxy(&self) -> Option<&crate::proxy::Proxy> {
+        let host = &self.settings.connection.host;
+        self.settings.proxy.as_ref().and_then(|r| r.for_host(host))
+    }
+
     /// Connect, authenticate and attach every link.
     pub(super) async fn connect(&mut self) -> Result<Conn, SourceError> {
         let cs = &self.settings.connection;
         let addr = format!("{}:{}", cs.host, cs.port);
         let step = self.opts.step_timeout;
-        let stream =
-            transport::open(cs, self.settings.proxy.as_ref(), self.tls.as_ref(), step).await?;
+        let stream = transport::open(cs, self.proxy(), self.tls.as_ref(), step).await?;
         let sasl = match self.settings.auth {
             AuthMode::Cbs | AuthMode::Entra | AuthMode::ManagedIdentity => SaslProfile::Anonymous,
             AuthMode::Plain => match &cs.credential {

@@ -99,7 +99,7 @@ pub async fn run_with(
     let mut backoff = src.backoff();
     let mut logged: Option<&'static str> = None;
     let mut attempts: u64 = 0;
-    let addr = transport::describe(&src.settings.connection, src.settings.proxy.as_ref());
+    let addr = transport::describe(&src.settings.connection, src.proxy());
     loop {
         if shutdown.is_shutdown() {
             break;

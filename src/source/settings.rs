@@ -11,7 +11,7 @@ use crate::config::{AuthMode, Config, ConnectionString, SubscriptionConfig};
 use crate::journal::Journal;
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::Route;
 use crate::routing::Template;
 
 /// What the source needs from the config, taken once from [`Config`] by the daemon
@@ -22,7 +22,7 @@ pub struct SourceSettings {
     /// in Debug).
     pub connection: ConnectionString,
     /// The HTTP proxy to tunnel through (`source.proxy` or `HTTPS_PROXY`).
-    pub proxy: Option<Proxy>,
+    pub proxy: Option<Route>,
     /// CAs trusted besides the platform's roots (`source.ca_file`).
     pub ca_file: Option<PathBuf>,
     /// Where Entra ID tokens come from (`source.auth = "entra"`/`"managed-identity"`).

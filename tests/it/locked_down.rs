@@ -323,12 +323,16 @@ async fn bad_proxy_and_ca_settings_name_their_key_and_never_the_password() {
         no_proxy: Some(".example".into()),
         ..LoadEnv::default()
     };
-    assert!(parse("", &ok_env).unwrap().source_proxy.is_none());
+    let route = parse("", &ok_env).unwrap().source_proxy.unwrap();
+    assert!(route.for_host("ns.example").is_none());
+    // NO_PROXY is checked per host: the token endpoint still goes through the proxy.
+    assert!(route.for_host("login.microsoftonline.com").is_some());
     let ok_env = LoadEnv {
         no_proxy: Some("other.example".into()),
         ..ok_env
     };
-    let p = parse("", &ok_env).unwrap().source_proxy.unwrap();
+    let route = parse("", &ok_env).unwrap().source_proxy.unwrap();
+    let p = route.for_host("ns.example").unwrap();
     assert_eq!(p.display(), "http://proxy.plant:3128");
     // The transport key and the CA file.
     let e = parse("transport = \"tcp\"", &env).unwrap_err().to_string();
