@@ -93,6 +93,11 @@ struct Ring {
     bytes: usize,
     next_seq: u64,
     pinned: usize,
+    /// The leading run of unpinned slots (`slots[..evictable]` are unpinned, the slot
+    /// after it is pinned or absent) and their bytes: what an append may overwrite,
+    /// kept up to date so [`Journal::room`] does not walk the ring.
+    evictable: usize,
+    evictable_bytes: usize,
     /// No seq at or above this is issued (u64::MAX: no bound).
     reserved_until: u64,
     /// Ranges of seqs lost in crashes, oldest first, at most [`LOST_MAX`].
@@ -127,7 +132,28 @@ impl Ring {
         if let Some(s) = self.slots.pop_front() {
             self.bytes -= s.ev.heap_bytes();
             self.pinned -= usize::from(s.pinned);
+            if s.pinned {
+                // The run before it was empty; the next one starts here.
+                self.extend_evictable();
+            } else {
+                self.evictable -= 1;
+                self.evictable_bytes -= s.ev.heap_bytes();
+            }
         }
+    }
+
+    /// Add the unpinned slots right after the evictable run to it (after an unpin or
+    /// an append). Each slot joins the run at most once while it is retained.
+    fn extend_evictable(&mut self) {
+        while let Some(s) = self.slots.get(self.evictable).filter(|s| !s.pinned) {
+            self.evictable_bytes += s.ev.heap_bytes();
+            self.evictable += 1;
+        }
+    }
+
+    fn push(&mut self, ev: Arc<EncodedEvent>, pinned: bool) {
+        self.slots.push_back(Slot { ev, pinned });
+        self.extend_evictable();
     }
 }
 
@@ -167,6 +193,8 @@ impl Journal {
                 bytes: 0,
                 next_seq: 1,
                 pinned: 0,
+                evictable: 0,
+                evictable_bytes: 0,
                 reserved_until: u64::MAX,
                 lost: VecDeque::with_capacity(LOST_MAX),
                 changes: 0,
@@ -231,12 +259,8 @@ impl Journal {
         let r = self.lock();
         let reserved = r.reserved_until.saturating_sub(r.next_seq);
         let reserved = usize::try_from(reserved).unwrap_or(usize::MAX);
-        let mut free_slots = self.limits.events - r.slots.len();
-        let mut free_bytes = self.limits.bytes.saturating_sub(r.bytes);
-        for s in r.slots.iter().take_while(|s| !s.pinned) {
-            free_slots += 1;
-            free_bytes += s.ev.heap_bytes();
-        }
+        let free_slots = self.limits.events - r.slots.len() + r.evictable;
+        let free_bytes = self.limits.bytes.saturating_sub(r.bytes) + r.evictable_bytes;
         free_slots
             .min(free_bytes / self.limits.max_entry_bytes.max(1))
             .min(reserved)
@@ -285,15 +309,15 @@ impl Journal {
                 }
             }
             r.slots.drain(..evict);
+            // Only evictable slots were evicted.
+            r.evictable -= evict;
+            r.evictable_bytes -= r.bytes - bytes;
             r.bytes = bytes + size;
             r.pinned += usize::from(pinned);
             r.next_seq += 1;
             r.changes += 1;
             let ev = Arc::new(ev);
-            r.slots.push_back(Slot {
-                ev: ev.clone(),
-                pinned,
-            });
+            r.push(ev.clone(), pinned);
             let oldest = r.oldest();
             r.last.record(&ev, oldest);
             r.next_seq - 1
@@ -315,6 +339,9 @@ impl Journal {
                 s.pinned = false;
                 r.pinned -= 1;
                 r.changes += 1;
+                if idx == r.evictable {
+                    r.extend_evictable();
+                }
                 true
             }
             _ => false,
@@ -440,10 +467,7 @@ impl Journal {
         r.bytes += size;
         r.pinned += usize::from(pinned);
         let ev = Arc::new(ev);
-        r.slots.push_back(Slot {
-            ev: ev.clone(),
-            pinned,
-        });
+        r.push(ev.clone(), pinned);
         let oldest = r.oldest();
         r.last.record(&ev, oldest);
         Ok(())
@@ -589,6 +613,60 @@ mod tests {
             },
             "e".into(),
         )
+    }
+
+    /// `room()` computed the slow way: walk the unpinned run at the front.
+    fn room_by_walking(j: &Journal) -> usize {
+        let r = j.lock();
+        let reserved =
+            usize::try_from(r.reserved_until.saturating_sub(r.next_seq)).unwrap_or(usize::MAX);
+        let mut free_slots = j.limits.events - r.slots.len();
+        let mut free_bytes = j.limits.bytes.saturating_sub(r.bytes);
+        for s in r.slots.iter().take_while(|s| !s.pinned) {
+            free_slots += 1;
+            free_bytes += s.ev.heap_bytes();
+        }
+        free_slots
+            .min(free_bytes / j.limits.max_entry_bytes.max(1))
+            .min(reserved)
+    }
+
+    proptest::proptest! {
+        /// The evictable run kept up to date gives the room a walk of the ring gives,
+        /// whatever the order of appends (pinned or not), unpins, full-journal refusals
+        /// and restores.
+        #[test]
+        fn room_is_kept_like_a_walk_of_the_ring(
+            ops in proptest::collection::vec((0u8..4, 0usize..40, 1usize..50), 1..200),
+            events in 1usize..12,
+        ) {
+            let j = Journal::new(
+                Limits {
+                    events,
+                    bytes: 4096,
+                    max_entry_bytes: max_entry_bytes(64),
+                    last_values: 0,
+                    last_values_bytes: 0,
+                },
+                "e".into(),
+            );
+            for (op, back, len) in ops {
+                let body = vec![b'x'; len];
+                match op {
+                    0 | 1 => {
+                        let _ = j.append(ev(j.next_seq(), &body), op == 1);
+                    }
+                    2 => {
+                        let seq = j.latest().saturating_sub(back as u64);
+                        j.handed_on(seq);
+                    }
+                    _ => {
+                        let _ = j.restore(ev(j.next_seq() + (back % 3) as u64, &body), back % 2 == 0);
+                    }
+                }
+                proptest::prop_assert_eq!(j.room(), room_by_walking(&j));
+            }
+        }
     }
 
     fn seqs(v: &[Arc<EncodedEvent>]) -> Vec<u64> {
