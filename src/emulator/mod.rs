@@ -127,6 +127,9 @@ pub(crate) struct Shared {
     pub(crate) jwt_key: Option<Arc<crate::jwt::RsaVerifier>>,
     conns: Mutex<HashMap<u64, Arc<broker::ConnShared>>>,
     next_conn: AtomicU64,
+    /// `disposition` frames received from clients, all connections (see
+    /// [`EmulatorHandle::dispositions_received`]).
+    pub(crate) dispositions: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -235,6 +238,7 @@ pub async fn start(
         jwt_key: opts.jwt_key.clone(),
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
+        dispositions: Arc::default(),
     });
     let (stop, stop_rx) = shutdown::channel();
     let mut tasks = Vec::new();
@@ -428,6 +432,12 @@ impl EmulatorHandle {
 
     pub fn stats(&self) -> BTreeMap<String, EntityStats> {
         self.shared.store.stats()
+    }
+
+    /// `disposition` frames (AMQP 1.0 §2.7.6) received from clients so far, over all
+    /// connections: one settles a single delivery or a range `first..=last`.
+    pub fn dispositions_received(&self) -> u64 {
+        self.shared.dispositions.load(Ordering::Relaxed)
     }
 
     /// The dead-letter queue of a queue or subscription path.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -97,6 +97,8 @@ enum Need {
 
 struct FrameTap {
     flows: Arc<FlowMap>,
+    /// Counts the client's `disposition` frames, when set.
+    dispositions: Option<Arc<AtomicU64>>,
     need: Need,
     buf: Vec<u8>,
     skip: usize,
@@ -160,8 +162,14 @@ impl FrameTap {
     }
 
     fn inspect(&self, channel: u16, body: &[u8]) {
-        // A described performative: 0x00 0x53 <code>; attach = 0x12, flow = 0x13.
+        // A described performative: 0x00 0x53 <code>; attach = 0x12, flow = 0x13,
+        // disposition = 0x15.
         match body {
+            [0x00, 0x53, 0x15, ..] => {
+                if let Some(n) = &self.dispositions {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             [0x00, 0x53, 0x12, ..] => {
                 if let Ok(attach) = serde_amqp::from_slice::<Attach>(body)
                     && matches!(attach.role, Role::Receiver)
@@ -204,12 +212,19 @@ impl<S> TapStream<S> {
             inner,
             tap: FrameTap {
                 flows,
+                dispositions: None,
                 need: Need::Prefix,
                 buf: Vec::with_capacity(256),
                 skip: 0,
             },
             kill,
         }
+    }
+
+    /// Count the client's `disposition` frames on `n`.
+    pub fn counting_dispositions(mut self, n: Arc<AtomicU64>) -> Self {
+        self.tap.dispositions = Some(n);
+        self
     }
 }
 
@@ -286,6 +301,7 @@ mod tests {
         let flows = Arc::new(FlowMap::default());
         let mut tap = FrameTap {
             flows: flows.clone(),
+            dispositions: None,
             need: Need::Prefix,
             buf: Vec::new(),
             skip: 0,

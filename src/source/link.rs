@@ -134,7 +134,8 @@ impl Source {
         let m = self.metrics.clone();
         // The mirror unpins before the source has taken its word: count what the tracker
         // still holds too.
-        let used = self.journal.pinned().max(self.tracker.len());
+        // Completions still queued are unsettled at the broker too.
+        let used = self.journal.pinned().max(self.tracker.len()) + self.accepts.len();
         let cap = self.settings.unsettled.saturating_sub(used) as u32;
         let mut attached = 0u32;
         let mut outstanding = 0u32;

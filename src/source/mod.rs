@@ -67,7 +67,7 @@ use connect::Conn;
 use decode::{Decoded, Rejection};
 use link::{Link, recv_any, recv_reason};
 use locks::{lock_span, locked_until};
-use settle::Rejected;
+use settle::{Accepts, Rejected};
 use tracker::{Dedup, DedupKey, Held, Lock, Tracker, fingerprint};
 
 /// Run the source until `shutdown`.
@@ -130,6 +130,7 @@ pub async fn run_with(
                         return Ok(());
                     }
                     Stop::Lost(e) => {
+                        src.accepts.clear();
                         src.lose_all_links();
                         // The peer is gone or misbehaving: do not wait long for it.
                         let _ = timeout(Duration::from_millis(200), conn.connection.close()).await;
@@ -189,6 +190,8 @@ struct Source {
     /// lost, link or connection gone): the broker's redelivery is dead-lettered instead
     /// of completed. Bounded by `journal.unsettled`.
     rejected: Rejected,
+    /// Completions waiting to be sent together.
+    accepts: Accepts,
 }
 
 // Lives on the stack for one loop turn; boxing the delivery would allocate per message.
@@ -202,6 +205,8 @@ enum Wake {
     Retry,
     Renew,
     Delivery(usize, Result<Delivery<Body<Value>>, RecvError>),
+    /// Nothing else is ready: send the queued completions.
+    Flush,
 }
 
 impl Source {
@@ -261,6 +266,7 @@ impl Source {
             renew_at: None,
             renew_logged: None,
             rejected: Rejected::new(unsettled),
+            accepts: Accepts::new(),
             links,
             tokens,
             tls,
@@ -300,6 +306,7 @@ impl Source {
             let retry_at = self.links.iter().filter_map(|l| l.retry_at).min();
             let renew_at = self.renew_at;
             let acks_open = self.acks_open;
+            let queued = self.accepts.len() > 0;
             self.rotate = self.rotate.wrapping_add(1);
             let rotate = self.rotate;
             let ev = tokio::select! {
@@ -311,9 +318,15 @@ impl Source {
                 _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Wake::Retry,
                 _ = sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => Wake::Renew,
                 (i, r) = recv_any(&mut self.links, rotate) => Wake::Delivery(i, r),
+                // Last: only when nothing above is ready.
+                _ = std::future::ready(()), if queued => Wake::Flush,
             };
             match ev {
-                Wake::Shutdown => return Stop::Shutdown,
+                Wake::Shutdown => {
+                    self.flush_accepts().await;
+                    return Stop::Shutdown;
+                }
+                Wake::Flush => self.flush_accepts().await,
                 Wake::Beat => {}
                 Wake::Ack(Some(h)) => self.on_handoff(h).await,
                 Wake::Ack(None) => self.acks_open = false,

@@ -5,6 +5,11 @@
 //! on a pinned event arrives here ([`Source::on_handoff`]); a rejection that could not be
 //! applied (lock or link lost) is remembered in a bounded ring so the broker's
 //! redelivery is dead-lettered instead of completed.
+//!
+//! Completions are batched ([`Accepts`]): a message to accept is queued and the queue is
+//! flushed when the source has nothing else ready (or the queue is full), as one
+//! `accept_all`, which fe2o3 sends as one disposition per run of consecutive delivery
+//! ids (`first..last`, §2.7.6). Dead-letters and releases go out at once.
 
 use std::collections::VecDeque;
 
@@ -54,6 +59,40 @@ impl Rejected {
     }
 }
 
+/// Most completions queued before they are flushed even while deliveries keep coming.
+pub(super) const ACCEPT_BATCH: usize = 64;
+
+/// Deliveries to complete, in arrival order, with their link and its generation then.
+/// Preallocated to [`ACCEPT_BATCH`]: queueing never allocates.
+pub(super) struct Accepts {
+    queued: Vec<(usize, u64, DeliveryInfo)>,
+    /// One link's share of a flush (reused).
+    scratch: Vec<DeliveryInfo>,
+}
+
+impl Accepts {
+    pub(super) fn new() -> Self {
+        Accepts {
+            queued: Vec::with_capacity(ACCEPT_BATCH),
+            scratch: Vec::with_capacity(ACCEPT_BATCH),
+        }
+    }
+
+    /// Deliveries queued and not yet settled (they still count as unsettled).
+    pub(super) fn len(&self) -> usize {
+        self.queued.len()
+    }
+
+    pub(super) fn is_full(&self) -> bool {
+        self.queued.len() >= ACCEPT_BATCH
+    }
+
+    /// Forget what is queued (the connection is gone: the broker redelivers).
+    pub(super) fn clear(&mut self) {
+        self.queued.clear();
+    }
+}
+
 impl Source {
     /// The mirror's word on a pinned event: complete its message, or dead-letter it
     /// when the broker can never take it.
@@ -83,16 +122,46 @@ impl Source {
         }
     }
 
-    /// Complete the delivery (`accepted`) on link `i`; failures are logged at debug: the
-    /// broker redelivers.
+    /// Complete the delivery (`accepted`) on link `i`: queued, sent with the next
+    /// [`Source::flush_accepts`] (at once when the queue is full).
     pub(super) async fn accept(&mut self, i: usize, info: DeliveryInfo) {
-        let Some(r) = self.links[i].receiver.as_ref() else {
-            return;
-        };
-        match r.accept(info).await {
-            Ok(()) => self.metrics.completed.inc(),
-            Err(e) => log::debug!("source: accept on {} failed: {e}", self.links[i].address),
+        let generation = self.links[i].generation;
+        self.accepts.queued.push((i, generation, info));
+        if self.accepts.is_full() {
+            self.flush_accepts().await;
         }
+    }
+
+    /// Send the queued completions, one `accept_all` per link (deliveries of a link that
+    /// was lost since are void and dropped). Failures are logged at debug: the broker
+    /// redelivers.
+    pub(super) async fn flush_accepts(&mut self) {
+        let mut queued = std::mem::take(&mut self.accepts.queued);
+        let mut batch = std::mem::take(&mut self.accepts.scratch);
+        for i in 0..self.links.len() {
+            batch.clear();
+            let generation = self.links[i].generation;
+            batch.extend(
+                queued
+                    .iter()
+                    .filter(|(l, g, _)| *l == i && *g == generation)
+                    .map(|(_, _, d)| d.clone()),
+            );
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(r) = self.links[i].receiver.as_ref() else {
+                continue;
+            };
+            let n = batch.len() as u64;
+            match r.accept_all(batch.drain(..)).await {
+                Ok(()) => self.metrics.completed.add(n),
+                Err(e) => log::debug!("source: accept on {} failed: {e}", self.links[i].address),
+            }
+        }
+        queued.clear();
+        self.accepts.queued = queued;
+        self.accepts.scratch = batch;
     }
 
     /// Give the delivery back (`released`): the broker redelivers it at once.

@@ -259,6 +259,41 @@ async fn oversize_and_undecodable_are_dead_lettered_and_the_stream_continues() {
     h.shutdown().await;
 }
 
+/// Completions are sent together: 100 acknowledgements that arrive at once settle the
+/// 100 messages with a few `disposition` frames carrying ranges (AMQP 1.0 §2.7.6), not
+/// one frame per message.
+#[tokio::test]
+async fn acknowledgements_arriving_together_are_settled_as_ranges() {
+    let h = start_emulator(
+        entities(Duration::from_secs(60), &["edge"]),
+        None,
+        "127.0.0.1:0",
+    )
+    .await;
+    let mut p = publisher(&h).await;
+    send_n(&mut p, 0, 100).await;
+    let extra = format!("[journal]\nunsettled = 100\n{MIRROR}");
+    let run = start(context(&config(&h, &["edge"], &extra)), fast());
+    let ctx = run.ctx.clone();
+    wait_for(T, "100 held by the source", || ctx.journal.pinned() == 100).await;
+    let before = h.dispositions_received();
+    // One runtime thread: all 100 are queued before the source runs again.
+    for seq in 1..=100 {
+        run.acks.send(Handoff::Delivered(seq)).await.unwrap();
+    }
+    wait_stats(&h, "edge", "100 completed", |s| s.completed == 100).await;
+    let frames = h.dispositions_received() - before;
+    assert!(
+        (1..=4).contains(&frames),
+        "100 completions took {frames} disposition frames"
+    );
+    assert_eq!(ctx.metrics.completed.get(), 100);
+    let s = stats(&h, "edge");
+    assert_eq!((s.active, s.locked), (0, 0), "{s:?}");
+    run.stop().await.unwrap();
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn graceful_shutdown_releases_held_deliveries() {
     let h = start_emulator(

@@ -100,7 +100,8 @@ where
 {
     let conn = Arc::new(ConnShared::new(endpoint));
     let id = shared.register_conn(conn.clone());
-    let tap = TapStream::new(stream, conn.flows.clone(), conn.kill.clone());
+    let tap = TapStream::new(stream, conn.flows.clone(), conn.kill.clone())
+        .counting_dispositions(shared.dispositions.clone());
     let acceptor = ConnectionAcceptor::builder()
         .container_id("asb-emulator")
         .max_frame_size(65_536)
