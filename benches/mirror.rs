@@ -7,7 +7,10 @@
 //! subscriber) → complete, with the mirror on and off, in the same run.
 //!
 //! Run: `cargo bench --bench mirror` (needs mosquitto: scripts/setup/mirror.sh).
-//! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`.
+//! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`,
+//! `MIRROR_BENCH_ROUNDS=3` (gateway rounds, off and on alternating; medians and their
+//! ratio are printed), `MIRROR_BENCH_ONLY=gateway` (skip the mirror-alone part; `gateway-on`: only the
+//! mirror-on gateway path, for a profiler).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,6 +23,8 @@ use asb_gateway::app::Context;
 use asb_gateway::config::{Config, LoadEnv};
 use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::{mirror, shutdown};
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Batch, Body, Data, Message, Properties};
+use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
 use tokio::sync::mpsc;
 
 const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
@@ -143,37 +148,62 @@ async fn mirror_off(n: u64) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A message as the .NET SDK sends one: message id, subject, content type, an
+/// application property `line`, a Data body.
+fn asb_message(i: u64, body: &str) -> Message<Body<Value>> {
+    Message::builder()
+        .properties(
+            Properties::builder()
+                .message_id(format!("m-{i}"))
+                .subject("temp".to_string())
+                .content_type("application/json")
+                .build(),
+        )
+        .application_properties(
+            ApplicationProperties::builder()
+                .insert("line", SimpleValue::String(format!("line{}", i % 4)))
+                .build(),
+        )
+        .body(Body::Data(Batch::new(vec![Data(Binary::from(
+            body.as_bytes().to_vec(),
+        ))])))
+        .build()
+}
+
+/// CPU seconds (user + system) of a process so far, from `/proc/PID/stat`.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// emulator → source → journal (→ mirror → mosquitto QoS 1 → subscriber) → complete.
 /// N messages are loaded into the emulator first; the time runs from starting the
 /// gateway until the emulator has N completed (and, with the mirror, the subscriber has
 /// all N). Returns events/s.
-async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
-    use asb_gateway::emulator::client::Publisher;
+async fn gateway_path(broker: &Broker, n: u64, with_mirror: bool) -> Path {
+    let port = broker.port;
     let emu = support::emulator::start_default().await;
-    let mut p = Publisher::connect(&emu.connection_string(), "operational-events")
-        .await
-        .unwrap();
+    // Straight into the emulator's store: the time is the gateway's, not a publisher's.
     let body = format!(
         "{{\"value\":21.5,\"unit\":\"C\",\"note\":\"{}\"}}",
         "x".repeat(150)
     );
+    let store = emu.store();
     for i in 0..n {
-        let line = format!("line{}", i % 4);
-        p.send_json(
-            "temp",
-            &[("line", line.as_str())],
-            body.clone(),
-            "application/json",
-        )
-        .await
-        .unwrap();
+        store
+            .publish("operational-events", asb_message(i, &body))
+            .expect("preload");
     }
-    let _ = p.close().await;
     let prefix = format!("gw/{with_mirror}");
     let mqtt = with_mirror.then(|| {
         format!(
             "url = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"bench-gwpath\"\n\
-             prefix = \"{prefix}\"\ninflight = 32\nqos = 1\nrequired = true\n"
+             prefix = \"{prefix}\"\ninflight = {}\nqos = 1\nrequired = true\n",
+            std::env::var("MIRROR_BENCH_INFLIGHT").unwrap_or_else(|_| "32".into())
         )
     });
     let text = format!(
@@ -192,6 +222,7 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, ack_rx) = mpsc::channel(UNSETTLED * 2);
     let start = Instant::now();
+    let (cpu0, broker_cpu0) = (cpu_secs("self"), broker.cpu());
     let cx = ctx.source_context();
     let src = tokio::spawn(asb_gateway::source::run(cx, ack_rx, sd.clone()));
     let mir = if with_mirror {
@@ -211,6 +242,11 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
         wait_count(count, n).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
+    let path = Path {
+        rate,
+        cpu_us: (cpu_secs("self") - cpu0) * 1e6 / n as f64,
+        broker_cpu_us: (broker.cpu() - broker_cpu0) * 1e6 / n as f64,
+    };
     trigger.fire();
     let _ = tokio::time::timeout(Duration::from_secs(5), src).await;
     if let Some(m) = mir {
@@ -220,7 +256,27 @@ async fn gateway_path(port: u16, n: u64, with_mirror: bool) -> f64 {
         task.abort();
     }
     emu.shutdown().await;
-    rate
+    path
+}
+
+/// One gateway path run: events/s, and CPU µs per event of this process (gateway,
+/// emulator, subscriber) and of the broker.
+struct Path {
+    rate: f64,
+    cpu_us: f64,
+    broker_cpu_us: f64,
+}
+
+type Broker = support::mosquitto::Mosquitto;
+
+trait BrokerCpu {
+    fn cpu(&self) -> f64;
+}
+
+impl BrokerCpu for Broker {
+    fn cpu(&self) -> f64 {
+        self.pid().map_or(0.0, |p| cpu_secs(&p.to_string()))
+    }
 }
 
 fn main() {
@@ -243,7 +299,66 @@ fn main() {
         extra: "max_queued_messages 0\nmax_queued_bytes 0".into(),
         ..Default::default()
     });
+    let rounds: usize = std::env::var("MIRROR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let only = std::env::var("MIRROR_BENCH_ONLY").unwrap_or_default();
+    let only_gateway = only.starts_with("gateway");
+    // `gateway-on`: the mirror-on path alone (for a profiler).
+    let skip_off = only == "gateway-on";
     rt.block_on(async {
+        if !only_gateway {
+            mirror_alone(broker.port, n).await;
+        }
+        println!(
+            "\ngateway: {gw_n} messages preloaded in the emulator, unsettled = {UNSETTLED}, \
+             {rounds} round(s) alternating"
+        );
+        let (mut offs, mut ons) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let off = if skip_off {
+                Path {
+                    rate: f64::NAN,
+                    cpu_us: f64::NAN,
+                    broker_cpu_us: 0.0,
+                }
+            } else {
+                gateway_path(&broker, gw_n, false).await
+            };
+            let on = gateway_path(&broker, gw_n, true).await;
+            println!(
+                "  round {round}: mirror off {:>8.0} events/s completed ({:.1} µs CPU/event), \
+                 mirror on {:>8.0} events/s completed and at the subscriber ({:.1} µs CPU/event \
+                 + mosquitto {:.1})",
+                off.rate, off.cpu_us, on.rate, on.cpu_us, on.broker_cpu_us
+            );
+            offs.push(off.rate);
+            ons.push(on.rate);
+        }
+        let (off, on) = (median(&mut offs), median(&mut ons));
+        println!(
+            "{:<44} {:>12.0} events/s completed (median)",
+            "emulator -> gateway, mirror off", off
+        );
+        println!(
+            "{:<44} {:>12.0} events/s completed and at the subscriber (median)",
+            "emulator -> gateway -> mosquitto QoS 1", on
+        );
+        println!("{:<44} {:>12.2}", "mirror on / mirror off", on / off);
+    });
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Part 1: the mirror alone (journal → mirror → mosquitto → subscriber) against a bare
+/// journal reader.
+async fn mirror_alone(port: u16, n: u64) {
+    {
         println!("mirror bench: {n} events of ~200 B body, mosquitto on loopback, QoS 1,");
         println!("required = true (acks coupled), unsettled = {UNSETTLED}\n");
         let off = mirror_off(n).await;
@@ -252,7 +367,7 @@ fn main() {
             "mirror off (journal + 1 reader)", off
         );
         for (inflight, proto) in [(32, "5"), (8, "5"), (128, "5"), (32, "3.1.1")] {
-            let (acked, delivered) = mirror_on(broker.port, n, inflight, proto).await;
+            let (acked, delivered) = mirror_on(port, n, inflight, proto).await;
             println!(
                 "{:<44} {:>12.0} events/s acked, {:>8.0} events/s at the subscriber",
                 format!("mirror on, MQTT {proto}, inflight {inflight}"),
@@ -260,16 +375,5 @@ fn main() {
                 delivered
             );
         }
-        println!("\ngateway: {gw_n} messages preloaded in the emulator, unsettled = {UNSETTLED}");
-        let off = gateway_path(broker.port, gw_n, false).await;
-        println!(
-            "{:<44} {:>12.0} events/s completed",
-            "emulator -> gateway, mirror off", off
-        );
-        let on = gateway_path(broker.port, gw_n, true).await;
-        println!(
-            "{:<44} {:>12.0} events/s completed and at the subscriber",
-            "emulator -> gateway -> mosquitto QoS 1", on
-        );
-    });
+    }
 }
