@@ -13,6 +13,9 @@ pub const CONTROL_ROOM: usize = 4096;
 pub const FRAME_HEADER: usize = 14;
 /// Bytes of inbound frames a panel session buffers (client ops are at most 4 KiB).
 pub const PANEL_READ_BUFFER: usize = 8 * 1024;
+/// The read buffer a panel starts with: client ops are small; a larger frame (up to
+/// [`MAX_CLIENT_FRAME`]) grows it, within [`PANEL_READ_BUFFER`].
+pub const PANEL_READ_START: usize = 512;
 /// Per-panel state besides buffers: cursor, filters, task.
 pub const PANEL_STATE: usize = 4 * 1024;
 /// `SO_SNDBUF` asked for each panel socket (the kernel doubles it for bookkeeping).

@@ -49,6 +49,12 @@ struct Upgrade {
     slot: PanelSlot,
 }
 
+/// A panel whose upgrade is done: what it asked for and its place under `max_panels`.
+struct Accepted {
+    params: Params,
+    slot: PanelSlot,
+}
+
 /// Serve one TCP connection: HTTP requests until it closes, or one upgrade and then the
 /// panel session.
 pub(super) async fn connection<S>(
@@ -57,6 +63,40 @@ pub(super) async fn connection<S>(
     peer: SocketAddr,
     mut sd: Shutdown,
 ) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Boxed: the HTTP exchange's state (hyper's connection, a few KiB) is freed before
+    // the panel session starts, instead of staying in this task for a panel's life.
+    let exchange = Box::pin(http_exchange(&server, stream, peer, &mut sd)).await;
+    let Some((up, ws)) = exchange else { return };
+    log::info!(
+        "panel {peer} connected ({}, filters {:?})",
+        up.params.encoding.subprotocol(),
+        up.params
+            .filters
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+    );
+    let shared = session::Shared {
+        journal: &server.journal,
+        metrics: &server.metrics,
+    };
+    let policy = server.policy.subscribe();
+    session::run(ws, up.params, shared, policy, &server.opts, sd).await;
+    drop(up.slot);
+    log::info!("panel {peer} disconnected");
+}
+
+/// HTTP requests until the connection closes (`None`), or until a panel upgrade is done:
+/// then its parameters and the WebSocket.
+async fn http_exchange<S>(
+    server: &Arc<Server>,
+    stream: S,
+    peer: SocketAddr,
+    sd: &mut Shutdown,
+) -> Option<(Accepted, session::Ws)>
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
@@ -89,16 +129,16 @@ pub(super) async fn connection<S>(
         log::debug!("http {peer}: {e}");
     }
     let pending = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(up) = pending else { return };
+    let up = pending?;
     let upgraded = match tokio::time::timeout(server.opts.handshake_timeout, up.on_upgrade).await {
         Ok(Ok(u)) => u,
         Ok(Err(e)) => {
             log::debug!("panel {peer}: upgrade failed: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             log::debug!("panel {peer}: upgrade timed out");
-            return;
+            return None;
         }
     };
     let ws = WebSocketStream::from_raw_socket(
@@ -107,23 +147,11 @@ pub(super) async fn connection<S>(
         Some(server.ws_config),
     )
     .await;
-    log::info!(
-        "panel {peer} connected ({}, filters {:?})",
-        up.params.encoding.subprotocol(),
-        up.params
-            .filters
-            .iter()
-            .map(|f| f.as_str())
-            .collect::<Vec<_>>()
-    );
-    let shared = session::Shared {
-        journal: &server.journal,
-        metrics: &server.metrics,
+    let accepted = Accepted {
+        params: up.params,
+        slot: up.slot,
     };
-    let policy = server.policy.subscribe();
-    session::run(ws, up.params, shared, policy, &server.opts, sd).await;
-    drop(up.slot);
-    log::info!("panel {peer} disconnected");
+    Some((accepted, ws))
 }
 
 fn route(

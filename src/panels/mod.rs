@@ -207,9 +207,10 @@ pub async fn serve_with(
                                 let limit = server.opts.handshake_timeout;
                                 // rustls holds at most this much unsent TLS data, so a
                                 // stalled panel's TLS buffers stay within the budget line.
-                                let accept = acceptor.accept_with(stream, |conn| {
+                                // Boxed: the handshake's state is gone once it is done.
+                                let accept = Box::pin(acceptor.accept_with(stream, |conn| {
                                     conn.set_buffer_limit(Some(budget::PANEL_TLS_SEND_LIMIT))
-                                });
+                                }));
                                 match tokio::time::timeout(limit, accept).await {
                                     Ok(Ok(stream)) => {
                                         http::connection(server, stream, peer, sd).await
@@ -291,7 +292,7 @@ impl Server {
         // control frames; the WebSocket layer writes only on flush.
         let out_cap = budget::panel_write_capacity(settings.max_event_bytes);
         let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(budget::PANEL_READ_BUFFER)
+            .read_buffer_size(budget::PANEL_READ_START)
             .write_buffer_size(out_cap)
             .max_write_buffer_size(out_cap + 1)
             .max_message_size(Some(budget::MAX_CLIENT_FRAME))

@@ -84,7 +84,9 @@ struct Session<'a> {
     opts: &'a Options,
     enc: Encoding,
     allow: Option<Vec<Filter>>,
-    filters: heapless::Vec<Filter, MAX_FILTERS>,
+    /// At most [`MAX_FILTERS`]; on the heap, sized to the filters held (a filter is
+    /// ~260 B, and most panels hold one or two).
+    filters: Vec<Filter>,
     cursor: u64,
     /// The first seq that was not in the journal when the panel connected: events from
     /// here on are live (the latency histograms count those).
@@ -125,7 +127,7 @@ pub(crate) async fn run(
         opts,
         enc: p.encoding,
         allow: p.allow,
-        filters: heapless::Vec::new(),
+        filters: Vec::new(),
         cursor: ctx.journal.latest() + 1,
         live_from: ctx.journal.latest() + 1,
         batch: Vec::with_capacity(opts.batch),
@@ -145,7 +147,8 @@ pub(crate) async fn run(
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            linger_close(tx, rx, frame, opts.close_linger).await;
+            // Boxed: its read buffer is needed only at the end, not for the whole session.
+            Box::pin(linger_close(tx, rx, frame, opts.close_linger)).await;
             format!("closed ({code}: {reason})")
         }
     };
@@ -555,12 +558,15 @@ impl Session<'_> {
         if self.filters.contains(&f) {
             return Ok(());
         }
-        self.filters.push(f).map_err(|_| {
-            OpError::new(
+        if self.filters.len() >= MAX_FILTERS {
+            return Err(OpError::new(
                 "too_many_filters",
                 format!("at most {MAX_FILTERS} filters per panel"),
-            )
-        })
+            ));
+        }
+        self.filters.reserve_exact(1);
+        self.filters.push(f);
+        Ok(())
     }
 
     /// Position the cursor after `since`; the gap frame to send, if any.
