@@ -7,14 +7,18 @@
 //! [`crate::emulator::serve`]) are library functions that know none of that.
 
 use std::ffi::OsString;
+#[cfg(feature = "emulator")]
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::{self, Config};
+#[cfg(feature = "emulator")]
 use crate::demo::{self, DemoError, DemoOptions};
+#[cfg(feature = "emulator")]
 use crate::emulator::{self, EmulatorError};
+#[cfg(feature = "emulator")]
 use crate::shutdown::{self, Shutdown};
 
 pub const USAGE: &str = "\
@@ -41,11 +45,13 @@ pub enum Command {
     CheckConfig {
         config: PathBuf,
     },
+    #[cfg(feature = "emulator")]
     Demo {
         listen: SocketAddr,
         mqtt: Option<String>,
         rate: f64,
     },
+    #[cfg(feature = "emulator")]
     Emulator(emulator::ServeOptions),
     Help,
     Version,
@@ -71,6 +77,13 @@ fn addr(v: OsString, what: &str) -> Result<SocketAddr, UsageError> {
 }
 
 /// Parse the arguments after the program name.
+///
+/// An appliance build (without the `emulator` feature) refuses `demo` and `emulator`
+/// with a usage error that says so.
+#[cfg_attr(
+    not(feature = "emulator"),
+    allow(unused_variables, unused_assignments, unused_mut)
+)]
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageError> {
     use lexopt::prelude::*;
     let mut p = lexopt::Parser::from_args(args);
@@ -128,11 +141,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
         "check-config" => Command::CheckConfig {
             config: config.unwrap_or_else(default_config),
         },
+        #[cfg(not(feature = "emulator"))]
+        "demo" | "emulator" => {
+            return Err(UsageError(format!(
+                "'{sub}' is not in this build: it is an appliance build, without the \
+                 emulator (cargo feature `emulator`)"
+            )));
+        }
+        #[cfg(feature = "emulator")]
         "demo" => Command::Demo {
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             mqtt,
             rate,
         },
+        #[cfg(feature = "emulator")]
         "emulator" => {
             let ws_tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::CertFiles { cert, key }),
@@ -181,12 +203,15 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
+        #[cfg(feature = "emulator")]
         Command::Demo { listen, mqtt, rate } => run_demo(DemoOptions { listen, mqtt, rate }),
+        #[cfg(feature = "emulator")]
         Command::Emulator(options) => run_emulator(options),
     }
 }
 
 /// `asb-gateway demo`: exit 1 for a bad `--mqtt` URL, 2 when a part cannot run.
+#[cfg(feature = "emulator")]
 fn run_demo(options: DemoOptions) -> ExitCode {
     crate::appliance::logging::init("info");
     let rt = match runtime() {
@@ -207,6 +232,7 @@ fn run_demo(options: DemoOptions) -> ExitCode {
 
 /// `asb-gateway emulator`: exit 1 for a bad Config.json, 2 when the emulator cannot run
 /// (e.g. the port is in use).
+#[cfg(feature = "emulator")]
 fn run_emulator(options: emulator::ServeOptions) -> ExitCode {
     // Its connections, links and refusals go to stderr (or the journal), like the daemon's.
     crate::appliance::logging::init("info");
@@ -229,6 +255,7 @@ fn run_emulator(options: emulator::ServeOptions) -> ExitCode {
 
 /// Run `work` with a [`Shutdown`] that fires on SIGTERM or SIGINT, and wait for it to
 /// finish (it may also finish on its own, e.g. with an error).
+#[cfg(feature = "emulator")]
 async fn until_terminated<F: Future>(work: impl FnOnce(Shutdown) -> F) -> F::Output {
     let (trigger, stop) = shutdown::channel();
     let work = work(stop);
@@ -386,6 +413,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "emulator"))]
+    fn an_appliance_build_refuses_demo_and_emulator() {
+        for sub in ["demo", "emulator"] {
+            let e = p(&[sub]).unwrap_err();
+            assert!(e.0.contains("not in this build"), "{e}");
+            assert!(e.0.contains("`emulator`"), "{e}");
+        }
+        assert!(matches!(p(&["run"]).unwrap(), Command::Run { .. }));
+    }
+
+    #[test]
+    #[cfg(feature = "emulator")]
     fn parses_commands() {
         assert_eq!(
             p(&["run"]).unwrap(),

@@ -16,7 +16,8 @@
 //! CONNECT tunnels) and [`amqp_ws`] (AMQP over WebSockets). Above them: [`app`]
 //! (the daemon's tasks), [`appliance`] (journald logging, sd_notify, watchdog) and
 //! [`cli`] (the process: runtime, signals, exit codes). [`emulator`] and [`generator`]
-//! serve tests and `asb-gateway demo`.
+//! serve tests and `asb-gateway demo`; they are the default cargo feature `emulator`,
+//! which an appliance build leaves out (`--no-default-features`).
 
 pub mod amqp_ws;
 pub mod app;
@@ -25,10 +26,13 @@ mod backoff;
 pub mod budget;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "emulator")]
 mod demo;
 pub mod durable;
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod event;
+#[cfg(feature = "emulator")]
 pub mod generator;
 pub mod identity;
 pub mod journal;
