@@ -322,10 +322,8 @@ impl Source {
                 _ = std::future::ready(()), if queued => Wake::Flush,
             };
             match ev {
-                Wake::Shutdown => {
-                    self.flush_accepts().await;
-                    return Stop::Shutdown;
-                }
+                // Queued completions go first thing in `close`, within its time limit.
+                Wake::Shutdown => return Stop::Shutdown,
                 Wake::Flush => self.flush_accepts().await,
                 Wake::Beat => {}
                 Wake::Ack(Some(h)) => self.on_handoff(h).await,
@@ -520,6 +518,7 @@ impl Source {
         // broker's last transfers are one round trip behind the drain.
         let quiet = Duration::from_millis(300);
         let _ = timeout(budget, async {
+            self.flush_accepts().await;
             let mut held = std::mem::take(&mut self.scratch);
             self.tracker.drain_all(&mut held);
             let mut released = 0usize;
