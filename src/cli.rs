@@ -94,6 +94,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
         Some(Value(v)) => v.to_string_lossy().into_owned(),
         Some(other) => return Err(other.unexpected().into()),
     };
+    #[cfg(not(feature = "emulator"))]
+    if sub == "demo" || sub == "emulator" {
+        return Err(UsageError(format!(
+            "'{sub}' is not in this build: it is an appliance build, without the emulator \
+             (cargo feature `emulator`)"
+        )));
+    }
     let mut config: Option<PathBuf> = None;
     let mut listen: Option<SocketAddr> = None;
     let mut admin: Option<SocketAddr> = None;
@@ -130,7 +137,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             ("run" | "check-config" | "demo" | "emulator", other) => {
                 return Err(UsageError(format!("{sub}: {}", other.unexpected())));
             }
-            _ => unreachable!("unknown subcommands are rejected below"),
+            (other, _) => {
+                return Err(UsageError(format!("unknown command '{other}'; try --help")));
+            }
         }
     }
     let default_config = || PathBuf::from(config::DEFAULT_PATH);
@@ -141,13 +150,6 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
         "check-config" => Command::CheckConfig {
             config: config.unwrap_or_else(default_config),
         },
-        #[cfg(not(feature = "emulator"))]
-        "demo" | "emulator" => {
-            return Err(UsageError(format!(
-                "'{sub}' is not in this build: it is an appliance build, without the \
-                 emulator (cargo feature `emulator`)"
-            )));
-        }
         #[cfg(feature = "emulator")]
         "demo" => Command::Demo {
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -415,8 +417,12 @@ mod tests {
     #[test]
     #[cfg(not(feature = "emulator"))]
     fn an_appliance_build_refuses_demo_and_emulator() {
-        for sub in ["demo", "emulator"] {
-            let e = p(&[sub]).unwrap_err();
+        for args in [
+            &["demo"][..],
+            &["emulator", "--listen", "x"],
+            &["demo", "--rate", "1"],
+        ] {
+            let e = p(args).unwrap_err();
             assert!(e.0.contains("not in this build"), "{e}");
             assert!(e.0.contains("`emulator`"), "{e}");
         }
@@ -479,6 +485,14 @@ mod tests {
         ));
         assert_eq!(p(&["--version"]).unwrap(), Command::Version);
         assert_eq!(p(&["run", "--help"]).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn an_unknown_command_with_options_is_a_usage_error() {
+        let e = p(&["foo", "--x"]).unwrap_err();
+        assert_eq!(e.0, "unknown command 'foo'; try --help");
+        let e = p(&["foo", "bar"]).unwrap_err();
+        assert_eq!(e.0, "unknown command 'foo'; try --help");
     }
 
     #[test]
