@@ -391,6 +391,8 @@ impl JsonWriter {
 
 /// Appended to an event object to make it a last value.
 const LAST_FIELD: &str = ",\"last\":true";
+/// What ends a last value's JSON frame: [`LAST_FIELD`] and the closing brace.
+const LAST_TAIL: &str = ",\"last\":true}";
 
 /// The last instant RFC 3339 (four-digit years) can express: 9999-12-31T23:59:59.999Z.
 pub const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
@@ -524,23 +526,41 @@ impl EncodedEvent {
     /// The event as a last value ([`Frame::Last`]) in JSON: the stored frame with
     /// `"last":true` added, no re-encoding.
     pub fn last_json(&self) -> String {
-        let body = self.json.as_str();
-        let body = body.strip_suffix('}').unwrap_or(body);
-        let mut s = String::with_capacity(body.len() + LAST_FIELD.len() + 1);
-        s.push_str(body);
-        s.push_str(LAST_FIELD);
-        s.push('}');
+        let (body, tail) = self.last_json_parts();
+        let mut s = String::with_capacity(body.len() + tail.len());
+        s.push_str(std::str::from_utf8(&body).expect("a prefix of a JSON frame cut at '}'"));
+        s.push_str(tail);
         s
+    }
+
+    /// [`EncodedEvent::last_json`] without a copy: the stored frame's bytes up to its
+    /// closing `}` (shared), then the static text that ends it. Both are UTF-8.
+    pub fn last_json_parts(&self) -> (Bytes, &'static str) {
+        let json = Bytes::from(self.json.clone());
+        match self.json.as_str().strip_suffix('}') {
+            Some(body) => (json.slice(..body.len()), LAST_TAIL),
+            None => (json.clone(), ""),
+        }
     }
 
     /// The event as a last value ([`Frame::Last`]) in postcard: the stored frame with
     /// its variant tag replaced.
     pub fn last_postcard(&self) -> Bytes {
-        let mut b = self.postcard.to_vec();
-        if b.first() == Some(&EVENT_TAG) {
-            b[0] = LAST_TAG;
-        }
+        let (tag, rest) = self.last_postcard_parts();
+        let mut b = Vec::with_capacity(tag.len() + rest.len());
+        b.extend_from_slice(tag);
+        b.extend_from_slice(&rest);
         Bytes::from(b)
+    }
+
+    /// [`EncodedEvent::last_postcard`] without a copy: the variant tag (one static byte),
+    /// then the stored frame's bytes after its own tag (shared).
+    pub fn last_postcard_parts(&self) -> (&'static [u8], Bytes) {
+        if self.postcard.first() == Some(&EVENT_TAG) {
+            (&[LAST_TAG], self.postcard.slice(1..))
+        } else {
+            (&[], self.postcard.clone())
+        }
     }
 
     /// A borrowed view of the event (decoded from the postcard frame without copying).
