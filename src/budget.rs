@@ -4,13 +4,26 @@
 
 use crate::config::Config;
 
-/// Bytes of events a panel session queues for its socket before it flushes and stops
-/// reading the journal (one larger event is queued on its own).
+/// Wire bytes of events a panel session queues for its socket before it flushes and
+/// stops reading the journal (one larger event is queued on its own). The events are
+/// the journal's shared bytes, queued by reference: this is what a panel can keep alive
+/// after the journal has dropped them, not a copy.
 pub const PANEL_WRITE_BUFFER: usize = 16 * 1024;
-/// Room for control frames (hello, error, pong, ping, close) on top of the events.
+/// Frames a panel session queues for its socket before it flushes: with
+/// [`PANEL_WRITE_BUFFER`], what one flush (one vectored write when the socket takes it)
+/// sends at most.
+pub const PANEL_WRITE_FRAMES: usize = 32;
+/// Entries a panel's frame queue can have room for: one client op adds at most
+/// `MAX_FILTERS + 2` frames past [`PANEL_WRITE_FRAMES`], and the queue's capacity
+/// doubles, so it stops at twice the limit.
+pub const PANEL_QUEUE_SLOTS: usize = 2 * PANEL_WRITE_FRAMES;
+/// Bytes per queued frame: its header and a reference to the shared payload.
+pub const PANEL_QUEUE_ENTRY: usize = 64;
+/// Room for control frames (hello, error, pong, ping, close) and the WebSocket layer's
+/// own replies on top of the events.
 pub const CONTROL_ROOM: usize = 4096;
 /// Largest WebSocket frame header the server writes (unmasked, 64-bit length).
-pub const FRAME_HEADER: usize = 14;
+pub const FRAME_HEADER: usize = 10;
 /// Bytes of inbound frames a panel session buffers (client ops are at most 4 KiB).
 pub const PANEL_READ_BUFFER: usize = 8 * 1024;
 /// The read buffer a panel starts with: client ops are small; a larger frame (up to
@@ -44,10 +57,12 @@ pub const AUTH_THROTTLE_ENTRY: usize = 128;
 /// and the exported duplicate-suppression entry.
 pub const SNAPSHOT_ENTRY: usize = 48;
 
-/// The most a panel's WebSocket write buffer ever holds: `PANEL_WRITE_BUFFER` of events
-/// or one larger event frame, plus control frames. The panel server caps the buffer here.
+/// The most a panel's write side holds, in bytes: its frame queue, the events it keeps
+/// alive by reference (`PANEL_WRITE_BUFFER`, or one larger event frame), and control
+/// frames.
 pub fn panel_write_capacity(max_event_bytes: usize) -> usize {
-    PANEL_WRITE_BUFFER.max(crate::event::max_frame_bytes(max_event_bytes) + FRAME_HEADER)
+    PANEL_QUEUE_SLOTS * PANEL_QUEUE_ENTRY
+        + PANEL_WRITE_BUFFER.max(crate::event::max_frame_bytes(max_event_bytes) + FRAME_HEADER)
         + CONTROL_ROOM
 }
 
@@ -126,10 +141,10 @@ pub fn compute(c: &Config) -> Budget {
         Line {
             item: "panel sessions",
             detail: format!(
-                "{} panels x (2 x {} B write (a Vec may double past its fill) + {} B read + {} B state)",
+                "{} panels x ({} B write (frame queue, events held by reference, control) + {} B read + {} B state)",
                 c.panels.max_panels, panel_write, PANEL_READ_BUFFER, PANEL_STATE
             ),
-            bytes: c.panels.max_panels * (2 * panel_write + PANEL_READ_BUFFER + PANEL_STATE),
+            bytes: c.panels.max_panels * (panel_write + PANEL_READ_BUFFER + PANEL_STATE),
         },
         Line {
             item: "panel socket buffers",

@@ -15,9 +15,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::policy::{self, Admission, PanelPolicy};
 use super::protocol::{self, Access, Encoding, StreamQuery};
@@ -95,7 +93,7 @@ async fn http_exchange<S>(
     stream: S,
     peer: SocketAddr,
     sd: &mut Shutdown,
-) -> Option<(Accepted, session::Ws)>
+) -> Option<(Accepted, (session::Reader, session::Writer))>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -141,12 +139,7 @@ where
             return None;
         }
     };
-    let ws = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(server.ws_config),
-    )
-    .await;
+    let ws = super::socket::split(TokioIo::new(upgraded), server.ws_config).await;
     let accepted = Accepted {
         params: up.params,
         slot: up.slot,

@@ -4,7 +4,7 @@
 //! - One task per TCP connection; after a WebSocket upgrade the same task runs the panel
 //!   session ([`session`]), which reads the journal through its own cursor.
 //! - Fixed per-connection resources: `SO_SNDBUF` = [`budget::PANEL_SNDBUF`], a bounded
-//!   WebSocket write buffer, at most [`budget::MAX_FILTERS`] filters, inbound frames of at
+//!   queue of frames sent by reference, at most [`budget::MAX_FILTERS`] filters, inbound frames of at
 //!   most [`budget::MAX_CLIENT_FRAME`]; at most `max_panels` panels plus
 //!   [`HTTP_EXTRA_CONNECTIONS`] other HTTP connections at a time.
 //! - Shutdown: stop accepting, close every panel with 1001, return within
@@ -16,6 +16,7 @@ pub mod origin;
 pub mod policy;
 pub mod protocol;
 mod session;
+mod socket;
 pub mod throttle;
 
 use std::sync::Arc;
@@ -288,13 +289,13 @@ impl Server {
         settings: PanelSettings,
         opts: Options,
     ) -> Self {
-        // The write buffer holds PANEL_WRITE_BUFFER of events or one larger frame, plus
-        // control frames; the WebSocket layer writes only on flush.
-        let out_cap = budget::panel_write_capacity(settings.max_event_bytes);
+        // tungstenite reads the client's frames; of writing it does only its own pong and
+        // close replies, each handed on at once (`socket::Inbound`), so its write buffer
+        // stays empty. Server frames go out by reference through `socket::Outbound`.
         let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(budget::PANEL_READ_START)
-            .write_buffer_size(out_cap)
-            .max_write_buffer_size(out_cap + 1)
+            .write_buffer_size(0)
+            .max_write_buffer_size(budget::CONTROL_ROOM)
             .max_message_size(Some(budget::MAX_CLIENT_FRAME))
             .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
         Server {

@@ -2,11 +2,12 @@
 //! bounded write buffer, driven by one task.
 //!
 //! The loop alternates between *pumping* (read a batch of shared events from the journal,
-//! filter, feed frames into the WebSocket write buffer until it holds
-//! [`PANEL_WRITE_BUFFER`] bytes) and *flushing* (one socket write for many frames). While
-//! a flush is pending — the panel's TCP window is full — the session does not read the
-//! journal at all: it holds no events, so a stalled panel costs nothing but its own fixed
-//! buffers and can never slow ingest or another panel. When it drains, its cursor may
+//! filter, queue their frames — header plus the journal's shared bytes, no copy — until
+//! [`PANEL_WRITE_BUFFER`] bytes or [`PANEL_WRITE_FRAMES`] frames are queued) and
+//! *flushing* (vectored writes of many frames each, [`super::socket`]). While a flush is
+//! pending — the panel's TCP window is full — the session does not read the journal at
+//! all: it holds at most what it queued, so a stalled panel costs nothing but its own
+//! bounded queue and can never slow ingest or another panel. When it drains, its cursor may
 //! have fallen behind the oldest retained event: it gets a `gap` frame (`slow_policy =
 //! "skip"`) or is closed (`"disconnect"`).
 
@@ -14,23 +15,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Options;
 use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
-use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER};
+use super::socket::{self, Kind};
+use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER, PANEL_WRITE_FRAMES};
 use crate::config::SlowPolicy;
 use crate::event::EncodedEvent;
 use crate::event::now_ms;
@@ -41,7 +40,12 @@ use crate::metrics::{Metrics, Observations};
 use crate::routing::Filter;
 use crate::shutdown::Shutdown;
 
-pub(crate) type Ws = WebSocketStream<TokioIo<Upgraded>>;
+/// The upgraded connection.
+pub(crate) type Io = TokioIo<Upgraded>;
+/// Client frames are read with tungstenite.
+pub(crate) type Reader = socket::Reader<Io>;
+/// Server frames are written by reference.
+pub(crate) type Writer = socket::Outbound<WriteHalf<Io>>;
 
 /// What the HTTP side decided for a new panel.
 #[derive(Debug)]
@@ -96,8 +100,10 @@ struct Session<'a> {
     /// Last values still to send (`last=true` or the `last` op), paged through the
     /// journal's table so that a stalled panel holds none of them.
     sync: Option<LastSync>,
-    /// Bytes fed into the write buffer since the last completed flush.
-    pending: usize,
+    /// Server frames queued for the socket.
+    out: Writer,
+    /// A flush is under way: the queue is not added to from the journal until it is
+    /// written.
     flushing: bool,
 }
 
@@ -110,7 +116,7 @@ struct LastSync {
 }
 
 pub(crate) async fn run(
-    ws: Ws,
+    (mut rx, out): (Reader, Writer),
     p: Params,
     ctx: Shared<'_>,
     policy: watch::Receiver<Arc<PanelPolicy>>,
@@ -118,7 +124,6 @@ pub(crate) async fn run(
     mut sd: Shutdown,
 ) {
     let peer = p.peer;
-    let (mut tx, mut rx) = ws.split();
     let mut s = Session {
         ctx,
         policy,
@@ -132,23 +137,19 @@ pub(crate) async fn run(
         live_from: ctx.journal.latest() + 1,
         batch: Vec::with_capacity(opts.batch),
         sync: None,
-        pending: 0,
+        out,
         flushing: false,
     };
-    let end = match s.start(&mut tx, p.filters, p.since, p.last).await {
-        Ok(()) => s.run(&mut tx, &mut rx, &mut sd).await,
+    let end = match s.start(p.filters, p.since, p.last) {
+        Ok(()) => s.run(&mut rx, &mut sd).await,
         Err(e) => e,
     };
-    drop(s);
+    let out = s.out;
     let how = match end {
         End::Gone => "gone".to_string(),
         End::Close(code, reason) => {
-            let frame = CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            };
             // Boxed: its read buffer is needed only at the end, not for the whole session.
-            Box::pin(linger_close(tx, rx, frame, opts.close_linger)).await;
+            Box::pin(linger_close(out, rx, code, reason, opts.close_linger)).await;
             format!("closed ({code}: {reason})")
         }
     };
@@ -159,20 +160,21 @@ pub(crate) async fn run(
 /// closes (or `linger` passes). Closing a socket with unread input makes the kernel send
 /// a reset, which could destroy the close frame before the client reads it.
 async fn linger_close(
-    mut tx: SplitSink<Ws, Message>,
-    rx: SplitStream<Ws>,
-    frame: CloseFrame,
+    mut out: Writer,
+    rx: Reader,
+    code: CloseCode,
+    reason: &'static str,
     linger: Duration,
 ) {
     let deadline = Instant::now() + linger;
-    let sent = tokio::time::timeout_at(deadline, tx.send(Message::Close(Some(frame)))).await;
+    out.push_close(code, reason);
+    let sent = tokio::time::timeout_at(deadline, out.flush()).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }
-    let Ok(ws) = tx.reunite(rx) else { return };
-    let mut io = ws.into_inner();
+    let mut io = rx.into_inner().into_inner();
     let _ = tokio::time::timeout_at(deadline, async {
-        let _ = io.shutdown().await;
+        let _ = out.shutdown().await;
         let mut sink = [0u8; 1024];
         let mut left: usize = 64 * 1024;
         while left > 0 {
@@ -203,9 +205,8 @@ impl Session<'_> {
     }
 
     /// Hello, the initial filters, the resume point, the last values asked for.
-    async fn start(
+    fn start(
         &mut self,
-        tx: &mut SplitSink<Ws, Message>,
         requested: Vec<Filter>,
         since: Option<Since>,
         last: bool,
@@ -243,29 +244,24 @@ impl Session<'_> {
             }
         };
         let j = &self.ctx.journal;
-        let (msg, len) = self.encode(&Frame::Hello {
+        let hello = Frame::Hello {
             epoch: j.epoch(),
             oldest: j.oldest(),
             latest,
             filters: self.filters.iter().map(Filter::as_str).collect(),
-        });
-        self.feed(tx, msg, len).await?;
-        self.ctx.metrics.frames_sent.inc();
+        };
+        let hello = encode(self.enc, &hello);
+        self.push_control(hello);
         for e in &errors {
-            self.error(tx, e).await?;
+            self.error(e);
         }
         if let Some(gap) = gap {
-            self.control(tx, &gap).await?;
+            self.control(&gap);
         }
         Ok(())
     }
 
-    async fn run(
-        &mut self,
-        tx: &mut SplitSink<Ws, Message>,
-        rx: &mut SplitStream<Ws>,
-        sd: &mut Shutdown,
-    ) -> End {
+    async fn run(&mut self, rx: &mut Reader, sd: &mut Shutdown) -> End {
         // A reload between the admission and this session's subscription to the policy
         // is not missed.
         if let Err(end) = self.recheck() {
@@ -279,11 +275,15 @@ impl Session<'_> {
         let mut last_heard = Instant::now();
         loop {
             if !self.flushing {
-                if let Err(end) = self.pump(tx).await {
+                if let Err(end) = self.pump() {
                     return end;
                 }
-                self.flushing = self.pending > 0;
+                self.flushing = !self.out.is_empty();
             }
+            // Client input is read only while there is room for a reply, so a client
+            // that floods ops and does not read gets TCP back-pressure, not memory.
+            let room =
+                self.out.bytes() < PANEL_WRITE_BUFFER && self.out.frames() < PANEL_WRITE_FRAMES;
             tokio::select! {
                 biased;
                 _ = sd.recv() => return End::Close(CloseCode::Away, "server shutting down"),
@@ -295,19 +295,21 @@ impl Session<'_> {
                         return end;
                     }
                 }
-                r = tx.flush(), if self.flushing => {
-                    if r.is_err() {
+                r = self.out.flush(), if self.flushing => {
+                    if let Err(e) = r {
+                        log::debug!("panel {}: write failed: {e}", self.peer);
                         return End::Gone;
                     }
                     self.flushing = false;
-                    self.pending = 0;
                 }
-                // Client input is read only while there is room for a reply, so a client
-                // that floods ops and does not read gets TCP back-pressure, not memory.
-                m = rx.next(), if self.pending < PANEL_WRITE_BUFFER => {
+                m = rx.next(), if room => {
                     last_heard = Instant::now();
-                    if let Err(end) = self.on_message(tx, m).await {
+                    if let Err(end) = self.on_message(rx, m).await {
                         return end;
+                    }
+                    // tungstenite's pong to a client's ping (RFC 6455 §5.5.3).
+                    if let Some(reply) = socket::replies(rx).await {
+                        self.out.push_raw(reply);
                     }
                 }
                 // Not flushing means caught up: wait for the next append.
@@ -320,19 +322,26 @@ impl Session<'_> {
                     if last_heard.elapsed() >= self.opts.idle_timeout {
                         return End::Close(CloseCode::Policy, "idle timeout");
                     }
-                    if !self.flushing
-                        && let Err(end) = self.feed(tx, Message::Ping(Bytes::new()), 0).await
-                    {
-                        return end;
+                    if !self.flushing {
+                        self.out.push(Kind::Ping, b"", Bytes::new(), b"");
                     }
                 }
             }
         }
     }
 
-    /// Feed the last values still to send, then `synced`; false while the write buffer
-    /// filled before the end (the rest goes after the flush).
-    async fn pump_last(&mut self, tx: &mut SplitSink<Ws, Message>) -> Result<bool, End> {
+    /// Is there room in the queue for a frame of `len` wire bytes? The queue holds at
+    /// most [`PANEL_WRITE_BUFFER`] bytes and [`PANEL_WRITE_FRAMES`] frames of events, or
+    /// one event larger than that on its own.
+    fn has_room(&self, len: usize) -> bool {
+        let out = &self.out;
+        out.is_empty()
+            || (out.bytes() + len <= PANEL_WRITE_BUFFER && out.frames() < PANEL_WRITE_FRAMES)
+    }
+
+    /// Queue the last values still to send, then `synced`; false while the queue filled
+    /// before the end (the rest goes after the flush).
+    fn pump_last(&mut self) -> bool {
         let j = self.ctx.journal.clone();
         let mut sent = 0u64;
         let done = loop {
@@ -348,35 +357,31 @@ impl Session<'_> {
             );
             if self.batch.is_empty() {
                 self.sync = None;
-                self.control(tx, &Frame::Synced { latest: sync.upto })
-                    .await?;
+                self.control(&Frame::Synced { latest: sync.upto });
                 break true;
             }
             let mut full = false;
-            for i in 0..self.batch.len() {
-                let ev = &self.batch[i];
-                let (msg, len) = match self.enc {
+            for ev in &self.batch {
+                // The stored frame with its last-value mark, by reference (no copy).
+                let (kind, prefix, body, tail) = match self.enc {
                     Encoding::Json => {
-                        let s = ev.last_json();
-                        let len = s.len();
-                        (Message::Text(s.into()), len)
+                        let (body, tail) = ev.last_json_parts();
+                        (Kind::Text, &[][..], body, tail.as_bytes())
                     }
                     Encoding::Postcard => {
-                        let b = ev.last_postcard();
-                        let len = b.len();
-                        (Message::Binary(b), len)
+                        let (tag, rest) = ev.last_postcard_parts();
+                        (Kind::Binary, tag, rest, &[][..])
                     }
                 };
-                if self.pending > 0 && self.pending + len + FRAME_HEADER > PANEL_WRITE_BUFFER {
+                if !self.has_room(prefix.len() + body.len() + tail.len() + FRAME_HEADER) {
                     full = true;
                     break;
                 }
-                let seq = ev.seq;
-                if let Err(e) = self.feed(tx, msg, len).await {
-                    self.batch.clear();
-                    return Err(e);
-                }
-                self.sync = Some(LastSync { after: seq, ..sync });
+                self.out.push(kind, prefix, body, tail);
+                self.sync = Some(LastSync {
+                    after: ev.seq,
+                    ..sync
+                });
                 sent += 1;
             }
             if full {
@@ -385,23 +390,19 @@ impl Session<'_> {
         };
         self.batch.clear();
         self.ctx.metrics.frames_sent.add(sent);
-        Ok(done)
+        done
     }
 
-    /// Feed the last values still to send, then events from the cursor, until caught
-    /// up or the write buffer is full.
-    async fn pump(&mut self, tx: &mut SplitSink<Ws, Message>) -> Result<(), End> {
-        if self.sync.is_some() && !self.pump_last(tx).await? {
+    /// Queue the last values still to send, then events from the cursor, until caught
+    /// up or the queue is full.
+    fn pump(&mut self) -> Result<(), End> {
+        if self.sync.is_some() && !self.pump_last() {
             return Ok(());
         }
         let j = self.ctx.journal.clone();
         let mut sent = 0u64;
         let (mut age, mut delay) = (Observations::default(), Observations::default());
-        let mut fed_all_last = true;
         let result = loop {
-            if !fed_all_last {
-                break Ok(());
-            }
             self.batch.clear();
             if let Some(gap) = j.read(&mut self.cursor, &mut self.batch, self.opts.batch) {
                 let m = &self.ctx.metrics;
@@ -410,63 +411,41 @@ impl Session<'_> {
                     GapKind::Lost => None,
                     GapKind::Overwritten => Some(self.policy.borrow().slow_policy),
                 };
-                match policy {
-                    None => {
-                        m.gaps.inc();
-                        m.events_skipped.add(gap.missed());
-                        let frame = Frame::Gap {
-                            from: gap.from,
-                            to: gap.to,
-                            reason: GapReason::Lost,
-                        };
-                        if let Err(e) = self.control(tx, &frame).await {
-                            break Err(e);
-                        }
-                    }
-                    Some(SlowPolicy::Skip) => {
-                        m.gaps.inc();
-                        m.events_skipped.add(gap.missed());
-                        let frame = Frame::Gap {
-                            from: gap.from,
-                            to: gap.to,
-                            reason: GapReason::Lagged,
-                        };
-                        if let Err(e) = self.control(tx, &frame).await {
-                            break Err(e);
-                        }
-                    }
+                let reason = match policy {
+                    None => GapReason::Lost,
+                    Some(SlowPolicy::Skip) => GapReason::Lagged,
                     Some(SlowPolicy::Disconnect) => {
                         m.panels_disconnected_slow.inc();
                         break Err(End::Close(CloseCode::Policy, "too slow: events expired"));
                     }
-                }
+                };
+                m.gaps.inc();
+                m.events_skipped.add(gap.missed());
+                self.control(&Frame::Gap {
+                    from: gap.from,
+                    to: gap.to,
+                    reason,
+                });
             }
             if self.batch.is_empty() {
                 break Ok(());
             }
-            let mut fed_all = true;
+            let mut full = false;
             let now = now_ms();
-            for i in 0..self.batch.len() {
-                let ev = &self.batch[i];
+            for ev in &self.batch {
                 if !self.filters.iter().any(|f| f.matches(&ev.topic)) {
                     continue;
                 }
-                let size = match self.enc {
-                    Encoding::Json => ev.json.len(),
-                    Encoding::Postcard => ev.postcard.len(),
-                } + FRAME_HEADER;
-                // The write buffer holds at most PANEL_WRITE_BUFFER bytes of events (or
-                // one event larger than that on its own).
-                if self.pending > 0 && self.pending + size > PANEL_WRITE_BUFFER {
+                let (kind, body) = match self.enc {
+                    Encoding::Json => (Kind::Text, Bytes::from(ev.json.clone())),
+                    Encoding::Postcard => (Kind::Binary, ev.postcard.clone()),
+                };
+                if !self.has_room(body.len() + FRAME_HEADER) {
                     // Read again after the flush; hold no events while waiting.
                     self.cursor = ev.seq;
-                    fed_all = false;
+                    full = true;
                     break;
                 }
-                let (msg, len) = match self.enc {
-                    Encoding::Json => (Message::Text(ev.json.clone()), ev.json.len()),
-                    Encoding::Postcard => (Message::Binary(ev.postcard.clone()), ev.postcard.len()),
-                };
                 // Live events only: a replay the panel asked for is old on purpose.
                 if ev.seq >= self.live_from {
                     let t = ev.times;
@@ -477,14 +456,13 @@ impl Session<'_> {
                         delay.observe_ms(now - at);
                     }
                 }
-                if let Err(e) = self.feed(tx, msg, len).await {
-                    self.batch.clear();
-                    self.record(&age, &delay);
-                    return Err(e);
-                }
+                // The journal's shared bytes, by reference.
+                self.out.push(kind, b"", body, b"");
                 sent += 1;
             }
-            fed_all_last = fed_all;
+            if full {
+                break Ok(());
+            }
         };
         self.batch.clear();
         self.ctx.metrics.frames_sent.add(sent);
@@ -503,49 +481,23 @@ impl Session<'_> {
         }
     }
 
-    /// Queue one message; never waits for the socket (the write buffer is sized so the
-    /// WebSocket layer only writes on `flush`).
-    async fn feed(
-        &mut self,
-        tx: &mut SplitSink<Ws, Message>,
-        msg: Message,
-        len: usize,
-    ) -> Result<(), End> {
-        self.pending += len + FRAME_HEADER;
-        tx.feed(msg).await.map_err(|e| {
-            log::debug!("panel write failed: {e}");
-            End::Gone
-        })
+    /// Queue a frame the session makes itself (hello, gap, error, pong, synced).
+    fn control(&mut self, f: &Frame<'_>) {
+        let encoded = encode(self.enc, f);
+        self.push_control(encoded);
     }
 
-    async fn control(&mut self, tx: &mut SplitSink<Ws, Message>, f: &Frame<'_>) -> Result<(), End> {
-        let (msg, len) = self.encode(f);
-        self.feed(tx, msg, len).await?;
+    /// Queue a control frame already encoded by [`encode`].
+    fn push_control(&mut self, (kind, body): (Kind, Bytes)) {
+        self.out.push(kind, b"", body, b"");
         self.ctx.metrics.frames_sent.inc();
-        Ok(())
     }
 
-    fn encode(&self, f: &Frame<'_>) -> (Message, usize) {
-        match self.enc {
-            Encoding::Json => {
-                let s = f.to_json();
-                let len = s.len();
-                (Message::Text(s.into()), len)
-            }
-            Encoding::Postcard => {
-                let b = f.to_postcard();
-                let len = b.len();
-                (Message::Binary(b.into()), len)
-            }
-        }
-    }
-
-    async fn error(&mut self, tx: &mut SplitSink<Ws, Message>, e: &OpError) -> Result<(), End> {
-        let f = Frame::Error {
+    fn error(&mut self, e: &OpError) {
+        self.control(&Frame::Error {
             code: e.code,
             message: &e.message,
-        };
-        self.control(tx, &f).await
+        });
     }
 
     fn add_filter(&mut self, f: Filter) -> Result<(), OpError> {
@@ -608,7 +560,7 @@ impl Session<'_> {
 
     async fn on_message(
         &mut self,
-        tx: &mut SplitSink<Ws, Message>,
+        rx: &mut Reader,
         m: Option<Result<Message, WsError>>,
     ) -> Result<(), End> {
         let bytes: Bytes = match m {
@@ -618,8 +570,11 @@ impl Session<'_> {
             // Pings are answered by the WebSocket layer; a pong only proves life.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return Ok(()),
             Some(Ok(Message::Close(_))) => {
-                // The WebSocket layer queued the close reply: send it, then we are done.
-                let _ = tokio::time::timeout(self.opts.close_linger, tx.flush()).await;
+                // The WebSocket layer made the close reply: send it, then we are done.
+                if let Some(reply) = socket::replies(rx).await {
+                    self.out.push_raw(reply);
+                }
+                let _ = tokio::time::timeout(self.opts.close_linger, self.out.flush()).await;
                 return Err(End::Gone);
             }
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
@@ -643,14 +598,15 @@ impl Session<'_> {
             }
         };
         match Op::parse(&bytes) {
-            Ok(op) => self.on_op(tx, op).await,
-            Err(e) => self.error(tx, &e).await,
+            Ok(op) => self.on_op(op),
+            Err(e) => self.error(&e),
         }
+        Ok(())
     }
 
-    async fn on_op(&mut self, tx: &mut SplitSink<Ws, Message>, op: Op) -> Result<(), End> {
+    fn on_op(&mut self, op: Op) {
         match op {
-            Op::Ping => self.control(tx, &Frame::Pong).await,
+            Op::Ping => self.control(&Frame::Pong),
             Op::Last => {
                 // The last values current now, then the stream from right after them.
                 let latest = self.ctx.journal.latest();
@@ -659,14 +615,13 @@ impl Session<'_> {
                     upto: latest,
                 });
                 self.cursor = latest + 1;
-                Ok(())
             }
             Op::Subscribe(list) | Op::Unsubscribe(list) if list.len() > MAX_FILTERS => {
                 let e = OpError::new(
                     "too_many_filters",
                     format!("at most {MAX_FILTERS} filters per op"),
                 );
-                self.error(tx, &e).await
+                self.error(&e)
             }
             Op::Subscribe(list) => {
                 for f in &list {
@@ -674,33 +629,34 @@ impl Session<'_> {
                         .map_err(|e| OpError::new("bad_filter", e.to_string()))
                         .and_then(|f| self.add_filter(f));
                     if let Err(e) = r {
-                        self.error(tx, &e).await?;
+                        self.error(&e);
                     }
                 }
-                Ok(())
             }
             Op::Unsubscribe(list) => {
                 for f in &list {
                     match parse_filter(f) {
                         Ok(f) => self.filters.retain(|have| *have != f),
-                        Err(e) => {
-                            self.error(tx, &OpError::new("bad_filter", e.to_string()))
-                                .await?
-                        }
+                        Err(e) => self.error(&OpError::new("bad_filter", e.to_string())),
                     }
                 }
-                Ok(())
             }
             Op::Resume(since) => match Since::parse(&since) {
-                Ok(since) => match self.resume(&since) {
-                    Some(gap) => self.control(tx, &gap).await,
-                    None => Ok(()),
-                },
-                Err(e) => {
-                    self.error(tx, &OpError::new("bad_since", e.to_string()))
-                        .await
+                Ok(since) => {
+                    if let Some(gap) = self.resume(&since) {
+                        self.control(&gap);
+                    }
                 }
+                Err(e) => self.error(&OpError::new("bad_since", e.to_string())),
             },
         }
+    }
+}
+
+/// A control frame in the panel's encoding: its WebSocket frame kind and payload.
+fn encode(enc: Encoding, f: &Frame<'_>) -> (Kind, Bytes) {
+    match enc {
+        Encoding::Json => (Kind::Text, f.to_json().into()),
+        Encoding::Postcard => (Kind::Binary, f.to_postcard().into()),
     }
 }
