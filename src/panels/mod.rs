@@ -70,8 +70,7 @@ impl Default for Options {
     }
 }
 
-/// What the panel server takes from the config (`[panels]`, the parsed tokens and the
-/// event size that sizes each panel's write buffer).
+/// What the panel server takes from the config (`[panels]` and the parsed tokens).
 #[derive(Debug, Clone)]
 pub struct PanelSettings {
     /// Tokens, origins, the panel limit, the slow-panel policy, the metrics token: at
@@ -80,8 +79,6 @@ pub struct PanelSettings {
     /// Later policies (a reload): applied to new requests at once and to connected
     /// panels by [`policy::Admission::recheck`]. `None`: the policy never changes.
     pub updates: Option<watch::Receiver<Arc<PanelPolicy>>>,
-    /// `journal.max_event_bytes`: the largest event frame a panel must be able to write.
-    pub max_event_bytes: usize,
     /// TLS on the port (`panels.tls_cert`/`tls_key`, loaded by the daemon; `None`: plain
     /// HTTP).
     pub tls: Option<Arc<crate::tls::server::ServerTls>>,
@@ -95,7 +92,6 @@ impl PanelSettings {
         PanelSettings {
             policy: PanelPolicy::from_config(cfg),
             updates: None,
-            max_event_bytes: cfg.journal.max_event_bytes,
             tls: None,
             peer_gateways: cfg.panels.peer_gateways.clone(),
         }

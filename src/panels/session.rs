@@ -1,5 +1,5 @@
 //! One panel session: a cursor into the journal, up to [`MAX_FILTERS`] filters and a
-//! bounded write buffer, driven by one task.
+//! bounded queue of frames sent by reference, driven by one task.
 //!
 //! The loop alternates between *pumping* (read a batch of shared events from the journal,
 //! filter, queue their frames — header plus the journal's shared bytes, no copy — until
@@ -223,7 +223,13 @@ impl Session<'_> {
         };
         for f in requested {
             if let Err(e) = self.add_filter(f) {
-                errors.push(e);
+                // One `too_many_filters` is enough: a token's allow list (the default) may
+                // be longer than MAX_FILTERS, and each error is a frame in the queue.
+                let repeated =
+                    e.code == "too_many_filters" && errors.iter().any(|x| x.code == e.code);
+                if !repeated {
+                    errors.push(e);
+                }
             }
         }
         // One reading of `latest`: the last values are those current at it, and the live
@@ -295,13 +301,6 @@ impl Session<'_> {
                         return end;
                     }
                 }
-                r = self.out.flush(), if self.flushing => {
-                    if let Err(e) = r {
-                        log::debug!("panel {}: write failed: {e}", self.peer);
-                        return End::Gone;
-                    }
-                    self.flushing = false;
-                }
                 m = rx.next(), if room => {
                     last_heard = Instant::now();
                     if let Err(end) = self.on_message(rx, m).await {
@@ -311,6 +310,15 @@ impl Session<'_> {
                     if let Some(reply) = socket::replies(rx).await {
                         self.out.push_raw(reply);
                     }
+                }
+                // After client input: a flush that is ready at once every time (a long
+                // catch-up) must not leave pongs and ops unread.
+                r = self.out.flush(), if self.flushing => {
+                    if let Err(e) = r {
+                        log::debug!("panel {}: write failed: {e}", self.peer);
+                        return End::Gone;
+                    }
+                    self.flushing = false;
                 }
                 // Not flushing means caught up: wait for the next append.
                 r = notify.changed(), if !self.flushing => {

@@ -27,11 +27,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 /// never masks) plus one byte of payload prefix.
 const HEAD: usize = 11;
 /// Most slices in one vectored write: up to 3 per frame (header, body, tail). Linux
-/// allows 1024 (`IOV_MAX`); 96 already covers what one flush of a panel holds.
+/// allows 1024 (`IOV_MAX`); 96 covers a flush of 32 events, 48 without a tail (a
+/// larger flush takes one more write).
 const MAX_SLICES: usize = 96;
-/// Most bytes of tungstenite's own replies [`Inbound`] keeps; past it tungstenite is told
-/// "would block" and keeps (only) its latest pending reply itself.
-const REPLY_ROOM: usize = 512;
 
 /// What a client's frames are read with: tungstenite over [`Inbound`].
 pub(crate) type Reader<S> = WebSocketStream<Inbound<ReadHalf<S>>>;
@@ -66,8 +64,11 @@ where
     reader.get_mut().take_replies()
 }
 
-/// The read half as tungstenite sees it: reads come from the socket, writes are kept
-/// (at most [`REPLY_ROOM`] bytes) for [`Outbound`].
+/// The read half as tungstenite sees it: reads come from the socket, writes are kept for
+/// [`Outbound`]. What is kept is bounded by the caller taking it ([`replies`]) after every
+/// message read: tungstenite makes at most one reply per message (a pong of ≤ 127 bytes,
+/// or a close reply), and its own write buffer is capped by the config's
+/// `max_write_buffer_size`.
 pub(crate) struct Inbound<R> {
     io: R,
     replies: Vec<u8>,
@@ -99,19 +100,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Inbound<R> {
 }
 
 impl<R: Unpin> AsyncWrite for Inbound<R> {
-    /// All or nothing, so that what is kept is whole frames: tungstenite writes its
-    /// output buffer, which holds whole frames, in one call.
+    /// Always takes everything, so what is kept is whole frames and a flush never waits:
+    /// tungstenite writes its output buffer, which holds whole frames. (Refusing would
+    /// be a `Pending` that nothing wakes: this writer has no socket to wait for.)
     fn poll_write(
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if !self.replies.is_empty() && self.replies.len() + buf.len() > REPLY_ROOM {
-            // tungstenite reads on and tries again at its next read; the session takes
-            // the replies after every message, so this is only reached by a client
-            // that pings faster than the session runs.
-            return Poll::Ready(Err(io::ErrorKind::WouldBlock.into()));
-        }
         self.replies.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -147,6 +143,9 @@ impl OutFrame {
         ]
     }
 }
+
+// The budget counts each queued frame as `PANEL_QUEUE_ENTRY` bytes.
+const _: () = assert!(std::mem::size_of::<OutFrame>() <= crate::budget::PANEL_QUEUE_ENTRY);
 
 /// The write half: a queue of frames sent by reference with vectored writes.
 ///
@@ -209,6 +208,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
 
     /// Queue a close frame (§5.5.1): the status code, then the reason (≤ 123 bytes).
     pub fn push_close(&mut self, code: CloseCode, reason: &'static str) -> usize {
+        debug_assert!(reason.len() <= 123);
         let code = u16::from(code).to_be_bytes();
         self.push_frame(
             OpCode::Control(Control::Close),
@@ -226,6 +226,11 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         tail: &'static [u8],
     ) -> usize {
         let payload = prefix.len() + body.len() + tail.len();
+        // The header is 10 bytes only for payloads of 64 KiB and more (§5.2): the prefix
+        // fits beside it, 1 byte, or 2 for a close frame's status code.
+        debug_assert!(prefix.len() <= 1 || (prefix.len() == 2 && payload <= 125));
+        // §5.5: a control frame's payload is at most 125 bytes.
+        debug_assert!(matches!(opcode, OpCode::Data(_)) || payload <= 125);
         let mut head = [0u8; HEAD];
         let header = FrameHeader {
             opcode,

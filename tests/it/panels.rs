@@ -808,3 +808,31 @@ async fn gap_frames_in_postcard() {
     }
     srv.stop().await;
 }
+
+/// A token may allow more filters than a panel may hold (`MAX_FILTERS`); a panel that
+/// takes the default (the token's list) holds the first eight and gets one
+/// `too_many_filters` error, not one per filter left over (each would be a frame queued
+/// before the panel reads anything).
+#[tokio::test]
+async fn a_long_allow_list_as_the_default_gives_eight_filters_and_one_error() {
+    use sha2::Digest;
+    let h = hex(&sha2::Sha256::digest(b"wide-secret"));
+    let allow: Vec<String> = (0..12).map(|i| format!("\"line{i}/#\"")).collect();
+    let ctx = ctx(&format!(
+        "[[panels.tokens]]\nname = \"wide\"\nsha256 = \"{h}\"\nallow = [{}]\n",
+        allow.join(", ")
+    ));
+    let srv = start(ctx.clone(), Options::default()).await;
+    let mut p = try_connect(srv.addr, "token=wide-secret", None, &[])
+        .await
+        .unwrap();
+    let hello = next_json(&mut p).await;
+    assert_eq!(hello["type"], "hello");
+    let want: Vec<String> = (0..8).map(|i| format!("line{i}/#")).collect();
+    assert_eq!(hello["filters"], json!(want));
+    let before = barrier(&mut p).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["type"], "error");
+    assert_eq!(before[0]["code"], "too_many_filters");
+    srv.stop().await;
+}
