@@ -26,7 +26,9 @@
 //! Run: `scripts/bench.sh` (installs the peers, builds, runs this). Env:
 //! `PIPELINE_BENCH_QUICK=1` (a quick subset), `PIPELINE_BENCH_SECS` (default 6),
 //! `PIPELINE_BENCH_ONLY=gateway,gateway+mirror,node-ws,mosquitto-ws`,
-//! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary), `PIPELINE_BENCH_SYSCALLS=1`.
+//! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary), `PIPELINE_BENCH_SYSCALLS=1`,
+//! `PIPELINE_BENCH_MEMORY_MIB` (a higher `budget.memory_mib`, for an older binary whose
+//! worst case is larger).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -270,7 +272,15 @@ async fn start_gateway(mirror: bool, panels: usize, print_budget: bool) -> Serve
     });
     // memory_mib: the smallest whole MiB (multiple of 8) that the worst case fits in
     let b = budget_of(&gateway_config(&em, mirror_port, max_panels, 4096));
-    let mib = (b.total() as f64 / (1 << 20) as f64 / 8.0).ceil() as u64 * 8;
+    let mut mib = (b.total() as f64 / (1 << 20) as f64 / 8.0).ceil() as u64 * 8;
+    // An older binary (PIPELINE_BENCH_GATEWAY) may count a larger worst case and refuse
+    // to start under this one's budget: PIPELINE_BENCH_MEMORY_MIB raises the limit.
+    if let Some(at_least) = std::env::var("PIPELINE_BENCH_MEMORY_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        mib = mib.max(at_least);
+    }
     let text = gateway_config(&em, mirror_port, max_panels, mib);
     let b = budget_of(&text);
     assert!(b.fits());
@@ -1069,7 +1079,9 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         s("base", 1000, 256, 200, 0),
         s("base", 1000, 4096, 50, 0),
         s("firehose", 1000, 4096, 400, 0),
+        s("firehose", 1000, 256, 1000, 0),
         s("base", 5000, 256, 20, 0),
+        s("base", 10000, 256, 10, 0),
     ]
 }
 
