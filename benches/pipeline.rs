@@ -28,7 +28,8 @@
 //! `PIPELINE_BENCH_ONLY=gateway,gateway+mirror,node-ws,mosquitto-ws`,
 //! `PIPELINE_BENCH_GATEWAY` (path of the gateway binary), `PIPELINE_BENCH_SYSCALLS=1`,
 //! `PIPELINE_BENCH_MEMORY_MIB` (a higher `budget.memory_mib`, for an older binary whose
-//! worst case is larger).
+//! worst case is larger), `PIPELINE_BENCH_SCENARIOS=kind:panels:bytes:rate,…` (only
+//! those, e.g. `firehose:1000:4096:400`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -1266,7 +1267,15 @@ fn main() {
     let t_all = Instant::now();
     let mut rows = Vec::new();
     let mut printed = std::collections::HashSet::new();
-    for sc in scenarios(quick) {
+    // PIPELINE_BENCH_SCENARIOS=firehose:1000:4096:400,base:100:256:1000 runs only those
+    let picked: Option<Vec<String>> = std::env::var("PIPELINE_BENCH_SCENARIOS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let wanted = |sc: &Scenario| {
+        let name = format!("{}:{}:{}:{}", sc.kind, sc.panels, sc.size, sc.rate);
+        picked.as_ref().is_none_or(|p| p.contains(&name))
+    };
+    for sc in scenarios(quick).into_iter().filter(|sc| wanted(sc)) {
         for &peer in &peers {
             let first = printed.insert((peer, sc.panels));
             let out = run_scenario(peer, &sc, secs, &src_rt, &cli_rt, first, syscalls);

