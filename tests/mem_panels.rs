@@ -14,10 +14,11 @@
 //! changes (an 8 KiB WebSocket read buffer zero-filled on every read, 8 inline filters
 //! of ~260 B each, the HTTP connection's state kept in the task), 8,828 B after them
 //! (512 B read buffer that grows for a larger client frame, filters on the heap as
-//! needed, the HTTP exchange boxed and freed at the upgrade). What is left is mostly
+//! needed, the HTTP exchange boxed and freed at the upgrade); 8,287 B with frames sent by
+//! reference (no write buffer in tungstenite). What is left is mostly
 //! the connection task itself (~6.3 KB in a dev build). The bound [`IDLE_PANEL_HEAP`]
 //! holds that figure with room for the allocator's and the runtime's noise; the budget
-//! (`check-config`) still counts each panel's worst case (a full write buffer), which a
+//! (`check-config`) still counts each panel's worst case (a full frame queue), which a
 //! panel reaches only while events flow.
 
 mod support;
