@@ -14,10 +14,18 @@ pub const PANEL_WRITE_BUFFER: usize = 32 * 1024;
 /// [`PANEL_WRITE_BUFFER`], what one flush (one vectored write when the socket takes it)
 /// sends at most.
 pub const PANEL_WRITE_FRAMES: usize = 32;
-/// Entries a panel's frame queue can have room for: one client op adds at most
-/// `MAX_FILTERS + 2` frames past [`PANEL_WRITE_FRAMES`], and the queue's capacity
-/// doubles, so it stops at twice the limit.
+/// Frames past [`PANEL_WRITE_FRAMES`] (and bytes past [`PANEL_WRITE_BUFFER`], up to
+/// [`CONTROL_ROOM`]) below which a panel's input is still read, so a panel that is behind
+/// — its queue refilled with events after every flush — still gets its pongs and its
+/// ops (an unsubscribe to catch up) handled at once.
+pub const PANEL_READ_HEADROOM: usize = 16;
+/// Entries a panel's frame queue can have room for: input is read while fewer than
+/// `PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM` frames are queued and one client op adds at
+/// most `MAX_FILTERS + 2`, so the queue stays within 64 entries (its capacity doubles:
+/// 64 is the next power of two).
 pub const PANEL_QUEUE_SLOTS: usize = 2 * PANEL_WRITE_FRAMES;
+const _: () =
+    assert!(PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + MAX_FILTERS + 2 <= PANEL_QUEUE_SLOTS);
 /// Bytes per queued frame: its header and a reference to the shared payload.
 pub const PANEL_QUEUE_ENTRY: usize = 64;
 /// Room for control frames (hello, error, pong, ping, close) and the WebSocket layer's

@@ -29,7 +29,10 @@ use super::Options;
 use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
 use super::socket::{self, Kind};
-use crate::budget::{FRAME_HEADER, MAX_FILTERS, PANEL_WRITE_BUFFER, PANEL_WRITE_FRAMES};
+use crate::budget::{
+    CONTROL_ROOM, FRAME_HEADER, MAX_FILTERS, PANEL_READ_HEADROOM, PANEL_WRITE_BUFFER,
+    PANEL_WRITE_FRAMES,
+};
 use crate::config::SlowPolicy;
 use crate::event::EncodedEvent;
 use crate::event::now_ms;
@@ -67,6 +70,8 @@ pub(crate) struct Params {
 enum End {
     /// The peer is gone (closed, reset, or replied to our close).
     Gone,
+    /// The client closed; the reply is queued.
+    Replied,
     /// We close with this code and reason.
     Close(CloseCode, &'static str),
 }
@@ -147,27 +152,40 @@ pub(crate) async fn run(
     let out = s.out;
     let how = match end {
         End::Gone => "gone".to_string(),
+        End::Replied => {
+            Box::pin(linger_close(out, rx, None, opts.close_linger)).await;
+            "closed by the client".to_string()
+        }
         End::Close(code, reason) => {
             // Boxed: its read buffer is needed only at the end, not for the whole session.
-            Box::pin(linger_close(out, rx, code, reason, opts.close_linger)).await;
+            Box::pin(linger_close(
+                out,
+                rx,
+                Some((code, reason)),
+                opts.close_linger,
+            ))
+            .await;
             format!("closed ({code}: {reason})")
         }
     };
     log::debug!("panel {peer}: {how}");
 }
 
-/// Send a close frame, then read and discard what the client still sends until it
-/// closes (or `linger` passes). Closing a socket with unread input makes the kernel send
-/// a reset, which could destroy the close frame before the client reads it.
+/// Send what is queued and our close frame (`close`; `None` when the client closed and
+/// the reply is already queued), then read and discard what the client still sends until
+/// it closes (or `linger` passes). Closing a socket with unread input makes the kernel
+/// send a reset, which could destroy the close frame before the client reads it — also
+/// after a client's close, when the client sent more behind it (pings may follow a close).
 async fn linger_close(
     mut out: Writer,
     rx: Reader,
-    code: CloseCode,
-    reason: &'static str,
+    close: Option<(CloseCode, &'static str)>,
     linger: Duration,
 ) {
     let deadline = Instant::now() + linger;
-    out.push_close(code, reason);
+    if let Some((code, reason)) = close {
+        out.push_close(code, reason);
+    }
     let sent = tokio::time::timeout_at(deadline, out.flush()).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
@@ -287,9 +305,11 @@ impl Session<'_> {
                 self.flushing = !self.out.is_empty();
             }
             // Client input is read only while there is room for a reply, so a client
-            // that floods ops and does not read gets TCP back-pressure, not memory.
-            let room =
-                self.out.bytes() < PANEL_WRITE_BUFFER && self.out.frames() < PANEL_WRITE_FRAMES;
+            // that floods ops and does not read gets TCP back-pressure, not memory. The
+            // room is above what a pump fills: a panel that is behind still has its
+            // pings and ops answered between flushes.
+            let room = self.out.bytes() < PANEL_WRITE_BUFFER + CONTROL_ROOM
+                && self.out.frames() < PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM;
             tokio::select! {
                 biased;
                 _ = sd.recv() => return End::Close(CloseCode::Away, "server shutting down"),
@@ -578,12 +598,12 @@ impl Session<'_> {
             // Pings are answered by the WebSocket layer; a pong only proves life.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return Ok(()),
             Some(Ok(Message::Close(_))) => {
-                // The WebSocket layer made the close reply: send it, then we are done.
+                // The WebSocket layer made the close reply: it goes out like a close of
+                // ours, with the linger (the client may have sent more after its close).
                 if let Some(reply) = socket::replies(rx).await {
                     self.out.push_raw(reply);
                 }
-                let _ = tokio::time::timeout(self.opts.close_linger, self.out.flush()).await;
-                return Err(End::Gone);
+                return Err(End::Replied);
             }
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
                 return Err(End::Close(CloseCode::Size, "frame over 4 KiB"));

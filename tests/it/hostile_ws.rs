@@ -902,3 +902,40 @@ async fn still_serves_with_token(_ctx: &Context, addr: SocketAddr) {
     .expect("connect");
     assert_eq!(next_json(&mut ws).await["type"], "hello");
 }
+
+/// A client may send more frames after its close (RFC 6455 §5.5.1 forbids only data
+/// frames; pings may follow). The server's close reply must still reach it: dropping the
+/// socket with that input unread makes the kernel send a reset, which discards what the
+/// server has not yet delivered — the last events and the close reply.
+#[tokio::test]
+async fn a_close_followed_by_pings_still_gets_the_close_reply() {
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let s = sock.connect(srv.addr).await.unwrap();
+    let mut s = ws_raw::upgrade_stream(s, srv.addr).await;
+    // Events the client does not read yet: some wait in the server's send queue.
+    let body = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
+    for _ in 0..100 {
+        append(&ctx, "line1/temp", &body);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut bytes = frame(true, 0x8, &[&1000u16.to_be_bytes()[..], b"bye"].concat());
+    for _ in 0..10 {
+        bytes.extend(frame(true, 0x9, &[b'p'; 125]));
+    }
+    s.write_all(&bytes).await.unwrap();
+    let (frames, _) = read_all(&mut s, T).await;
+    let events = frames.iter().filter(|f| f.0 == 0x1).count();
+    assert_eq!(
+        close_code(&frames),
+        Some(1000),
+        "the close reply after {events} frames"
+    );
+    // The close ends the stream: events not yet queued are not sent (§5.5.1: the reply
+    // goes "as soon as practical"), so only the hello is certain.
+    assert!(events >= 1, "the hello");
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}

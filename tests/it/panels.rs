@@ -836,3 +836,34 @@ async fn a_long_allow_list_as_the_default_gives_eight_filters_and_one_error() {
     assert_eq!(before[0]["code"], "too_many_filters");
     srv.stop().await;
 }
+
+/// A panel that is behind — here replaying 3,000 events — has its queue refilled after
+/// every flush; its pings and ops are still read between flushes, not only once it has
+/// caught up (a client keepalive would time out, an unsubscribe meant to catch up would
+/// come too late).
+#[tokio::test]
+async fn a_panel_that_is_behind_gets_its_pong_before_it_catches_up() {
+    let ctx = ctx("");
+    let body = format!("{{\"p\":\"{}\"}}", "x".repeat(200));
+    for _ in 0..3000 {
+        append(&ctx, "line1/temp", &body);
+    }
+    let srv = start(ctx.clone(), Options::default()).await;
+    let mut ws = connect(srv.addr, &format!("since={EPOCH}:0")).await;
+    send_op(&mut ws, json!({"op":"ping"})).await;
+    let mut events = 0;
+    loop {
+        let m = next_json(&mut ws).await;
+        match m["type"].as_str() {
+            Some("event") => events += 1,
+            Some("pong") => break,
+            _ => {}
+        }
+        assert!(events < 3000, "no pong before the replay ended");
+    }
+    assert!(
+        events < 1000,
+        "the pong came after {events} of 3,000 replayed events"
+    );
+    srv.stop().await;
+}

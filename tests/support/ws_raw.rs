@@ -17,7 +17,11 @@ pub const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// Upgrade a raw TCP connection to `/v1/stream`; returns it after the 101 head (with the
 /// RFC 6455 accept key).
 pub async fn upgrade(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    upgrade_stream(TcpStream::connect(addr).await.unwrap(), addr).await
+}
+
+/// [`upgrade`] on a connection made by the caller (e.g. with a small receive buffer).
+pub async fn upgrade_stream(mut s: TcpStream, addr: SocketAddr) -> TcpStream {
     let req = format!(
         "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
