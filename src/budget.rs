@@ -29,8 +29,11 @@ const _: () =
 /// Bytes per queued frame: its header and a reference to the shared payload.
 pub const PANEL_QUEUE_ENTRY: usize = 64;
 /// Room for control frames (hello, error, pong, ping, close) and the WebSocket layer's
-/// own replies on top of the events.
-pub const CONTROL_ROOM: usize = 4096;
+/// own replies on top of the events. Input is read only while less than half of it is
+/// queued past the events, and one op's replies (at most `MAX_FILTERS + 2` frames of
+/// under 400 B: filters are at most 256 bytes and errors show 64 characters of them)
+/// fit the other half; the hello with 8 filters and the errors at the start fit too.
+pub const CONTROL_ROOM: usize = 8192;
 /// Largest WebSocket frame header the server writes (unmasked, 64-bit length).
 pub const FRAME_HEADER: usize = 10;
 /// Bytes of inbound frames a panel session buffers (client ops are at most 4 KiB).

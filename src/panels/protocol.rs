@@ -69,11 +69,32 @@ impl Since {
     }
 }
 
+/// Longest filter a panel may ask for, in bytes. Topics are short paths; the bound
+/// keeps what a panel's frames echo back (hello, errors) within the budget's
+/// `CONTROL_ROOM`.
+pub const MAX_FILTER_BYTES: usize = 256;
+
+/// A panel's filter (URL `filter=` or a `subscribe`/`unsubscribe` op): an MQTT-style
+/// filter ([`Filter::parse`]) of at most [`MAX_FILTER_BYTES`] without control characters
+/// (topics never hold them). Errors: [`ProtocolError::BadFilter`], naming the filter cut
+/// to [`shown_filter`].
 pub fn parse_filter(s: &str) -> Result<Filter, ProtocolError> {
-    Filter::parse(s).map_err(|e| ProtocolError::BadFilter {
-        filter: s.chars().take(64).collect(),
-        reason: e.to_string(),
-    })
+    let bad = |reason: String| ProtocolError::BadFilter {
+        filter: shown_filter(s),
+        reason,
+    };
+    if s.len() > MAX_FILTER_BYTES {
+        return Err(bad(format!("longer than {MAX_FILTER_BYTES} bytes")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(bad("control characters are not allowed".to_string()));
+    }
+    Filter::parse(s).map_err(|e| bad(e.to_string()))
+}
+
+/// A filter as error frames show it: its first 64 characters.
+pub fn shown_filter(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 /// The query of `GET /v1/stream`.
@@ -369,6 +390,29 @@ mod tests {
             StreamQuery::parse(Some("token=%ff")),
             Err(ProtocolError::BadEncoding("token"))
         );
+    }
+
+    /// What a filter can make the server echo is bounded: its length, its characters,
+    /// and how much of it an error frame shows.
+    #[test]
+    fn filters_are_bounded_in_length_and_characters() {
+        let long = format!("a/{}", "b".repeat(MAX_FILTER_BYTES));
+        let at_limit = "c".repeat(MAX_FILTER_BYTES);
+        assert!(parse_filter(&at_limit).is_ok());
+        for (bad, why) in [
+            (long.as_str(), "longer than 256 bytes"),
+            ("line1/\u{7}bell", "control characters"),
+            ("line1/\n", "control characters"),
+        ] {
+            match parse_filter(bad) {
+                Err(ProtocolError::BadFilter { filter, reason }) => {
+                    assert!(reason.contains(why), "{bad:?}: {reason}");
+                    assert!(filter.chars().count() <= 64, "{filter:?}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert_eq!(shown_filter(&long).chars().count(), 64);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Options;
 use super::policy::{Admission, PanelPolicy};
-use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter};
+use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter, shown_filter};
 use super::socket::{self, Kind};
 use crate::budget::{
     CONTROL_ROOM, FRAME_HEADER, MAX_FILTERS, PANEL_READ_HEADROOM, PANEL_WRITE_BUFFER,
@@ -308,7 +308,7 @@ impl Session<'_> {
             // that floods ops and does not read gets TCP back-pressure, not memory. The
             // room is above what a pump fills: a panel that is behind still has its
             // pings and ops answered between flushes.
-            let room = self.out.bytes() < PANEL_WRITE_BUFFER + CONTROL_ROOM
+            let room = self.out.bytes() < PANEL_WRITE_BUFFER + CONTROL_ROOM / 2
                 && self.out.frames() < PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM;
             tokio::select! {
                 biased;
@@ -532,7 +532,10 @@ impl Session<'_> {
         if !allowed(&f, self.allow.as_deref()) {
             return Err(OpError::new(
                 "forbidden_filter",
-                format!("filter {:?} is not allowed for this token", f.as_str()),
+                format!(
+                    "filter {:?} is not allowed for this token",
+                    shown_filter(f.as_str())
+                ),
             ));
         }
         if self.filters.contains(&f) {
