@@ -14,7 +14,7 @@ pub const PANEL_WRITE_BUFFER: usize = 32 * 1024;
 /// [`PANEL_WRITE_BUFFER`], what one flush (one vectored write when the socket takes it)
 /// sends at most.
 pub const PANEL_WRITE_FRAMES: usize = 32;
-/// Frames past [`PANEL_WRITE_FRAMES`] (and bytes past [`PANEL_WRITE_BUFFER`], up to
+/// Frames past [`PANEL_WRITE_FRAMES`] (and bytes past [`PANEL_WRITE_BUFFER`], up to half of
 /// [`CONTROL_ROOM`]) below which a panel's input is still read, so a panel that is behind
 /// — its queue refilled with events after every flush — still gets its pongs and its
 /// ops (an unsubscribe to catch up) handled at once.
