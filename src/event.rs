@@ -539,7 +539,7 @@ impl EncodedEvent {
         let json = Bytes::from(self.json.clone());
         match self.json.as_str().strip_suffix('}') {
             Some(body) => (json.slice(..body.len()), LAST_TAIL),
-            None => (json.clone(), ""),
+            None => (json, ""),
         }
     }
 

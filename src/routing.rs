@@ -21,6 +21,8 @@ pub enum RoutingError {
     MisplacedPlus,
     #[error("filter longer than {0} bytes")]
     FilterTooLong(usize),
+    #[error("filter has control characters (topics never do)")]
+    FilterControlCharacter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +170,11 @@ impl Filter {
     pub fn parse(s: &str) -> Result<Self, RoutingError> {
         if s.is_empty() {
             return Err(RoutingError::EmptyFilter);
+        }
+        // Topics are sanitised (no control characters), so such a filter matches
+        // nothing; refusing it also keeps what frames echo of a filter plain text.
+        if s.chars().any(char::is_control) {
+            return Err(RoutingError::FilterControlCharacter);
         }
         let levels: Vec<&str> = s.split('/').collect();
         for (i, level) in levels.iter().enumerate() {

@@ -4,8 +4,8 @@
 //! - One task per TCP connection; after a WebSocket upgrade the same task runs the panel
 //!   session ([`session`]), which reads the journal through its own cursor.
 //! - Fixed per-connection resources: `SO_SNDBUF` = [`budget::PANEL_SNDBUF`], a bounded
-//!   queue of frames sent by reference, at most [`budget::MAX_FILTERS`] filters, inbound frames of at
-//!   most [`budget::MAX_CLIENT_FRAME`]; at most `max_panels` panels plus
+//!   queue of frames sent by reference, at most [`budget::MAX_FILTERS`] filters, inbound
+//!   frames of at most [`budget::MAX_CLIENT_FRAME`]; at most `max_panels` panels plus
 //!   [`HTTP_EXTRA_CONNECTIONS`] other HTTP connections at a time.
 //! - Shutdown: stop accepting, close every panel with 1001, return within
 //!   [`Options::shutdown_grace`].

@@ -69,27 +69,16 @@ impl Since {
     }
 }
 
-/// Longest filter a panel may ask for, in bytes. Topics are short paths; the bound
-/// keeps what a panel's frames echo back (hello, errors) within the budget's
-/// `CONTROL_ROOM`.
-pub const MAX_FILTER_BYTES: usize = 256;
-
 /// A panel's filter (URL `filter=` or a `subscribe`/`unsubscribe` op): an MQTT-style
-/// filter ([`Filter::parse`]) of at most [`MAX_FILTER_BYTES`] without control characters
-/// (topics never hold them). Errors: [`ProtocolError::BadFilter`], naming the filter cut
+/// filter ([`Filter::parse`]: at most [`crate::routing::FILTER_MAX`] bytes, no control
+/// characters), which keeps what a panel's frames echo of it (hello, errors) within the
+/// budget's `CONTROL_ROOM`. Errors: [`ProtocolError::BadFilter`], naming the filter cut
 /// to [`shown_filter`].
 pub fn parse_filter(s: &str) -> Result<Filter, ProtocolError> {
-    let bad = |reason: String| ProtocolError::BadFilter {
+    Filter::parse(s).map_err(|e| ProtocolError::BadFilter {
         filter: shown_filter(s),
-        reason,
-    };
-    if s.len() > MAX_FILTER_BYTES {
-        return Err(bad(format!("longer than {MAX_FILTER_BYTES} bytes")));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(bad("control characters are not allowed".to_string()));
-    }
-    Filter::parse(s).map_err(|e| bad(e.to_string()))
+        reason: e.to_string(),
+    })
 }
 
 /// A filter as error frames show it: its first 64 characters.
@@ -396,8 +385,9 @@ mod tests {
     /// and how much of it an error frame shows.
     #[test]
     fn filters_are_bounded_in_length_and_characters() {
-        let long = format!("a/{}", "b".repeat(MAX_FILTER_BYTES));
-        let at_limit = "c".repeat(MAX_FILTER_BYTES);
+        use crate::routing::FILTER_MAX;
+        let long = format!("a/{}", "b".repeat(FILTER_MAX));
+        let at_limit = "c".repeat(FILTER_MAX);
         assert!(parse_filter(&at_limit).is_ok());
         for (bad, why) in [
             (long.as_str(), "longer than 256 bytes"),
