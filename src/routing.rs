@@ -21,7 +21,7 @@ pub enum RoutingError {
     MisplacedPlus,
     #[error("filter longer than {0} bytes")]
     FilterTooLong(usize),
-    #[error("filter has control characters (topics never do)")]
+    #[error("filter has control characters (topics never have them)")]
     FilterControlCharacter,
 }
 
@@ -171,8 +171,9 @@ impl Filter {
         if s.is_empty() {
             return Err(RoutingError::EmptyFilter);
         }
-        // Topics are sanitised (no control characters), so such a filter matches
-        // nothing; refusing it also keeps what frames echo of a filter plain text.
+        // Topics never hold control characters (metadata rendered into them has them
+        // replaced, `event::bounded`; MQTT forbids them too), so such a filter could
+        // match nothing; refusing it also keeps what frames echo of a filter plain text.
         if s.chars().any(char::is_control) {
             return Err(RoutingError::FilterControlCharacter);
         }

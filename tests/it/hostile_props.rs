@@ -402,6 +402,8 @@ fn reference_valid(filter: &str) -> bool {
     let levels: Vec<&str> = filter.split('/').collect();
     !filter.is_empty()
         && filter.len() <= asb_gateway::routing::FILTER_MAX
+        // no control characters: topics never hold them (MQTT 5.0 §1.5.4 forbids them)
+        && !filter.chars().any(char::is_control)
         && levels.iter().enumerate().all(|(i, l)| {
             (!l.contains('#') || (*l == "#" && i + 1 == levels.len()))
                 && (!l.contains('+') || *l == "+")
