@@ -15,12 +15,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::policy::{self, Admission, PanelPolicy};
 use super::protocol::{self, Access, Encoding, StreamQuery};
 use super::session::{self, Params};
 use super::{PanelSlot, Server};
+use crate::budget;
 use crate::metrics::RejectReason;
 use crate::shutdown::Shutdown;
 
@@ -53,24 +56,27 @@ struct Accepted {
     slot: PanelSlot,
 }
 
-/// Serve one TCP connection: HTTP requests until it closes, or one upgrade and then the
-/// panel session.
-pub(super) async fn connection<S>(
+/// Serve one TCP connection: the TLS handshake when the port has TLS, then HTTP requests
+/// until it closes, or one upgrade and then the panel session.
+pub(super) async fn connection(
     server: Arc<Server>,
-    stream: S,
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     peer: SocketAddr,
     mut sd: Shutdown,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    // Boxed: the HTTP exchange's state (hyper's connection, a few KiB) is freed before
-    // the panel session starts, instead of staying in this task for a panel's life.
-    let exchange = Box::pin(http_exchange(&server, stream, peer, &mut sd)).await;
-    let Some((up, ws)) = exchange else { return };
+) {
+    // Boxed: the handshake's state (rustls' connection before the upgrade, hyper's
+    // connection, a few KiB) lives in its own allocation, freed before the panel session
+    // starts, instead of sizing this task for a panel's whole life.
+    let Some((Accepted { params, slot }, ws)) =
+        Box::pin(handshake(&server, stream, tls, peer, &mut sd)).await
+    else {
+        return;
+    };
     log::info!(
         "panel {peer} connected ({}, filters {:?})",
-        up.params.encoding.subprotocol(),
-        up.params
+        params.encoding.subprotocol(),
+        params
             .filters
             .iter()
             .map(|f| f.as_str())
@@ -81,9 +87,42 @@ pub(super) async fn connection<S>(
         metrics: &server.metrics,
     };
     let policy = server.policy.subscribe();
-    session::run(ws, up.params, shared, policy, &server.opts, sd).await;
-    drop(up.slot);
+    session::run(ws, params, shared, policy, &server.opts, sd).await;
+    drop(slot);
     log::info!("panel {peer} disconnected");
+}
+
+/// The TLS handshake (when `tls` is set, within `handshake_timeout`), then
+/// [`http_exchange`]. `None`: the handshake failed or the connection ended without a
+/// panel upgrade.
+async fn handshake(
+    server: &Arc<Server>,
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    peer: SocketAddr,
+    sd: &mut Shutdown,
+) -> Option<(Accepted, (session::Reader, session::Writer))> {
+    let Some(acceptor) = tls else {
+        return http_exchange(server, stream, peer, sd).await;
+    };
+    // rustls holds at most this much unsent TLS data, so a stalled panel's TLS buffers
+    // stay within the budget line.
+    let accept = acceptor.accept_with(stream, |conn| {
+        conn.set_buffer_limit(Some(budget::PANEL_TLS_SEND_LIMIT))
+    });
+    match tokio::time::timeout(server.opts.handshake_timeout, accept).await {
+        Ok(Ok(stream)) => http_exchange(server, stream, peer, sd).await,
+        Ok(Err(e)) => {
+            server.metrics.panels_rejected.of(RejectReason::Tls).inc();
+            log::debug!("panel {peer}: TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            server.metrics.panels_rejected.of(RejectReason::Tls).inc();
+            log::debug!("panel {peer}: TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// HTTP requests until the connection closes (`None`), or until a panel upgrade is done:

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use crate::budget;
 use crate::config::Config;
 use crate::journal::Journal;
-use crate::metrics::{Metrics, RejectReason};
+use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
 use policy::PanelPolicy;
 
@@ -198,31 +198,7 @@ pub async fn serve_with(
                     let sd = conn_sd.clone();
                     let tls = tls.clone();
                     tasks.spawn(async move {
-                        match tls {
-                            None => http::connection(server, stream, peer, sd).await,
-                            Some(acceptor) => {
-                                let limit = server.opts.handshake_timeout;
-                                // rustls holds at most this much unsent TLS data, so a
-                                // stalled panel's TLS buffers stay within the budget line.
-                                // Boxed: the handshake's state is gone once it is done.
-                                let accept = Box::pin(acceptor.accept_with(stream, |conn| {
-                                    conn.set_buffer_limit(Some(budget::PANEL_TLS_SEND_LIMIT))
-                                }));
-                                match tokio::time::timeout(limit, accept).await {
-                                    Ok(Ok(stream)) => {
-                                        http::connection(server, stream, peer, sd).await
-                                    }
-                                    Ok(Err(e)) => {
-                                        server.metrics.panels_rejected.of(RejectReason::Tls).inc();
-                                        log::debug!("panel {peer}: TLS handshake failed: {e}");
-                                    }
-                                    Err(_) => {
-                                        server.metrics.panels_rejected.of(RejectReason::Tls).inc();
-                                        log::debug!("panel {peer}: TLS handshake timed out");
-                                    }
-                                }
-                            }
-                        }
+                        http::connection(server, stream, tls, peer, sd).await;
                         drop(permit);
                     });
                 }

@@ -120,23 +120,35 @@ struct LastSync {
     upto: u64,
 }
 
-pub(crate) async fn run(
+/// Run one panel session until it ends: its hello (and last values), then events, ops,
+/// pings, until the client or the server closes. The session's state is built before
+/// the future, which holds it once (an `async fn` would keep its arguments beside the
+/// state built from them, for the session's whole life).
+pub(crate) fn run<'a>(
     (mut rx, out): (Reader, Writer),
     p: Params,
-    ctx: Shared<'_>,
+    ctx: Shared<'a>,
     policy: watch::Receiver<Arc<PanelPolicy>>,
-    opts: &Options,
+    opts: &'a Options,
     mut sd: Shutdown,
-) {
-    let peer = p.peer;
+) -> impl Future<Output = ()> + 'a {
+    let Params {
+        encoding,
+        filters,
+        since,
+        last,
+        allow,
+        admission,
+        peer,
+    } = p;
     let mut s = Session {
         ctx,
         policy,
-        admission: p.admission,
+        admission,
         peer,
         opts,
-        enc: p.encoding,
-        allow: p.allow,
+        enc: encoding,
+        allow,
         filters: Vec::new(),
         cursor: ctx.journal.latest() + 1,
         live_from: ctx.journal.latest() + 1,
@@ -145,30 +157,33 @@ pub(crate) async fn run(
         out,
         flushing: false,
     };
-    let end = match s.start(p.filters, p.since, p.last) {
-        Ok(()) => s.run(&mut rx, &mut sd).await,
-        Err(e) => e,
-    };
-    let out = s.out;
-    let how = match end {
-        End::Gone => "gone".to_string(),
-        End::Replied => {
-            Box::pin(linger_close(out, rx, None, opts.close_linger)).await;
-            "closed by the client".to_string()
-        }
-        End::Close(code, reason) => {
-            // Boxed: its read buffer is needed only at the end, not for the whole session.
-            Box::pin(linger_close(
-                out,
-                rx,
-                Some((code, reason)),
-                opts.close_linger,
-            ))
-            .await;
-            format!("closed ({code}: {reason})")
-        }
-    };
-    log::debug!("panel {peer}: {how}");
+    async move {
+        let end = match s.start(filters, since, last) {
+            Ok(()) => s.run(&mut rx, &mut sd).await,
+            Err(e) => e,
+        };
+        let out = s.out;
+        let how = match end {
+            End::Gone => "gone".to_string(),
+            End::Replied => {
+                Box::pin(linger_close(out, rx, None, opts.close_linger)).await;
+                "closed by the client".to_string()
+            }
+            End::Close(code, reason) => {
+                // Boxed: its read buffer is needed only at the end, not for the whole
+                // session.
+                Box::pin(linger_close(
+                    out,
+                    rx,
+                    Some((code, reason)),
+                    opts.close_linger,
+                ))
+                .await;
+                format!("closed ({code}: {reason})")
+            }
+        };
+        log::debug!("panel {peer}: {how}");
+    }
 }
 
 /// Send what is queued and our close frame (`close`; `None` when the client closed and
