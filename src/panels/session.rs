@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, WriteHalf};
@@ -110,6 +110,9 @@ struct Session<'a> {
     /// A flush is under way: the queue is not added to from the journal until it is
     /// written.
     flushing: bool,
+    /// The journal or the last values may hold frames for this panel that are not
+    /// queued yet: set by an append, by client input, and by a pump the queue cut short.
+    unread: bool,
 }
 
 /// Where a panel is in sending the last values: every entry with a seq in
@@ -156,6 +159,7 @@ pub(crate) fn run<'a>(
         sync: None,
         out,
         flushing: false,
+        unread: true,
     };
     async move {
         let end = match s.start(filters, since, last) {
@@ -314,10 +318,26 @@ impl Session<'_> {
         let mut last_heard = Instant::now();
         loop {
             if !self.flushing {
-                if let Err(end) = self.pump() {
+                if self.unread
+                    && let Err(end) = self.pump()
+                {
                     return end;
                 }
                 self.flushing = !self.out.is_empty();
+                // A caught-up panel's few frames almost always go at once: write them now
+                // rather than in another turn of the select below. (A panel that is
+                // behind flushes there, after its input.) The flush is cancel-safe; if
+                // it waits, the select polls it again with this task's waker.
+                if self.flushing && !self.unread {
+                    match self.out.flush().now_or_never() {
+                        Some(Ok(())) => self.flushing = false,
+                        Some(Err(e)) => {
+                            log::debug!("panel {}: write failed: {e}", self.peer);
+                            return End::Gone;
+                        }
+                        None => {}
+                    }
+                }
             }
             // Client input is read only while there is room for a reply, so a client
             // that floods ops and does not read gets TCP back-pressure, not memory. The
@@ -338,6 +358,8 @@ impl Session<'_> {
                 }
                 m = rx.next(), if room => {
                     last_heard = Instant::now();
+                    // An op may have changed the filters or asked for the last values.
+                    self.unread = true;
                     if let Err(end) = self.on_message(rx, m).await {
                         return end;
                     }
@@ -360,6 +382,7 @@ impl Session<'_> {
                     if r.is_err() {
                         return End::Close(CloseCode::Away, "journal closed");
                     }
+                    self.unread = true;
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() >= self.opts.idle_timeout {
@@ -439,7 +462,9 @@ impl Session<'_> {
     /// Queue the last values still to send, then events from the cursor, until caught
     /// up or the queue is full.
     fn pump(&mut self) -> Result<(), End> {
+        self.unread = false;
         if self.sync.is_some() && !self.pump_last() {
+            self.unread = true;
             return Ok(());
         }
         let j = self.ctx.journal.clone();
@@ -486,6 +511,7 @@ impl Session<'_> {
                 if !self.has_room(body.len() + FRAME_HEADER) {
                     // Read again after the flush; hold no events while waiting.
                     self.cursor = ev.seq;
+                    self.unread = true;
                     full = true;
                     break;
                 }
