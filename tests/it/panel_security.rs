@@ -192,13 +192,17 @@ struct TlsServer {
 }
 
 async fn tls_server(extra: &str) -> TlsServer {
+    tls_server_with(extra, Options::default()).await
+}
+
+async fn tls_server_with(extra: &str, opts: Options) -> TlsServer {
     let dir = TempDir::new("tls-srv");
     tls::make_ca(dir.path(), "ca");
     let (cert, key) = tls::server_cert(dir.path(), "ca", "server", 30);
     let ctx = ctx(extra);
     let mut settings = ctx.panel_settings();
     settings.tls = Some(ServerTls::load(CertFiles { cert, key }).unwrap());
-    let srv = start_with(ctx.clone(), settings, Options::default()).await;
+    let srv = start_with(ctx.clone(), settings, opts).await;
     let ca_file = dir.join("ca.pem");
     let mut ca = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&ca_file).unwrap() {
@@ -246,6 +250,60 @@ async fn wss(
         .get("Sec-WebSocket-Protocol")
         .map(|v| v.to_str().unwrap().to_string());
     Ok((ws, chosen, leaf))
+}
+
+/// Read until the server closes the connection (EOF or reset); how long that took.
+async fn until_closed(tcp: &mut TcpStream) -> Duration {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(T, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the server kept the connection open"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn failed_and_stalled_tls_handshakes_are_counted_and_the_port_keeps_serving() {
+    let opts = Options {
+        handshake_timeout: Duration::from_millis(400),
+        ..Options::default()
+    };
+    let t = tls_server_with("", opts).await;
+    let tls_rejects = || {
+        t.ctx
+            .metrics
+            .panels_rejected
+            .of(asb_gateway::metrics::RejectReason::Tls)
+            .get()
+    };
+    let addr = t.srv.addr;
+
+    // Plain HTTP on the TLS port: not a TLS record, the handshake fails.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    until_closed(&mut plain).await;
+    wait_until(|| tls_rejects() == 1).await;
+
+    // A client that connects and says nothing is dropped after the handshake timeout.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let waited = until_closed(&mut silent).await;
+    assert!(
+        waited >= Duration::from_millis(300),
+        "closed after {waited:?}, before the handshake timeout"
+    );
+    wait_until(|| tls_rejects() == 2).await;
+
+    // A real wss:// panel still connects and gets its hello.
+    let (mut ws, _, _) = wss(addr, &t.ca, "", &[]).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["type"], "hello");
+    assert_eq!(tls_rejects(), 2);
+    assert_eq!(t.ctx.metrics.panels_connected.get(), 1);
 }
 
 async fn next_text(ws: &mut TlsClient) -> serde_json::Value {
