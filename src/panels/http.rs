@@ -110,19 +110,14 @@ async fn handshake(
     let accept = acceptor.accept_with(stream, |conn| {
         conn.set_buffer_limit(Some(budget::PANEL_TLS_SEND_LIMIT))
     });
-    match tokio::time::timeout(server.opts.handshake_timeout, accept).await {
-        Ok(Ok(stream)) => http_exchange(server, stream, peer, sd).await,
-        Ok(Err(e)) => {
-            server.metrics.panels_rejected.of(RejectReason::Tls).inc();
-            log::debug!("panel {peer}: TLS handshake failed: {e}");
-            None
-        }
-        Err(_) => {
-            server.metrics.panels_rejected.of(RejectReason::Tls).inc();
-            log::debug!("panel {peer}: TLS handshake timed out");
-            None
-        }
-    }
+    let why = match tokio::time::timeout(server.opts.handshake_timeout, accept).await {
+        Ok(Ok(stream)) => return http_exchange(server, stream, peer, sd).await,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no handshake within {:?}", server.opts.handshake_timeout),
+    };
+    server.metrics.panels_rejected.of(RejectReason::Tls).inc();
+    log::debug!("panel {peer}: TLS handshake failed: {why}");
+    None
 }
 
 /// HTTP requests until the connection closes (`None`), or until a panel upgrade is done:

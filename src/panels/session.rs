@@ -161,32 +161,28 @@ pub(crate) fn run<'a>(
         flushing: false,
         unread: true,
     };
+    // The hello (and the first last values) are queued here, so the future does not
+    // keep the query's filters for the session's life.
+    let started = s.start(filters, since, last);
     async move {
-        let end = match s.start(filters, since, last) {
+        let end = match started {
             Ok(()) => s.run(&mut rx, &mut sd).await,
             Err(e) => e,
         };
-        let out = s.out;
-        let how = match end {
-            End::Gone => "gone".to_string(),
-            End::Replied => {
-                Box::pin(linger_close(out, rx, None, opts.close_linger)).await;
-                "closed by the client".to_string()
+        let close = match end {
+            End::Gone => {
+                log::debug!("panel {peer}: gone");
+                return;
             }
-            End::Close(code, reason) => {
-                // Boxed: its read buffer is needed only at the end, not for the whole
-                // session.
-                Box::pin(linger_close(
-                    out,
-                    rx,
-                    Some((code, reason)),
-                    opts.close_linger,
-                ))
-                .await;
-                format!("closed ({code}: {reason})")
-            }
+            End::Replied => None,
+            End::Close(code, reason) => Some((code, reason)),
         };
-        log::debug!("panel {peer}: {how}");
+        // Boxed: its read buffer is needed only at the end, not for the whole session.
+        Box::pin(linger_close(s.out, rx, close, opts.close_linger)).await;
+        match close {
+            None => log::debug!("panel {peer}: closed by the client"),
+            Some((code, reason)) => log::debug!("panel {peer}: closed ({code}: {reason})"),
+        }
     }
 }
 
