@@ -113,6 +113,8 @@ fn message(n: u64, big: bool) -> Message<Data> {
         .application_properties(
             ApplicationProperties::builder()
                 .insert("line".to_string(), SimpleValue::String("line1".into()))
+                // Routed on by the poison test, so the broker's log names each event.
+                .insert("n".to_string(), SimpleValue::String(n.to_string()))
                 .build(),
         )
         .data(Data(Binary::from(body.into_bytes())))
@@ -481,7 +483,11 @@ async fn seeded_fault_schedule_loses_nothing() {
     println!("{summary}");
     eprintln!("{summary}");
     assert_eq!(sent, m);
-    assert!(lost.is_empty(), "seed {seed}: lost {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "seed {seed}: lost {lost:?}; {}",
+        where_missing(m, &seen, &dlq, &broker)
+    );
     assert!(
         seen.keys().all(|n| *n < m),
         "unknown message numbers at the subscriber"
@@ -539,7 +545,9 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
     let mut broker = block(|| {
         Mosquitto::start_with(MosquittoOptions {
             persistent: true,
-            extra: "max_packet_size 2048\n".into(),
+            // `log_type all`: every PUBLISH in and out, by topic (`poison/<n>`), so a
+            // failure shows where a missing event stopped.
+            extra: "max_packet_size 2048\nlog_type all\n".into(),
             ..Default::default()
         })
     });
@@ -551,7 +559,7 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
     let config = dir.join("config.toml");
     let text = gateway_config(&em, &broker, "poison", 32)
         .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", cutter.port))
-        + "protocol = \"3.1.1\"\n";
+        + "protocol = \"3.1.1\"\n[routing]\ntopic = \"{prop:n}\"\n";
     std::fs::write(&config, text).unwrap();
     let log: LogTail = Arc::default();
     let mut gw = block(|| start_gateway(&config, &log));
@@ -601,7 +609,8 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
         }
         assert!(
             Instant::now() < deadline,
-            "seed {seed}: not settled: {s:?}, at subscriber {at_sub}; log {:#?}",
+            "seed {seed}: not settled: {s:?}, at subscriber {at_sub}; {}; log {:#?}",
+            where_missing(m, &seen.lock().unwrap(), &em.dead_letters(ENTITY), &broker),
             log.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -632,7 +641,11 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
     );
     println!("{summary}");
     eprintln!("{summary}");
-    assert!(lost.is_empty(), "seed {seed}: lost {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "seed {seed}: lost {lost:?}; {}",
+        where_missing(m, &seen, &dlq, &broker)
+    );
     // Held through the outage by lock renewal: nothing redelivered (and so nothing
     // pushed towards MaxDeliveryCount); the only dead letters are the poison events.
     assert_eq!(
@@ -657,6 +670,29 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
     let (code, _) = block(|| gw.terminate());
     assert_eq!(code, Some(0));
     em.shutdown().await;
+}
+
+/// For each event of `0..m` neither at the subscriber nor dead-lettered, the broker's
+/// log lines for its topic (`poison/<n>`): whether the broker got it from the gateway
+/// and sent it on to the subscriber.
+fn where_missing(
+    m: u64,
+    seen: &std::collections::BTreeMap<u64, u32>,
+    dlq: &[asb_gateway::emulator::DeadLetter],
+    broker: &Mosquitto,
+) -> String {
+    let dead: BTreeSet<String> = dlq.iter().filter_map(|d| d.message_id.clone()).collect();
+    let missing: Vec<u64> = (0..m)
+        .filter(|n| !seen.contains_key(n) && !dead.contains(&format!("fault-{n}")))
+        .collect();
+    let log = broker.log();
+    let mut out = format!("missing {missing:?}");
+    for n in missing {
+        let needle = format!("'poison/{n}'");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
+        out += &format!("\nbroker log for poison/{n}:\n{}", lines.join("\n"));
+    }
+    out
 }
 
 // ------------------------------------------------------------------ SIGTERM under load
