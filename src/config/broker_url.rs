@@ -1,26 +1,43 @@
 //! `mqtt.url`: where the MQTT broker is, parsed once when the config is read.
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
-/// A broker URL, `mqtt://HOST:PORT` (plain TCP) or `mqtts://HOST:PORT` (TLS); IPv6 hosts
-/// in brackets. No credentials in the URL (they go in `mqtt.username`/`mqtt.password`),
-/// and the port is required (1–65535).
+/// Longest Unix-domain socket path: `sun_path` holds 108 bytes with the closing NUL
+/// (Linux `unix(7)`).
+pub const UNIX_PATH_MAX: usize = 107;
+
+/// A broker URL: `mqtt://HOST:PORT` (plain TCP), `mqtts://HOST:PORT` (TLS), IPv6 hosts in
+/// brackets, the port required (1–65535); or `unix:///ABSOLUTE/PATH`, a broker on this
+/// box listening on a Unix-domain socket (mosquitto: `listener 0 /run/mosquitto/mqtt.sock`).
+/// No credentials in the URL (they go in `mqtt.username`/`mqtt.password`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct BrokerUrl {
     /// The URL as written, for logs and errors.
     pub url: String,
-    /// Host name or address, without IPv6 brackets.
-    pub host: String,
-    pub port: u16,
+    pub endpoint: Endpoint,
     /// `mqtts://`: TLS from the first byte.
     pub tls: bool,
+}
+
+/// Where the broker listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Host name or address (without IPv6 brackets) and TCP port.
+    Tcp { host: String, port: u16 },
+    /// Path of a Unix-domain stream socket, absolute, at most [`UNIX_PATH_MAX`] bytes.
+    Unix(PathBuf),
 }
 
 impl BrokerUrl {
     /// Parse `url`; the error says what is wrong and quotes the URL.
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
         let fail = |why: &str| format!("{url:?} {why}");
+        if let Some(path) = url.strip_prefix("unix://") {
+            return Self::parse_unix(url, path);
+        }
         let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
             (false, r)
         } else if let Some(r) = url.strip_prefix("mqtts://") {
@@ -31,7 +48,7 @@ impl BrokerUrl {
                  says why); use mqtt:// or mqtts://",
             ));
         } else {
-            return Err(fail("must start with mqtt:// or mqtts://"));
+            return Err(fail("must start with mqtt://, mqtts:// or unix://"));
         };
         let authority = rest.split('/').next().unwrap_or("");
         if authority.contains('@') {
@@ -54,9 +71,46 @@ impl BrokerUrl {
             .ok_or_else(|| fail("has an invalid port"))?;
         Ok(BrokerUrl {
             url: url.to_string(),
-            host: host.to_string(),
-            port,
+            endpoint: Endpoint::Tcp {
+                host: host.to_string(),
+                port,
+            },
             tls,
+        })
+    }
+
+    /// `unix://` + an absolute path (so three slashes), nothing else: no host, query,
+    /// fragment or percent-escapes, no control characters, at most [`UNIX_PATH_MAX`]
+    /// bytes.
+    fn parse_unix(url: &str, path: &str) -> Result<BrokerUrl, String> {
+        let fail = |why: &str| format!("{url:?} {why}");
+        if !path.starts_with('/') {
+            return Err(fail(
+                "must give an absolute socket path after unix:// (three slashes), e.g. \
+                 unix:///run/mosquitto/mqtt.sock",
+            ));
+        }
+        if path.ends_with('/') {
+            return Err(fail("names a directory, not a socket"));
+        }
+        if path
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '?' | '#' | '%'))
+        {
+            return Err(fail(
+                "may hold only the socket path (no control characters, '?', '#' or '%')",
+            ));
+        }
+        if path.len() > UNIX_PATH_MAX {
+            return Err(fail(&format!(
+                "has a socket path of {} bytes; Unix sockets take at most {UNIX_PATH_MAX}",
+                path.len()
+            )));
+        }
+        Ok(BrokerUrl {
+            url: url.to_string(),
+            endpoint: Endpoint::Unix(PathBuf::from(path)),
+            tls: false,
         })
     }
 
@@ -82,16 +136,23 @@ impl std::fmt::Display for BrokerUrl {
 mod tests {
     use super::*;
 
+    fn tcp(host: &str, port: u16) -> Endpoint {
+        Endpoint::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
     #[test]
     fn parses_scheme_host_port() {
         let u = BrokerUrl::parse("mqtt://127.0.0.1:1883").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 1883, false));
+        assert_eq!((u.endpoint, u.tls), (tcp("127.0.0.1", 1883), false));
         let u = BrokerUrl::parse("mqtts://broker.local:8883/").unwrap();
+        assert_eq!((u.endpoint, u.tls), (tcp("broker.local", 8883), true));
         assert_eq!(
-            (u.host.as_str(), u.port, u.tls),
-            ("broker.local", 8883, true)
+            BrokerUrl::parse("mqtt://[::1]:1883").unwrap().endpoint,
+            tcp("::1", 1883)
         );
-        assert_eq!(BrokerUrl::parse("mqtt://[::1]:1883").unwrap().host, "::1");
         assert_eq!(
             BrokerUrl::parse("mqtt://x:1").unwrap().to_string(),
             "mqtt://x:1"
@@ -112,5 +173,42 @@ mod tests {
         }
         let e = BrokerUrl::parse("mqtt://u:hunter2@x:1").unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn parses_a_unix_socket_path() {
+        let u = BrokerUrl::parse("unix:///run/mosquitto/mqtt.sock").unwrap();
+        assert_eq!(
+            (u.endpoint, u.tls),
+            (Endpoint::Unix("/run/mosquitto/mqtt.sock".into()), false)
+        );
+        assert_eq!(
+            BrokerUrl::parse("unix:///s").unwrap().to_string(),
+            "unix:///s"
+        );
+        let longest = format!("unix:///{}", "a".repeat(UNIX_PATH_MAX - 1));
+        assert!(BrokerUrl::parse(&longest).is_ok());
+    }
+
+    #[test]
+    fn refuses_a_socket_path_it_cannot_connect_to() {
+        let too_long = format!("unix:///{}", "a".repeat(UNIX_PATH_MAX));
+        for (bad, why) in [
+            ("unix://run/mqtt.sock", "absolute"),
+            ("unix://", "absolute"),
+            ("unix:///run/mosquitto/", "directory"),
+            ("unix:///run/mqtt.sock?x=1", "'?'"),
+            ("unix:///run/mqtt%20.sock", "'%'"),
+            ("unix:///run/mqtt.sock#f", "'#'"),
+            ("unix:///run/mqtt\n.sock", "control"),
+            ("unix:///run/mqtt\u{0}.sock", "control"),
+            (too_long.as_str(), "at most 107"),
+        ] {
+            let e = BrokerUrl::parse(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = BrokerUrl::parse("ftp://x").unwrap_err();
+        assert!(e.contains("unix://"), "{e}");
     }
 }

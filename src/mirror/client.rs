@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::{Outgoing, QoS, TlsConfiguration, Transport};
 
-use crate::config::{BrokerUrl, MqttConfig, MqttProtocol, Secret};
+use crate::config::{BrokerUrl, Endpoint, MqttConfig, MqttProtocol, Secret};
 
 /// What the mirror learns from one poll of the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,13 +179,19 @@ fn network_options() -> rumqttc::NetworkOptions {
 pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
     let c = o.config;
     let keep_alive = Duration::from_secs(c.keep_alive_secs.max(1));
-    let transport = match &o.tls {
-        Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
-        None => Transport::tcp(),
+    // rumqttc takes a Unix socket's path where a TCP broker's host goes (port unused).
+    let (transport, host, port) = match (&o.broker.endpoint, &o.tls) {
+        (Endpoint::Unix(path), _) => (Transport::unix(), path.to_string_lossy().into_owned(), 0),
+        (Endpoint::Tcp { host, port }, Some(cfg)) => (
+            Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
+            host.clone(),
+            *port,
+        ),
+        (Endpoint::Tcp { host, port }, None) => (Transport::tcp(), host.clone(), *port),
     };
     match c.protocol {
         MqttProtocol::V311 => {
-            let mut opts = rumqttc::MqttOptions::new(&c.client_id, &o.broker.host, o.broker.port);
+            let mut opts = rumqttc::MqttOptions::new(&c.client_id, &host, port);
             opts.set_keep_alive(keep_alive)
                 .set_clean_session(true)
                 .set_inflight(o.inflight)
@@ -206,7 +212,7 @@ pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
         }
         MqttProtocol::V5 => {
             use rumqttc::v5;
-            let mut opts = v5::MqttOptions::new(&c.client_id, &o.broker.host, o.broker.port);
+            let mut opts = v5::MqttOptions::new(&c.client_id, &host, port);
             opts.set_keep_alive(keep_alive)
                 .set_clean_start(true)
                 .set_outgoing_inflight_upper_limit(o.inflight)
@@ -444,6 +450,10 @@ fn outgoing(o: Outgoing) -> Ev {
 fn network_text(e: &str) -> String {
     if e.contains("Connection refused") {
         "connection refused (is the broker running?)".into()
+    } else if e.contains("No such file or directory") {
+        "no socket at that path (is the broker running, with a listener on it?)".into()
+    } else if e.contains("Permission denied") {
+        "permission denied on the socket (this service's user needs write access to it)".into()
     } else if e.contains("failed to lookup") || e.contains("Name or service not known") {
         format!("cannot resolve the host ({e})")
     } else if e.contains("closed by peer") {

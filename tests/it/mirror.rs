@@ -444,7 +444,30 @@ async fn unreachable_broker_is_named_and_retried_with_backoff() {
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("mqtt://127.0.0.1:{port}");
+    named_and_backed_off(&format!("mqtt://127.0.0.1:{port}"), "connection refused").await;
+}
+
+/// The same over a Unix socket: a path with no socket, and a socket nobody listens on
+/// (left behind by a broker that was killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_unix_socket_is_named_and_retried_with_backoff() {
+    support::capture_logs();
+    let dir = support::TempDir::new("mirror-unix");
+    let missing = dir.join("no-broker.sock");
+    named_and_backed_off(
+        &format!("unix://{}", missing.display()),
+        "no socket at that path",
+    )
+    .await;
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    named_and_backed_off(&format!("unix://{}", stale.display()), "connection refused").await;
+}
+
+/// A mirror pointed at `url`, where no broker answers: it says so once at WARN, naming
+/// the URL and `reason`, and retries with exponential backoff.
+async fn named_and_backed_off(url: &str, reason: &str) {
     let ctx = context(
         "events = 64",
         &format!(
@@ -471,10 +494,82 @@ async fn unreachable_broker_is_named_and_retried_with_backoff() {
     let logs = support::logs();
     let warned: Vec<&String> = logs
         .iter()
-        .filter(|l| l.starts_with("WARN") && l.contains(&url))
+        .filter(|l| l.starts_with("WARN") && l.contains(url))
         .collect();
     assert_eq!(warned.len(), 1, "logged once, not per retry: {logs:#?}");
-    assert!(warned[0].contains("connection refused"), "{}", warned[0]);
+    assert!(warned[0].contains(reason), "{}", warned[0]);
+}
+
+/// A broker on this box over its Unix-domain socket (`unix:///…`), MQTT 3.1.1 and 5:
+/// every event in order with acks that follow the broker's, and a broker restart (its
+/// socket gone, then made again) is a reconnect that loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_broker_gets_every_event_across_a_restart() {
+    for (protocol, tag) in [("3.1.1", "ux4"), ("5", "ux5")] {
+        let mut broker = Mosquitto::start_with(MosquittoOptions {
+            persistent: true,
+            unix_socket: true,
+            ..Default::default()
+        });
+        // The test subscriber uses the broker's TCP port; the gateway only the socket.
+        let mut sub = Subscriber::start(broker.port, &format!("{tag}/#"), true).await;
+        let status = format!("{tag}/status");
+        let ctx = context(
+            "events = 256",
+            &format!(
+                "url = \"{}\"\nclient_id = \"{}\"\nprefix = \"{tag}\"\nprotocol = \"{protocol}\"\n\
+                 inflight = 8\nkeep_alive_secs = 5\n",
+                broker.unix_url(),
+                client_id(tag)
+            ),
+        );
+        append(&ctx, 1, 30);
+        let mut m = start(&ctx);
+        assert_exactly(m.acks(30).await, 1, 30);
+        let seq = |r: &Received| -> u64 {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            v["seq"].as_u64().unwrap()
+        };
+        let got: Vec<u64> = events(&mut sub, &status, 30)
+            .await
+            .iter()
+            .map(seq)
+            .collect();
+        assert_eq!(got, (1..=30).collect::<Vec<_>>(), "{protocol}: in order");
+        assert!(
+            broker.log().contains(&format!("as {}", client_id(tag))),
+            "{protocol}: the gateway connected: {}",
+            broker.log()
+        );
+
+        broker.stop();
+        wait_state(&ctx, PartState::Down).await;
+        append(&ctx, 31, 50);
+        let tries = ctx.metrics.mqtt_reconnects.get();
+        wait_for("two failed reconnect attempts", || {
+            ctx.metrics.mqtt_reconnects.get() >= tries + 2
+        })
+        .await;
+        if let Ok(a) = m.acks.try_recv() {
+            panic!("{protocol}: ack while the broker is down: {a:?}");
+        }
+        broker.start_again();
+        assert_exactly(m.acks(20).await, 31, 50);
+        wait_state(&ctx, PartState::Up).await;
+        // Re-sent after the restart, some may arrive twice; none may be missing.
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while (31..=50).any(|s| !seen.contains(&s)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let r = sub
+                .next_except(&status, left)
+                .await
+                .unwrap_or_else(|| panic!("{protocol}: lost events, have {seen:?}"));
+            seen.insert(seq(&r));
+        }
+        assert_eq!(ctx.journal.pinned(), 0);
+        m.stop_with_no_more_acks().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

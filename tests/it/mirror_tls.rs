@@ -277,6 +277,19 @@ fn client_certificate_keys_are_checked_when_the_config_is_read() {
             "mqtt.ca_file",
         ),
         (
+            format!(
+                "url = \"unix:///run/mqtt.sock\"\nclient_cert = {cert:?}\nclient_key = {key:?}\n"
+            ),
+            "needs mqtts://",
+        ),
+        (
+            format!(
+                "url = \"unix:///run/mqtt.sock\"\nca_file = {:?}\n",
+                d.join("ca.pem")
+            ),
+            "mqtt.ca_file",
+        ),
+        (
             "url = \"mqtts://b:8883\"\nca_only = true\n".to_string(),
             "mqtt.ca_only",
         ),

@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// File name of the broker's Unix-domain socket in its directory.
+const UNIX_SOCKET: &str = "mqtt.sock";
+
 /// How a broker is configured.
 #[derive(Debug, Clone, Default)]
 pub struct MosquittoOptions {
@@ -25,6 +28,8 @@ pub struct MosquittoOptions {
     pub extra: String,
     /// Run the broker pinned to this CPU (`taskset -c N`), for benchmarks.
     pub pin_cpu: Option<usize>,
+    /// Also listen on a Unix-domain socket ([`Mosquitto::unix_url`]).
+    pub unix_socket: bool,
 }
 
 pub struct Mosquitto {
@@ -133,6 +138,9 @@ impl Mosquitto {
             }
             text.push_str(&opts.extra);
             text.push('\n');
+            if opts.unix_socket {
+                text.push_str(&format!("listener 0 {}\n", dir.join(UNIX_SOCKET).display()));
+            }
             match &opts.credentials {
                 Some((user, pass)) => {
                     let pw = dir.join("passwd");
@@ -224,6 +232,11 @@ impl Mosquitto {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
         format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// `unix:///…/mqtt.sock`, the broker's Unix-domain socket (with `unix_socket`).
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.dir.join(UNIX_SOCKET).display())
     }
 
     /// The test CA that signed the broker's certificate (with `tls`).
