@@ -4,7 +4,8 @@
 //! producer with the mirror off (a journal reader stands in for a panel).
 //!
 //! Then the whole gateway: the ASB emulator → source → journal (→ mirror → mosquitto →
-//! subscriber) → complete, with the mirror on and off, in the same run.
+//! subscriber) → complete, with the mirror off, on over loopback TCP, and on over
+//! mosquitto's Unix-domain socket, in the same run.
 //!
 //! Run: `cargo bench --bench mirror` (needs mosquitto: scripts/setup/mirror.sh).
 //! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`,
@@ -184,8 +185,9 @@ fn cpu_secs(pid: &str) -> f64 {
 /// N messages are loaded into the emulator first; the time runs from starting the
 /// gateway until the emulator has N completed (and, with the mirror, the subscriber has
 /// all N). Returns events/s.
-async fn gateway_path(broker: &Broker, n: u64, with_mirror: bool) -> Path {
+async fn gateway_path(broker: &Broker, n: u64, via: Via) -> Path {
     let port = broker.port;
+    let with_mirror = via != Via::Off;
     let emu = support::emulator::start_default().await;
     // Straight into the emulator's store: the time is the gateway's, not a publisher's.
     let body = format!(
@@ -198,10 +200,14 @@ async fn gateway_path(broker: &Broker, n: u64, with_mirror: bool) -> Path {
             .publish("operational-events", asb_message(i, &body))
             .expect("preload");
     }
-    let prefix = format!("gw/{with_mirror}");
+    let prefix = format!("gw/{via:?}");
+    let url = match via {
+        Via::Unix => broker.unix_url(),
+        _ => broker.url(),
+    };
     let mqtt = with_mirror.then(|| {
         format!(
-            "url = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"bench-gwpath\"\n\
+            "url = \"{url}\"\nclient_id = \"bench-gwpath\"\n\
              prefix = \"{prefix}\"\ninflight = {}\nqos = 1\nrequired = true\n",
             std::env::var("MIRROR_BENCH_INFLIGHT").unwrap_or_else(|_| "32".into())
         )
@@ -259,6 +265,15 @@ async fn gateway_path(broker: &Broker, n: u64, with_mirror: bool) -> Path {
     path
 }
 
+/// The mirror in a gateway path run: off, or to mosquitto over loopback TCP or over its
+/// Unix-domain socket (`mqtt.url = "unix:///…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Off,
+    Tcp,
+    Unix,
+}
+
 /// One gateway path run: events/s, and CPU µs per event of this process (gateway,
 /// emulator, subscriber) and of the broker.
 struct Path {
@@ -297,6 +312,7 @@ fn main() {
     // per-client queue limit (default 1000).
     let broker = support::mosquitto::Mosquitto::start_with(support::mosquitto::MosquittoOptions {
         extra: "max_queued_messages 0\nmax_queued_bytes 0".into(),
+        unix_socket: true,
         ..Default::default()
     });
     let rounds: usize = std::env::var("MIRROR_BENCH_ROUNDS")
@@ -316,7 +332,7 @@ fn main() {
             "\ngateway: {gw_n} messages preloaded in the emulator, unsettled = {UNSETTLED}, \
              {rounds} round(s) alternating"
         );
-        let (mut offs, mut ons) = (Vec::new(), Vec::new());
+        let (mut offs, mut ons, mut unixes) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
             let off = if skip_off {
                 Path {
@@ -325,19 +341,28 @@ fn main() {
                     broker_cpu_us: 0.0,
                 }
             } else {
-                gateway_path(&broker, gw_n, false).await
+                gateway_path(&broker, gw_n, Via::Off).await
             };
-            let on = gateway_path(&broker, gw_n, true).await;
+            let on = gateway_path(&broker, gw_n, Via::Tcp).await;
+            let unix = gateway_path(&broker, gw_n, Via::Unix).await;
             println!(
                 "  round {round}: mirror off {:>8.0} events/s completed ({:.1} µs CPU/event), \
                  mirror on {:>8.0} events/s completed and at the subscriber ({:.1} µs CPU/event \
-                 + mosquitto {:.1})",
-                off.rate, off.cpu_us, on.rate, on.cpu_us, on.broker_cpu_us
+                 + mosquitto {:.1}), over the Unix socket {:>8.0} ({:.1} + mosquitto {:.1})",
+                off.rate,
+                off.cpu_us,
+                on.rate,
+                on.cpu_us,
+                on.broker_cpu_us,
+                unix.rate,
+                unix.cpu_us,
+                unix.broker_cpu_us
             );
             offs.push(off.rate);
             ons.push(on.rate);
+            unixes.push(unix.rate);
         }
-        let (off, on) = (median(&mut offs), median(&mut ons));
+        let (off, on, unix) = (median(&mut offs), median(&mut ons), median(&mut unixes));
         println!(
             "{:<44} {:>12.0} events/s completed (median)",
             "emulator -> gateway, mirror off", off
@@ -346,7 +371,16 @@ fn main() {
             "{:<44} {:>12.0} events/s completed and at the subscriber (median)",
             "emulator -> gateway -> mosquitto QoS 1", on
         );
+        println!(
+            "{:<44} {:>12.0} events/s completed and at the subscriber (median)",
+            "same, mirror over mosquitto's Unix socket", unix
+        );
         println!("{:<44} {:>12.2}", "mirror on / mirror off", on / off);
+        println!(
+            "{:<44} {:>12.2}",
+            "mirror on (Unix socket) / mirror off",
+            unix / off
+        );
     });
 }
 
