@@ -35,6 +35,14 @@ impl BrokerUrl {
     /// Parse `url`; the error says what is wrong and quotes the URL.
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
         let fail = |why: &str| format!("{url:?} {why}");
+        // Before any error that quotes the URL: never quote one that carries credentials,
+        // whatever its scheme (for `unix://` the authority is what precedes the path).
+        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+        if after_scheme.split('/').next().unwrap_or("").contains('@') {
+            return Err(
+                "must not carry credentials: put them in mqtt.username and mqtt.password".into(),
+            );
+        }
         if let Some(path) = url.strip_prefix("unix://") {
             return Self::parse_unix(url, path);
         }
@@ -51,12 +59,6 @@ impl BrokerUrl {
             return Err(fail("must start with mqtt://, mqtts:// or unix://"));
         };
         let authority = rest.split('/').next().unwrap_or("");
-        if authority.contains('@') {
-            // Never quote a URL that carries credentials.
-            return Err(
-                "must not carry credentials: put them in mqtt.username and mqtt.password".into(),
-            );
-        }
         let (host, port) = authority
             .rsplit_once(':')
             .ok_or_else(|| fail("must name a host and port, e.g. mqtt://127.0.0.1:1883"))?;
@@ -171,8 +173,17 @@ mod tests {
             let e = BrokerUrl::parse(bad).unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
         }
-        let e = BrokerUrl::parse("mqtt://u:hunter2@x:1").unwrap_err();
-        assert!(!e.contains("hunter2"), "{e}");
+        for with_secret in [
+            "mqtt://u:hunter2@x:1",
+            "mqtts://u:hunter2@x",
+            "unix://u:hunter2@/run/mqtt.sock",
+            "http://u:hunter2@x:1",
+            "u:hunter2@x:1883",
+        ] {
+            let e = BrokerUrl::parse(with_secret).unwrap_err();
+            assert!(!e.contains("hunter2"), "{with_secret}: {e}");
+            assert!(e.contains("credentials"), "{with_secret}: {e}");
+        }
     }
 
     #[test]
@@ -185,6 +196,11 @@ mod tests {
         assert_eq!(
             BrokerUrl::parse("unix:///s").unwrap().to_string(),
             "unix:///s"
+        );
+        // '@' is an ordinary character in a file name.
+        assert_eq!(
+            BrokerUrl::parse("unix:///run/a@b.sock").unwrap().endpoint,
+            Endpoint::Unix("/run/a@b.sock".into())
         );
         let longest = format!("unix:///{}", "a".repeat(UNIX_PATH_MAX - 1));
         assert!(BrokerUrl::parse(&longest).is_ok());
