@@ -3,6 +3,7 @@
 //! are reduced to what the mirror needs (connected, a publish left, a publish was
 //! acknowledged, the disconnect left).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,7 +162,8 @@ pub struct V5Props {
 
 /// Bound on TCP connect, TLS and CONNACK, each attempt.
 const CONNECT_TIMEOUT_SECS: u64 = 5;
-/// The socket's send buffer (SO_SNDBUF): part of the mirror's fixed budget.
+/// The TCP socket's send buffer (SO_SNDBUF). rumqttc sets no options on a Unix socket,
+/// which keeps the kernel's default (`net.core.wmem_default`).
 pub const SEND_BUFFER: u32 = 64 * 1024;
 /// The socket's receive buffer: only acknowledgements come back.
 const RECV_BUFFER: u32 = 16 * 1024;
@@ -325,8 +327,9 @@ impl Submitter {
 
 impl Driver {
     /// Poll the connection once (connecting first when there is none). Not cancel-safe:
-    /// the caller keeps the future alive until it completes.
-    pub async fn poll(&mut self) -> Result<Ev, ConnFailure> {
+    /// the caller keeps the future alive until it completes. `socket`: the broker's Unix
+    /// socket path, when it is reached over one (for errors that name the cause).
+    pub async fn poll(&mut self, socket: Option<&Path>) -> Result<Ev, ConnFailure> {
         match self {
             Driver::V4(el) => {
                 use rumqttc::{ConnectionError as E, Event, Incoming};
@@ -347,7 +350,7 @@ impl Driver {
                     Err(E::ConnectionRefused(code)) => {
                         Err(ConnFailure::Refused(refusal_text(&format!("{code:?}"))))
                     }
-                    Err(e) => Err(ConnFailure::Network(network_text(&e.to_string()))),
+                    Err(e) => Err(ConnFailure::Network(network_text(&e.to_string(), socket))),
                 }
             }
             Driver::V5(el) => {
@@ -409,7 +412,7 @@ impl Driver {
                             text: server_disconnect_text(&code, reason_string.as_deref()),
                         })
                     }
-                    Err(e) => Err(ConnFailure::Network(network_text(&e.to_string()))),
+                    Err(e) => Err(ConnFailure::Network(network_text(&e.to_string(), socket))),
                 }
             }
         }
@@ -439,6 +442,42 @@ impl Driver {
     }
 }
 
+/// Why connecting to the Unix socket at `path` failed with `e` (`connect(2)`: ENOENT,
+/// EACCES, ECONNREFUSED), told apart by looking at the path; `None` for other errors.
+fn unix_connect_problem(e: &str, path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let connect_error = [
+        "No such file or directory",
+        "Permission denied",
+        "Connection refused",
+    ]
+    .iter()
+    .any(|m| e.contains(m));
+    if !connect_error {
+        return None;
+    }
+    Some(match std::fs::metadata(path) {
+        Err(m) if m.kind() == std::io::ErrorKind::PermissionDenied => {
+            "permission denied on a directory of the socket's path (this service's user needs \
+             search permission on each)"
+        }
+        Err(_) => {
+            "no socket at that path (is the broker running, with a listener there? The shipped \
+             unit hides /tmp and /home from the service)"
+        }
+        Ok(m) if !m.file_type().is_socket() => "that path is not a socket",
+        Ok(_) if e.contains("Permission denied") => {
+            "permission denied on the socket (this service's user or group needs write access \
+             to it)"
+        }
+        Ok(_) if e.contains("Connection refused") => {
+            "connection refused: nothing listens on that socket (left behind by a broker that \
+             is gone?)"
+        }
+        Ok(_) => "no socket at that path (is the broker running, with a listener there?)",
+    })
+}
+
 fn outgoing(o: Outgoing) -> Ev {
     match o {
         Outgoing::Publish(pkid) => Ev::Published(pkid),
@@ -447,13 +486,13 @@ fn outgoing(o: Outgoing) -> Ev {
     }
 }
 
-fn network_text(e: &str) -> String {
-    if e.contains("Connection refused") {
+/// What a connection error means, in words for the log; `socket`: the broker's Unix
+/// socket path, when there is one.
+fn network_text(e: &str, socket: Option<&Path>) -> String {
+    if let Some(why) = socket.and_then(|p| unix_connect_problem(e, p)) {
+        why.into()
+    } else if e.contains("Connection refused") {
         "connection refused (is the broker running?)".into()
-    } else if e.contains("No such file or directory") {
-        "no socket at that path (is the broker running, with a listener on it?)".into()
-    } else if e.contains("Permission denied") {
-        "permission denied on the socket (this service's user needs write access to it)".into()
     } else if e.contains("failed to lookup") || e.contains("Name or service not known") {
         format!("cannot resolve the host ({e})")
     } else if e.contains("closed by peer") {

@@ -33,7 +33,7 @@ pub use client::V5Props;
 use client::{ConnFailure, Driver, Ev, Refusal, Submitter};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, MqttConfig, MqttProtocol, Payload, Secret};
+use crate::config::{Config, Endpoint, MqttConfig, MqttProtocol, Payload, Secret};
 use crate::event::EncodedEvent;
 use crate::journal::Journal;
 use crate::journal::{GapKind, Handoff};
@@ -364,10 +364,14 @@ impl Mirror {
         let mut ever_connected = false;
 
         let mut beat = tokio::time::interval(self.ctx.liveness.beat_interval());
+        let socket = match &self.cfg.url.endpoint {
+            Endpoint::Unix(path) => Some(path.clone()),
+            Endpoint::Tcp { .. } => None,
+        };
         loop {
             // One poll, kept alive until it completes; meanwhile feed the window.
             let polled = {
-                let fut = driver.poll();
+                let fut = driver.poll(socket.as_deref());
                 tokio::pin!(fut);
                 loop {
                     self.ctx.liveness.beat(Part::Mirror);
@@ -869,7 +873,8 @@ impl Mirror {
         self.submitter.disconnect().await;
         let drain = async {
             loop {
-                match driver.poll().await {
+                // Errors end the drain: no need to name their cause.
+                match driver.poll(None).await {
                     Ok(Ev::Disconnected) | Err(_) => break,
                     Ok(Ev::Published(pkid)) => self.on_published(pkid).await,
                     Ok(Ev::Acked { pkid, refused }) => self.on_acked(pkid, refused).await,

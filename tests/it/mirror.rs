@@ -447,8 +447,8 @@ async fn unreachable_broker_is_named_and_retried_with_backoff() {
     named_and_backed_off(&format!("mqtt://127.0.0.1:{port}"), "connection refused").await;
 }
 
-/// The same over a Unix socket: a path with no socket, and a socket nobody listens on
-/// (left behind by a broker that was killed).
+/// The same over a Unix socket: a path with no socket, a file that is not one, and a
+/// socket nobody listens on (left behind by a broker that was killed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_unix_socket_is_named_and_retried_with_backoff() {
     support::capture_logs();
@@ -457,6 +457,13 @@ async fn unreachable_unix_socket_is_named_and_retried_with_backoff() {
     named_and_backed_off(
         &format!("unix://{}", missing.display()),
         "no socket at that path",
+    )
+    .await;
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"").unwrap();
+    named_and_backed_off(
+        &format!("unix://{}", file.display()),
+        "that path is not a socket",
     )
     .await;
     let stale = dir.join("stale.sock");
