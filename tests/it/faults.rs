@@ -313,6 +313,8 @@ async fn seeded_fault_schedule_loses_nothing() {
     let mut broker = block(|| {
         Mosquitto::start_with(MosquittoOptions {
             persistent: true,
+            // Every PUBLISH in and out by topic (`faults/<n>`), for `where_missing`.
+            extra: "log_type all\n".into(),
             ..Default::default()
         })
     });
@@ -323,7 +325,8 @@ async fn seeded_fault_schedule_loses_nothing() {
 
     let dir = TempDir::new("schedule");
     let config = dir.join("config.toml");
-    std::fs::write(&config, gateway_config(&em, &broker, "faults", 32)).unwrap();
+    let text = gateway_config(&em, &broker, "faults", 32) + "[routing]\ntopic = \"{prop:n}\"\n";
+    std::fs::write(&config, text).unwrap();
     let log: LogTail = Arc::default();
     let mut gw = block(|| start_gateway(&config, &log));
     let (addr_tx, addr_rx) = watch::channel(gw.panels());
@@ -486,7 +489,7 @@ async fn seeded_fault_schedule_loses_nothing() {
     assert!(
         lost.is_empty(),
         "seed {seed}: lost {lost:?}; {}",
-        where_missing(m, &seen, &dlq, &broker)
+        where_missing("faults", m, &seen, &dlq, &broker)
     );
     assert!(
         seen.keys().all(|n| *n < m),
@@ -610,7 +613,13 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
         assert!(
             Instant::now() < deadline,
             "seed {seed}: not settled: {s:?}, at subscriber {at_sub}; {}; log {:#?}",
-            where_missing(m, &seen.lock().unwrap(), &em.dead_letters(ENTITY), &broker),
+            where_missing(
+                "poison",
+                m,
+                &seen.lock().unwrap(),
+                &em.dead_letters(ENTITY),
+                &broker
+            ),
             log.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -644,7 +653,7 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
     assert!(
         lost.is_empty(),
         "seed {seed}: lost {lost:?}; {}",
-        where_missing(m, &seen, &dlq, &broker)
+        where_missing("poison", m, &seen, &dlq, &broker)
     );
     // Held through the outage by lock renewal: nothing redelivered (and so nothing
     // pushed towards MaxDeliveryCount); the only dead letters are the poison events.
@@ -673,9 +682,11 @@ async fn poison_events_cut_writes_and_a_long_broker_outage_lose_nothing() {
 }
 
 /// For each event of `0..m` neither at the subscriber nor dead-lettered, the broker's
-/// log lines for its topic (`poison/<n>`): whether the broker got it from the gateway
-/// and sent it on to the subscriber.
+/// log lines for its topic (`<prefix>/<n>`, with `[routing] topic = "{prop:n}"` and
+/// mosquitto's `log_type all`): whether the broker got it from the gateway and sent it
+/// on to the subscriber.
 fn where_missing(
+    prefix: &str,
     m: u64,
     seen: &std::collections::BTreeMap<u64, u32>,
     dlq: &[asb_gateway::emulator::DeadLetter],
@@ -688,9 +699,9 @@ fn where_missing(
     let log = broker.log();
     let mut out = format!("missing {missing:?}");
     for n in missing {
-        let needle = format!("'poison/{n}'");
+        let needle = format!("'{prefix}/{n}'");
         let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
-        out += &format!("\nbroker log for poison/{n}:\n{}", lines.join("\n"));
+        out += &format!("\nbroker log for {prefix}/{n}:\n{}", lines.join("\n"));
     }
     out
 }
