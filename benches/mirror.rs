@@ -343,8 +343,14 @@ fn main() {
             } else {
                 gateway_path(&broker, gw_n, Via::Off).await
             };
-            let on = gateway_path(&broker, gw_n, Via::Tcp).await;
-            let unix = gateway_path(&broker, gw_n, Via::Unix).await;
+            // TCP and the Unix socket take turns going first.
+            let (on, unix) = if round % 2 == 1 {
+                let on = gateway_path(&broker, gw_n, Via::Tcp).await;
+                (on, gateway_path(&broker, gw_n, Via::Unix).await)
+            } else {
+                let unix = gateway_path(&broker, gw_n, Via::Unix).await;
+                (gateway_path(&broker, gw_n, Via::Tcp).await, unix)
+            };
             println!(
                 "  round {round}: mirror off {:>8.0} events/s completed ({:.1} µs CPU/event), \
                  mirror on {:>8.0} events/s completed and at the subscriber ({:.1} µs CPU/event \
