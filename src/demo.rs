@@ -24,7 +24,8 @@ pub const SUBSCRIPTION: &str = "edge";
 pub struct DemoOptions {
     /// The panel page and the gateway's HTTP endpoints (`/healthz`, `/metrics`).
     pub listen: SocketAddr,
-    /// Mirror to this MQTT broker (`mqtt://host:port`); `None`: no mirror.
+    /// Mirror to this MQTT broker (`mqtt://host:port`, `mqtts://host:port` or
+    /// `unix:///path`); `None`: no mirror.
     pub mqtt: Option<String>,
     /// Events per second from the generator (> 0).
     pub rate: f64,

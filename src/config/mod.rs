@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use broker_url::{BrokerUrl, Endpoint};
+pub use broker_url::{BrokerUrl, Endpoint, UNIX_PATH_MAX};
 pub use connstr::{ConnStrError, ConnectionString, Credential};
 pub use textfile::{decode_text, read_text_file, strip_bom};
 

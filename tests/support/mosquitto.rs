@@ -139,7 +139,13 @@ impl Mosquitto {
             text.push_str(&opts.extra);
             text.push('\n');
             if opts.unix_socket {
-                text.push_str(&format!("listener 0 {}\n", dir.join(UNIX_SOCKET).display()));
+                let socket = dir.join(UNIX_SOCKET);
+                assert!(
+                    socket.as_os_str().len() <= asb_gateway::config::UNIX_PATH_MAX,
+                    "{} is too long for a Unix socket: use a shorter TMPDIR",
+                    socket.display()
+                );
+                text.push_str(&format!("listener 0 {}\n", socket.display()));
             }
             match &opts.credentials {
                 Some((user, pass)) => {
