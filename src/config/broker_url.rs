@@ -10,7 +10,7 @@ pub const UNIX_PATH_MAX: usize = 107;
 
 /// A broker URL: `mqtt://HOST:PORT` (plain TCP), `mqtts://HOST:PORT` (TLS), IPv6 hosts in
 /// brackets, the port required (1–65535); or `unix:///ABSOLUTE/PATH`, a broker on this
-/// box listening on a Unix-domain socket (mosquitto: `listener 0 /run/mosquitto/mqtt.sock`).
+/// box listening on a Unix-domain socket (mosquitto: `listener 0 /run/mqtt/mqtt.sock`).
 /// No credentials in the URL (they go in `mqtt.username`/`mqtt.password`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -35,10 +35,10 @@ impl BrokerUrl {
     /// Parse `url`; the error says what is wrong and quotes the URL.
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
         let fail = |why: &str| format!("{url:?} {why}");
-        // Before any error that quotes the URL: never quote one that carries credentials,
-        // whatever its scheme (for `unix://` the authority is what precedes the path).
-        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-        if after_scheme.split('/').next().unwrap_or("").contains('@') {
+        // Before any error that quotes the URL: never quote one that may carry
+        // credentials. Only a `unix:///` path may hold an '@' (a file name can); anywhere
+        // else it may end a user name and password (one with a '/' in it included).
+        if url.contains('@') && !url.starts_with("unix:///") {
             return Err(
                 "must not carry credentials: put them in mqtt.username and mqtt.password".into(),
             );
@@ -89,7 +89,7 @@ impl BrokerUrl {
         if !path.starts_with('/') {
             return Err(fail(
                 "must give an absolute socket path after unix:// (three slashes), e.g. \
-                 unix:///run/mosquitto/mqtt.sock",
+                 unix:///run/mqtt/mqtt.sock",
             ));
         }
         if path.ends_with('/') {
@@ -179,19 +179,25 @@ mod tests {
             "unix://u:hunter2@/run/mqtt.sock",
             "http://u:hunter2@x:1",
             "u:hunter2@x:1883",
+            "mqtts://u:hun/ter2@x:8883",
+            "unix://u:hun/ter2@/run/s",
+            "mqtt:/u:hunter2@x:1",
         ] {
             let e = BrokerUrl::parse(with_secret).unwrap_err();
-            assert!(!e.contains("hunter2"), "{with_secret}: {e}");
+            assert!(
+                !e.contains("hunter2") && !e.contains("ter2"),
+                "{with_secret}: {e}"
+            );
             assert!(e.contains("credentials"), "{with_secret}: {e}");
         }
     }
 
     #[test]
     fn parses_a_unix_socket_path() {
-        let u = BrokerUrl::parse("unix:///run/mosquitto/mqtt.sock").unwrap();
+        let u = BrokerUrl::parse("unix:///run/mqtt/mqtt.sock").unwrap();
         assert_eq!(
             (u.endpoint, u.tls),
-            (Endpoint::Unix("/run/mosquitto/mqtt.sock".into()), false)
+            (Endpoint::Unix("/run/mqtt/mqtt.sock".into()), false)
         );
         assert_eq!(
             BrokerUrl::parse("unix:///s").unwrap().to_string(),
