@@ -113,7 +113,8 @@ fn message(n: u64, big: bool) -> Message<Data> {
         .application_properties(
             ApplicationProperties::builder()
                 .insert("line".to_string(), SimpleValue::String("line1".into()))
-                // Routed on by the poison test, so the broker's log names each event.
+                // Routed on by the poison and schedule tests, so the broker's log names
+                // each event.
                 .insert("n".to_string(), SimpleValue::String(n.to_string()))
                 .build(),
         )
@@ -431,7 +432,14 @@ async fn seeded_fault_schedule_loses_nothing() {
             };
             panic!(
                 "seed {seed}: not settled within 30 s: {s:?}, at subscriber {at_sub}/{m}, \
-                 missing (first 50) {missing:?}; faults {done:?}\ngateway log tail: {:#?}",
+                 missing (first 50) {missing:?}; faults {done:?}; {}\ngateway log tail: {:#?}",
+                where_missing(
+                    "faults",
+                    m,
+                    &seen.lock().unwrap(),
+                    &em.dead_letters(ENTITY),
+                    &broker
+                ),
                 log.lock().unwrap()
             );
         }

@@ -469,7 +469,11 @@ async fn unreachable_unix_socket_is_named_and_retried_with_backoff() {
     let stale = dir.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    named_and_backed_off(&format!("unix://{}", stale.display()), "connection refused").await;
+    named_and_backed_off(
+        &format!("unix://{}", stale.display()),
+        "nothing listens on that socket",
+    )
+    .await;
 }
 
 /// A mirror pointed at `url`, where no broker answers: it says so once at WARN, naming
