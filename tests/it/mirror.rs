@@ -64,6 +64,19 @@ impl Running {
         got
     }
 
+    /// With the broker gone: no ack, however often the mirror tries the broker (two
+    /// more failed attempts are the fence).
+    async fn no_acks_across_two_failed_attempts(&mut self, ctx: &Context) {
+        let tries = ctx.metrics.mqtt_reconnects.get();
+        wait_for("two failed reconnect attempts", || {
+            ctx.metrics.mqtt_reconnects.get() >= tries + 2
+        })
+        .await;
+        if let Ok(a) = self.acks.try_recv() {
+            panic!("ack while the broker is down: {a:?}");
+        }
+    }
+
     /// Stop the mirror, then every ack it ever sent has been taken: nothing more is in
     /// the channel, whose end (the mirror dropped its sender) is the fence.
     async fn stop_with_no_more_acks(mut self) {
@@ -113,6 +126,26 @@ async fn events(sub: &mut Subscriber, status: &str, n: usize) -> Vec<Received> {
         }
     }
     out
+}
+
+/// Count events at `sub` by `key` into `seen` until every seq of `want` is there (fails
+/// after WAIT, naming what arrived).
+async fn until_all_seen(
+    sub: &mut Subscriber,
+    status: &str,
+    want: std::ops::RangeInclusive<u64>,
+    key: impl Fn(&Received) -> u64,
+    seen: &mut BTreeMap<u64, u32>,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while want.clone().any(|s| !seen.contains_key(&s)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let r = sub
+            .next_except(status, left)
+            .await
+            .unwrap_or_else(|| panic!("lost events: have {:?}", seen.keys()));
+        *seen.entry(key(&r)).or_default() += 1;
+    }
 }
 
 async fn retained_status(port: u16, topic: &str) -> Received {
@@ -286,14 +319,7 @@ async fn broker_down_holds_acks_and_nothing_is_lost() {
     // More while it is down: nothing is acknowledged, everything stays pinned, however
     // often the mirror tries the broker (two more failed attempts are the fence).
     append(&ctx, 121, 150);
-    let tries = ctx.metrics.mqtt_reconnects.get();
-    wait_for("two failed reconnect attempts", || {
-        ctx.metrics.mqtt_reconnects.get() >= tries + 2
-    })
-    .await;
-    if let Ok(a) = m.acks.try_recv() {
-        panic!("ack while the broker is down: {a:?}");
-    }
+    m.no_acks_across_two_failed_attempts(&ctx).await;
     assert_eq!(ctx.metrics.mirror_state.get(), PartState::Down);
     assert!(!ctx.metrics.healthy());
     assert_eq!(
@@ -307,25 +333,14 @@ async fn broker_down_holds_acks_and_nothing_is_lost() {
     acked.extend(m.acks(130 - before).await);
     assert_exactly(acked, 21, 150);
     wait_state(&ctx, PartState::Up).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while (1..=150).any(|s| !seen.contains_key(&s)) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let r = sub
-            .next_except("bd/status", left)
-            .await
-            .unwrap_or_else(|| panic!("lost events: have {:?}", seen.keys()));
-        *seen
-            .entry(r.user("seq").unwrap().parse().unwrap())
-            .or_default() += 1;
-    }
+    let user_seq = |r: &Received| -> u64 { r.user("seq").unwrap().parse().unwrap() };
+    until_all_seen(&mut sub, "bd/status", 1..=150, user_seq, &mut seen).await;
     // Whatever else arrives shortly is a duplicate.
     while let Some(r) = sub
         .next_except("bd/status", Duration::from_millis(300))
         .await
     {
-        *seen
-            .entry(r.user("seq").unwrap().parse().unwrap())
-            .or_default() += 1;
+        *seen.entry(user_seq(&r)).or_default() += 1;
     }
     let duplicates: u32 = seen.values().map(|c| c - 1).sum();
     eprintln!(
@@ -556,28 +571,12 @@ async fn unix_socket_broker_gets_every_event_across_a_restart() {
         broker.stop();
         wait_state(&ctx, PartState::Down).await;
         append(&ctx, 31, 50);
-        let tries = ctx.metrics.mqtt_reconnects.get();
-        wait_for("two failed reconnect attempts", || {
-            ctx.metrics.mqtt_reconnects.get() >= tries + 2
-        })
-        .await;
-        if let Ok(a) = m.acks.try_recv() {
-            panic!("{protocol}: ack while the broker is down: {a:?}");
-        }
+        m.no_acks_across_two_failed_attempts(&ctx).await;
         broker.start_again();
         assert_exactly(m.acks(20).await, 31, 50);
         wait_state(&ctx, PartState::Up).await;
         // Re-sent after the restart, some may arrive twice; none may be missing.
-        let mut seen = std::collections::BTreeSet::new();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while (31..=50).any(|s| !seen.contains(&s)) {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let r = sub
-                .next_except(&status, left)
-                .await
-                .unwrap_or_else(|| panic!("{protocol}: lost events, have {seen:?}"));
-            seen.insert(seq(&r));
-        }
+        until_all_seen(&mut sub, &status, 31..=50, seq, &mut BTreeMap::new()).await;
         assert_eq!(ctx.journal.pinned(), 0);
         m.stop_with_no_more_acks().await;
     }
