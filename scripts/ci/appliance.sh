@@ -5,6 +5,8 @@
 #   (c) release builds for aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf
 #       with Debian's cross gcc, and x86_64-unknown-linux-gnu, printing the stripped
 #       binary sizes
+#   (h) the appliance build (--no-default-features) for aarch64 in profile release-small
+#       within 3.5 MiB
 #   (g) the Debian packages of the three release builds (scripts/ci/package.sh: lintian,
 #       contents, install/upgrade/purge of the amd64 package in a scratch root)
 #   (d) the library's unit tests on aarch64 under qemu-aarch64 (profile cross-test)
@@ -125,6 +127,19 @@ for target in $RELEASE_TARGETS; do
     awk -v t="$target" -v s="$size" \
         'BEGIN { printf "stripped size %s: %d bytes (%.2f MiB)\n", t, s, s / 1048576 }'
 done
+
+# ---------------------------------------------------------------- (h) release-small
+# The size-tuned profile (Cargo.toml; docs/appliance.md, "Figures") for boxes short of flash:
+# the aarch64 appliance build must stay within 3.5 MiB.
+SMALL_LIMIT=$((3584 * 1024))
+step "(h) aarch64 appliance build, profile release-small, within $SMALL_LIMIT bytes"
+cargo build --quiet --profile release-small --locked --no-default-features --bin asb-gateway \
+    --target aarch64-unknown-linux-gnu
+out="$TARGET_DIR/aarch64-unknown-linux-gnu/release-small/asb-gateway"
+size=$(stat -c %s "$out")
+awk -v s="$size" 'BEGIN { printf "stripped size aarch64, release-small, no emulator: %d bytes (%.2f MiB)\n", s, s / 1048576 }'
+[ "$size" -le "$SMALL_LIMIT" ] ||
+    fail "the release-small aarch64 build is $size bytes, over $SMALL_LIMIT: BENCHMARKS.md, \"Issue 18, part five\", has the cargo bloat command and what was cut"
 
 # ---------------------------------------------------------------- (g) Debian packages
 step "(g) Debian packages from the release builds (scripts/ci/package.sh)"
