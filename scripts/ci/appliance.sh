@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The appliance checks (DESIGN §7), run by .ci/run after scripts/setup/appliance.sh:
+# The appliance checks (DESIGN §7), run by .ci/run after scripts/setup/appliance.sh,
+# in this order:
 #   (a) systemd-analyze verify of the unit: empty output, and a typo makes it fail
 #   (b) systemd-analyze security --offline=yes under a threshold
+#   (e) oelint-adv on the Yocto recipe (only the network-dependent HOMEPAGE ping
+#       suppressed)
+#   (f) the Yocto crates include in sync with Cargo.lock (and the license checksum)
 #   (c) release builds for aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf
 #       with Debian's cross gcc, and x86_64-unknown-linux-gnu, printing the stripped
 #       binary sizes
@@ -10,9 +14,6 @@
 #   (g) the Debian packages of the three release builds (scripts/ci/package.sh: lintian,
 #       contents, install/upgrade/purge of the amd64 package in a scratch root)
 #   (d) the library's unit tests on aarch64 under qemu-aarch64 (profile cross-test)
-#   (e) oelint-adv on the Yocto recipe (only the network-dependent HOMEPAGE ping
-#       suppressed)
-#   (f) the Yocto crates include in sync with Cargo.lock (and the license checksum)
 # Skip the slow ARM parts and the packages with APPLIANCE_SKIP_ARM=1 (for a quick local
 # run only).
 set -euo pipefail
