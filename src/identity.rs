@@ -132,17 +132,27 @@ pub fn token_endpoint(authority: &str, tenant: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-/// A managed identity endpoint, checked like an authority.
+/// A managed identity endpoint, checked like an authority. Errors never repeat the URL:
+/// it may carry a credential.
 pub fn identity_endpoint(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url
-        .trim()
-        .parse()
-        .map_err(|_| format!("{url:?} is not a URL"))?;
+    let uri: Uri = url.trim().parse().map_err(|_| {
+        format!(
+            "is not a URL such as {ARC_ENDPOINT} (the value is not shown: it may hold a credential)"
+        )
+    })?;
     check_scheme(&uri, "endpoint")?;
     Ok(uri)
 }
 
+/// `https://` (or `http://` on a loopback or link-local host), a host, and no
+/// `user:password@`: a token request authenticates with its own credential, and errors
+/// and logs show the endpoint.
 fn check_scheme(uri: &Uri, what: &str) -> Result<(), String> {
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{what} must not hold user:password@ (the value is not shown: it holds a credential)"
+        ));
+    }
     let host = uri.host().unwrap_or("");
     if host.is_empty() {
         return Err(format!("{what} has no host"));
@@ -571,6 +581,27 @@ mod tests {
         assert!(identity_endpoint(imds).is_ok(), "Azure IMDS is link-local");
         assert!(identity_endpoint("http://10.0.0.1/token").is_err());
         assert!(identity_endpoint("ftp://localhost/x").is_err());
+    }
+
+    #[test]
+    fn credentials_in_an_endpoint_are_refused_and_never_shown() {
+        for (url, why) in [
+            (
+                "http://user:PW-SECRET@localhost:40342/token",
+                "user:password@",
+            ),
+            ("https://user:PW-SECRET@idp example/", "not a URL"),
+            ("https://PW-SECRET@login.example/", "user:password@"),
+        ] {
+            let e = identity_endpoint(url).unwrap_err();
+            assert!(e.contains(why), "{url}: {e}");
+            assert!(!e.contains("PW-SECRET"), "{url}: {e}");
+        }
+        let e = token_endpoint("https://u:PW-SECRET@login.example", "t").unwrap_err();
+        assert!(
+            e.contains("user:password@") && !e.contains("PW-SECRET"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod panels;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod routing;
 pub mod sas;

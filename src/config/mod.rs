@@ -17,6 +17,7 @@ pub use connstr::{ConnStrError, ConnectionString, Credential};
 pub use textfile::{decode_text, read_text_file, strip_bom};
 
 use crate::proxy::Proxy;
+use crate::redact::shown_path;
 use crate::routing::{Filter, Template};
 
 /// Name of the systemd credential that carries the connection string.
@@ -833,12 +834,13 @@ fn resolve_identity(
                 }
                 (None, Some(p)) => {
                     let key = "source.entra.certificate_file";
-                    let pem = std::fs::read(p)
-                        .map_err(|e| invalid(key, format!("{}: cannot read: {e}", p.display())))?;
+                    let pem = std::fs::read(p).map_err(|e| {
+                        invalid(key, format!("{}: cannot read: {e}", shown_path(p)))
+                    })?;
                     let (x5t, x5t_s256) = crate::jwt::thumbprints(&pem)
-                        .map_err(|e| invalid(key, format!("{}: {e}", p.display())))?;
+                        .map_err(|e| invalid(key, format!("{}: {e}", shown_path(p))))?;
                     let signer = crate::jwt::RsaSigner::from_pem(&pem)
-                        .map_err(|e| invalid(key, format!("{}: {e}", p.display())))?;
+                        .map_err(|e| invalid(key, format!("{}: {e}", shown_path(p))))?;
                     Ok(Some(Id::ClientCertificate {
                         endpoint,
                         client_id,
@@ -912,10 +914,7 @@ impl JournalConfig {
         {
             return Err(invalid(
                 "journal.state_dir",
-                format!(
-                    "must be an absolute path (got {:?})",
-                    d.display().to_string()
-                ),
+                "must be an absolute path (the value is not shown: it may be a secret pasted there)",
             ));
         }
         if self.unsettled > self.events {
@@ -1068,8 +1067,15 @@ fn parse_file(text: &str) -> Result<ConfigFile, ConfigError> {
     })
 }
 
-/// Keys whose values are secrets: errors about them never show the value.
-const SECRET_KEYS: [&str; 2] = ["connection_string", "password"];
+/// Keys whose values are or may hold secrets (a token's hash, a proxy URL with its
+/// credentials): errors about them never show the value.
+const SECRET_KEYS: [&str; 5] = [
+    "connection_string",
+    "password",
+    "proxy",
+    "sha256",
+    "metrics_token",
+];
 
 fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
     let location = match e.span() {
@@ -1103,7 +1109,7 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
     // serde quotes offending values ("invalid type: integer `123456`"): never for a key
     // that holds a secret.
     let reason = if SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or("")) {
-        "invalid value (not shown: this key holds a secret); expected a string".to_string()
+        "invalid value (not shown: this key may hold a secret); expected a string".to_string()
     } else {
         reason
     };
@@ -1128,7 +1134,7 @@ fn read_secret_file(path: &Path) -> Result<String, String> {
     let s = read_text_file(path)?;
     let s = s.trim();
     if s.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(format!("{} is empty", shown_path(path)));
     }
     Ok(s.to_string())
 }
@@ -1345,6 +1351,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("panels.max_panels"), "{e}");
+    }
+
+    /// serde shows a value of the wrong type ("invalid type: integer `987654321`"): never
+    /// for a key that is or may hold a secret.
+    #[test]
+    fn wrong_type_of_a_secret_key_is_named_and_not_shown() {
+        let source = minimal().replace("[[source", "proxy = 987654321\n[[source");
+        for (text, key) in [
+            (source, "source.proxy"),
+            (
+                minimal() + "[panels]\nmetrics_token = 987654321\n",
+                "panels.metrics_token",
+            ),
+            (
+                minimal()
+                    + "[[panels.tokens]]\nname = \"a\"\nsha256 = 987654321\nallow = [\"#\"]\n",
+                "sha256",
+            ),
+            (
+                minimal() + "[mqtt]\nusername = \"u\"\npassword = 987654321\n",
+                "mqtt.password",
+            ),
+        ] {
+            let e = Config::parse(&text, &LoadEnv::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+            assert!(e.contains("not shown"), "{e}");
+            assert!(!e.contains("987654321"), "{e}");
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use crate::redact::shown_path;
+
 /// The UTF-8 encoding of U+FEFF.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -46,10 +48,11 @@ fn utf8(bytes: &[u8]) -> Result<String, String> {
 }
 
 /// Read a text file, accepting a leading byte-order mark (see [`decode_text`]). The error
-/// names the path and the reason, never the content.
+/// names the path (as [`shown_path`] shows it) and the reason, never the content.
 pub fn read_text_file(path: &Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    decode_text(&bytes).map_err(|why| format!("{} {why}", path.display()))
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", shown_path(path)))?;
+    decode_text(&bytes).map_err(|why| format!("{} {why}", shown_path(path)))
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, RootCertStore, SignatureScheme};
 
+use crate::redact::shown_path;
+
 /// A certificate expiring within this is warned about (at start and at each reload).
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -32,23 +34,28 @@ pub struct CertFiles {
 /// Why a certificate and key could not be used. Each names the file and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
-    #[error("{path}: cannot read: {reason}")]
+    #[error("{}: cannot read: {reason}", shown_path(path))]
     Read { path: PathBuf, reason: String },
-    #[error("{path}: no PEM CERTIFICATE block")]
+    #[error("{}: no PEM CERTIFICATE block", shown_path(path))]
     NoCertificate { path: PathBuf },
     #[error(
-        "{path}: the private key is encrypted; give an unencrypted PEM key (e.g. `openssl pkey -in KEY -out PLAIN`)"
+        "{}: the private key is encrypted; give an unencrypted PEM key (e.g. `openssl pkey -in KEY -out PLAIN`)",
+        shown_path(path)
     )]
     EncryptedKey { path: PathBuf },
-    #[error("{path}: no PEM private key (PKCS#8, RSA or EC)")]
+    #[error("{}: no PEM private key (PKCS#8, RSA or EC)", shown_path(path))]
     NoKey { path: PathBuf },
-    #[error("{path}: the key cannot be used: {reason}")]
+    #[error("{}: the key cannot be used: {reason}", shown_path(path))]
     BadKey { path: PathBuf, reason: String },
-    #[error("{key}: the key does not belong to the certificate in {cert}")]
+    #[error(
+        "{}: the key does not belong to the certificate in {}",
+        shown_path(key),
+        shown_path(cert)
+    )]
     Mismatch { cert: PathBuf, key: PathBuf },
-    #[error("{path}: the certificate cannot be parsed: {reason}")]
+    #[error("{}: the certificate cannot be parsed: {reason}", shown_path(path))]
     BadCertificate { path: PathBuf, reason: String },
-    #[error("{path}: the certificate expired on {at}")]
+    #[error("{}: the certificate expired on {at}", shown_path(path))]
     Expired { path: PathBuf, at: String },
 }
 
