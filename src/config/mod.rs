@@ -1061,10 +1061,65 @@ impl LogConfig {
 
 fn parse_file(text: &str) -> Result<ConfigFile, ConfigError> {
     let de = toml::Deserializer::parse(text).map_err(|e| syntax(text, String::new(), e))?;
+    sections_are_tables(text)?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         syntax(text, path, e.into_inner())
     })
+}
+
+/// The keys that must be tables (`[mqtt]`), and the arrays whose entries must be
+/// (`[[source.subscriptions]]`).
+const TABLES: [&str; 9] = [
+    "source",
+    "source.entra",
+    "source.managed_identity",
+    "journal",
+    "routing",
+    "panels",
+    "mqtt",
+    "budget",
+    "log",
+];
+const TABLE_ARRAYS: [&str; 2] = ["source.subscriptions", "panels.tokens"];
+
+/// serde fills a struct from an array by position, so `mqtt = []` would turn the mirror
+/// on with its defaults and `budget = [64]` would set the budget: refuse a section given
+/// as anything but a table.
+fn sections_are_tables(text: &str) -> Result<(), ConfigError> {
+    let Ok(root) = toml::from_str::<toml::Table>(text) else {
+        return Ok(()); // the typed parse reports the syntax error with its position
+    };
+    let lookup = |path: &str| {
+        let mut v: Option<&toml::Value> = None;
+        for (i, part) in path.split('.').enumerate() {
+            v = if i == 0 {
+                root.get(part)
+            } else {
+                v.and_then(|v| v.as_table()).and_then(|t| t.get(part))
+            };
+        }
+        v
+    };
+    for key in TABLES {
+        if lookup(key).is_some_and(|v| !v.is_table()) {
+            return Err(invalid(
+                key,
+                format!("must be a table ([{key}] and its keys)"),
+            ));
+        }
+    }
+    for key in TABLE_ARRAYS {
+        if let Some(entries) = lookup(key).and_then(|v| v.as_array())
+            && let Some(i) = entries.iter().position(|e| !e.is_table())
+        {
+            return Err(invalid(
+                &format!("{key}[{i}]"),
+                format!("must be a table ([[{key}]] and its keys)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Keys whose values are or may hold secrets (a token's hash, a proxy URL with its
@@ -1101,6 +1156,23 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
             } else {
                 format!("{key}.{name}")
             };
+        }
+    }
+    // toml says only "duplicate key": name it from the text at the error's position.
+    if key.is_empty()
+        && reason.contains("duplicate key")
+        && let Some(span) = e.span()
+    {
+        let at = text.get(span.start..).unwrap_or("");
+        let name: String = at
+            .trim_start_matches(['[', ' ', '\t'])
+            .chars()
+            .take_while(|c| !matches!(c, '=' | ']' | '\n' | '\r'))
+            .take(64)
+            .collect();
+        let name = name.trim().trim_matches('"');
+        if !name.is_empty() && !name.chars().any(char::is_control) {
+            key = name.to_string();
         }
     }
     if key.is_empty() {
@@ -1351,6 +1423,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("panels.max_panels"), "{e}");
+    }
+
+    #[test]
+    fn sections_given_as_arrays_are_refused() {
+        let subs =
+            "[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n";
+        for (text, key) in [
+            (format!("mqtt = []\n{}", minimal()), "mqtt: must be a table"),
+            (
+                format!("budget = [64, 5, 6]\n{}", minimal()),
+                "budget: must be a table",
+            ),
+            (
+                format!("log = [\"info\"]\n{}", minimal()),
+                "log: must be a table",
+            ),
+            (
+                minimal().replace(subs, "subscriptions = [[\"t\", \"s\"]]\n"),
+                "source.subscriptions[0]: must be a table",
+            ),
+            (
+                minimal() + "[panels]\ntokens = [[\"a\", \"00\"]]\n",
+                "panels.tokens[0]: must be a table",
+            ),
+        ] {
+            let e = Config::parse(&text, &LoadEnv::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}\n{e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_and_tables_are_named() {
+        for (extra, key) in [
+            ("[journal]\nevents = 8\nevents = 9\n", "events"),
+            (
+                "[journal]\nevents = 8\n[journal]\nunsettled = 4\n",
+                "journal",
+            ),
+        ] {
+            let e = Config::parse(&(minimal() + extra), &LoadEnv::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{key}: ")), "{e}");
+            assert!(e.contains("duplicate key"), "{e}");
+        }
     }
 
     /// serde shows a value of the wrong type ("invalid type: integer `987654321`"): never
