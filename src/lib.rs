@@ -22,6 +22,7 @@
 pub mod amqp_ws;
 pub mod app;
 pub mod appliance;
+pub mod authority;
 mod backoff;
 pub mod budget;
 pub mod cli;

@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::authority::split_host_port;
+
 /// Largest proxy response head read, bytes; a longer one is refused.
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -45,6 +47,8 @@ pub enum ProxyUrlError {
     NoHost,
     #[error("has an invalid port")]
     Port,
+    #[error("has an invalid host: a DNS name or an IP address (IPv6 in brackets)")]
+    BadHost,
     #[error("may hold only http://[user:password@]host[:port][/]; no path, query or fragment")]
     Extra,
     #[error("has user info that is not user:password, or is not valid percent-encoded UTF-8")]
@@ -123,8 +127,8 @@ impl Proxy {
         if host.is_empty() {
             return Err(ProxyUrlError::NoHost);
         }
-        if host.contains(|c: char| c.is_whitespace() || c.is_control()) {
-            return Err(ProxyUrlError::NoHost);
+        if !crate::authority::valid_host(&host) {
+            return Err(ProxyUrlError::BadHost);
         }
         Ok(Proxy {
             host,
@@ -238,25 +242,6 @@ async fn read_status(tcp: &mut TcpStream) -> std::io::Result<u16> {
     }
 }
 
-/// `host[:port]` (IPv6 in brackets) → (host without brackets, port or `default`).
-fn split_host_port(s: &str, default: u16) -> Option<(String, u16)> {
-    if let Some(rest) = s.strip_prefix('[') {
-        let (h, after) = rest.split_once(']')?;
-        let port = match after {
-            "" => default,
-            p => p.strip_prefix(':')?.parse().ok().filter(|p| *p != 0)?,
-        };
-        return Some((h.to_string(), port));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => {
-            Some((h.to_string(), p.parse().ok().filter(|p| *p != 0)?))
-        }
-        Some(_) => None,
-        None => Some((s.to_string(), default)),
-    }
-}
-
 /// The source's proxy and the hosts that bypass it: `NO_PROXY` applies to every host
 /// the source reaches — the namespace and the Entra ID token endpoint alike — each
 /// checked by name when it is connected to.
@@ -343,6 +328,10 @@ mod tests {
             ("http://proxy:3128?x", ProxyUrlError::Extra),
             ("http://secretonly@proxy:3128", ProxyUrlError::UserInfo),
             ("http://:pw@proxy:3128", ProxyUrlError::UserInfo),
+            ("http://pr%oxy:3128", ProxyUrlError::BadHost),
+            ("http://pr oxy:3128", ProxyUrlError::BadHost),
+            ("http://proxy:+3128", ProxyUrlError::Port),
+            ("http://[proxy]:3128", ProxyUrlError::Port),
         ] {
             assert_eq!(Proxy::parse(bad), Err(err.clone()), "{bad}");
             assert!(!err.to_string().contains("pw"), "{err}");

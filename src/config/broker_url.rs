@@ -32,9 +32,10 @@ pub enum Endpoint {
 }
 
 impl BrokerUrl {
-    /// Parse `url`; the error says what is wrong and quotes the URL.
+    /// Parse `url`; the error says what is wrong. It quotes a `unix://` URL, never a
+    /// network one: a malformed URL may hold a password out of place (`mqtt://user:pw`).
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let fail = |why: &str| format!("{url:?} {why}");
+        let fail = |why: &str| why.to_string();
         // Before any error that quotes the URL: never quote one that may carry
         // credentials. Only a `unix:///` path may hold an '@' (a file name can); anywhere
         // else it may end a user name and password (one with a '/' in it included).
@@ -58,19 +59,25 @@ impl BrokerUrl {
         } else {
             return Err(fail("must start with mqtt://, mqtts:// or unix://"));
         };
-        let authority = rest.split('/').next().unwrap_or("");
-        let (host, port) = authority
-            .rsplit_once(':')
-            .ok_or_else(|| fail("must name a host and port, e.g. mqtt://127.0.0.1:1883"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(fail("has no host"));
+        let (authority, after) = rest.split_once('/').unwrap_or((rest, ""));
+        if !after.is_empty() {
+            return Err(fail(
+                "may hold only mqtt[s]://HOST:PORT (no path, query or fragment)",
+            ));
         }
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| fail("has an invalid port"))?;
+        if !crate::authority::has_port(authority) {
+            return Err(fail(
+                "must name a host and port, e.g. mqtt://127.0.0.1:1883",
+            ));
+        }
+        let (host, port) = crate::authority::split_host_port(authority, 0).ok_or_else(|| {
+            fail("has an invalid port (1-65535), or an IPv6 host not in brackets")
+        })?;
+        if !crate::authority::valid_host(&host) {
+            return Err(fail(
+                "has an invalid host: a DNS name or an IP address (IPv6 in brackets)",
+            ));
+        }
         Ok(BrokerUrl {
             url: url.to_string(),
             endpoint: Endpoint::Tcp {
@@ -163,15 +170,29 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_connect_to() {
-        for bad in [
-            "tcp://x:1",
-            "mqtt://x",
-            "mqtt://:1",
-            "mqtt://x:0",
-            "mqtt://x:65536",
+        // The error says what is wrong and never quotes a network URL: a malformed one
+        // may hold a password out of place.
+        for (bad, why) in [
+            ("tcp://x:1", "must start with"),
+            ("mqtt://x", "host and port"),
+            ("mqtt://:1", "invalid host"),
+            ("mqtt://x:0", "invalid port"),
+            ("mqtt://x:65536", "invalid port"),
+            ("mqtt://x:+1883", "invalid port"),
+            ("mqtt://a:b:1883", "invalid port"),
+            ("mqtt://[x:1883", "host and port"),
+            ("mqtt://[x]:1883", "invalid port"),
+            ("mqtt://ho st:1883", "invalid host"),
+            ("mqtt://h\u{0}:1883", "invalid host"),
+            ("mqtt://h%41:1883", "invalid host"),
+            ("mqtt://x:1883/topic", "no path"),
+            ("mqtt://x:1883?y#z", "invalid port"),
+            ("mqtt://user:hunter2", "invalid port"),
+            ("mqtt://user:hunter2\u{ff20}x:1883", "invalid port"),
         ] {
             let e = BrokerUrl::parse(bad).unwrap_err();
-            assert!(e.contains(bad), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains(bad) && !e.contains("hunter2"), "{bad}: {e}");
         }
         for with_secret in [
             "mqtt://u:hunter2@x:1",

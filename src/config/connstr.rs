@@ -16,7 +16,9 @@ pub enum ConnStrError {
     NotKeyValue(usize),
     #[error("connection string has no Endpoint")]
     NoEndpoint,
-    #[error("connection string Endpoint must look like sb://HOST[:PORT]/")]
+    #[error(
+        "connection string Endpoint must look like sb://HOST[:PORT]/ (a DNS name or an IP address, IPv6 in brackets)"
+    )]
     BadEndpoint,
     #[error("connection string Endpoint has an invalid port")]
     BadPort,
@@ -159,15 +161,14 @@ impl ConnectionString {
             return Err(ConnStrError::BadEndpoint);
         }
         let default_port = default_port(!emulator, websockets);
-        let (host, port, port_explicit) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
-                h,
-                p.parse::<u16>().map_err(|_| ConnStrError::BadPort)?,
-                true,
-            ),
-            _ => (authority, default_port, false),
-        };
-        if host.is_empty() || port == 0 {
+        let port_explicit = crate::authority::has_port(authority);
+        let (host, port) =
+            crate::authority::split_host_port(authority, default_port).ok_or(if port_explicit {
+                ConnStrError::BadPort
+            } else {
+                ConnStrError::BadEndpoint
+            })?;
+        if !crate::authority::valid_host(&host) {
             return Err(ConnStrError::BadEndpoint);
         }
         let credential = match (key_name, key, sas) {
@@ -188,7 +189,7 @@ impl ConnectionString {
             (None, None, None) => Credential::None,
         };
         Ok(ConnectionString {
-            host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
+            host,
             port,
             tls: !emulator,
             credential,
@@ -313,6 +314,26 @@ mod tests {
                 ConnStrError::BadEndpoint,
             ),
         ];
+        // Hosts and ports that name nothing to connect to.
+        let key = ";SharedAccessKeyName=K;SharedAccessKey=SECRETX";
+        let hosts = [
+            ("sb://n s/", ConnStrError::BadEndpoint),
+            ("sb://n\u{0}s/", ConnStrError::BadEndpoint),
+            ("sb://ns?x=1", ConnStrError::BadEndpoint),
+            ("sb://a:b:5671/", ConnStrError::BadPort),
+            ("sb://ns:+5671/", ConnStrError::BadPort),
+            ("sb://::1/", ConnStrError::BadPort),
+            ("sb://[ns]/", ConnStrError::BadEndpoint),
+        ];
+        for (endpoint, want) in hosts {
+            let s = format!("Endpoint={endpoint}{key}");
+            assert_eq!(ConnectionString::parse(&s).unwrap_err(), want, "{s}");
+        }
+        for (endpoint, host, port) in [("sb://[::1]/", "::1", 5671), ("sb://[::1]:99/", "::1", 99)]
+        {
+            let c = ConnectionString::parse(&format!("Endpoint={endpoint}{key}")).unwrap();
+            assert_eq!((c.host.as_str(), c.port), (host, port), "{endpoint}");
+        }
         for (s, want) in cases {
             let err = ConnectionString::parse(s).unwrap_err();
             assert_eq!(err, want, "{s}");

@@ -650,7 +650,8 @@ async fn wrong_credentials_are_refused_clearly_and_never_logged() {
 }
 
 /// A URL the mirror could not connect to never gets past the config: the error names
-/// the key, the URL and what is wrong.
+/// the key and what is wrong, and does not repeat the URL (a malformed one may hold a
+/// password out of place, as in `mqtt://user:hunter2`).
 #[test]
 fn bad_url_is_an_error_naming_it() {
     let text = format!(
@@ -660,8 +661,8 @@ fn bad_url_is_an_error_naming_it() {
     let err = Config::parse(&text, &LoadEnv::default()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("mqtt.url"), "{msg}");
-    assert!(msg.contains("mqtt://broker-without-port"), "{msg}");
-    assert!(msg.contains("port"), "{msg}");
+    assert!(!msg.contains("broker-without-port"), "{msg}");
+    assert!(msg.contains("host and port"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
