@@ -713,6 +713,16 @@ impl SourceConfig {
             ));
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
+            let fields = [
+                ("topic", Some(&s.topic)),
+                ("subscription", Some(&s.subscription)),
+                ("address", s.address.as_ref()),
+            ];
+            for (field, value) in fields {
+                if let Some(v) = value {
+                    printable(&format!("source.subscriptions[{i}].{field}"), v)?;
+                }
+            }
             if s.topic.trim().is_empty() {
                 return Err(invalid(
                     &format!("source.subscriptions[{i}].topic"),
@@ -917,6 +927,9 @@ impl JournalConfig {
                 "must be an absolute path (the value is not shown: it may be a secret pasted there)",
             ));
         }
+        if let Some(d) = &self.state_dir {
+            printable("journal.state_dir", &d.to_string_lossy())?;
+        }
         if self.unsettled > self.events {
             return Err(invalid(
                 "journal.unsettled",
@@ -977,6 +990,13 @@ impl PanelsConfig {
             if t.name.trim().is_empty() {
                 return Err(invalid(&format!("{key}.name"), "must not be empty"));
             }
+            printable(&format!("{key}.name"), &t.name)?;
+            if t.name.trim() != t.name {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    "must not begin or end with whitespace (it is shown in logs and metrics)",
+                ));
+            }
             if self.tokens[..i].iter().any(|o| o.name == t.name) {
                 return Err(invalid(&format!("{key}.name"), "names must be unique"));
             }
@@ -994,8 +1014,11 @@ impl PanelsConfig {
 impl MqttConfig {
     /// Check the section; returns the password (from `password` or `password_file`).
     fn validate(&self) -> Result<Option<Secret>, ConfigError> {
-        if self.client_id.is_empty() || self.client_id.len() > 128 {
-            return Err(invalid("mqtt.client_id", "must be 1 to 128 bytes"));
+        if self.client_id.trim().is_empty() || self.client_id.len() > 128 {
+            return Err(invalid(
+                "mqtt.client_id",
+                "must be 1 to 128 bytes, not only whitespace",
+            ));
         }
         mqtt_text("mqtt.client_id", &self.client_id)?;
         mqtt_text("mqtt.prefix", &self.prefix)?;
@@ -1190,6 +1213,15 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
         location,
         reason,
     }
+}
+
+/// A name or path from the config must not hold control characters (NUL, ESC, newline…):
+/// they would be sent to the broker, written to logs, or cut a path short.
+fn printable(key: &str, v: &str) -> Result<(), ConfigError> {
+    if v.chars().any(char::is_control) {
+        return Err(invalid(key, "must not hold control characters"));
+    }
+    Ok(())
 }
 
 fn range(key: &str, v: usize, lo: usize, hi: usize) -> Result<(), ConfigError> {
@@ -1446,6 +1478,48 @@ mod tests {
             (
                 minimal() + "[panels]\ntokens = [[\"a\", \"00\"]]\n",
                 "panels.tokens[0]: must be a table",
+            ),
+        ] {
+            let e = Config::parse(&text, &LoadEnv::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}\n{e}");
+        }
+    }
+
+    #[test]
+    fn control_characters_and_blank_names_are_refused() {
+        let subs =
+            "[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n";
+        let token = "[[panels.tokens]]\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nallow = [\"#\"]\n";
+        for (text, key) in [
+            (
+                minimal().replace("\"edge\"", "\"ed\\u0000ge\""),
+                "source.subscriptions[0].subscription: must not hold control",
+            ),
+            (
+                minimal().replace("\"operational-events\"", "\"t\\u001b[31m\""),
+                "source.subscriptions[0].topic: must not hold control",
+            ),
+            (
+                minimal().replace(subs, &format!("{subs}address = \"/queue/a\\nb\"\n")),
+                "source.subscriptions[0].address: must not hold control",
+            ),
+            (
+                minimal() + "[journal]\nstate_dir = \"/var/lib/a\\u0000b\"\n",
+                "journal.state_dir: must not hold control",
+            ),
+            (
+                minimal() + token + "name = \"a\\u001b\"\n",
+                "panels.tokens[0].name: must not hold control",
+            ),
+            (
+                minimal() + token + "name = \"line1 \"\n",
+                "panels.tokens[0].name: must not begin or end",
+            ),
+            (
+                minimal() + "[mqtt]\nclient_id = \"  \"\n",
+                "mqtt.client_id: must be 1 to 128 bytes",
             ),
         ] {
             let e = Config::parse(&text, &LoadEnv::default())
