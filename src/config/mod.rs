@@ -1457,6 +1457,14 @@ mod tests {
         assert!(e.contains("panels.max_panels"), "{e}");
     }
 
+    /// `text` is refused with an error that contains `want` (the key and the reason).
+    fn assert_refused(text: &str, want: &str) {
+        let e = Config::parse(text, &LoadEnv::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{text}\n{e}");
+    }
+
     #[test]
     fn sections_given_as_arrays_are_refused() {
         let subs =
@@ -1480,10 +1488,7 @@ mod tests {
                 "panels.tokens[0]: must be a table",
             ),
         ] {
-            let e = Config::parse(&text, &LoadEnv::default())
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(key), "{text}\n{e}");
+            assert_refused(&text, key);
         }
     }
 
@@ -1522,10 +1527,7 @@ mod tests {
                 "mqtt.client_id: must be 1 to 128 bytes",
             ),
         ] {
-            let e = Config::parse(&text, &LoadEnv::default())
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(key), "{text}\n{e}");
+            assert_refused(&text, key);
         }
     }
 
