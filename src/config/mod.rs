@@ -1182,8 +1182,9 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
         }
     }
     // toml says only "duplicate key": name it from the text at the error's position.
+    let duplicate = reason.contains("duplicate key");
     if key.is_empty()
-        && reason.contains("duplicate key")
+        && duplicate
         && let Some(span) = e.span()
     {
         let at = text.get(span.start..).unwrap_or("");
@@ -1203,7 +1204,7 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
     }
     // serde quotes offending values ("invalid type: integer `123456`"): never for a key
     // that holds a secret.
-    let reason = if SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or("")) {
+    let reason = if !duplicate && SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or("")) {
         "invalid value (not shown: this key may hold a secret); expected a string".to_string()
     } else {
         reason
@@ -1539,12 +1540,17 @@ mod tests {
                 "[journal]\nevents = 8\n[journal]\nunsettled = 4\n",
                 "journal",
             ),
+            (
+                "[mqtt]\nusername = \"u\"\npassword = \"hunter2\"\npassword = \"hunter3\"\n",
+                "password",
+            ),
         ] {
             let e = Config::parse(&(minimal() + extra), &LoadEnv::default())
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(&format!("{key}: ")), "{e}");
             assert!(e.contains("duplicate key"), "{e}");
+            assert!(!e.contains("hunter"), "{e}");
         }
     }
 
