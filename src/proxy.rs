@@ -123,7 +123,11 @@ impl Proxy {
                 Some(format!("Basic {b64}"))
             }
         };
-        let (host, port) = split_host_port(hostport, 80).ok_or(ProxyUrlError::Port)?;
+        let (host, port) = split_host_port(hostport, 80).ok_or(if hostport.starts_with('[') {
+            ProxyUrlError::BadHost
+        } else {
+            ProxyUrlError::Port
+        })?;
         if host.is_empty() {
             return Err(ProxyUrlError::NoHost);
         }
@@ -331,7 +335,7 @@ mod tests {
             ("http://pr%oxy:3128", ProxyUrlError::BadHost),
             ("http://pr oxy:3128", ProxyUrlError::BadHost),
             ("http://proxy:+3128", ProxyUrlError::Port),
-            ("http://[proxy]:3128", ProxyUrlError::Port),
+            ("http://[proxy]:3128", ProxyUrlError::BadHost),
         ] {
             assert_eq!(Proxy::parse(bad), Err(err.clone()), "{bad}");
             assert!(!err.to_string().contains("pw"), "{err}");

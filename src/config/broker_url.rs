@@ -32,8 +32,8 @@ pub enum Endpoint {
 }
 
 impl BrokerUrl {
-    /// Parse `url`; the error says what is wrong. It quotes a `unix://` URL, never a
-    /// network one: a malformed URL may hold a password out of place (`mqtt://user:pw`).
+    /// Parse `url`; the error says what is wrong and never quotes the URL: a malformed one
+    /// may hold a password out of place (`mqtt://user:pw`, `unix:///s?pw`).
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
         let fail = |why: &str| why.to_string();
         // Before any error that quotes the URL: never quote one that may carry
@@ -92,7 +92,7 @@ impl BrokerUrl {
     /// fragment or percent-escapes, no control characters, at most [`UNIX_PATH_MAX`]
     /// bytes.
     fn parse_unix(url: &str, path: &str) -> Result<BrokerUrl, String> {
-        let fail = |why: &str| format!("{url:?} {why}");
+        let fail = |why: &str| why.to_string();
         if !path.starts_with('/') {
             return Err(fail(
                 "must give an absolute socket path after unix:// (three slashes), e.g. \
@@ -241,6 +241,7 @@ mod tests {
             ("unix://", "absolute"),
             ("unix:///run/mosquitto/", "directory"),
             ("unix:///run/mqtt.sock?x=1", "'?'"),
+            ("unix:///run/mqtt.sock?hunter2", "'?'"),
             ("unix:///run/mqtt%20.sock", "'%'"),
             ("unix:///run/mqtt.sock#f", "'#'"),
             ("unix:///run/mqtt\n.sock", "control"),
@@ -248,7 +249,7 @@ mod tests {
             (too_long.as_str(), "at most 107"),
         ] {
             let e = BrokerUrl::parse(bad).unwrap_err();
-            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+            assert!(!e.contains("hunter2"), "{bad}: {e}");
             assert!(e.contains(why), "{bad}: {e}");
         }
         let e = BrokerUrl::parse("ftp://x").unwrap_err();

@@ -819,6 +819,7 @@ fn resolve_identity(
             if e.client_id.trim().is_empty() {
                 return Err(invalid("source.entra.client_id", "must not be empty"));
             }
+            printable("source.entra.client_id", &e.client_id)?;
             let endpoint = identity::token_endpoint(
                 e.authority_host.as_deref().unwrap_or(identity::AUTHORITY),
                 e.tenant_id.trim(),
@@ -1187,14 +1188,15 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
         && duplicate
         && let Some(span) = e.span()
     {
-        let at = text.get(span.start..).unwrap_or("");
+        // The span covers the repeated key (or table name) itself, never a value.
+        let at = text.get(span.start..span.end).unwrap_or("");
         let name: String = at
             .trim_start_matches(['[', ' ', '\t'])
             .chars()
             .take_while(|c| !matches!(c, '=' | ']' | '\n' | '\r'))
             .take(64)
             .collect();
-        let name = name.trim().trim_matches('"');
+        let name = name.trim().trim_matches(['"', '\'']);
         if !name.is_empty() && !name.chars().any(char::is_control) {
             key = name.to_string();
         }
@@ -1542,6 +1544,14 @@ mod tests {
             ),
             (
                 "[mqtt]\nusername = \"u\"\npassword = \"hunter2\"\npassword = \"hunter3\"\n",
+                "password",
+            ),
+            (
+                "[mqtt]\nusername = \"u\"\n'password' = \"hunter2\"\n\"password\" = \"hunter3\"\n",
+                "password",
+            ),
+            (
+                "[panels]\nx = { password = \"hunter2\", password = \"hunter3\" }\n",
                 "password",
             ),
         ] {
