@@ -35,10 +35,8 @@ impl BrokerUrl {
     /// Parse `url`; the error says what is wrong and never quotes the URL: a malformed one
     /// may hold a password out of place (`mqtt://user:pw`, `unix:///s?pw`).
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let fail = |why: &str| why.to_string();
-        // Before any error that quotes the URL: never quote one that may carry
-        // credentials. Only a `unix:///` path may hold an '@' (a file name can); anywhere
-        // else it may end a user name and password (one with a '/' in it included).
+        // Only a `unix:///` path may hold an '@' (a file name can); anywhere else it may
+        // end a user name and password (one with a '/' in it included).
         if url.contains('@') && !url.starts_with("unix:///") {
             return Err(
                 "must not carry credentials: put them in mqtt.username and mqtt.password".into(),
@@ -52,38 +50,32 @@ impl BrokerUrl {
         } else if let Some(r) = url.strip_prefix("mqtts://") {
             (true, r)
         } else if url.starts_with("ws://") || url.starts_with("wss://") {
-            return Err(fail(
+            return Err(
                 "is MQTT over WebSockets, which this build does not speak (docs/mirror-tls.md \
-                 says why); use mqtt:// or mqtts://",
-            ));
+                 says why); use mqtt:// or mqtts://"
+                    .into(),
+            );
         } else {
-            return Err(fail("must start with mqtt://, mqtts:// or unix://"));
+            return Err("must start with mqtt://, mqtts:// or unix://".into());
         };
         let (authority, after) = rest.split_once('/').unwrap_or((rest, ""));
         if !after.is_empty() {
-            return Err(fail(
-                "may hold only mqtt[s]://HOST:PORT (no path, query or fragment)",
-            ));
+            return Err("may hold only mqtt[s]://HOST:PORT (no path, query or fragment)".into());
         }
         if !crate::authority::has_port(authority) {
-            return Err(fail(
-                "must name a host and port, e.g. mqtt://127.0.0.1:1883",
-            ));
+            return Err("must name a host and port, e.g. mqtt://127.0.0.1:1883".into());
         }
         let (host, port) = crate::authority::split_host_port(authority, 0).ok_or_else(|| {
-            fail("has an invalid port (1-65535), or an IPv6 host not in brackets")
+            "has an invalid port (1-65535), or an IPv6 host not in brackets".to_string()
         })?;
         if !crate::authority::valid_host(&host) {
-            return Err(fail(
-                "has an invalid host: a DNS name or an IP address (IPv6 in brackets)",
-            ));
+            return Err(
+                "has an invalid host: a DNS name or an IP address (IPv6 in brackets)".into(),
+            );
         }
         Ok(BrokerUrl {
             url: url.to_string(),
-            endpoint: Endpoint::Tcp {
-                host: host.to_string(),
-                port,
-            },
+            endpoint: Endpoint::Tcp { host, port },
             tls,
         })
     }
@@ -92,29 +84,29 @@ impl BrokerUrl {
     /// fragment or percent-escapes, no control characters, at most [`UNIX_PATH_MAX`]
     /// bytes.
     fn parse_unix(url: &str, path: &str) -> Result<BrokerUrl, String> {
-        let fail = |why: &str| why.to_string();
         if !path.starts_with('/') {
-            return Err(fail(
+            return Err(
                 "must give an absolute socket path after unix:// (three slashes), e.g. \
-                 unix:///run/mqtt/mqtt.sock",
-            ));
+                 unix:///run/mqtt/mqtt.sock"
+                    .into(),
+            );
         }
         if path.ends_with('/') {
-            return Err(fail("names a directory, not a socket"));
+            return Err("names a directory, not a socket".into());
         }
         if path
             .chars()
             .any(|c| c.is_control() || matches!(c, '?' | '#' | '%'))
         {
-            return Err(fail(
-                "may hold only the socket path (no control characters, '?', '#' or '%')",
-            ));
+            return Err(
+                "may hold only the socket path (no control characters, '?', '#' or '%')".into(),
+            );
         }
         if path.len() > UNIX_PATH_MAX {
-            return Err(fail(&format!(
+            return Err(format!(
                 "has a socket path of {} bytes; Unix sockets take at most {UNIX_PATH_MAX}",
                 path.len()
-            )));
+            ));
         }
         Ok(BrokerUrl {
             url: url.to_string(),
