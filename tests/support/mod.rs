@@ -30,13 +30,18 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 /// The gateway binary cargo built for this test or bench.
 pub const EXE: &str = env!("CARGO_BIN_EXE_asb-gateway");
 
-/// A free loopback TCP port.
+/// A free loopback TCP port for a server a test starts later (mosquitto, RabbitMQ, a
+/// gateway), chosen below Linux's ephemeral range (32768–60999). A port the kernel hands
+/// out for port 0 could be taken, before the server binds it, as the local port of some
+/// other test's outgoing connection: RabbitMQ once failed with `eaddrinuse` that way.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_768);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-32767")
 }
 
 /// A fresh private directory under the system temp dir, removed on drop.

@@ -4,11 +4,13 @@
 //!
 //! Needs `mosquitto` (Debian package; `scripts/setup/mirror.sh` installs it).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use super::free_port;
 
 /// File name of the broker's Unix-domain socket in its directory.
 const UNIX_SOCKET: &str = "mqtt.sock";
@@ -54,14 +56,6 @@ fn binary() -> PathBuf {
         }
     }
     panic!("mosquitto not found: run scripts/setup/mirror.sh");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn unique_dir() -> PathBuf {
