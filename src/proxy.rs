@@ -6,6 +6,7 @@
 //! The credentials are a secret: [`Proxy`]'s `Debug` and [`Proxy::display`] show
 //! `http://host:port` only, and no error repeats them.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -13,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::authority::split_host_port;
+use crate::authority::{split_host_port, valid_host};
 
 /// Largest proxy response head read, bytes; a longer one is refused.
 const MAX_HEAD: usize = 8 * 1024;
@@ -261,6 +262,14 @@ impl Route {
         Route { proxy, no_proxy }
     }
 
+    /// The `NO_PROXY` entries that can never match a host ([`no_proxy_unusable`]).
+    pub fn unusable_no_proxy(&self) -> Vec<&str> {
+        self.no_proxy
+            .as_deref()
+            .map(no_proxy_unusable)
+            .unwrap_or_default()
+    }
+
     /// The proxy to reach `host` through, or None when `NO_PROXY` names it.
     pub fn for_host(&self, host: &str) -> Option<&Proxy> {
         let bypass = self
@@ -271,31 +280,104 @@ impl Route {
     }
 }
 
-/// Is `host` excluded from the proxy by a `NO_PROXY` list (comma- or space-separated:
-/// `*`, host names matching themselves and their subdomains, a leading `.` or `*.`
-/// allowed, an optional `:port` ignored, IP addresses matched exactly; case-insensitive)?
-pub fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
-    let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+/// One entry of a `NO_PROXY` list, as curl, Go and Python read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NoProxyEntry {
+    /// `*`: every host.
+    Any,
+    /// An IP address (`10.0.0.7`, `::1`, `[::1]:443`): that address.
+    Address(IpAddr),
+    /// A network in CIDR notation (`10.0.0.0/8`, `fd00::/8`): every address in it.
+    Network(IpAddr, u8),
+    /// A host name, lower case, without `:port` or a leading `.` or `*.`: the name and
+    /// its subdomains.
+    Name(String),
+}
+
+impl NoProxyEntry {
+    /// The entry, or None when it can never match a host (a URL, a path, a bad network).
+    fn parse(entry: &str) -> Option<NoProxyEntry> {
+        if entry == "*" {
+            return Some(NoProxyEntry::Any);
+        }
+        if let Some((net, bits)) = entry.split_once('/') {
+            let net: IpAddr = net.trim_matches(['[', ']']).parse().ok()?;
+            let bits: u8 = bits
+                .parse()
+                .ok()
+                .filter(|b| bits.bytes().all(|c| c.is_ascii_digit()) && *b <= max_bits(net))?;
+            return Some(NoProxyEntry::Network(net, bits));
+        }
+        if let Ok(ip) = entry.parse::<IpAddr>() {
+            return Some(NoProxyEntry::Address(ip));
+        }
+        let (host, _) = split_host_port(entry, 0)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Some(NoProxyEntry::Address(ip));
+        }
+        let name = host.trim_start_matches("*.").trim_start_matches('.');
+        (!name.is_empty() && valid_host(name))
+            .then(|| NoProxyEntry::Name(name.to_ascii_lowercase()))
+    }
+
+    /// Does it name `host` (a name, or an address without brackets)?
+    fn matches(&self, host: &str, ip: Option<IpAddr>) -> bool {
+        match self {
+            NoProxyEntry::Any => true,
+            NoProxyEntry::Address(a) => ip == Some(*a),
+            NoProxyEntry::Network(net, bits) => ip.is_some_and(|ip| in_network(ip, *net, *bits)),
+            NoProxyEntry::Name(name) => {
+                host == name
+                    || host
+                        .strip_suffix(name.as_str())
+                        .is_some_and(|prefix| prefix.ends_with('.'))
+            }
+        }
+    }
+}
+
+fn max_bits(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// Is `ip` in `net/bits`? Addresses of the other family never are.
+fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    let (ip, net, width) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => (u32::from(a) as u128, u32::from(n) as u128, 32),
+        (IpAddr::V6(a), IpAddr::V6(n)) => (u128::from(a), u128::from(n), 128),
+        _ => return false,
+    };
+    let shift = width - u32::from(bits);
+    shift >= width || (ip >> shift) == (net >> shift)
+}
+
+fn no_proxy_entries(no_proxy: &str) -> impl Iterator<Item = &str> {
     no_proxy
-        .split([',', ' '])
+        .split([',', ' ', '\t'])
         .map(str::trim)
         .filter(|e| !e.is_empty())
-        .any(|entry| {
-            if entry == "*" {
-                return true;
-            }
-            let entry = entry.to_ascii_lowercase();
-            let entry = match split_host_port(&entry, 0) {
-                Some((h, _)) => h,
-                None => entry,
-            };
-            let name = entry.trim_start_matches("*.").trim_start_matches('.');
-            !name.is_empty()
-                && (host == name
-                    || host
-                        .strip_suffix(name)
-                        .is_some_and(|prefix| prefix.ends_with('.')))
-        })
+}
+
+/// Is `host` excluded from the proxy by a `NO_PROXY` list (comma- or space-separated:
+/// `*`; host names matching themselves and their subdomains, a leading `.` or `*.`
+/// allowed; IP addresses matched exactly and networks in CIDR notation (`10.0.0.0/8`);
+/// an optional `:port` ignored; case-insensitive)? Entries that can never match are
+/// skipped: [`no_proxy_unusable`] names them.
+pub fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
+    let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+    let ip = host.parse::<IpAddr>().ok();
+    no_proxy_entries(no_proxy)
+        .filter_map(|e| NoProxyEntry::parse(&e.to_ascii_lowercase()))
+        .any(|e| e.matches(&host, ip))
+}
+
+/// The entries of a `NO_PROXY` list that can never match a host (a URL such as
+/// `http://x`, a path, a network with a bad prefix length): each is skipped, as other
+/// programs skip it, and the operator should hear of it.
+pub fn no_proxy_unusable(no_proxy: &str) -> Vec<&str> {
+    no_proxy_entries(no_proxy)
+        .filter(|e| NoProxyEntry::parse(&e.to_ascii_lowercase()).is_none())
+        .collect()
 }
 
 #[cfg(test)]
@@ -361,6 +443,51 @@ mod tests {
         }
         assert!(no_proxy_matches("*", "anything"));
         assert!(!no_proxy_matches("", "anything"));
+    }
+
+    #[test]
+    fn no_proxy_networks_match_the_addresses_in_them() {
+        let list = "10.0.0.0/8,192.168.4.0/23 fd00::/8,[2001:db8::1],0.0.0.0/0x,172.16.0.0/33";
+        for host in [
+            "10.1.2.3",
+            "192.168.5.255",
+            "fd12::1",
+            "[fd00::2]",
+            "2001:db8::1",
+        ] {
+            assert!(no_proxy_matches(list, host), "{host}");
+        }
+        for host in [
+            "11.0.0.1",
+            "192.168.6.0",
+            "fe80::1",
+            "2001:db8::2",
+            "10.example",
+            "172.16.0.1",
+        ] {
+            assert!(!no_proxy_matches(list, host), "{host}");
+        }
+        assert!(no_proxy_matches("0.0.0.0/0", "203.0.113.9"));
+        assert!(
+            !no_proxy_matches("0.0.0.0/0", "::1"),
+            "IPv4 networks hold no IPv6 host"
+        );
+        assert!(no_proxy_matches("::/0", "::1"));
+        assert!(no_proxy_matches("10.0.0.7/32", "10.0.0.7"));
+        assert!(!no_proxy_matches("10.0.0.7/32", "10.0.0.6"));
+    }
+
+    #[test]
+    fn no_proxy_entries_that_never_match_are_named() {
+        assert_eq!(
+            no_proxy_unusable(
+                "localhost,http://proxy.corp:3128, .corp,10.0.0.0/40,a/b,,*,::1,10.0.0.0/8"
+            ),
+            ["http://proxy.corp:3128", "10.0.0.0/40", "a/b"]
+        );
+        assert!(no_proxy_unusable("").is_empty());
+        // They are skipped, and the rest of the list still applies.
+        assert!(no_proxy_matches("http://x, .corp", "a.corp"));
     }
 
     #[tokio::test]
