@@ -125,10 +125,25 @@ pub fn token_endpoint(authority: &str, tenant: &str) -> Result<Uri, String> {
     {
         return Err("tenant_id must be the directory's GUID or domain name".into());
     }
+    let not_a_url = "authority_host must be a URL such as https://login.microsoftonline.com";
+    let host: Uri = base.parse().map_err(|_| not_a_url)?;
+    check_scheme(&host, "authority_host")?;
+    // The tenant and the token path are appended: a path, query or fragment of its own
+    // would send the request elsewhere (`https://h/common` + tenant, `https://h?x` + path).
+    if !matches!(
+        host.path_and_query().map(|p| p.as_str()),
+        None | Some("" | "/")
+    ) || base.contains('#')
+    {
+        return Err(
+            "authority_host must be scheme and host only (https://login.microsoftonline.com): \
+             the tenant and the token path are added to it"
+                .into(),
+        );
+    }
     let uri: Uri = format!("{base}/{tenant}/oauth2/v2.0/token")
         .parse()
-        .map_err(|_| "authority_host must be a URL such as https://login.microsoftonline.com")?;
-    check_scheme(&uri, "authority_host")?;
+        .map_err(|_| not_a_url)?;
     Ok(uri)
 }
 
@@ -576,6 +591,20 @@ mod tests {
                 .contains("loopback")
         );
         assert!(token_endpoint(AUTHORITY, "a/b").is_err());
+        for authority in [
+            "https://login.microsoftonline.com/common",
+            "https://login.microsoftonline.com/?x=1",
+            "https://login.microsoftonline.com?x=1",
+            "https://login.microsoftonline.com/#f",
+        ] {
+            assert!(
+                token_endpoint(authority, "t")
+                    .unwrap_err()
+                    .contains("scheme and host only"),
+                "{authority}"
+            );
+        }
+        assert!(token_endpoint("https://login.microsoftonline.us:443/", "t").is_ok());
         assert!(identity_endpoint(ARC_ENDPOINT).is_ok());
         let imds = "http://169.254.169.254/metadata/identity/oauth2/token";
         assert!(identity_endpoint(imds).is_ok(), "Azure IMDS is link-local");

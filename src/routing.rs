@@ -13,6 +13,11 @@ pub enum RoutingError {
     Unclosed(usize),
     #[error("template is empty")]
     Empty,
+    #[error(
+        "{{prop:{0}}} can never match: application property keys are kept to {max} bytes",
+        max = crate::event::PROP_KEY_MAX
+    )]
+    PropNameTooLong(String),
     #[error("filter is empty")]
     EmptyFilter,
     #[error("'#' must be the last level and alone in it")]
@@ -23,6 +28,21 @@ pub enum RoutingError {
     FilterTooLong(usize),
     #[error("filter has control characters (topics never have them)")]
     FilterControlCharacter,
+    #[error(
+        "'{0}' cannot be part of a topic name: '+' and '#' are MQTT wildcards, and controls \
+         and noncharacters are forbidden in MQTT strings"
+    )]
+    LiteralNotInTopics(char),
+    #[error(
+        "a topic must not begin with '$': MQTT reserves such topics for the broker, and \
+         '#' and '+' filters (a panel's default included) never match them"
+    )]
+    LiteralDollar,
+    #[error(
+        "every topic would be over {max} bytes and cut: the text alone renders to at least \
+         {min} bytes (each placeholder at least 1)"
+    )]
+    TemplateTooLong { min: usize, max: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +93,13 @@ impl Template {
                 "subscription" => Part::Subscription,
                 "content_type" => Part::ContentType,
                 "correlation_id" => Part::CorrelationId,
-                n if n.starts_with("prop:") && n.len() > 5 => Part::Prop(n[5..].to_string()),
+                n if n.starts_with("prop:") && n.len() > 5 => {
+                    let key = &n[5..];
+                    if key.len() > crate::event::PROP_KEY_MAX {
+                        return Err(RoutingError::PropNameTooLong(key.to_string()));
+                    }
+                    Part::Prop(key.to_string())
+                }
                 n => return Err(RoutingError::UnknownPlaceholder(n.to_string())),
             });
             offset += open + close + 1;
@@ -82,12 +108,36 @@ impl Template {
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));
         }
+        let literal = parts.iter().filter_map(|p| match p {
+            Part::Lit(l) => Some(l.as_str()),
+            _ => None,
+        });
+        if let Some(c) = literal
+            .clone()
+            .flat_map(str::chars)
+            .find(|c| matches!(c, '+' | '#') || mqtt_forbidden(*c))
+        {
+            return Err(RoutingError::LiteralNotInTopics(c));
+        }
+        if matches!(parts.first(), Some(Part::Lit(l)) if l.starts_with('$')) {
+            return Err(RoutingError::LiteralDollar);
+        }
+        let min = literal.map(str::len).sum::<usize>()
+            + parts.iter().filter(|p| !matches!(p, Part::Lit(_))).count();
+        if min > crate::event::TOPIC_MAX {
+            return Err(RoutingError::TemplateTooLong {
+                min,
+                max: crate::event::TOPIC_MAX,
+            });
+        }
         Ok(Template { parts })
     }
 
     /// Render the topic for an event. Missing or empty values become `_`; characters
-    /// that are illegal in MQTT topic names (`+`, `#`, NUL) become `_`. Returns the topic
-    /// and whether it had to be cut to [`crate::event::TOPIC_MAX`] bytes.
+    /// that are illegal in MQTT topic names (`+`, `#`, [`mqtt_forbidden`]) become `_`, and
+    /// so does a leading `$` (MQTT 3.1.1 §4.7.2: such topics are the broker's, and `#`
+    /// never matches them). Returns the topic and whether it had to be cut to
+    /// [`crate::event::TOPIC_MAX`] bytes.
     pub fn render(&self, meta: &EventMeta, origin: Origin<'_>) -> (Topic, bool) {
         let mut out = Topic::new();
         let mut cut = false;
@@ -117,6 +167,7 @@ fn push_clean(out: &mut Topic, s: &str, cut: &mut bool) {
     for c in s.chars() {
         let c = match c {
             '+' | '#' => '_',
+            '$' if out.is_empty() => '_',
             c if mqtt_forbidden(c) => '_',
             c => c,
         };
@@ -139,6 +190,9 @@ pub fn mqtt_forbidden(c: char) -> bool {
         || (0xFDD0..=0xFDEF).contains(&u)
         || u & 0xFFFE == 0xFFFE
 }
+
+/// Longest MQTT UTF-8 string (a two-byte length prefix, MQTT 5.0 §1.5.4).
+pub const MQTT_STRING_MAX: usize = 65_535;
 
 /// `s` with every [`mqtt_forbidden`] character replaced by `repl` and cut to at most
 /// `max` bytes (on a character boundary); borrowed when already clean and short enough.
@@ -335,6 +389,50 @@ mod tests {
         );
         assert_eq!(Template::parse(""), Err(RoutingError::Empty));
         assert!(Template::parse("{prop:}").is_err());
+        // Text the renderer would have rewritten or cut is refused at load.
+        for (tpl, c) in [
+            ("line+1/{subject}", '+'),
+            ("{subject}/#", '#'),
+            ("a\u{7}b/{subject}", '\u{7}'),
+            ("x/{subject}\u{FFFF}", '\u{FFFF}'),
+            ("{prop:line}/\u{85}", '\u{85}'),
+        ] {
+            assert_eq!(
+                Template::parse(tpl),
+                Err(RoutingError::LiteralNotInTopics(c)),
+                "{tpl:?}"
+            );
+        }
+        assert_eq!(
+            Template::parse("$SYS/{subject}"),
+            Err(RoutingError::LiteralDollar)
+        );
+        assert!(Template::parse("a/$x/{subject}").is_ok());
+        let long = format!("{}/{{subject}}", "l".repeat(255));
+        assert_eq!(
+            Template::parse(&long),
+            Err(RoutingError::TemplateTooLong { min: 257, max: 256 })
+        );
+        assert!(Template::parse(&format!("{}/{{subject}}", "l".repeat(254))).is_ok());
+        let key = "k".repeat(crate::event::PROP_KEY_MAX + 1);
+        assert_eq!(
+            Template::parse(&format!("{{prop:{key}}}")),
+            Err(RoutingError::PropNameTooLong(key))
+        );
+        let key = "k".repeat(crate::event::PROP_KEY_MAX);
+        assert!(Template::parse(&format!("{{prop:{key}}}")).is_ok());
+    }
+
+    #[test]
+    fn a_leading_dollar_from_the_data_is_replaced() {
+        let mut m = meta();
+        m.subject = Some(IdString::try_from("$SYS/broker/load").unwrap());
+        let (t, cut) = Template::parse("{subject}").unwrap().render(&m, O);
+        assert_eq!(t.as_str(), "_SYS/broker/load");
+        assert!(!cut);
+        // Only at the start: further on, '$' is an ordinary character.
+        let (t, _) = Template::parse("a/{subject}").unwrap().render(&m, O);
+        assert_eq!(t.as_str(), "a/$SYS/broker/load");
     }
 
     #[test]

@@ -469,6 +469,66 @@ pub fn default_client_id() -> String {
 }
 
 /// A config string that goes on the MQTT wire as-is must be valid there.
+/// The journal's snapshot directory, from `key`: absolute and printable.
+fn state_dir_ok(key: &str, d: &Path) -> Result<(), ConfigError> {
+    if d.as_os_str().is_empty() || !d.is_absolute() {
+        return Err(invalid(
+            key,
+            "must be an absolute path (the value is not shown: it may be a secret pasted there)",
+        ));
+    }
+    printable(key, &d.to_string_lossy())
+}
+
+/// A topic or subscription name. With `asb`, the rules Service Bus applies to entity
+/// names: at most `max` characters of letters, digits, `.`, `-` and `_`, and for a topic
+/// also `/` between path segments (`a/b`, not `/a`, `a/` or `a//b`). Without, any
+/// printable text without surrounding whitespace.
+fn entity_name(key: &str, v: &str, asb: bool, max: usize, slash: bool) -> Result<(), ConfigError> {
+    if v.trim().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if v.trim() != v {
+        return Err(invalid(key, "must not begin or end with whitespace"));
+    }
+    if !asb {
+        return Ok(());
+    }
+    if v.chars().count() > max {
+        return Err(invalid(
+            key,
+            format!("is longer than {max} characters, the most Service Bus allows"),
+        ));
+    }
+    let allowed =
+        |c: char| c.is_alphanumeric() || matches!(c, '.' | '-' | '_') || (slash && c == '/');
+    if let Some(c) = v.chars().find(|c| !allowed(*c)) {
+        let what = if slash {
+            "letters, digits, '.', '-', '_' and '/'"
+        } else {
+            "letters, digits, '.', '-' and '_'"
+        };
+        return Err(invalid(
+            key,
+            format!(
+                "holds {}: Service Bus names have only {what} (set `address` for another broker)",
+                if c.is_whitespace() || c.is_control() {
+                    format!("U+{:04X}", c as u32)
+                } else {
+                    format!("'{c}'")
+                }
+            ),
+        ));
+    }
+    if slash && v.split('/').any(str::is_empty) {
+        return Err(invalid(
+            key,
+            "has an empty path segment ('/' at the start or end, or '//')",
+        ));
+    }
+    Ok(())
+}
+
 fn mqtt_text(key: &'static str, s: &str) -> Result<(), ConfigError> {
     match s.chars().find(|c| crate::routing::mqtt_forbidden(*c)) {
         Some(c) => Err(invalid(
@@ -624,10 +684,13 @@ impl Config {
         let source_proxy = resolve_proxy(&f.source, env)?;
         let source_identity = resolve_identity(&f.source, env)?;
         let mut f = f;
-        if f.journal.state_dir.is_none() {
-            f.journal.state_dir = env.state_dir.clone();
-        }
         f.journal.validate()?;
+        if f.journal.state_dir.is_none()
+            && let Some(d) = &env.state_dir
+        {
+            state_dir_ok("STATE_DIRECTORY (environment)", d)?;
+            f.journal.state_dir = Some(d.clone());
+        }
         f.panels.validate()?;
         f.panels.tls = resolve_panel_tls(&f.panels, env)?;
         let mqtt_password = match &f.mqtt {
@@ -655,7 +718,8 @@ impl Config {
     }
 
     /// What the operator should know at start (and `check-config` prints): a panel port
-    /// reachable from the network without TLS, a certificate expiring soon.
+    /// reachable from the network without TLS, a certificate expiring soon, a `NO_PROXY`
+    /// entry that can never match.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         let p = &self.panels;
@@ -672,6 +736,15 @@ impl Config {
                 &tls.files,
                 tls.not_after,
             ));
+        }
+        if let Some(route) = &self.source_proxy {
+            for entry in route.unusable_no_proxy() {
+                let shown: String = entry.chars().take(64).collect();
+                w.push(format!(
+                    "NO_PROXY entry {shown:?} can never match a host and is skipped: entries \
+                     are host names (.corp.example), addresses, networks (10.0.0.0/8) or *"
+                ));
+            }
         }
         if let Some(tls) = self.mqtt.as_ref().and_then(|m| m.client_tls.as_ref()) {
             w.extend(crate::tls::certs::expiry_warning(
@@ -723,16 +796,30 @@ impl SourceConfig {
                     printable(&format!("source.subscriptions[{i}].{field}"), v)?;
                 }
             }
-            if s.topic.trim().is_empty() {
+            // Without `address`, the two names make the ASB link address, so they must be
+            // names ASB accepts; with it, they only label the link and fill `{topic}` and
+            // `{subscription}`.
+            let asb = s.address.is_none();
+            entity_name(
+                &format!("source.subscriptions[{i}].topic"),
+                &s.topic,
+                asb,
+                260,
+                true,
+            )?;
+            entity_name(
+                &format!("source.subscriptions[{i}].subscription"),
+                &s.subscription,
+                asb,
+                50,
+                false,
+            )?;
+            if let Some(a) = &s.address
+                && (a.trim().is_empty() || a.trim() != a)
+            {
                 return Err(invalid(
-                    &format!("source.subscriptions[{i}].topic"),
-                    "must not be empty",
-                ));
-            }
-            if s.subscription.trim().is_empty() {
-                return Err(invalid(
-                    &format!("source.subscriptions[{i}].subscription"),
-                    "must not be empty",
+                    &format!("source.subscriptions[{i}].address"),
+                    "must not be empty nor begin or end with whitespace",
                 ));
             }
             if self.subscriptions[..i].contains(s) {
@@ -920,16 +1007,8 @@ impl JournalConfig {
                 format!("must be between 0 and 86400 (got {})", self.checkpoint_secs),
             ));
         }
-        if let Some(d) = &self.state_dir
-            && (d.as_os_str().is_empty() || !d.is_absolute())
-        {
-            return Err(invalid(
-                "journal.state_dir",
-                "must be an absolute path (the value is not shown: it may be a secret pasted there)",
-            ));
-        }
         if let Some(d) = &self.state_dir {
-            printable("journal.state_dir", &d.to_string_lossy())?;
+            state_dir_ok("journal.state_dir", d)?;
         }
         if self.unsettled > self.events {
             return Err(invalid(
@@ -1033,6 +1112,27 @@ impl MqttConfig {
             return Err(invalid(
                 "mqtt.prefix",
                 "must be a topic without wildcards or a trailing '/'",
+            ));
+        }
+        if self.prefix.starts_with('$') {
+            return Err(invalid(
+                "mqtt.prefix",
+                "must not begin with '$': MQTT reserves such topics for the broker, and \
+                 '#' and '+' subscriptions never see them",
+            ));
+        }
+        // `{prefix}/{topic}` must stay one MQTT string, or the mirror would cut topics.
+        let room = crate::routing::MQTT_STRING_MAX - 1 - crate::event::TOPIC_MAX;
+        if self.prefix.len() > room {
+            return Err(invalid(
+                "mqtt.prefix",
+                format!(
+                    "is {} bytes; at most {room}, so that prefix, '/' and a topic of {} bytes \
+                     fit one MQTT string ({} bytes)",
+                    self.prefix.len(),
+                    crate::event::TOPIC_MAX,
+                    crate::routing::MQTT_STRING_MAX
+                ),
             ));
         }
         if self.qos > 2 {
@@ -1466,6 +1566,119 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{text}\n{e}");
+    }
+
+    #[test]
+    fn names_the_data_path_would_mangle_are_refused() {
+        let subs =
+            "[[source.subscriptions]]\ntopic = \"operational-events\"\nsubscription = \"edge\"\n";
+        // Names without '"' or '\\', so they quote as they are.
+        let sub = |name: &str| minimal().replace("\"edge\"", &format!("\"{name}\""));
+        let topic =
+            |name: &str| minimal().replace("\"operational-events\"", &format!("\"{name}\""));
+        for (text, key) in [
+            (
+                sub(" edge"),
+                "subscription: must not begin or end with whitespace",
+            ),
+            (
+                sub("edge\u{a0}"),
+                "subscription: must not begin or end with whitespace",
+            ),
+            (
+                sub("ed ge"),
+                "subscription: holds U+0020: Service Bus names",
+            ),
+            (sub("a/b"), "subscription: holds '/'"),
+            (sub(&"s".repeat(51)), "subscription: is longer than 50"),
+            (topic("a b"), "topic: holds U+0020"),
+            (topic("events?x"), "topic: holds '?'"),
+            (topic("/events"), "topic: has an empty path segment"),
+            (topic("a//b"), "topic: has an empty path segment"),
+            (topic(&"t".repeat(261)), "topic: is longer than 260"),
+            (
+                minimal().replace(subs, &format!("{subs}address = \" q\"\n")),
+                "address: must not be empty nor begin or end",
+            ),
+            (
+                minimal() + "[routing]\ntopic = \"line+1/{subject}\"\n",
+                "routing.topic: '+' cannot be part of a topic",
+            ),
+            (
+                minimal() + "[routing]\ntopic = \"$SYS/{subject}\"\n",
+                "routing.topic: a topic must not begin with '$'",
+            ),
+            (
+                minimal() + "[mqtt]\nprefix = \"$factory\"\n",
+                "mqtt.prefix: must not begin with '$'",
+            ),
+            (
+                minimal() + &format!("[mqtt]\nprefix = \"{}\"\n", "p".repeat(65_279)),
+                "mqtt.prefix: is 65279 bytes; at most 65278",
+            ),
+        ] {
+            assert_refused(&text, key);
+        }
+        // Nested topics, and any text when `address` names the link.
+        for text in [
+            topic("plant-7/line_1.events"),
+            sub("Edge.Box-17_a"),
+            minimal().replace(subs, "[[source.subscriptions]]\ntopic = \"rabbit mq\"\nsubscription = \"q/1\"\naddress = \"/queues/q1\"\n"),
+            minimal() + &format!("[mqtt]\nprefix = \"{}\"\n", "p".repeat(65_278)),
+            minimal() + "[mqtt]\nprefix = \"a/$b\"\n",
+        ] {
+            Config::parse(&text, &LoadEnv::default()).unwrap_or_else(|e| panic!("{text}\n{e}"));
+        }
+    }
+
+    #[test]
+    fn a_relative_state_directory_is_blamed_on_the_variable() {
+        let env = LoadEnv {
+            state_dir: Some(PathBuf::from("var/lib/asb-gateway")),
+            ..LoadEnv::default()
+        };
+        let e = Config::parse(&minimal(), &env).unwrap_err().to_string();
+        assert!(
+            e.starts_with("STATE_DIRECTORY (environment): must be an absolute path"),
+            "{e}"
+        );
+        // journal.state_dir, when set, is used and the variable is not looked at.
+        let text = minimal() + "[journal]\nstate_dir = \"/var/lib/gw\"\n";
+        let c = Config::parse(&text, &env).unwrap();
+        assert_eq!(c.journal.state_dir, Some(PathBuf::from("/var/lib/gw")));
+        let e = Config::parse(&(minimal() + "[journal]\nstate_dir = \"rel\"\n"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("journal.state_dir: must be an absolute path"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_proxy_entries_that_never_match_are_warned_of() {
+        let env = LoadEnv {
+            https_proxy: Some("http://proxy.plant:3128".into()),
+            no_proxy: Some("localhost,http://x.corp,10.0.0.0/8".into()),
+            ..LoadEnv::default()
+        };
+        let c = Config::parse(&minimal(), &env).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("NO_PROXY entry \"http://x.corp\" can never match"),
+            "{w:?}"
+        );
+        let env = LoadEnv {
+            no_proxy: Some("localhost,10.0.0.0/8".into()),
+            ..env
+        };
+        assert!(
+            Config::parse(&minimal(), &env)
+                .unwrap()
+                .warnings()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use rumqttc::{Outgoing, QoS, TlsConfiguration, Transport};
 
 use crate::config::{BrokerUrl, Endpoint, MqttConfig, MqttProtocol, Secret};
+use crate::routing::MQTT_STRING_MAX;
 
 /// What the mirror learns from one poll of the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,9 +237,6 @@ pub fn new(o: &Options<'_>) -> (Submitter, Driver) {
         }
     }
 }
-
-/// Longest MQTT UTF-8 string (a two-byte length prefix).
-pub const MQTT_STRING_MAX: usize = 65_535;
 
 /// Topics may not carry wildcards, nor what MQTT forbids in strings
 /// ([`crate::routing::mqtt_forbidden`]); replace them so every submit is accepted (a

@@ -539,7 +539,7 @@ impl Mirror {
         let v5 = self.cfg.protocol == MqttProtocol::V5;
         let props = v5.then(|| {
             // Values cut to the limits of DESIGN §3 and cleaned of what MQTT forbids.
-            let text = |s: &str| mqtt_clean(s, '?', client::MQTT_STRING_MAX).into_owned();
+            let text = |s: &str| mqtt_clean(s, '?', crate::routing::MQTT_STRING_MAX).into_owned();
             let mut user = Vec::with_capacity(4);
             user.push(("seq".to_string(), ev.seq.to_string()));
             let mut ct = None;
