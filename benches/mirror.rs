@@ -11,7 +11,10 @@
 //! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`,
 //! `MIRROR_BENCH_ROUNDS=3` (gateway rounds, off and on alternating; medians and their
 //! ratio are printed), `MIRROR_BENCH_ONLY=gateway` (skip the mirror-alone part; `gateway-on`: only the
-//! mirror-on gateway path, for a profiler).
+//! mirror-on gateway path, for a profiler). To test what bounds the gateway path:
+//! `MIRROR_BENCH_INFLIGHT=32` (`mqtt.inflight`), `MIRROR_BENCH_UNSETTLED=256`
+//! (`journal.unsettled`), `MIRROR_BENCH_BROKER='max_inflight_messages 0'` (lines added to
+//! mosquitto.conf, `\n` between them; this one lifts the Receive Maximum of 20).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -30,6 +33,14 @@ use tokio::sync::mpsc;
 
 const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
 const UNSETTLED: usize = 256;
+
+/// `journal.unsettled` of the gateway path: `MIRROR_BENCH_UNSETTLED`, else [`UNSETTLED`].
+fn gateway_unsettled() -> usize {
+    std::env::var("MIRROR_BENCH_UNSETTLED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(UNSETTLED)
+}
 
 fn context(mqtt: Option<String>) -> Arc<Context> {
     let text = format!(
@@ -215,8 +226,9 @@ async fn gateway_path(broker: &Broker, n: u64, via: Via) -> Path {
     let text = format!(
         "[source]\nconnection_string = \"{}\"\n[[source.subscriptions]]\n\
          topic = \"operational-events\"\nsubscription = \"edge\"\n\
-         [journal]\nevents = 4096\nunsettled = {UNSETTLED}\n[budget]\nmemory_mib = 256\n{}",
+         [journal]\nevents = 4096\nunsettled = {}\n[budget]\nmemory_mib = 256\n{}",
         emu.connection_string(),
+        gateway_unsettled(),
         mqtt.map(|m| format!("[mqtt]\n{m}\n")).unwrap_or_default()
     );
     let ctx = Context::new(Config::parse(&text, &LoadEnv::default()).unwrap());
@@ -311,7 +323,14 @@ fn main() {
     // A subscriber slower than the mirror must not have messages dropped by the broker's
     // per-client queue limit (default 1000).
     let broker = support::mosquitto::Mosquitto::start_with(support::mosquitto::MosquittoOptions {
-        extra: "max_queued_messages 0\nmax_queued_bytes 0".into(),
+        // MIRROR_BENCH_BROKER: more mosquitto.conf lines (e.g. `max_inflight_messages 0`,
+        // the broker's Receive Maximum).
+        extra: format!(
+            "max_queued_messages 0\nmax_queued_bytes 0\n{}",
+            std::env::var("MIRROR_BENCH_BROKER")
+                .unwrap_or_default()
+                .replace("\\n", "\n")
+        ),
         unix_socket: true,
         ..Default::default()
     });
@@ -329,8 +348,9 @@ fn main() {
             mirror_alone(broker.port, n).await;
         }
         println!(
-            "\ngateway: {gw_n} messages preloaded in the emulator, unsettled = {UNSETTLED}, \
-             {rounds} round(s) alternating"
+            "\ngateway: {gw_n} messages preloaded in the emulator, unsettled = {}, \
+             {rounds} round(s) alternating",
+            gateway_unsettled()
         );
         let (mut offs, mut ons, mut unixes) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
