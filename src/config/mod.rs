@@ -1080,6 +1080,13 @@ impl PanelsConfig {
             if self.tokens[..i].iter().any(|o| o.name == t.name) {
                 return Err(invalid(&format!("{key}.name"), "names must be unique"));
             }
+            if let Some(j) = self.tokens[..i].iter().position(|o| o.sha256 == t.sha256) {
+                // The first would always win: this entry's name and allow would never apply.
+                return Err(invalid(
+                    &format!("{key}.sha256"),
+                    format!("is the same token as panels.tokens[{j}] (each token must differ)"),
+                ));
+            }
             if t.allow.is_empty() {
                 return Err(invalid(
                     &format!("{key}.allow"),
@@ -1737,6 +1744,10 @@ mod tests {
             (
                 minimal() + token + "name = \"line1 \"\n",
                 "panels.tokens[0].name: must not begin or end",
+            ),
+            (
+                minimal() + token + "name = \"a\"\n" + token + "name = \"b\"\n",
+                "panels.tokens[1].sha256: is the same token as panels.tokens[0]",
             ),
             (
                 minimal() + "[mqtt]\nclient_id = \"  \"\n",
