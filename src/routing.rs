@@ -14,10 +14,16 @@ pub enum RoutingError {
     #[error("template is empty")]
     Empty,
     #[error(
-        "{{prop:{0}}} can never match: application property keys are kept to {max} bytes",
+        "{{prop:…}} with a key over {max} bytes can never match: application property keys \
+         are kept to {max} bytes",
         max = crate::event::PROP_KEY_MAX
     )]
-    PropNameTooLong(String),
+    PropNameTooLong,
+    #[error(
+        "{{prop:…}} with a control character can never match: control characters in \
+         property keys are replaced by '?'"
+    )]
+    PropNameControl,
     #[error("filter is empty")]
     EmptyFilter,
     #[error("'#' must be the last level and alone in it")]
@@ -96,7 +102,10 @@ impl Template {
                 n if n.starts_with("prop:") && n.len() > 5 => {
                     let key = &n[5..];
                     if key.len() > crate::event::PROP_KEY_MAX {
-                        return Err(RoutingError::PropNameTooLong(key.to_string()));
+                        return Err(RoutingError::PropNameTooLong);
+                    }
+                    if key.chars().any(char::is_control) {
+                        return Err(RoutingError::PropNameControl);
                     }
                     Part::Prop(key.to_string())
                 }
@@ -417,7 +426,11 @@ mod tests {
         let key = "k".repeat(crate::event::PROP_KEY_MAX + 1);
         assert_eq!(
             Template::parse(&format!("{{prop:{key}}}")),
-            Err(RoutingError::PropNameTooLong(key))
+            Err(RoutingError::PropNameTooLong)
+        );
+        assert_eq!(
+            Template::parse("{prop:li\u{0}ne}"),
+            Err(RoutingError::PropNameControl)
         );
         let key = "k".repeat(crate::event::PROP_KEY_MAX);
         assert!(Template::parse(&format!("{{prop:{key}}}")).is_ok());
