@@ -563,14 +563,39 @@ fn parse_token(endpoint: &Uri, r: Response) -> Result<AccessToken, IdentityError
             reason: "answered 200 without an access_token".into(),
         })?;
     let now = crate::sas::now_unix();
-    let expires_on = number("expires_on")
-        .or_else(|| number("expires_in").map(|s| now + s))
-        .ok_or_else(|| IdentityError::Http {
-            endpoint: endpoint.clone(),
-            reason: "answered without expires_in or expires_on".into(),
-        })?;
-    Ok(AccessToken { token, expires_on })
+    // `expires_in` (relative) first: `expires_on` is the server's clock, and this box's
+    // may be off by more than a token's life.
+    let lifetime = match (number("expires_in"), number("expires_on")) {
+        (Some(life), _) => life,
+        (None, Some(at)) if at > now => at - now,
+        (None, Some(_)) => {
+            log::warn!(
+                "token endpoint {endpoint} issued a token that expired before now by this \
+                 box's clock; its clock is probably wrong (check NTP). Using it for {} s",
+                TOKEN_LIFETIME_SKEWED
+            );
+            TOKEN_LIFETIME_SKEWED
+        }
+        (None, None) => {
+            return Err(IdentityError::Http {
+                endpoint: endpoint.clone(),
+                reason: "answered without expires_in or expires_on".into(),
+            });
+        }
+    };
+    Ok(AccessToken {
+        token,
+        expires_on: now.saturating_add(lifetime.clamp(1, TOKEN_LIFETIME_MAX)),
+    })
 }
+
+/// The life assumed for a token whose `expires_on` is already past by this box's clock
+/// (a clock running ahead of the token service's), in seconds: renewals then come every
+/// 4 minutes, not as fast as the 1 s floor allows.
+pub const TOKEN_LIFETIME_SKEWED: u64 = 300;
+/// Longest token life believed (s): Entra ID tokens live 1–24 h; a larger figure is a
+/// malformed answer, and would overflow the timers.
+pub const TOKEN_LIFETIME_MAX: u64 = 86_400;
 
 #[cfg(test)]
 mod tests {
@@ -648,12 +673,37 @@ mod tests {
         .unwrap();
         assert_eq!(t.token, "abc");
         assert!(t.expires_on >= crate::sas::now_unix() + 3598);
-        let t = parse_token(
-            &uri,
-            resp(200, r#"{"access_token":"abc","expires_on":1700000000}"#),
-        )
-        .unwrap();
-        assert_eq!(t.expires_on, 1_700_000_000);
+        // An absolute expiry (managed identity) is read against this box's clock; one in
+        // the past (a clock running ahead) is taken as 5 minutes, one absurdly far ahead
+        // (a malformed answer) as 24 h; given both, the relative one wins.
+        let now = crate::sas::now_unix();
+        let cases = [
+            (format!(r#""expires_on":"{}""#, now + 3600), 3600),
+            (
+                r#""expires_on":1700000000"#.to_string(),
+                TOKEN_LIFETIME_SKEWED,
+            ),
+            (
+                r#""expires_on":18000000000000000000"#.to_string(),
+                TOKEN_LIFETIME_MAX,
+            ),
+            (
+                r#""expires_in":"18446744073709551615""#.to_string(),
+                TOKEN_LIFETIME_MAX,
+            ),
+            (r#""expires_in":0"#.to_string(), 1),
+            (r#""expires_in":4"#.to_string(), 4),
+            (
+                format!(r#""expires_in":"3599","expires_on":"{}""#, now - 10),
+                3599,
+            ),
+        ];
+        for (field, life) in cases {
+            let body = format!(r#"{{"access_token":"abc",{field}}}"#);
+            let t = parse_token(&uri, resp(200, &body)).unwrap();
+            let got = t.expires_on - crate::sas::now_unix();
+            assert!(got.abs_diff(life) <= 2, "{field}: {got} s, want {life}");
+        }
         let e = parse_token(
             &uri,
             resp(

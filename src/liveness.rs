@@ -90,6 +90,23 @@ impl Liveness {
         }
     }
 
+    /// Await `step`, beating as `part` meanwhile. For the network steps a loop awaits in
+    /// place — connecting, attaching links, renewing locks and tokens — each bounded by
+    /// its own timeout but together longer than a watchdog interval (five links whose
+    /// attach hangs for the 10 s step limit are 50 s): waiting on a peer is not being
+    /// wedged. The step itself must be bounded; this does not make it so.
+    pub async fn beating<F: std::future::Future>(&self, part: Part, step: F) -> F::Output {
+        let mut beat = tokio::time::interval(self.beat_every);
+        let mut step = std::pin::pin!(step);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut step => return out,
+                _ = beat.tick() => self.beat(part),
+            }
+        }
+    }
+
     /// Test hook: ignore every beat from now on, as if the whole data path hung.
     pub fn wedge(&self) {
         self.wedged.store(true, Ordering::Relaxed);
@@ -119,6 +136,32 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Real time: beats are stamped with `std::time::Instant`.
+    #[tokio::test]
+    async fn a_long_step_keeps_beating() {
+        let l = Liveness {
+            beat_every: Duration::from_millis(20),
+            ..Liveness::default()
+        };
+        l.register(Part::Source);
+        // A step of 30 beat intervals: the part never looks stalled for 10 of them.
+        let step = async {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                assert!(
+                    l.alive(Duration::from_millis(200)),
+                    "{:?}",
+                    l.stalled(Duration::ZERO)
+                );
+            }
+            7
+        };
+        assert_eq!(l.beating(Part::Source, step).await, 7);
+        // Without it, a wait of the same length is a stall.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!l.alive(Duration::from_millis(200)));
+    }
 
     #[test]
     fn liveness_tracks_registered_parts_only() {

@@ -94,7 +94,8 @@ impl Tokens {
     async fn entra_token(&self, e: &Entra) -> Result<AccessToken, SourceError> {
         let now = sas::now_unix();
         if let Some((t, obtained)) = e.cached.lock().unwrap_or_else(|p| p.into_inner()).clone()
-            && t.expires_on.saturating_sub(now) * 2 > t.expires_on.saturating_sub(obtained)
+            && t.expires_on.saturating_sub(now).saturating_mul(2)
+                > t.expires_on.saturating_sub(obtained)
         {
             return Ok(t);
         }
@@ -149,7 +150,10 @@ impl Tokens {
                 (t, expiry, TOKEN_TYPE)
             }
         };
-        let expires = expiry.map(|s| Timestamp::from_milliseconds(s as i64 * 1000));
+        // A ready-made signature's `se=` is whatever the operator pasted.
+        let expires = expiry.map(|s| {
+            Timestamp::from_milliseconds(i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000))
+        });
         let token = CbsToken::new(token, kind, expires);
         cbs.put_token(audience, token)
             .await

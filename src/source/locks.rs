@@ -41,6 +41,22 @@ pub(super) fn locked_until(msg: &AmqpMessage) -> Option<std::time::SystemTime> {
     }
 }
 
+/// The first delay before a failed renewal is tried again is an eighth of the lock's
+/// span, at least this; it doubles with each failure in a row, with jitter.
+const RENEW_RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The next retry delay after `last` (zero: the first failure) for a lock of `span`:
+/// doubled, drawn from `[d/2, d]` like [`crate::backoff::Backoff`], and at least
+/// [`RENEW_RETRY_MIN`].
+fn renew_retry(last: Duration, span: Duration) -> Duration {
+    let d = if last.is_zero() {
+        (span / 8).max(RENEW_RETRY_MIN)
+    } else {
+        (last * 2).min(LOCK_SPAN_MAX)
+    };
+    (d / 2 + (d / 2).mul_f64(fastrand::f64())).max(RENEW_RETRY_MIN)
+}
+
 impl Source {
     /// Renew the locks that are due, one batched `com.microsoft:renew-lock` request per
     /// link, and schedule the next renewal. A lock the broker says is lost is marked so:
@@ -113,6 +129,8 @@ impl Source {
             if let Some(l) = self.tracker.get_mut(*seq).and_then(|h| h.lock.as_mut()) {
                 l.span = span;
                 l.due = now + span / 2;
+                l.expires = now + span;
+                l.retry = Duration::ZERO;
             }
         }
         self.metrics.lock_renewals.add(renewed.len() as u64);
@@ -127,12 +145,19 @@ impl Source {
         let now = Instant::now();
         for (seq, _) in which {
             if let Some(l) = self.tracker.get_mut(*seq).and_then(|h| h.lock.as_mut()) {
-                if lost {
+                if lost || now >= l.expires {
+                    // Lost, or run out while renewals failed: either way the broker
+                    // redelivers the message.
                     l.lost = true;
                     self.metrics.locks_lost.inc();
                 } else {
-                    // Try again soon, within what is left of the lock.
-                    l.due = now + (l.span / 8).max(Duration::from_millis(100));
+                    l.retry = renew_retry(l.retry, l.span);
+                    // Within what is left of the lock: one last try just before it ends.
+                    let left = l.expires - now;
+                    l.due = now
+                        + l.retry
+                            .min(left.saturating_sub(left / 8))
+                            .max(RENEW_RETRY_MIN);
                 }
             }
         }
@@ -157,5 +182,31 @@ impl Source {
             );
             self.renew_logged = Some(kind);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_renewals_back_off() {
+        let span = Duration::from_secs(60);
+        let mut d = Duration::ZERO;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            d = renew_retry(d, span);
+            seen.push(d);
+        }
+        // First: within [span/16, span/8]; then never shorter while under the cap (each
+        // is drawn from [d, 2d] of the one before; the first six stay under 240 s),
+        // growing (the chance that 11 draws stay under 2x is below 1e-9), and never
+        // past the longest lock.
+        assert!(seen[0] >= span / 16 && seen[0] <= span / 8, "{seen:?}");
+        assert!(seen[..6].windows(2).all(|w| w[1] >= w[0]), "{seen:?}");
+        assert!(seen[11] > seen[0] * 2, "{seen:?}");
+        assert!(seen.iter().all(|d| *d <= LOCK_SPAN_MAX), "{seen:?}");
+        // A short lock still waits at least the floor.
+        assert!(renew_retry(Duration::ZERO, LOCK_SPAN_MIN) >= RENEW_RETRY_MIN);
     }
 }

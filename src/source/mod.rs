@@ -108,10 +108,11 @@ pub async fn run_with(
             src.metrics.source_reconnects.inc();
         }
         attempts += 1;
+        let live = src.liveness.clone();
         let connected = tokio::select! {
             biased;
             _ = shutdown.recv() => break,
-            r = src.connect() => r,
+            r = live.beating(Part::Source, src.connect()) => r,
         };
         let failure = match connected {
             Ok(mut conn) => {
@@ -328,17 +329,26 @@ impl Source {
                 Wake::Beat => {}
                 Wake::Ack(Some(h)) => self.on_handoff(h).await,
                 Wake::Ack(None) => self.acks_open = false,
+                // Network steps awaited in place: each bounded by its step timeout, and
+                // beating meanwhile so several in a row do not look like a hang.
                 Wake::Refresh => {
-                    if let Err(e) = self.refresh(conn).await {
+                    let live = self.liveness.clone();
+                    if let Err(e) = live.beating(Part::Source, self.refresh(conn)).await {
                         return Stop::Lost(e);
                     }
                 }
                 Wake::Retry => {
-                    if let Err(e) = self.retry_links(&mut conn.session).await {
+                    let live = self.liveness.clone();
+                    let retry = self.retry_links(&mut conn.session);
+                    if let Err(e) = live.beating(Part::Source, retry).await {
                         return Stop::Lost(e);
                     }
                 }
-                Wake::Renew => self.renew_locks(&mut conn.session).await,
+                Wake::Renew => {
+                    let live = self.liveness.clone();
+                    live.beating(Part::Source, self.renew_locks(&mut conn.session))
+                        .await
+                }
                 Wake::Delivery(i, Ok(d)) => self.on_delivery(i, d).await,
                 Wake::Delivery(i, Err(RecvError::MessageDecode(e))) => {
                     self.metrics.received.inc();
@@ -367,15 +377,9 @@ impl Source {
         self.metrics.received.inc();
         let token = renew::lock_token(&d);
         let (info, msg) = d.into_parts();
-        let lock = token.zip(locked_until(&msg)).map(|(token, until)| {
-            let span = lock_span(until);
-            Lock {
-                token,
-                due: Instant::now() + span / 2,
-                span,
-                lost: false,
-            }
-        });
+        let lock = token
+            .zip(locked_until(&msg))
+            .map(|(token, until)| Lock::new(token, lock_span(until)));
         match decode::decode(&msg, self.settings.max_event_bytes) {
             Ok(decoded) => self.append(i, info, decoded, lock).await,
             Err(rej) => self.dead_letter(i, info, rej).await,

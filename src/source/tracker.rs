@@ -16,9 +16,29 @@ pub struct Lock {
     /// The lock's length as last learned (locked-until minus now); renewals are batched
     /// with those due within a quarter of it.
     pub span: std::time::Duration,
-    /// The broker said the lock is lost: never settle this delivery as if it counted;
-    /// the broker's redelivery takes its place.
+    /// The broker said the lock is lost, or it expired while renewals failed: never
+    /// settle this delivery as if it counted; the broker's redelivery takes its place.
     pub lost: bool,
+    /// When the lock runs out unless renewed (now + span, as last learned).
+    pub expires: tokio::time::Instant,
+    /// The delay before the next renewal attempt after a failure; zero while renewals
+    /// work. Doubles with every failure in a row (see `Source::renew_failed`).
+    pub retry: std::time::Duration,
+}
+
+impl Lock {
+    /// A lock just learned to last `span` from now.
+    pub fn new(token: [u8; 16], span: std::time::Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Lock {
+            token,
+            due: now + span / 2,
+            span,
+            lost: false,
+            expires: now + span,
+            retry: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// A delivery held until its event is handed on.
