@@ -56,9 +56,68 @@ impl Backoff {
     }
 }
 
+/// Pacing for an accept loop whose `accept` fails (out of file descriptors, `EMFILE`,
+/// and the like, which recur until connections close): delays from 10 ms doubling to
+/// 1 s with jitter, started again once an accept works; logged at WARN once per kind
+/// of error until then, at DEBUG after.
+pub struct AcceptErrors {
+    what: &'static str,
+    backoff: Backoff,
+    logged: Option<std::io::ErrorKind>,
+}
+
+impl AcceptErrors {
+    /// For the listener named `what` in the log ("panel server").
+    pub fn new(what: &'static str) -> Self {
+        AcceptErrors {
+            what,
+            backoff: Backoff::new(
+                Duration::from_millis(10),
+                Duration::from_secs(1),
+                Duration::ZERO,
+            ),
+            logged: None,
+        }
+    }
+
+    /// An accept worked.
+    pub fn accepted(&mut self) {
+        if self.logged.take().is_some() {
+            log::info!("{}: accepting connections again", self.what);
+        }
+        self.backoff.up();
+    }
+
+    /// An accept failed with `e`: how long to stop accepting.
+    pub fn failed(&mut self, e: &std::io::Error) -> Duration {
+        let delay = self.backoff.down();
+        if self.logged != Some(e.kind()) {
+            log::warn!(
+                "{}: accept failed: {e}; pausing accepts, backing off",
+                self.what
+            );
+            self.logged = Some(e.kind());
+        } else {
+            log::debug!("{}: accept failed again: {e}", self.what);
+        }
+        delay
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_back_off_and_start_again_after_an_accept() {
+        let emfile = std::io::Error::from_raw_os_error(24);
+        let mut a = AcceptErrors::new("test");
+        let delays: Vec<Duration> = (0..10).map(|_| a.failed(&emfile)).collect();
+        assert!(delays[0] >= Duration::from_millis(5) && delays[0] <= Duration::from_millis(10));
+        assert!(delays[9] >= Duration::from_millis(500) && delays[9] <= Duration::from_secs(1));
+        a.accepted();
+        assert!(a.failed(&emfile) <= Duration::from_millis(10));
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -508,7 +508,8 @@ fn arc_key(endpoint: &Uri, challenge: Option<&str>) -> Result<String, IdentityEr
         .map(|p| p.trim().trim_matches('"'))
         .ok_or_else(|| {
             err(format!(
-                "the challenge {challenge:?} is not Basic realm=<key file>"
+                "the challenge \"{}\" is not Basic realm=<key file>",
+                crate::redact::peer_text(challenge)
             ))
         })?;
     let path = std::path::Path::new(path);
@@ -546,14 +547,16 @@ fn parse_token(endpoint: &Uri, r: Response) -> Result<AccessToken, IdentityError
     };
     if r.status != 200 {
         // Entra's error and the first line of its description (no secret is ever in it).
-        let description = text("error_description")
-            .map(|d| d.lines().next().unwrap_or("").chars().take(300).collect())
-            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).chars().take(200).collect());
+        let description: String = text("error_description")
+            .map(|d| d.lines().next().unwrap_or("").to_string())
+            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
         return Err(IdentityError::Refused {
             endpoint,
             status: r.status,
-            error: text("error").unwrap_or_else(|| "error".into()),
-            description,
+            error: text("error")
+                .map(|e| crate::redact::peer_text(&e).into_owned())
+                .unwrap_or_else(|| "error".into()),
+            description: crate::redact::peer_text(&description).into_owned(),
         });
     }
     let token = text("access_token")

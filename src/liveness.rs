@@ -35,6 +35,13 @@ impl Part {
 
 const NEVER: u64 = u64::MAX;
 
+/// The systemd watchdog interval (`WATCHDOG_USEC`, for this process), or None when the
+/// watchdog is off. `WATCHDOG_USEC=0` means off, as `WatchdogSec=0` does: a zero period
+/// would panic the timers built on it.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
+}
+
 /// Heartbeats of the data path: the last beat of each part, in milliseconds since this
 /// `Liveness` was made. A part is checked once it has beaten (or been registered).
 #[derive(Debug)]
@@ -57,7 +64,7 @@ impl Default for Liveness {
             wedged: AtomicBool::new(false),
             // A quarter of the watchdog interval, so an idle loop beats several times
             // between two checks.
-            beat_every: sd_notify::watchdog_enabled()
+            beat_every: watchdog_interval()
                 .map(|w| (w / 4).clamp(Duration::from_millis(10), BEAT_INTERVAL))
                 .unwrap_or(BEAT_INTERVAL),
         }

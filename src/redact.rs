@@ -5,6 +5,9 @@
 //! `panels.tls_key`, …) may be given the secret itself by mistake: a password, a
 //! connection string, a PEM key. Errors about such a key show the path only when it
 //! looks like one.
+//!
+//! Text a peer sent (a broker's error description, a token service's challenge, a
+//! browser's `Origin`) is shown through [`peer_text`]: bounded, and one line.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -26,9 +29,44 @@ pub fn shown_path(p: &Path) -> Cow<'_, str> {
     }
 }
 
+/// Most characters of a peer's text that logs, errors and `/healthz` show.
+pub const PEER_TEXT_MAX: usize = 200;
+
+/// Text from a peer as logs and errors show it: control characters (line breaks
+/// included) as `?`, cut to [`PEER_TEXT_MAX`] characters with `…` marking the cut. A
+/// peer can make its text as long as its frame; a log line should not be.
+pub fn peer_text(s: &str) -> Cow<'_, str> {
+    if s.chars().count() <= PEER_TEXT_MAX && !s.contains(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out: String = s
+        .chars()
+        .take(PEER_TEXT_MAX)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().nth(PEER_TEXT_MAX).is_some() {
+        out.push('…');
+    }
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_is_one_bounded_line() {
+        assert_eq!(peer_text("lock lost"), "lock lost");
+        assert_eq!(peer_text("a\r\nb\u{1b}[31m"), "a??b?[31m");
+        let long = "x".repeat(10_000);
+        let shown = peer_text(&long);
+        assert_eq!(shown.chars().count(), PEER_TEXT_MAX + 1);
+        assert!(shown.ends_with('…'));
+        assert_eq!(
+            peer_text(&"é".repeat(PEER_TEXT_MAX)).chars().count(),
+            PEER_TEXT_MAX
+        );
+    }
 
     #[test]
     fn paths_are_shown_and_pasted_secrets_are_not() {

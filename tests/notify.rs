@@ -198,6 +198,16 @@ async fn notify_ready_status_and_watchdog_gated_on_liveness() {
     )
     .await
     .expect("watchdog returns when the watchdog is disabled");
+    // WATCHDOG_USEC=0 is off too (WatchdogSec=0), not a timer of period zero (a panic).
+    // SAFETY: as above.
+    unsafe { std::env::set_var("WATCHDOG_USEC", "0") };
+    let (_trigger, sd) = shutdown::channel();
+    let l = Liveness::new();
+    assert_eq!(l.beat_interval(), asb_gateway::liveness::BEAT_INTERVAL);
+    tokio::time::timeout(Duration::from_secs(1), notify::watchdog(l, sd))
+        .await
+        .expect("watchdog returns when WATCHDOG_USEC is 0");
+    unsafe { std::env::remove_var("WATCHDOG_USEC") };
 
     std::fs::remove_dir_all(&dir).unwrap();
 }

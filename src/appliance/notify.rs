@@ -125,7 +125,7 @@ pub async fn status_reporter(metrics: Arc<Metrics>, mut shutdown: Shutdown) {
 /// restarts the service. Returns at once when the watchdog is not enabled, or on
 /// shutdown.
 pub async fn watchdog(liveness: Arc<Liveness>, mut shutdown: Shutdown) {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
+    let Some(interval) = crate::liveness::watchdog_interval() else {
         return;
     };
     let wedge_at = std::env::var(TEST_WEDGE_ENV)
@@ -135,7 +135,8 @@ pub async fn watchdog(liveness: Arc<Liveness>, mut shutdown: Shutdown) {
     if wedge_at.is_some() {
         log::warn!(target: "systemd", "test hook {TEST_WEDGE_ENV} is set: the data path will be wedged");
     }
-    let mut tick = tokio::time::interval(interval / 2);
+    // `interval` is never zero; half of 1 µs would be.
+    let mut tick = tokio::time::interval((interval / 2).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut withholding = false;
     loop {

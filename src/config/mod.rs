@@ -46,6 +46,18 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The SHA-256 of an access token (`panels.metrics_token`, a token a panel presented):
+/// never shown by Debug, since a digest is as good as the token against this gateway's
+/// own comparison.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest(***)")
+    }
+}
+
 impl std::fmt::Display for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("***")
@@ -269,8 +281,8 @@ fn allow_all() -> Vec<Filter> {
     vec![Filter::parse("#").expect("# is a filter")]
 }
 
-fn opt_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
-    sha256_hex(d).map(Some)
+fn opt_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TokenDigest>, D::Error> {
+    sha256_hex(d).map(|h| Some(TokenDigest(h)))
 }
 
 fn sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
@@ -305,7 +317,7 @@ pub struct PanelsConfig {
     pub open: bool,
     /// SHA-256 (64 hex digits) of the bearer token `GET /metrics` requires; none = open.
     #[serde(default, deserialize_with = "opt_sha256_hex")]
-    pub metrics_token: Option<[u8; 32]>,
+    pub metrics_token: Option<TokenDigest>,
     /// The certificate files in use and their expiry, resolved from `tls_cert`/`tls_key`
     /// or the credentials when the config is read.
     #[serde(skip)]
@@ -1546,6 +1558,16 @@ mod tests {
         );
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("SAS_KEY_VALUE"), "{dbg}");
+        // Token digests are masked too (metrics_token; panel tokens mask their own).
+        let hex = "ab".repeat(32);
+        let c = Config::parse(
+            &format!("{}[panels]\nmetrics_token = \"{hex}\"\n", minimal()),
+            &LoadEnv::default(),
+        )
+        .unwrap();
+        assert!(c.panels.metrics_token.is_some());
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("171, 171") && !dbg.contains(&hex), "{dbg}");
     }
 
     #[test]

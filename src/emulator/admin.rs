@@ -22,13 +22,20 @@ use super::Shared;
 use crate::shutdown::Shutdown;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdown) {
+    let mut errors = crate::backoff::AcceptErrors::new("emulator admin");
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok(s) => {
+                    errors.accepted();
+                    s
+                }
                 Err(e) => {
-                    log::warn!("emulator admin: accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let delay = errors.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.recv() => return,
+                    }
                     continue;
                 }
             },

@@ -297,15 +297,21 @@ pub async fn start(
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdown) {
+    let mut errors = crate::backoff::AcceptErrors::new("emulator");
     loop {
-        tokio::select! {
+        let delay = tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => { tokio::spawn(broker::serve(stream, shared.clone())); }
-                Err(e) => {
-                    log::warn!("emulator: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok((stream, _)) => {
+                    errors.accepted();
+                    tokio::spawn(broker::serve(stream, shared.clone()));
+                    continue;
                 }
+                Err(e) => errors.failed(&e),
             },
+            _ = stop.recv() => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.recv() => return,
         }
     }
@@ -319,13 +325,20 @@ async fn ws_accept_loop(
     shared: Arc<Shared>,
     mut stop: Shutdown,
 ) {
+    let mut errors = crate::backoff::AcceptErrors::new("emulator (WebSocket)");
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    errors.accepted();
+                    x
+                }
                 Err(e) => {
-                    log::warn!("emulator: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let delay = errors.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.recv() => return,
+                    }
                     continue;
                 }
             },

@@ -274,7 +274,7 @@ fn server_disconnect_text(code: &str, reason: Option<&str>) -> String {
     };
     if let Some(r) = reason.filter(|r| !r.is_empty()) {
         text.push_str(": ");
-        text.push_str(r);
+        text.push_str(&crate::redact::peer_text(r));
     }
     text
 }

@@ -791,12 +791,12 @@ impl Mirror {
             let m = &self.ctx.metrics;
             let mut o = crate::metrics::Observations::default();
             if let Some(at) = t.enqueued_at_ms {
-                o.observe_ms(now - at);
+                o.observe_ms(now.saturating_sub(at));
                 m.event_age.mirror.record(&o);
             }
             if let Some(at) = t.received_at_ms {
                 o = crate::metrics::Observations::default();
-                o.observe_ms(now - at);
+                o.observe_ms(now.saturating_sub(at));
                 m.gateway_latency.mirror.record(&o);
             }
         }

@@ -359,7 +359,8 @@ fn authorize(
         list_elements(h, header::SEC_WEBSOCKET_PROTOCOL).find_map(protocol::token_from_entry);
     let presented = query
         .token
-        .as_deref()
+        .as_ref()
+        .map(crate::config::Secret::expose)
         .or_else(|| bearer(h))
         .or(from_entry.as_deref());
     let tokens = &policy.tokens;
@@ -417,7 +418,7 @@ fn throttled(server: &Server, peer: SocketAddr) -> Option<Response<Body>> {
 /// `bearer_token`) must carry it.
 fn metrics_refused(server: &Server, h: &HeaderMap, peer: SocketAddr) -> Option<Response<Body>> {
     let expected = server.policy().metrics_token?;
-    let expected = &expected;
+    let expected = &expected.0;
     if let Some(r) = throttled(server, peer) {
         return Some(r);
     }
@@ -445,7 +446,7 @@ fn admit(
     let origin = origin_lines(h);
     let host = header_str(h, header::HOST);
     if !policy::origin_allowed(&policy.allowed_origins, &origin, host) {
-        let origin = header_str(h, header::ORIGIN).unwrap_or("?").to_string();
+        let origin = crate::redact::peer_text(header_str(h, header::ORIGIN).unwrap_or("?"));
         return Err(Box::new(reject(
             server,
             RejectReason::Origin,

@@ -149,6 +149,10 @@ pub async fn serve_with(
     let (trigger, conn_sd) = shutdown::channel();
     let mut tasks = JoinSet::new();
     let mut refusing = false;
+    let mut accept_errors = crate::backoff::AcceptErrors::new("panel server");
+    // While accepts fail (out of descriptors), none is tried until then; finished
+    // connections are still reaped meanwhile, which is what frees descriptors.
+    let mut paused_until: Option<tokio::time::Instant> = None;
     let scheme = if tls.is_some() { "https" } else { "http" };
     log::info!("panel server listening on {scheme}://{addr}/");
     loop {
@@ -182,8 +186,11 @@ pub async fn serve_with(
                     server.policy.send_replace(new);
                 }
             }
-            r = listener.accept() => match r {
+            _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
+                if paused_until.is_some() => paused_until = None,
+            r = listener.accept(), if paused_until.is_none() => match r {
                 Ok((stream, peer)) => {
+                    accept_errors.accepted();
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         if !refusing {
                             log::warn!("panel server: connection limit reached, refusing connections");
@@ -204,8 +211,7 @@ pub async fn serve_with(
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
-                    log::warn!("panel server: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    paused_until = Some(tokio::time::Instant::now() + accept_errors.failed(&e));
                 }
             }
         }

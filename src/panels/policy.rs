@@ -12,7 +12,7 @@
 use sha2::{Digest, Sha256};
 
 use super::protocol::{self, Access};
-use crate::config::{Config, PanelToken, SlowPolicy};
+use crate::config::{Config, PanelToken, SlowPolicy, TokenDigest};
 use crate::routing::Filter;
 
 /// The live part of `[panels]`.
@@ -28,7 +28,7 @@ pub struct PanelPolicy {
     /// What happens to a panel that falls behind the oldest retained event.
     pub slow_policy: SlowPolicy,
     /// SHA-256 of the bearer token `GET /metrics` requires (`None`: open).
-    pub metrics_token: Option<[u8; 32]>,
+    pub metrics_token: Option<TokenDigest>,
 }
 
 impl PanelPolicy {
@@ -51,7 +51,7 @@ pub(crate) type Withdrawn = &'static str;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Admission {
     /// SHA-256 of the token it presented (`None`: none presented).
-    pub token: Option<[u8; 32]>,
+    pub token: Option<TokenDigest>,
     /// Its `Origin` header lines (empty: not a browser).
     pub origin: Vec<String>,
     /// Its `Host` header (the built-in page's own origin is always allowed).
@@ -61,7 +61,7 @@ pub(crate) struct Admission {
 impl Admission {
     pub fn new(presented: Option<&str>, origin: Vec<String>, host: Option<String>) -> Self {
         Admission {
-            token: presented.map(|t| Sha256::digest(t.as_bytes()).into()),
+            token: presented.map(|t| TokenDigest(Sha256::digest(t.as_bytes()).into())),
             origin,
             host,
         }
@@ -78,11 +78,12 @@ impl Admission {
         if !origin_allowed(&policy.allowed_origins, &lines, self.host.as_deref()) {
             return Err("origin no longer allowed");
         }
-        let allow = match protocol::authorize_digest(&policy.tokens, self.token.as_ref()) {
-            Access::Open => None,
-            Access::Token(i) => Some(policy.tokens[i].allow.clone()),
-            Access::Denied => return Err("token revoked"),
-        };
+        let allow =
+            match protocol::authorize_digest(&policy.tokens, self.token.as_ref().map(|d| &d.0)) {
+                Access::Open => None,
+                Access::Token(i) => Some(policy.tokens[i].allow.clone()),
+                Access::Denied => return Err("token revoked"),
+            };
         if filters
             .into_iter()
             .any(|f| !protocol::allowed(f, allow.as_deref()))

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::budget::MAX_FILTERS;
-use crate::config::PanelToken;
+use crate::config::{PanelToken, Secret};
 use crate::routing::Filter;
 
 /// JSON text frames (the default).
@@ -92,7 +92,8 @@ pub struct StreamQuery {
     /// Filters asked for, in order (empty = the default).
     pub filters: Vec<Filter>,
     pub since: Option<Since>,
-    pub token: Option<String>,
+    /// Never shown by Debug.
+    pub token: Option<Secret>,
     /// `last=true`: the newest event of each matching topic first, then `synced`.
     pub last: bool,
 }
@@ -122,7 +123,7 @@ impl StreamQuery {
                     }
                 }
                 "since" => q.since = Some(Since::parse(&decode(v, "since")?)?),
-                "token" => q.token = Some(decode(v, "token")?.into_owned()),
+                "token" => q.token = Some(Secret::new(decode(v, "token")?.into_owned())),
                 "last" => {
                     q.last = match &*decode(v, "last")? {
                         "true" | "1" => true,
@@ -269,12 +270,33 @@ pub struct OpError {
     pub message: String,
 }
 
+/// Longest `error` frame message, in bytes. Messages may quote the client's input (a
+/// serde error repeats the offending string): cut here, with control characters
+/// replaced by `?`, so JSON escaping at most doubles it and an error frame stays under
+/// the 400 B that `budget::CONTROL_ROOM` allows per reply.
+pub const OP_ERROR_MESSAGE_MAX: usize = 160;
+
 impl OpError {
+    /// An error for the client; `message` is kept to [`OP_ERROR_MESSAGE_MAX`] bytes.
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        OpError {
-            code,
-            message: message.into(),
-        }
+        let message: String = message.into();
+        let message =
+            if message.len() <= OP_ERROR_MESSAGE_MAX && !message.contains(char::is_control) {
+                message
+            } else {
+                let mut out = String::with_capacity(OP_ERROR_MESSAGE_MAX);
+                for c in message
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                {
+                    if out.len() + c.len_utf8() > OP_ERROR_MESSAGE_MAX {
+                        break;
+                    }
+                    out.push(c);
+                }
+                out
+            };
+        OpError { code, message }
     }
 }
 
@@ -328,6 +350,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn error_messages_quoting_the_client_are_cut() {
+        // serde repeats a wrongly typed string whole: 3,000 quotes became ~6 KB of frame.
+        let frame = format!(
+            r#"{{"op":"subscribe","filters":"{}"}}"#,
+            "\\\"".repeat(1000)
+        );
+        let e = Op::parse(frame.as_bytes()).unwrap_err();
+        assert_eq!(e.code, "bad_json");
+        assert!(
+            e.message.len() <= OP_ERROR_MESSAGE_MAX,
+            "{}",
+            e.message.len()
+        );
+        assert!(
+            e.message
+                .starts_with("expected {\"op\":…} JSON object: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = OpError::new("x", "a\u{0}b\nc");
+        assert_eq!(e.message, "a?b?c");
+        let long = "é".repeat(200);
+        let e = OpError::new("x", long);
+        assert!(e.message.len() <= OP_ERROR_MESSAGE_MAX && e.message.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
     fn array_form_ops_are_refused() {
         for text in [r#"["ping"]"#, r#"["subscribe",[],""]"#, " [\"ping\",null]"] {
             let e = Op::parse(text.as_bytes()).unwrap_err();
@@ -345,8 +394,9 @@ mod tests {
         let f: Vec<&str> = q.filters.iter().map(|f| f.as_str()).collect();
         assert_eq!(f, ["line1/#", "line2/+/temp"]);
         assert_eq!(q.since.as_ref().unwrap().epoch.as_str(), "abc");
-        assert_eq!(q.since.unwrap().seq, 42);
-        assert_eq!(q.token.as_deref(), Some("s ecret"));
+        assert_eq!(q.since.as_ref().unwrap().seq, 42);
+        assert_eq!(q.token.as_ref().map(Secret::expose), Some("s ecret"));
+        assert!(!format!("{q:?}").contains("ecret"), "{q:?}");
         assert!(q.last);
         assert_eq!(StreamQuery::parse(None).unwrap(), StreamQuery::default());
     }

@@ -515,10 +515,10 @@ impl Session<'_> {
                 if ev.seq >= self.live_from {
                     let t = ev.times;
                     if let Some(at) = t.enqueued_at_ms {
-                        age.observe_ms(now - at);
+                        age.observe_ms(now.saturating_sub(at));
                     }
                     if let Some(at) = t.received_at_ms {
-                        delay.observe_ms(now - at);
+                        delay.observe_ms(now.saturating_sub(at));
                     }
                 }
                 // The journal's shared bytes, by reference.

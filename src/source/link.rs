@@ -308,7 +308,7 @@ fn condition_name(c: &ErrorCondition) -> String {
 fn amqp_error_text(e: &definitions::Error) -> String {
     let cond = condition_name(&e.condition);
     let mut text = match &e.description {
-        Some(d) if !d.is_empty() => format!("{cond}: {d}"),
+        Some(d) if !d.is_empty() => format!("{cond}: {}", crate::redact::peer_text(d)),
         _ => cond.clone(),
     };
     if cond == "not-allowed" && text.to_ascii_lowercase().contains("session") {

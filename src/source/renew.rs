@@ -257,7 +257,10 @@ impl LockRenewer {
 /// `{"expirations": [timestamp, …]}` → times.
 fn expirations(body: &Body<Value>) -> Result<Vec<SystemTime>, RenewError> {
     let Body::Value(AmqpValue(Value::Map(map))) = body else {
-        return Err(RenewError::Response(format!("body is not a map: {body:?}")));
+        return Err(RenewError::Response(format!(
+            "body is not a map: {}",
+            crate::redact::peer_text(&format!("{body:?}"))
+        )));
     };
     let list = map
         .iter()
@@ -272,7 +275,8 @@ fn expirations(body: &Body<Value>) -> Result<Vec<SystemTime>, RenewError> {
         Value::List(l) => l.iter().collect(),
         other => {
             return Err(RenewError::Response(format!(
-                "'expirations' is not an array: {other:?}"
+                "'expirations' is not an array: {}",
+                crate::redact::peer_text(&format!("{other:?}"))
             )));
         }
     };
@@ -364,15 +368,18 @@ impl Response for RenewLockResponse {
                 .as_ref()
                 .and_then(|p| names.iter().find_map(|n| p.get(*n)).cloned())
         };
+        // A status that is not an HTTP-style code (a 65736 would read as 200 if cut to
+        // 16 bits) is a malformed answer.
         let status = match prop(&["statusCode", "status-code"]) {
-            Some(SimpleValue::Int(n)) => n as u16,
-            Some(SimpleValue::Uint(n)) => n as u16,
-            Some(SimpleValue::Long(n)) => n as u16,
-            Some(SimpleValue::Ulong(n)) => n as u16,
-            Some(SimpleValue::Short(n)) => n as u16,
-            Some(SimpleValue::Ushort(n)) => n,
-            _ => return Err(MgmtError::StatusCodeNotFound),
-        };
+            Some(SimpleValue::Int(n)) => u16::try_from(n).ok(),
+            Some(SimpleValue::Uint(n)) => u16::try_from(n).ok(),
+            Some(SimpleValue::Long(n)) => u16::try_from(n).ok(),
+            Some(SimpleValue::Ulong(n)) => u16::try_from(n).ok(),
+            Some(SimpleValue::Short(n)) => u16::try_from(n).ok(),
+            Some(SimpleValue::Ushort(n)) => Some(n),
+            _ => None,
+        }
+        .ok_or(MgmtError::StatusCodeNotFound)?;
         let text = |v: Option<SimpleValue>| match v {
             Some(SimpleValue::String(s)) => Some(s),
             Some(SimpleValue::Symbol(s)) => Some(s.0),
@@ -412,5 +419,31 @@ mod tests {
             ]
         );
         assert_eq!(guid_to_uuid(&uuid), tag);
+    }
+    #[test]
+    fn a_status_code_outside_16_bits_is_malformed() {
+        use fe2o3_amqp_types::messaging::ApplicationProperties;
+        let answer = |status: SimpleValue| {
+            let props = ApplicationProperties::builder()
+                .insert("statusCode", status)
+                .build();
+            let msg = Message::builder()
+                .application_properties(props)
+                .body(Body::Value(AmqpValue(Value::Null)))
+                .build();
+            RenewLockResponse::from_message(msg).map(|r| r.status)
+        };
+        assert_eq!(answer(SimpleValue::Int(200)).unwrap(), 200);
+        assert_eq!(answer(SimpleValue::Long(410)).unwrap(), 410);
+        for bad in [
+            SimpleValue::Int(65_736),
+            SimpleValue::Int(-56),
+            SimpleValue::Ulong(u64::MAX),
+        ] {
+            assert!(
+                matches!(answer(bad.clone()), Err(MgmtError::StatusCodeNotFound)),
+                "{bad:?}"
+            );
+        }
     }
 }

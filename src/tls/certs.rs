@@ -258,7 +258,12 @@ fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, &'static str> {
     }
     let (_, _, after) = tlv(validity)?;
     let (tag, time, _) = tlv(after)?;
-    let text = std::str::from_utf8(time).map_err(|_| "bad time")?;
+    // Digits and 'Z' only (checked below); anything else, a multi-byte character
+    // included, is refused before the text is sliced by byte.
+    let text = std::str::from_utf8(time)
+        .ok()
+        .filter(|t| t.is_ascii())
+        .ok_or("bad time")?;
     let full = match tag {
         // UTCTime YYMMDDHHMMSSZ: years 50..99 are 19YY (RFC 5280 §4.1.2.5.1)
         0x17 if text.len() == 13 => {
@@ -297,5 +302,51 @@ mod tests {
         assert_eq!(tlv(&[0x30, 0x81, 0x01, 0x00]).unwrap().1, &[0u8][..]);
         assert!(tlv(&[0x30, 0x05, 0x00]).is_err());
         assert!(tlv(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_err());
+    }
+
+    /// A certificate skeleton: SEQ { SEQ (tbs) { [0] version, serial, signature,
+    /// issuer, validity { notBefore, notAfter } } } with `after` as the notAfter TLV.
+    fn cert_with_not_after(after: &[u8]) -> CertificateDer<'static> {
+        fn seq(tag: u8, body: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag, body.len() as u8];
+            v.extend_from_slice(body);
+            v
+        }
+        let before = seq(0x17, b"250101000000Z");
+        let validity = seq(0x30, &[before, after.to_vec()].concat());
+        let tbs = [
+            seq(0xA0, &seq(0x02, &[2])),
+            seq(0x02, &[1]),
+            seq(0x30, &[]),
+            seq(0x30, &[]),
+            validity,
+        ]
+        .concat();
+        CertificateDer::from(seq(0x30, &seq(0x30, &tbs)))
+    }
+
+    #[test]
+    fn not_after_reads_utc_and_generalized_time_and_refuses_anything_else() {
+        let t = not_after(&cert_with_not_after(
+            &[&[0x17, 13][..], b"300101000000Z"].concat(),
+        ));
+        let want = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000);
+        assert_eq!(t, Ok(want));
+        let t = not_after(&cert_with_not_after(
+            &[&[0x18, 15][..], b"20300101000000Z"].concat(),
+        ));
+        assert_eq!(t, Ok(want));
+        // A multi-byte character at byte 1 of a 13-byte UTCTime: refused, not a panic
+        // on slicing inside the character.
+        let odd = [&[0x17, 13][..], "3é0101000000".as_bytes()].concat();
+        assert_eq!(not_after(&cert_with_not_after(&odd)), Err("bad time"));
+        for bad in [&b"3001010000001"[..], b"30010100000Z", b"2030010100000Z"] {
+            let tlv = [&[0x17, bad.len() as u8][..], bad].concat();
+            assert_eq!(
+                not_after(&cert_with_not_after(&tlv)),
+                Err("bad time"),
+                "{bad:?}"
+            );
+        }
     }
 }
