@@ -51,6 +51,11 @@ pub const MAX_FILTERS: usize = 8;
 pub const MAX_CLIENT_FRAME: usize = 4 * 1024;
 /// Per-journal-slot index overhead.
 pub const JOURNAL_SLOT: usize = 16;
+/// Per entry of the source's duplicate-suppression window (`journal.events` entries,
+/// `source::tracker::Dedup`): the key in its order queue (16 B) and the key and value
+/// in its hash map (32 B, plus a control byte), whose table is a power of two at most
+/// 7/8 full, so up to 2.3 slots per entry: 16 + 2.3 × 33 ≈ 92 B.
+pub const DEDUP_ENTRY: usize = 96;
 /// Executable, runtime, allocator and thread stacks in use: a measured ceiling.
 pub const RUNTIME_BASE: usize = 8 << 20;
 /// Per AMQP link: decode buffers and the tracker entry of each unsettled delivery.
@@ -133,6 +138,11 @@ pub fn compute(c: &Config) -> Budget {
             item: "journal index",
             detail: format!("{} events x {} B", j.events, JOURNAL_SLOT),
             bytes: j.events * JOURNAL_SLOT,
+        },
+        Line {
+            item: "duplicate window",
+            detail: format!("{} recent deliveries x {} B", j.events, DEDUP_ENTRY),
+            bytes: j.events * DEDUP_ENTRY,
         },
         Line {
             item: "journal frames",
