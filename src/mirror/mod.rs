@@ -226,6 +226,7 @@ pub async fn run(
         connected: false,
         broker_max: None,
         probe: None,
+        false_alarm: false,
         resume: false,
         status,
         cfg,
@@ -338,6 +339,12 @@ struct Mirror {
     /// The suspect event sent alone after a connection was lost with it unacknowledged
     /// on the wire: acknowledged, it clears; lost on again, it is a poison event.
     probe: Option<u64>,
+    /// A probe was acknowledged since the connection last stayed up [`HEALTHY_AFTER`]:
+    /// the loss that made it was not its fault (another client taking the session
+    /// over, as mosquitto does silently with MQTT 3.1.1). Losses then wait out the
+    /// backoff even when they strike a publish, so such a cycle slows down instead of
+    /// reconnecting at once, each time giving a good event one more strike.
+    false_alarm: bool,
     /// A probe ended while connected: submit the queued slots.
     resume: bool,
     status: String,
@@ -461,6 +468,7 @@ impl Mirror {
                         .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
                     {
                         last_logged = None;
+                        self.false_alarm = false;
                     }
                     if last_logged.as_ref() != Some(&failure) {
                         log::warn!("{err}; retrying with backoff");
@@ -471,8 +479,9 @@ impl Mirror {
                     }
                     // A loss pinned on one publish (a strike) is part of finding a poison
                     // event, at most two per event: reconnect at once rather than let a
-                    // handful of poison events push the backoff to its maximum.
-                    let delay = if struck {
+                    // handful of poison events push the backoff to its maximum — unless
+                    // a probe has just turned out innocent (`false_alarm`).
+                    let delay = if struck && !self.false_alarm {
                         BACKOFF_MIN.mul_f64(0.5 + 0.5 * fastrand::f64())
                     } else {
                         backoff.down()
@@ -799,6 +808,9 @@ impl Mirror {
                 o.observe_ms(now.saturating_sub(at));
                 m.gateway_latency.mirror.record(&o);
             }
+        }
+        if self.probe == Some(seq) {
+            self.false_alarm = true;
         }
         if self.finish(seq) {
             self.ctx.metrics.mqtt_acked.inc();

@@ -6,7 +6,8 @@
 //! - acknowledgements are never matched to the wrong event across reconnects, with the
 //!   connection cut at random points by a proxy (a seeded schedule);
 //! - two mirrors with one client id back off instead of taking each other's session
-//!   over in a hot loop, and the log names the takeover.
+//!   over in a hot loop, and the log names the takeover; with events flowing too, where
+//!   each takeover looks like a poison event's first strike.
 
 use crate::support;
 
@@ -435,6 +436,78 @@ async fn two_mirrors_with_one_client_id_back_off_and_name_the_takeover() {
     );
     ma.stop().await;
     mb.stop().await;
+}
+
+/// Two mirrors with one client id on MQTT 3.1.1, where mosquitto closes the old
+/// connection without a word: with events flowing, each takeover lands while a publish
+/// is unacknowledged, which looks like a poison event's first strike. That must not
+/// turn into fast reconnects that give good events their second strike too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_cycle_with_events_flowing_dead_letters_no_good_event() {
+    let broker = Mosquitto::start();
+    let id = client_id("twin-flow");
+    let prefix = format!("t{}", ID.fetch_add(1, Ordering::Relaxed));
+    let mqtt = format!(
+        "url = \"{}\"\nclient_id = \"{id}\"\nprefix = \"{prefix}\"\nprotocol = \"3.1.1\"\n\
+         inflight = 8\nrequired = true\n",
+        broker.url()
+    );
+    let (a, b) = (context(16, &mqtt), context(16, &mqtt));
+    let mut runs = Vec::new();
+    let mut feeders = Vec::new();
+    for ctx in [&a, &b] {
+        runs.push(start(ctx));
+        wait_up(ctx).await;
+        // Keep the window full: a new event whenever the journal has room.
+        let ctx = ctx.clone();
+        feeders.push(tokio::spawn(async move {
+            let mut seq = 1;
+            loop {
+                if ctx.journal.room() > 0 && ctx.journal.pinned() < 16 {
+                    append_small(&ctx, seq);
+                    seq += 1;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for f in &feeders {
+        f.abort();
+    }
+    let mut rejected = Vec::new();
+    let mut delivered = 0;
+    for r in &mut runs {
+        while let Ok(h) = r.acks.try_recv() {
+            match h {
+                Handoff::Delivered(_) => delivered += 1,
+                Handoff::Rejected { seq, description } => rejected.push((seq, description)),
+            }
+        }
+    }
+    let reconnects = a.metrics.mqtt_reconnects.get() + b.metrics.mqtt_reconnects.get();
+    eprintln!(
+        "{delivered} delivered, {} rejected, {reconnects} reconnects",
+        rejected.len()
+    );
+    assert!(delivered > 0, "events flowed between takeovers");
+    // The same bound as without events (below) plus the fast reconnects before each
+    // mirror's first probe is acknowledged; reconnecting at once on every strike made
+    // ~50 in 8 s.
+    assert!(
+        reconnects <= 24,
+        "{reconnects} reconnects in 8 s: strikes from takeovers are not backing off"
+    );
+    // A takeover landing in the millisecond between a probe's write and its PUBACK can
+    // still strike it twice: rare once reconnects back off, never routine.
+    assert!(
+        rejected.len() <= 1,
+        "good events dead-lettered by the takeover cycle ({reconnects} reconnects): {rejected:?}"
+    );
+    for r in runs {
+        r.stop().await;
+    }
 }
 
 #[test]
