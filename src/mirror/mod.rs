@@ -52,6 +52,27 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A connection lost this soon after a publish was written may be the broker refusing
 /// that publish; a later loss is not held against it.
 pub const STRIKE_WINDOW: Duration = Duration::from_secs(2);
+/// Probes acknowledged (false alarms) this close together count as a run for
+/// [`strike_delay`].
+pub const FALSE_ALARM_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long to wait before reconnecting after a strike: about [`BACKOFF_MIN`] (50–100 ms),
+/// so finding a poison event costs little — doubled for each false alarm in the current
+/// run ([`FALSE_ALARM_WINDOW`]), up to [`BACKOFF_MAX`]. Losses that keep striking good
+/// publishes (two boxes taking one client id from each other) then slow down like any
+/// other failure instead of cycling ten times a second.
+pub fn strike_delay(
+    (alarms, last): (u32, Option<tokio::time::Instant>),
+    now: tokio::time::Instant,
+) -> Duration {
+    let run = if last.is_some_and(|t| now - t < FALSE_ALARM_WINDOW) {
+        alarms.min(16)
+    } else {
+        0
+    };
+    let d = BACKOFF_MIN.saturating_mul(1 << run).min(BACKOFF_MAX);
+    d.mul_f64(0.5 + 0.5 * fastrand::f64())
+}
 /// A publish refused this often with a transient reason code is given up on.
 pub const TRANSIENT_REFUSALS: u8 = 3;
 /// A connection that lasted this long resets the backoff to [`BACKOFF_MIN`]; one that
@@ -226,7 +247,7 @@ pub async fn run(
         connected: false,
         broker_max: None,
         probe: None,
-        false_alarm: false,
+        false_alarms: (0, None),
         resume: false,
         status,
         cfg,
@@ -339,12 +360,11 @@ struct Mirror {
     /// The suspect event sent alone after a connection was lost with it unacknowledged
     /// on the wire: acknowledged, it clears; lost on again, it is a poison event.
     probe: Option<u64>,
-    /// A probe was acknowledged since the connection last stayed up [`HEALTHY_AFTER`]:
-    /// the loss that made it was not its fault (another client taking the session
-    /// over, as mosquitto does silently with MQTT 3.1.1). Losses then wait out the
-    /// backoff even when they strike a publish, so such a cycle slows down instead of
-    /// reconnecting at once, each time giving a good event one more strike.
-    false_alarm: bool,
+    /// Probes acknowledged in a row, each within [`FALSE_ALARM_WINDOW`] of the one
+    /// before, and when the last was: losses that struck a publish and were not its
+    /// fault (a cut connection, another client taking the session over, as mosquitto
+    /// does silently with MQTT 3.1.1). See [`strike_delay`].
+    false_alarms: (u32, Option<tokio::time::Instant>),
     /// A probe ended while connected: submit the queued slots.
     resume: bool,
     status: String,
@@ -468,7 +488,6 @@ impl Mirror {
                         .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
                     {
                         last_logged = None;
-                        self.false_alarm = false;
                     }
                     if last_logged.as_ref() != Some(&failure) {
                         log::warn!("{err}; retrying with backoff");
@@ -478,11 +497,10 @@ impl Mirror {
                         log::debug!("{err} (attempt {failures})");
                     }
                     // A loss pinned on one publish (a strike) is part of finding a poison
-                    // event, at most two per event: reconnect at once rather than let a
-                    // handful of poison events push the backoff to its maximum — unless
-                    // a probe has just turned out innocent (`false_alarm`).
-                    let delay = if struck && !self.false_alarm {
-                        BACKOFF_MIN.mul_f64(0.5 + 0.5 * fastrand::f64())
+                    // event, at most two per event: reconnect soon rather than let a
+                    // handful of poison events push the backoff to its maximum.
+                    let delay = if struck {
+                        strike_delay(self.false_alarms, tokio::time::Instant::now())
                     } else {
                         backoff.down()
                     };
@@ -810,7 +828,10 @@ impl Mirror {
             }
         }
         if self.probe == Some(seq) {
-            self.false_alarm = true;
+            let now = tokio::time::Instant::now();
+            let (n, last) = self.false_alarms;
+            let recent = last.is_some_and(|t| now - t < FALSE_ALARM_WINDOW);
+            self.false_alarms = (if recent { n + 1 } else { 1 }, Some(now));
         }
         if self.finish(seq) {
             self.ctx.metrics.mqtt_acked.inc();
@@ -917,6 +938,22 @@ fn proto(p: MqttProtocol) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strikes_reconnect_soon_unless_probes_keep_turning_out_innocent() {
+        let now = tokio::time::Instant::now();
+        let ms = |d: Duration| d.as_millis();
+        // No false alarm, or only old ones: 50–100 ms.
+        for alarms in [(0, None), (5, Some(now - FALSE_ALARM_WINDOW))] {
+            let d = strike_delay(alarms, now);
+            assert!((50..=100).contains(&ms(d)), "{alarms:?}: {d:?}");
+        }
+        // A run of false alarms doubles it, up to the backoff's maximum.
+        let d = strike_delay((3, Some(now)), now);
+        assert!((400..=800).contains(&ms(d)), "{d:?}");
+        let d = strike_delay((40, Some(now)), now);
+        assert!(d <= BACKOFF_MAX && d >= BACKOFF_MAX / 2, "{d:?}");
+    }
 
     #[test]
     fn topics() {
