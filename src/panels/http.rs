@@ -140,6 +140,8 @@ where
             async move { Ok::<_, Infallible>(resp) }
         })
     };
+    // A response must leave within the same limit a request head has to arrive in.
+    let (stream, disarm) = super::stall::write_deadline(stream, server.opts.handshake_timeout);
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(server.opts.handshake_timeout)
@@ -157,10 +159,13 @@ where
             }
         }
     };
-    if let Err(e) = res {
-        log::debug!("http {peer}: {e}");
-    }
     let pending = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Err(e) = res {
+        // The connection failed (a reset, the 101 not written): no upgrade can follow,
+        // and an accepted one gives its panel slot back now, not after the timeout.
+        log::debug!("http {peer}: {e}");
+        return None;
+    }
     let up = pending?;
     let upgraded = match tokio::time::timeout(server.opts.handshake_timeout, up.on_upgrade).await {
         Ok(Ok(u)) => u,
@@ -173,6 +178,7 @@ where
             return None;
         }
     };
+    disarm.disarm();
     let ws = super::socket::split(TokioIo::new(upgraded), server.ws_config).await;
     let accepted = Accepted {
         params: up.params,
@@ -187,6 +193,11 @@ fn route(
     peer: SocketAddr,
     upgrade: &Mutex<Option<Upgrade>>,
 ) -> Response<Body> {
+    // Two Host lines (RFC 9112 §3.2: answer 400): a proxy may route by one and the
+    // origin check would read the other.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return text(StatusCode::BAD_REQUEST, "more than one Host header\n");
+    }
     let path = req.uri().path();
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     match path {
@@ -367,13 +378,29 @@ fn authorize(
     match protocol::authorize(tokens, presented) {
         Access::Open => Ok((None, presented.map(String::from))),
         Access::Token(i) => Ok((Some(tokens[i].allow.clone()), presented.map(String::from))),
-        Access::Denied => Err(Box::new(unauthorized(server, peer, presented.is_some()))),
+        Access::Denied => Err(Box::new(unauthorized(
+            server,
+            peer,
+            presented.is_some(),
+            STREAM_TOKEN_HOWTO,
+        ))),
     }
 }
 
-/// `401` for a missing (`presented` false) or wrong token; a wrong one counts towards
-/// blocking the address ([`super::throttle`]).
-fn unauthorized(server: &Server, peer: SocketAddr, presented: bool) -> Response<Body> {
+/// How the stream and `/v1/last` take a token.
+const STREAM_TOKEN_HOWTO: &str =
+    "a token is required (token=, Authorization: Bearer, or subprotocol asbgw.token.<base64url>)";
+/// How `/metrics` takes its token (Prometheus `bearer_token`).
+const METRICS_TOKEN_HOWTO: &str = "a token is required (Authorization: Bearer)";
+
+/// `401` for a missing (`presented` false: the reply says `howto`) or wrong token; a
+/// wrong one counts towards blocking the address ([`super::throttle`]).
+fn unauthorized(
+    server: &Server,
+    peer: SocketAddr,
+    presented: bool,
+    howto: &'static str,
+) -> Response<Body> {
     let why = if presented {
         server.metrics.panels_auth_failures.inc();
         if server.throttle.failed(peer.ip(), Instant::now()) {
@@ -386,7 +413,7 @@ fn unauthorized(server: &Server, peer: SocketAddr, presented: bool) -> Response<
         }
         "unknown token"
     } else {
-        "a token is required (token=, Authorization: Bearer, or subprotocol asbgw.token.<base64url>)"
+        howto
     };
     reject(
         server,
@@ -425,7 +452,7 @@ fn metrics_refused(server: &Server, h: &HeaderMap, peer: SocketAddr) -> Option<R
     match bearer(h) {
         Some(t) if protocol::token_matches(expected, t) => None,
         presented => {
-            let mut r = unauthorized(server, peer, presented.is_some());
+            let mut r = unauthorized(server, peer, presented.is_some(), METRICS_TOKEN_HOWTO);
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             Some(r)
@@ -599,13 +626,30 @@ fn stream(
     let is_ws =
         has_token(h, header::UPGRADE, "websocket") && has_token(h, header::CONNECTION, "upgrade");
     let key = h.get(header::SEC_WEBSOCKET_KEY);
-    if !is_ws || key.is_none() {
+    if !is_ws || key.is_none() || req.version() != hyper::Version::HTTP_11 {
         return reject(
             server,
             RejectReason::BadRequest,
             StatusCode::BAD_REQUEST,
             peer,
-            "expected a WebSocket upgrade (protocol v1, see DESIGN §4)".into(),
+            "expected a WebSocket upgrade over HTTP/1.1 (protocol v1, see DESIGN §4)".into(),
+        );
+    }
+    // RFC 6455 §4.2.1: one key, the base64 of 16 bytes.
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key_ok = keys.next().is_some_and(|k| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(k.as_bytes())
+            .is_ok_and(|b| b.len() == 16)
+    }) && keys.next().is_none();
+    if !key_ok {
+        return reject(
+            server,
+            RejectReason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            peer,
+            "Sec-WebSocket-Key must be one base64-encoded 16-byte value (RFC 6455 §4.2.1)".into(),
         );
     }
     if !has_token(h, header::SEC_WEBSOCKET_VERSION, "13") {

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod protocol;
 mod session;
 mod socket;
+mod stall;
 pub mod throttle;
 
 use std::sync::Arc;

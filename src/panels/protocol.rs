@@ -64,6 +64,10 @@ impl Since {
             return Err(ProtocolError::BadSince);
         }
         let epoch = heapless::String::try_from(epoch).map_err(|_| ProtocolError::BadSince)?;
+        // Digits only: `u64::from_str` also takes a leading `+`.
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ProtocolError::BadSince);
+        }
         let seq = seq.parse::<u64>().map_err(|_| ProtocolError::BadSince)?;
         Ok(Since { epoch, seq })
     }
@@ -99,6 +103,17 @@ pub struct StreamQuery {
 }
 
 fn decode<'a>(v: &'a str, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
+    // Every `%` must start an escape of two hex digits (RFC 3986 §2.1): the decoder
+    // would keep `a%` or `%zz` as they are, a different filter than the client meant.
+    let b = v.as_bytes();
+    let escapes_ok = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return Err(ProtocolError::BadEncoding(name));
+    }
     // `+` is an MQTT wildcard here, not a space: only percent-escapes are decoded.
     percent_encoding::percent_decode_str(v)
         .decode_utf8()
@@ -114,15 +129,19 @@ impl StreamQuery {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
                 "filter" => {
-                    if q.filters.len() == MAX_FILTERS {
-                        return Err(ProtocolError::TooManyFilters);
-                    }
                     let f = parse_filter(&decode(v, "filter")?)?;
                     if !q.filters.contains(&f) {
+                        // Distinct filters count; a repeated one is the same filter.
+                        if q.filters.len() == MAX_FILTERS {
+                            return Err(ProtocolError::TooManyFilters);
+                        }
                         q.filters.push(f);
                     }
                 }
                 "since" => q.since = Some(Since::parse(&decode(v, "since")?)?),
+                // An empty `token=` is no token: it must not hide an `Authorization`
+                // header, nor count as a failed attempt.
+                "token" if v.is_empty() => {}
                 "token" => q.token = Some(Secret::new(decode(v, "token")?.into_owned())),
                 "last" => {
                     q.last = match &*decode(v, "last")? {
@@ -428,6 +447,34 @@ mod tests {
         assert_eq!(
             StreamQuery::parse(Some("token=%ff")),
             Err(ProtocolError::BadEncoding("token"))
+        );
+        for (q, e) in [
+            ("since=e:+5", ProtocolError::BadSince),
+            ("since=e:", ProtocolError::BadSince),
+            ("since=e: 5", ProtocolError::BadSince),
+            ("filter=a%", ProtocolError::BadEncoding("filter")),
+            ("filter=a%2", ProtocolError::BadEncoding("filter")),
+            ("filter=%zz", ProtocolError::BadEncoding("filter")),
+            ("token=ab%g0", ProtocolError::BadEncoding("token")),
+        ] {
+            assert_eq!(StreamQuery::parse(Some(q)), Err(e), "{q}");
+        }
+        // Eight distinct filters and a repeat are eight filters.
+        let mut eight = (0..8).map(|i| format!("filter=a{i}")).collect::<Vec<_>>();
+        eight.push("filter=a0".into());
+        assert_eq!(
+            StreamQuery::parse(Some(&eight.join("&")))
+                .unwrap()
+                .filters
+                .len(),
+            8
+        );
+        // An empty token= is no token.
+        assert!(
+            StreamQuery::parse(Some("token=&filter=%23"))
+                .unwrap()
+                .token
+                .is_none()
         );
     }
 

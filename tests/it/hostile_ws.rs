@@ -128,6 +128,42 @@ async fn plain_http_and_bad_upgrade_heads_are_refused() {
             ),
             &[400, 426],
         ),
+        // HTTP/1.0 (WebSocket needs 1.1), keys that are not base64 of 16 bytes, two keys,
+        // two Host lines
+        (
+            format!(
+                "GET /v1/stream HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            &[400],
+        ),
+        (
+            "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\n\r\n".to_string(),
+            &[400],
+        ),
+        (
+            "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: \r\nSec-WebSocket-Version: 13\r\n\r\n".to_string(),
+            &[400],
+        ),
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                "QUFB".repeat(500)
+            ),
+            &[400],
+        ),
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            &[400],
+        ),
+        (
+            format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: evil.example\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            &[400],
+        ),
+        ("GET /page.js HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_string(), &[400]),
         // garbage request lines and huge headers
         (
             "\x16\x03\x01\x02\x00\x01\x00\x01\x7f\x03\x03\r\n\r\n".to_string(),
@@ -220,6 +256,81 @@ async fn slowloris_handshake_is_cut_after_the_head_timeout() {
         );
         assert!(took < Duration::from_secs(4), "cut late: {took:?}");
         assert!(!resp.contains("101"), "{resp}");
+    }
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+/// A client that asks for responses and never reads them: hyper bounds how long a head
+/// may take to arrive, not how long a response may take to leave. The connection is
+/// ended once its writes make no progress for the head timeout.
+#[tokio::test]
+async fn a_client_that_never_reads_its_responses_is_cut_after_the_limit() {
+    let ctx = ctx("");
+    let opts = Options {
+        handshake_timeout: Duration::from_millis(400),
+        ..Options::default()
+    };
+    let srv = start(ctx.clone(), opts).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(1024).unwrap();
+    let mut s = sock.connect(srv.addr).await.unwrap();
+    let one = "GET /page.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    let n = 100;
+    s.write_all(one.repeat(n).as_bytes()).await.unwrap();
+    // Not reading, for several times the limit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 65536];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got.extend_from_slice(&chunk[..k]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection was still open");
+    let answered = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(
+        answered < n,
+        "all {n} responses were sent once the client read: the stalled writes were never cut"
+    );
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
+/// An upgrade accepted and reset at once gives its panel slot back at once, not after
+/// the upgrade timeout: otherwise a client resetting 30 upgrades a second holds every
+/// slot while holding no socket.
+#[tokio::test]
+async fn an_upgrade_reset_before_its_101_frees_its_slot_at_once() {
+    let ctx = ctx("");
+    let opts = Options {
+        handshake_timeout: Duration::from_secs(20),
+        ..Options::default()
+    };
+    let srv = start(ctx.clone(), opts).await;
+    let req = "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.set_zero_linger().unwrap();
+        drop(s); // RST
+    }
+    let t0 = Instant::now();
+    while ctx.metrics.panels_connected.get() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} slots still held {:?} after the resets",
+            ctx.metrics.panels_connected.get(),
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
