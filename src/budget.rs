@@ -105,6 +105,23 @@ impl Budget {
         self.total() <= self.limit_bytes
     }
 
+    /// What to do about a budget that does not fit: the smallest `budget.memory_mib`
+    /// that would, and the largest line (what to lower instead). Empty when it fits.
+    pub fn advice(&self) -> String {
+        if self.fits() {
+            return String::new();
+        }
+        let need = self.total().div_ceil(1 << 20);
+        let largest = self.lines.iter().max_by_key(|l| l.bytes);
+        format!(
+            "the worst case is {}, over budget.memory_mib ({}): set budget.memory_mib = {need} \
+             or more (and the unit's MemoryMax with it), or lower the largest line{}",
+            mib(self.total()),
+            mib(self.limit_bytes),
+            largest.map_or(String::new(), |l| format!(", {}: {}", l.item, l.detail))
+        )
+    }
+
     /// The budget as a table.
     pub fn render(&self) -> String {
         let mut s = String::from("memory budget (worst case)\n");
@@ -272,5 +289,13 @@ mod tests {
         assert!(big.total() > small.total());
         assert!(!big.fits());
         assert!(big.render().contains("EXCEEDED"));
+        let advice = big.advice();
+        let need = big.total().div_ceil(1 << 20);
+        assert!(
+            advice.contains(&format!("set budget.memory_mib = {need} or more"))
+                && advice.contains("panel"),
+            "{advice}"
+        );
+        assert!(compute(&cfg("")).advice().is_empty());
     }
 }

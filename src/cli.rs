@@ -287,8 +287,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 eprintln!(
-                    "{}: budget.memory_mib: the worst case exceeds the budget",
-                    path.display()
+                    "{}: budget.memory_mib: the worst case exceeds the budget; {}",
+                    path.display(),
+                    b.advice()
                 );
                 ExitCode::from(1)
             }
@@ -312,8 +313,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     if !budget.fits() {
         eprint!("{}", budget.render());
         eprintln!(
-            "{}: budget.memory_mib: the worst case exceeds the budget; refusing to start",
-            path.display()
+            "{}: budget.memory_mib: the worst case exceeds the budget; refusing to start: {}",
+            path.display(),
+            budget.advice()
         );
         return ExitCode::from(1);
     }
