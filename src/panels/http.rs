@@ -472,8 +472,8 @@ fn admit(
     let policy = server.policy();
     let origin = origin_lines(h);
     let host = header_str(h, header::HOST);
-    if !policy::origin_allowed(&policy.allowed_origins, &origin, host) {
-        let origin = crate::redact::peer_text(header_str(h, header::ORIGIN).unwrap_or("?"));
+    if let Some(origin) = policy::origin_refused(&policy.allowed_origins, &origin, host) {
+        let origin = crate::redact::peer_text(origin);
         return Err(Box::new(reject(
             server,
             RejectReason::Origin,

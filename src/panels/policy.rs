@@ -101,8 +101,18 @@ impl Admission {
 /// from) or an allowed one, compared as (scheme, host, port) with default ports (RFC
 /// 6454 §5).
 pub(crate) fn origin_allowed(allowed: &[String], lines: &[&str], host: Option<&str>) -> bool {
+    origin_refused(allowed, lines, host).is_none()
+}
+
+/// The first origin of the `Origin` lines that [`origin_allowed`] would not admit (for the
+/// 403's message: with a list, not the first origin, which may be an allowed one).
+pub(crate) fn origin_refused<'a>(
+    allowed: &[String],
+    lines: &[&'a str],
+    host: Option<&str>,
+) -> Option<&'a str> {
     if lines.is_empty() || allowed.is_empty() {
-        return true;
+        return None;
     }
     let admitted = |o: &str| {
         // The built-in page talks to the host that served it.
@@ -111,9 +121,19 @@ pub(crate) fn origin_allowed(allowed: &[String], lines: &[&str], host: Option<&s
         });
         own || allowed.iter().any(|a| super::origin::same(a, o))
     };
-    lines
-        .iter()
-        .all(|line| super::origin::list_allowed(line, admitted))
+    for line in lines {
+        if super::origin::list_allowed(line, admitted) {
+            continue;
+        }
+        // The line is refused: name its first origin that is not admitted (an empty
+        // line has none; name the line).
+        let refused = line
+            .split([' ', '\t'])
+            .filter(|o| !o.is_empty())
+            .find(|o| !admitted(o));
+        return Some(refused.unwrap_or(line));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -126,6 +146,26 @@ mod tests {
             sha256: Sha256::digest(secret.as_bytes()).into(),
             allow: allow.iter().map(|f| Filter::parse(f).unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn a_refused_origin_list_names_the_origin_refused() {
+        let allowed = vec!["https://panel.example".to_string()];
+        let lines = ["https://panel.example http://evil.example"];
+        assert_eq!(
+            origin_refused(&allowed, &lines, None),
+            Some("http://evil.example")
+        );
+        let lines = ["https://panel.example", "http://evil.example"];
+        assert_eq!(
+            origin_refused(&allowed, &lines, None),
+            Some("http://evil.example")
+        );
+        assert_eq!(
+            origin_refused(&allowed, &["https://panel.example"], None),
+            None
+        );
+        assert_eq!(origin_refused(&[], &["http://evil.example"], None), None);
     }
 
     fn policy(tokens: Vec<PanelToken>, origins: &[&str]) -> PanelPolicy {
