@@ -57,10 +57,13 @@ pub const STRIKE_WINDOW: Duration = Duration::from_secs(2);
 pub const FALSE_ALARM_WINDOW: Duration = Duration::from_secs(10);
 
 /// How long to wait before reconnecting after a strike: about [`BACKOFF_MIN`] (50–100 ms),
-/// so finding a poison event costs little — doubled for each false alarm in the current
-/// run ([`FALSE_ALARM_WINDOW`]), up to [`BACKOFF_MAX`]. Losses that keep striking good
-/// publishes (two boxes taking one client id from each other) then slow down like any
-/// other failure instead of cycling ten times a second.
+/// so finding a poison event costs little — doubled for each further false alarm in the
+/// current run (probes acknowledged within [`FALSE_ALARM_WINDOW`] of each other with no
+/// poison event found between them), up to [`BACKOFF_MAX`]. A poison event often costs
+/// one false alarm (the loss strikes the publish written before it) and ends the run;
+/// losses that keep striking good publishes and find nothing (two boxes taking one
+/// client id from each other) slow down like any other failure instead of cycling ten
+/// times a second.
 pub fn strike_delay(
     (alarms, last): (u32, Option<tokio::time::Instant>),
     now: tokio::time::Instant,
@@ -361,7 +364,8 @@ struct Mirror {
     /// on the wire: acknowledged, it clears; lost on again, it is a poison event.
     probe: Option<u64>,
     /// Probes acknowledged in a row, each within [`FALSE_ALARM_WINDOW`] of the one
-    /// before, and when the last was: losses that struck a publish and were not its
+    /// before and with no poison event found since, less one (0 for an isolated one),
+    /// and when the last was: losses that struck a publish and were not its
     /// fault (a cut connection, another client taking the session over, as mosquitto
     /// does silently with MQTT 3.1.1). See [`strike_delay`].
     false_alarms: (u32, Option<tokio::time::Instant>),
@@ -712,6 +716,9 @@ impl Mirror {
         let seq = slot.ev.seq;
         if slot.strikes >= 2 && self.probe == Some(seq) {
             self.probe = None;
+            // A poison event found: the innocent probes before it were part of finding
+            // it (the loss struck the publish before it), not a takeover cycle.
+            self.false_alarms = (0, None);
             let why = "the MQTT broker closed the connection twice on this publish alone \
                        (too large or malformed for it)"
                 .to_string();
@@ -831,7 +838,8 @@ impl Mirror {
             let now = tokio::time::Instant::now();
             let (n, last) = self.false_alarms;
             let recent = last.is_some_and(|t| now - t < FALSE_ALARM_WINDOW);
-            self.false_alarms = (if recent { n + 1 } else { 1 }, Some(now));
+            // The first in a run costs nothing extra; each further one doubles the wait.
+            self.false_alarms = (if recent { n.saturating_add(1) } else { 0 }, Some(now));
         }
         if self.finish(seq) {
             self.ctx.metrics.mqtt_acked.inc();
