@@ -152,12 +152,13 @@ mod tests {
             ..Liveness::default()
         };
         l.register(Part::Source);
-        // A step of 30 beat intervals: the part never looks stalled for 10 of them.
+        // A step of 45 beat intervals (900 ms): the part never looks stalled for 500 ms
+        // (margin for a loaded machine); without the beats it would after ~17 turns.
         let step = async {
-            for _ in 0..20 {
+            for _ in 0..30 {
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 assert!(
-                    l.alive(Duration::from_millis(200)),
+                    l.alive(Duration::from_millis(500)),
                     "{:?}",
                     l.stalled(Duration::ZERO)
                 );
@@ -166,8 +167,8 @@ mod tests {
         };
         assert_eq!(l.beating(Part::Source, step).await, 7);
         // Without it, a wait of the same length is a stall.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(!l.alive(Duration::from_millis(200)));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(!l.alive(Duration::from_millis(500)));
     }
 
     #[test]

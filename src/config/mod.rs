@@ -480,7 +480,6 @@ pub fn default_client_id() -> String {
     id
 }
 
-/// A config string that goes on the MQTT wire as-is must be valid there.
 /// The journal's snapshot directory, from `key`: absolute and printable.
 fn state_dir_ok(key: &str, d: &Path) -> Result<(), ConfigError> {
     if d.as_os_str().is_empty() || !d.is_absolute() {
@@ -523,7 +522,8 @@ fn entity_name(key: &str, v: &str, asb: bool, max: usize, slash: bool) -> Result
         return Err(invalid(
             key,
             format!(
-                "holds {}: Service Bus names have only {what} (set `address` for another broker)",
+                "holds {}: Service Bus names have only {what} (a dead-letter queue is \
+                 NAME/$DeadLetterQueue; set `address` for another broker)",
                 if c.is_whitespace() || c.is_control() {
                     format!("U+{:04X}", c as u32)
                 } else {
@@ -541,6 +541,7 @@ fn entity_name(key: &str, v: &str, asb: bool, max: usize, slash: bool) -> Result
     Ok(())
 }
 
+/// A config string that goes on the MQTT wire as-is must be valid there.
 fn mqtt_text(key: &'static str, s: &str) -> Result<(), ConfigError> {
     match s.chars().find(|c| crate::routing::mqtt_forbidden(*c)) {
         Some(c) => Err(invalid(
@@ -751,9 +752,16 @@ impl Config {
         }
         if let Some(route) = &self.source_proxy {
             for entry in route.unusable_no_proxy() {
-                let shown: String = entry.chars().take(64).collect();
+                // A URL there is most likely the proxy's own, password and all.
+                let shown = if entry.contains(['@', ':', '/']) && entry.contains("//") {
+                    "a URL (not shown: it may hold a password)".to_string()
+                } else if entry.contains('@') {
+                    "an entry with '@' (not shown: it may hold a password)".to_string()
+                } else {
+                    format!("{:?}", entry.chars().take(64).collect::<String>())
+                };
                 w.push(format!(
-                    "NO_PROXY entry {shown:?} can never match a host and is skipped: entries \
+                    "NO_PROXY entry {shown} can never match a host and is skipped: entries \
                      are host names (.corp.example), addresses, networks (10.0.0.0/8) or *"
                 ));
             }
@@ -819,9 +827,15 @@ impl SourceConfig {
                 260,
                 true,
             )?;
+            // A subscription's dead-letter queue is read as `NAME/$DeadLetterQueue`
+            // (and its transfer dead-letter queue as `NAME/$Transfer/$DeadLetterQueue`).
+            let subscription = ["/$Transfer/$DeadLetterQueue", "/$DeadLetterQueue"]
+                .iter()
+                .find_map(|q| s.subscription.strip_suffix(q))
+                .unwrap_or(&s.subscription);
             entity_name(
                 &format!("source.subscriptions[{i}].subscription"),
-                &s.subscription,
+                subscription,
                 asb,
                 50,
                 false,
@@ -1619,6 +1633,8 @@ mod tests {
                 "subscription: holds U+0020: Service Bus names",
             ),
             (sub("a/b"), "subscription: holds '/'"),
+            (sub("/$DeadLetterQueue"), "subscription: must not be empty"),
+            (sub("a b/$DeadLetterQueue"), "subscription: holds U+0020"),
             (sub(&"s".repeat(51)), "subscription: is longer than 50"),
             (topic("a b"), "topic: holds U+0020"),
             (topic("events?x"), "topic: holds '?'"),
@@ -1652,6 +1668,8 @@ mod tests {
         for text in [
             topic("plant-7/line_1.events"),
             sub("Edge.Box-17_a"),
+            sub("edge/$DeadLetterQueue"),
+            sub("edge/$Transfer/$DeadLetterQueue"),
             minimal().replace(subs, "[[source.subscriptions]]\ntopic = \"rabbit mq\"\nsubscription = \"q/1\"\naddress = \"/queues/q1\"\n"),
             minimal() + &format!("[mqtt]\nprefix = \"{}\"\n", "p".repeat(65_278)),
             minimal() + "[mqtt]\nprefix = \"a/$b\"\n",
@@ -1694,10 +1712,18 @@ mod tests {
         let c = Config::parse(&minimal(), &env).unwrap();
         let w = c.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].starts_with("NO_PROXY entry \"http://x.corp\" can never match"),
-            "{w:?}"
-        );
+        assert!(w[0].starts_with("NO_PROXY entry a URL (not shown"), "{w:?}");
+        // The proxy's own URL pasted there, password and all, is never shown.
+        let pasted = LoadEnv {
+            no_proxy: Some(
+                "localhost,http://gw:S3cret@proxy.corp:3128,gw:S3cret@x,10.0.0.0/40".into(),
+            ),
+            ..env.clone()
+        };
+        let w = Config::parse(&minimal(), &pasted).unwrap().warnings();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w.iter().all(|l| !l.contains("S3cret")), "{w:?}");
+        assert!(w[2].starts_with("NO_PROXY entry \"10.0.0.0/40\""), "{w:?}");
         let env = LoadEnv {
             no_proxy: Some("localhost,10.0.0.0/8".into()),
             ..env

@@ -180,7 +180,9 @@ fn put_error(audience: &str, e: MgmtError) -> SourceError {
             reason: format!(
                 "status {}{}",
                 s.code.0,
-                s.description.map(|d| format!(" ({d})")).unwrap_or_default()
+                s.description
+                    .map(|d| format!(" ({})", crate::redact::peer_text(&d)))
+                    .unwrap_or_default()
             ),
         },
         MgmtError::Send(e) => SourceError::Cbs(format!("put-token not sent: {e}")),

@@ -298,7 +298,7 @@ fn condition_name(c: &ErrorCondition) -> String {
         ErrorCondition::ConnectionError(e) => kebab(&format!("{e:?}")),
         ErrorCondition::SessionError(e) => kebab(&format!("{e:?}")),
         ErrorCondition::LinkError(e) => kebab(&format!("{e:?}")),
-        ErrorCondition::Custom(s) => s.as_str().to_string(),
+        ErrorCondition::Custom(s) => crate::redact::peer_text(s.as_str()).into_owned(),
         #[allow(unreachable_patterns)]
         other => format!("{other:?}"),
     }

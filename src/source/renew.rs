@@ -388,8 +388,10 @@ impl Response for RenewLockResponse {
         Ok(RenewLockResponse {
             status,
             description: text(prop(&["statusDescription", "status-description"]))
+                .map(|d| crate::redact::peer_text(&d).into_owned())
                 .unwrap_or_default(),
-            condition: text(prop(&["errorCondition", "error-condition"])),
+            condition: text(prop(&["errorCondition", "error-condition"]))
+                .map(|c| crate::redact::peer_text(&c).into_owned()),
             correlation_id: message
                 .properties
                 .as_ref()

@@ -276,7 +276,9 @@ async fn a_client_that_never_reads_its_responses_is_cut_after_the_limit() {
     sock.set_recv_buffer_size(1024).unwrap();
     let mut s = sock.connect(srv.addr).await.unwrap();
     let one = "GET /page.js HTTP/1.1\r\nHost: x\r\n\r\n";
-    let n = 100;
+    // 400 × page.js (~25 KB) is ~10 MB: more than any socket buffers could take even
+    // without the server's SO_SNDBUF cap.
+    let n = 400;
     s.write_all(one.repeat(n).as_bytes()).await.unwrap();
     // Not reading, for several times the limit.
     tokio::time::sleep(Duration::from_secs(3)).await;
