@@ -632,7 +632,7 @@ fn stream(
             RejectReason::BadRequest,
             StatusCode::BAD_REQUEST,
             peer,
-            "expected a WebSocket upgrade over HTTP/1.1 (protocol v1, see DESIGN §4)".into(),
+            "expected a WebSocket upgrade over HTTP/1.1 (panel protocol v1: docs/panels.md)".into(),
         );
     }
     // RFC 6455 §4.2.1: one key, the base64 of 16 bytes.
