@@ -88,6 +88,20 @@ impl AcceptErrors {
         self.backoff.up();
     }
 
+    /// An accept failed with `e`: wait out the delay, or until `stop`. True when
+    /// stopped (for loops that have nothing else to do meanwhile).
+    pub async fn pause(
+        &mut self,
+        e: &std::io::Error,
+        stop: &mut crate::shutdown::Shutdown,
+    ) -> bool {
+        let delay = self.failed(e);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = stop.recv() => true,
+        }
+    }
+
     /// An accept failed with `e`: how long to stop accepting.
     pub fn failed(&mut self, e: &std::io::Error) -> Duration {
         let delay = self.backoff.down();

@@ -31,10 +31,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdow
                     s
                 }
                 Err(e) => {
-                    let delay = errors.failed(&e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.recv() => return,
+                    if errors.pause(&e, &mut stop).await {
+                        return;
                     }
                     continue;
                 }

@@ -299,19 +299,18 @@ pub async fn start(
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: Shutdown) {
     let mut errors = crate::backoff::AcceptErrors::new("emulator");
     loop {
-        let delay = tokio::select! {
+        tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     errors.accepted();
                     tokio::spawn(broker::serve(stream, shared.clone()));
-                    continue;
                 }
-                Err(e) => errors.failed(&e),
+                Err(e) => {
+                    if errors.pause(&e, &mut stop).await {
+                        return;
+                    }
+                }
             },
-            _ = stop.recv() => return,
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
             _ = stop.recv() => return,
         }
     }
@@ -334,10 +333,8 @@ async fn ws_accept_loop(
                     x
                 }
                 Err(e) => {
-                    let delay = errors.failed(&e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.recv() => return,
+                    if errors.pause(&e, &mut stop).await {
+                        return;
                     }
                     continue;
                 }

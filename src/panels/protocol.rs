@@ -299,22 +299,12 @@ impl OpError {
     /// An error for the client; `message` is kept to [`OP_ERROR_MESSAGE_MAX`] bytes.
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         let message: String = message.into();
-        let message =
-            if message.len() <= OP_ERROR_MESSAGE_MAX && !message.contains(char::is_control) {
-                message
-            } else {
-                let mut out = String::with_capacity(OP_ERROR_MESSAGE_MAX);
-                for c in message
-                    .chars()
-                    .map(|c| if c.is_control() { '?' } else { c })
-                {
-                    if out.len() + c.len_utf8() > OP_ERROR_MESSAGE_MAX {
-                        break;
-                    }
-                    out.push(c);
-                }
-                out
-            };
+        // What MQTT forbids in strings (controls, noncharacters) is what a one-line
+        // message should not carry either.
+        let message = match crate::routing::mqtt_clean(&message, '?', OP_ERROR_MESSAGE_MAX) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
         OpError { code, message }
     }
 }
