@@ -90,6 +90,8 @@ impl AcceptErrors {
 
     /// An accept failed with `e`: wait out the delay, or until `stop`. True when
     /// stopped (for loops that have nothing else to do meanwhile).
+    /// (Only the emulator's loops are that simple; the panel server reaps meanwhile.)
+    #[cfg(feature = "emulator")]
     pub async fn pause(
         &mut self,
         e: &std::io::Error,
