@@ -113,16 +113,19 @@ pub enum RejectReason {
     Forbidden,
     /// The TLS handshake failed or timed out.
     Tls,
+    /// A `Host` not in `panels.server_names` (HTTP 421).
+    Host,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Unauthorized,
         RejectReason::Origin,
         RejectReason::Full,
         RejectReason::BadRequest,
         RejectReason::Forbidden,
         RejectReason::Tls,
+        RejectReason::Host,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -132,6 +135,7 @@ impl RejectReason {
             RejectReason::BadRequest => "bad_request",
             RejectReason::Forbidden => "forbidden",
             RejectReason::Tls => "tls",
+            RejectReason::Host => "host",
         }
     }
 }

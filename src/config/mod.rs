@@ -299,6 +299,11 @@ pub struct PanelsConfig {
     pub max_panels: usize,
     pub slow_policy: SlowPolicy,
     pub allowed_origins: Vec<String>,
+    /// Host names this box answers to on the panel port (no scheme, no port); empty =
+    /// any `Host`. With names set, a request whose `Host` is not an IP address,
+    /// `localhost` or one of them gets 421 (the defence against DNS rebinding), and the
+    /// built-in page's own origin counts for `allowed_origins` under these names too.
+    pub server_names: Vec<String>,
     /// Access tokens; none = open.
     pub tokens: Vec<PanelToken>,
     /// Topics whose newest event is kept for panels that connect (`last=true`,
@@ -342,6 +347,7 @@ impl Default for PanelsConfig {
             max_panels: 256,
             slow_policy: SlowPolicy::Skip,
             allowed_origins: Vec::new(),
+            server_names: Vec::new(),
             tokens: Vec::new(),
             last_values: 1024,
             last_values_mib: 1,
@@ -1079,6 +1085,19 @@ impl PanelsConfig {
                 return Err(invalid(
                     &format!("panels.allowed_origins[{i}]"),
                     "must be an origin, scheme://host[:port], such as \"http://panel.local:8080\"",
+                ));
+            }
+        }
+        for (i, n) in self.server_names.iter().enumerate() {
+            // A port (outside an IPv6 literal's brackets) or a scheme is a mistake here.
+            let after_literal = n.rsplit_once(']').map_or(n.as_str(), |(_, after)| after);
+            if crate::panels::origin::host_name(n).is_none()
+                || n.trim() != n
+                || after_literal.contains(':')
+            {
+                return Err(invalid(
+                    &format!("panels.server_names[{i}]"),
+                    "must be a host name without scheme or port, such as \"gw17.plant.local\"",
                 ));
             }
         }

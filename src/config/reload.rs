@@ -1,8 +1,9 @@
 //! What a reload (SIGHUP, `systemctl reload`) may change while the gateway runs, and
 //! what needs a restart.
 //!
-//! Applied live: `panels.tokens`, `panels.allowed_origins`, `panels.max_panels`,
-//! `panels.slow_policy`, `panels.metrics_token`, `log.level` (the panel port's and the
+//! Applied live: `panels.tokens`, `panels.allowed_origins`, `panels.server_names`,
+//! `panels.max_panels`, `panels.slow_policy`, `panels.metrics_token`, `log.level` (the
+//! panel port's and the
 //! mirror's certificates are re-read on every reload besides). Everything else —
 //! `[source]` and the connection string, `[journal]`, `[routing]`, `[mqtt]` and its
 //! password, `[budget]`, `panels.listen`, `panels.last_values`, `panels.last_values_mib`,
@@ -58,6 +59,10 @@ pub fn apply_live(running: &mut Config, new: &Config) -> Changes {
     if p.allowed_origins != n.allowed_origins {
         p.allowed_origins = n.allowed_origins.clone();
         c.applied.push("panels.allowed_origins");
+    }
+    if p.server_names != n.server_names {
+        p.server_names = n.server_names.clone();
+        c.applied.push("panels.server_names");
     }
     if p.max_panels != n.max_panels {
         p.max_panels = n.max_panels;

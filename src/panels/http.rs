@@ -198,6 +198,22 @@ fn route(
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
         return text(StatusCode::BAD_REQUEST, "more than one Host header\n");
     }
+    // Every path, the page and /metrics included: DNS rebinding reads them too.
+    let host = req.headers().get(header::HOST).map(|v| v.to_str());
+    let refused = match host {
+        Some(Err(_)) => Some("malformed Host header".to_string()),
+        Some(Ok(host)) => policy::host_refused(&server.policy().server_names, Some(host)),
+        None => policy::host_refused(&server.policy().server_names, None),
+    };
+    if let Some(why) = refused {
+        return reject(
+            server,
+            RejectReason::Host,
+            StatusCode::MISDIRECTED_REQUEST,
+            peer,
+            why,
+        );
+    }
     let path = req.uri().path();
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     match path {
@@ -472,14 +488,18 @@ fn admit(
     let policy = server.policy();
     let origin = origin_lines(h);
     let host = header_str(h, header::HOST);
-    if let Some(origin) = policy::origin_refused(&policy.allowed_origins, &origin, host) {
+    if let Some(origin) = policy::origin_refused(&policy, &origin, host) {
         let origin = crate::redact::peer_text(origin);
         return Err(Box::new(reject(
             server,
             RejectReason::Origin,
             StatusCode::FORBIDDEN,
             peer,
-            format!("origin {origin} is not in panels.allowed_origins"),
+            format!(
+                "origin {origin} is not in panels.allowed_origins (the page's own origin \
+                 counts only when it is an IP address, localhost or a name in \
+                 panels.server_names)"
+            ),
         )));
     }
     let query = StreamQuery::parse(req.uri().query()).map_err(|e| {

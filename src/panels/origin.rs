@@ -65,6 +65,28 @@ fn host_port(s: &str) -> Option<(String, Option<u16>)> {
     Some((host.to_ascii_lowercase(), port))
 }
 
+/// The name of a `Host` header value (`host[:port]`, RFC 9110 §7.2): lowercased,
+/// without its port and one trailing dot (`Gw17.Plant.` is `gw17.plant`); IPv6 literals
+/// keep their brackets. `None` when malformed.
+pub fn host_name(host: &str) -> Option<String> {
+    let (mut h, _) = host_port(host.trim())?;
+    if h.len() > 1 && h.ends_with('.') {
+        h.pop();
+    }
+    Some(h)
+}
+
+/// Is `name` (from [`host_name`]) one that only this box can be reached by from a
+/// browser — an IP address, `localhost` or a `*.localhost` name (which browsers resolve
+/// to loopback themselves, RFC 6761 §6.3)? A page on another site can point a name it
+/// owns at this box (DNS rebinding), but not an address or these names.
+pub fn is_address_or_localhost(name: &str) -> bool {
+    name.starts_with('[')
+        || name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+}
+
 impl Origin {
     /// Parse a serialised origin, `scheme://host[:port]`, tolerating one trailing `/`
     /// (people copy origins from the address bar). `None` for anything else, including
@@ -189,6 +211,26 @@ mod tests {
         assert!(!o("https://gw.local").is_served_by("gw.local:80"));
         assert!(!o("http://evil.example").is_served_by("gw.local"));
         assert!(!o("ftp://gw.local").is_served_by("gw.local"));
+    }
+
+    #[test]
+    fn host_names_and_the_names_only_this_box_has() {
+        assert_eq!(host_name("GW17.Plant.:8080").as_deref(), Some("gw17.plant"));
+        assert_eq!(host_name("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(host_name("10.0.0.1").as_deref(), Some("10.0.0.1"));
+        assert_eq!(host_name("a b"), None);
+        assert_eq!(host_name("gw:port"), None);
+        for own in ["10.0.0.1", "[fe80::1]", "localhost", "panel.localhost"] {
+            assert!(is_address_or_localhost(own), "{own}");
+        }
+        for other in [
+            "gw17.plant",
+            "10.0.0.1.evil.example",
+            "localhost.evil.example",
+            "127.1",
+        ] {
+            assert!(!is_address_or_localhost(other), "{other}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Who may connect, and on what terms: the part of `[panels]` a reload (SIGHUP) changes
 //! while panels stay connected — tokens and the filters they allow, `allowed_origins`,
-//! `max_panels`, `slow_policy`, `metrics_token`.
+//! `server_names`, `max_panels`, `slow_policy`, `metrics_token`.
 //!
 //! A panel keeps what it was admitted with ([`Admission`]: the SHA-256 of its token,
 //! never the token, and its `Origin` and `Host` headers). After a reload each session
@@ -23,6 +23,9 @@ pub struct PanelPolicy {
     pub max_panels: usize,
     /// Origins (RFC 6454 serialisation) a browser may open the stream from; empty = any.
     pub allowed_origins: Vec<String>,
+    /// The names this box answers to (lowercase, no port); empty = any `Host`. See
+    /// [`host_refused`].
+    pub server_names: Vec<String>,
     /// Access tokens; none = open.
     pub tokens: Vec<PanelToken>,
     /// What happens to a panel that falls behind the oldest retained event.
@@ -36,6 +39,9 @@ impl PanelPolicy {
         PanelPolicy {
             max_panels: cfg.panels.max_panels,
             allowed_origins: cfg.panels.allowed_origins.clone(),
+            server_names: (cfg.panels.server_names.iter())
+                .filter_map(|n| super::origin::host_name(n))
+                .collect(),
             tokens: cfg.panels.tokens.clone(),
             slow_policy: cfg.panels.slow_policy,
             metrics_token: cfg.panels.metrics_token,
@@ -74,8 +80,11 @@ impl Admission {
         policy: &PanelPolicy,
         filters: impl IntoIterator<Item = &'f Filter>,
     ) -> Result<Option<Vec<Filter>>, Withdrawn> {
+        if host_refused(&policy.server_names, self.host.as_deref()).is_some() {
+            return Err("host no longer in panels.server_names");
+        }
         let lines: Vec<&str> = self.origin.iter().map(String::as_str).collect();
-        if !origin_allowed(&policy.allowed_origins, &lines, self.host.as_deref()) {
+        if origin_refused(policy, &lines, self.host.as_deref()).is_some() {
             return Err("origin no longer allowed");
         }
         let allow =
@@ -94,29 +103,59 @@ impl Admission {
     }
 }
 
-/// Is a request with these `Origin` header `lines` acceptable? No `Origin` (a
-/// non-browser client) is. With `allowed` set, every origin the request names (RFC 6454
-/// §7: the header may be a space-separated list, and a request with more than one line
-/// is judged by all of them) must be the page's own origin (the `host` it was served
-/// from) or an allowed one, compared as (scheme, host, port) with default ports (RFC
-/// 6454 §5).
-pub(crate) fn origin_allowed(allowed: &[String], lines: &[&str], host: Option<&str>) -> bool {
-    origin_refused(allowed, lines, host).is_none()
+/// Why a request's `Host` header (`host[:port]`) is refused, for the 421 (Misdirected
+/// Request, RFC 9110 §15.5.20); `None`: served. With `server_names` empty every request
+/// is served. With it set, the `Host` must name this box: an IP address, `localhost`, or
+/// one of `server_names` (case-insensitive, the port and a trailing dot ignored). This is
+/// the defence against DNS rebinding: a web page on another site that points its own
+/// name at this box reaches it with that name in `Host`.
+pub(crate) fn host_refused(server_names: &[String], host: Option<&str>) -> Option<String> {
+    if server_names.is_empty() {
+        return None;
+    }
+    let Some(host) = host else {
+        return Some("a Host header is required".into());
+    };
+    match super::origin::host_name(host) {
+        None => Some("malformed Host header".into()),
+        Some(name) if names_this_box(server_names, &name) => None,
+        Some(name) => Some(format!(
+            "Host {} is not in panels.server_names",
+            crate::redact::peer_text(&name)
+        )),
+    }
 }
 
-/// The first origin of the `Origin` lines that [`origin_allowed`] would not admit (for the
-/// 403's message: with a list, not the first origin, which may be an allowed one).
+/// Does `name` (a [`super::origin::host_name`]) name this box for certain?
+fn names_this_box(server_names: &[String], name: &str) -> bool {
+    super::origin::is_address_or_localhost(name) || server_names.iter().any(|n| n == name)
+}
+
+/// Is a request with these `Origin` header `lines` acceptable? No `Origin` (a
+/// non-browser client) is. With `allowed_origins` set, every origin the request names
+/// (RFC 6454 §7: the header may be a space-separated list, and a request with more than
+/// one line is judged by all of them) must be an allowed one, or the page's own origin,
+/// compared as (scheme, host, port) with default ports (RFC 6454 §5). The own origin is
+/// the request's `Host`, and only when that names this box for certain (an IP address,
+/// `localhost`, or one of `server_names`): a name another site controls could point at
+/// this box (DNS rebinding) and would pass as the page's own origin.
+/// Returns the first origin not admitted (for the 403's message: with a list, not the
+/// first origin, which may be an allowed one).
 pub(crate) fn origin_refused<'a>(
-    allowed: &[String],
+    policy: &PanelPolicy,
     lines: &[&'a str],
     host: Option<&str>,
 ) -> Option<&'a str> {
+    let allowed = &policy.allowed_origins;
     if lines.is_empty() || allowed.is_empty() {
         return None;
     }
+    let own_host = host.filter(|h| {
+        super::origin::host_name(h).is_some_and(|n| names_this_box(&policy.server_names, &n))
+    });
     let admitted = |o: &str| {
         // The built-in page talks to the host that served it.
-        let own = host.is_some_and(|host| {
+        let own = own_host.is_some_and(|host| {
             super::origin::Origin::parse(o).is_some_and(|origin| origin.is_served_by(host))
         });
         own || allowed.iter().any(|a| super::origin::same(a, o))
@@ -150,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_refused_origin_list_names_the_origin_refused() {
-        let allowed = vec!["https://panel.example".to_string()];
+        let allowed = policy(vec![], &["https://panel.example"]);
         let lines = ["https://panel.example http://evil.example"];
         assert_eq!(
             origin_refused(&allowed, &lines, None),
@@ -165,13 +204,81 @@ mod tests {
             origin_refused(&allowed, &["https://panel.example"], None),
             None
         );
-        assert_eq!(origin_refused(&[], &["http://evil.example"], None), None);
+        assert_eq!(
+            origin_refused(&policy(vec![], &[]), &["http://evil.example"], None),
+            None
+        );
+    }
+
+    #[test]
+    fn the_page_own_origin_counts_only_for_a_name_of_this_box() {
+        let mut p = policy(vec![], &["https://hmi.plant"]);
+        // Served by address or localhost: its own origin is admitted.
+        for (origin, host) in [
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http://[::1]:8080", "[::1]:8080"),
+            ("http://localhost:8080", "LOCALHOST:8080"),
+            ("http://gw.localhost", "gw.localhost"),
+        ] {
+            assert_eq!(origin_refused(&p, &[origin], Some(host)), None, "{host}");
+        }
+        // DNS rebinding: a name another site controls, pointed at this box, is not the
+        // page's own origin unless the box is configured to answer to it.
+        let rebound = ["http://evil.example:8080"];
+        assert_eq!(
+            origin_refused(&p, &rebound, Some("evil.example:8080")),
+            Some("http://evil.example:8080")
+        );
+        let named = ["http://gw17.plant:8080"];
+        assert_eq!(
+            origin_refused(&p, &named, Some("gw17.plant:8080")),
+            Some("http://gw17.plant:8080")
+        );
+        p.server_names = vec!["gw17.plant".into()];
+        assert_eq!(origin_refused(&p, &named, Some("GW17.plant:8080")), None);
+        assert_eq!(
+            origin_refused(&p, &rebound, Some("evil.example:8080")),
+            Some("http://evil.example:8080")
+        );
+    }
+
+    #[test]
+    fn hosts_are_checked_only_with_server_names() {
+        assert_eq!(host_refused(&[], Some("evil.example")), None);
+        assert_eq!(host_refused(&[], None), None);
+        let names = ["gw17.plant".to_string()];
+        for ok in [
+            "gw17.plant",
+            "GW17.Plant:8080",
+            "gw17.plant.",
+            "10.0.0.17:8080",
+            "[fe80::1]:8080",
+            "localhost:8080",
+        ] {
+            assert_eq!(host_refused(&names, Some(ok)), None, "{ok}");
+        }
+        assert_eq!(
+            host_refused(&names, Some("evil.example:8080")).as_deref(),
+            Some("Host evil.example is not in panels.server_names")
+        );
+        for bad in ["gw17.plant.evil.example", "gw17", "10.0.0.17.evil.example"] {
+            assert!(host_refused(&names, Some(bad)).is_some(), "{bad}");
+        }
+        assert_eq!(
+            host_refused(&names, Some("gw17.plant:x")).as_deref(),
+            Some("malformed Host header")
+        );
+        assert_eq!(
+            host_refused(&names, None).as_deref(),
+            Some("a Host header is required")
+        );
     }
 
     fn policy(tokens: Vec<PanelToken>, origins: &[&str]) -> PanelPolicy {
         PanelPolicy {
             max_panels: 10,
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
+            server_names: Vec::new(),
             tokens,
             slow_policy: SlowPolicy::Skip,
             metrics_token: None,
@@ -227,5 +334,14 @@ mod tests {
         // A client without Origin (not a browser) is never refused for it.
         let cli = Admission::new(None, vec![], None);
         assert!(cli.recheck(&policy(vec![], &["https://x"]), &f).is_ok());
+        // A name the box no longer answers to.
+        let mut p = policy(vec![], &[]);
+        p.server_names = vec!["gw-new".into()];
+        assert_eq!(
+            a.recheck(&p, &f),
+            Err("host no longer in panels.server_names")
+        );
+        p.server_names.push("gw".into());
+        assert!(a.recheck(&p, &f).is_ok());
     }
 }

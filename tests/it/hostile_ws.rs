@@ -660,6 +660,100 @@ async fn a_connection_flood_past_max_panels_gets_503_and_then_service_resumes() 
     srv.stop().await;
 }
 
+/// DNS rebinding: a page on another site points its own name at the box, so the
+/// browser sends that name as `Host` and as the page's origin. Without
+/// `panels.server_names` such a page is not the built-in page's own origin (403 when
+/// `allowed_origins` is set; the box's address and `localhost` still are); with it,
+/// every path answers such a `Host` with 421 and counts it.
+#[tokio::test]
+async fn dns_rebinding_is_refused_on_every_path() {
+    fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+    let open = ctx("[panels]\nallowed_origins = [\"https://hmi.plant\"]\n");
+    let srv = start(open, Options::default()).await;
+    let own = format!("127.0.0.1:{}", srv.addr.port());
+    let own_origin = format!("Origin: http://{own}");
+    assert_eq!(upgrade(srv.addr, &own, &with(&[&own_origin])).await.0, 101);
+    let localhost = format!("localhost:{}", srv.addr.port());
+    let lh_origin = format!("Origin: http://{localhost}");
+    assert_eq!(
+        upgrade(srv.addr, &localhost, &with(&[&lh_origin])).await.0,
+        101
+    );
+    let rebound = "rebind.evil.example:8080";
+    let (st, _) = upgrade(
+        srv.addr,
+        rebound,
+        &with(&["Origin: http://rebind.evil.example:8080"]),
+    )
+    .await;
+    assert_eq!(st, 403, "a rebound name is not the page's own origin");
+    srv.stop().await;
+
+    let ctx = ctx("[panels]\nserver_names = [\"GW17.plant.local\"]\n");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let get = |path: &str, host: Option<&str>| {
+        let host = host.map_or(String::new(), |h| format!("Host: {h}\r\n"));
+        format!("GET {path} HTTP/1.1\r\n{host}Connection: close\r\n\r\n")
+    };
+    let mut refused = 0;
+    for path in ["/", "/page.js", "/healthz", "/metrics", "/v1/last", "/nope"] {
+        let resp = exchange(srv.addr, get(path, Some("evil.example:8080")).as_bytes()).await;
+        assert_eq!(status(&resp), 421, "{path}: {resp}");
+        assert!(
+            resp.contains("Host evil.example is not in panels.server_names"),
+            "{path}: {resp}"
+        );
+        refused += 1;
+        let resp = exchange(srv.addr, get(path, None).as_bytes()).await;
+        assert_eq!(status(&resp), 421, "{path} without Host: {resp}");
+        refused += 1;
+        for host in [
+            "gw17.plant.local:8080".to_string(),
+            "gw17.PLANT.local.".to_string(),
+            own.clone(),
+        ] {
+            let resp = exchange(srv.addr, get(path, Some(&host)).as_bytes()).await;
+            // served: /healthz says 503 here, as no source is connected
+            let want: &[u16] = match path {
+                "/nope" => &[404],
+                "/healthz" => &[503],
+                _ => &[200],
+            };
+            assert!(
+                want.contains(&status(&resp)),
+                "{path} with Host {host}: {resp}"
+            );
+        }
+    }
+    let (st, _) = upgrade(
+        srv.addr,
+        "evil.example",
+        &with(&["Origin: http://evil.example"]),
+    )
+    .await;
+    assert_eq!(st, 421);
+    refused += 1;
+    let (st, _) = upgrade(srv.addr, "gw17.plant.local", &with(&[])).await;
+    assert_eq!(st, 101);
+    let host_refusals = ctx
+        .metrics
+        .panels_rejected
+        .of(asb_gateway::metrics::RejectReason::Host)
+        .get();
+    assert_eq!(host_refusals, refused);
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
+
 /// One upgrade request with `lines` (each `Name: value`, sent as written), on a raw TCP
 /// connection: the status and the echoed `Sec-WebSocket-Protocol`, if any.
 async fn upgrade(addr: SocketAddr, host: &str, lines: &[&str]) -> (u16, Option<String>) {
@@ -694,6 +788,7 @@ async fn handshakes_accept_what_the_rfcs_allow() {
     let ctx = ctx(&format!(
         "[panels]\nmax_panels = 256\n\
          allowed_origins = [\"http://panel.local:8080\", \"https://secure.panel\", \"http://Plain.Panel/\"]\n\
+         server_names = [\"gw.local\"]\n\
          [[panels.tokens]]\nname = \"line1\"\nsha256 = \"{hash}\"\nallow = [\"line1/#\"]\n"
     ));
     let srv = start(ctx.clone(), Options::default()).await;
@@ -898,6 +993,13 @@ async fn handshakes_accept_what_the_rfcs_allow() {
             host,
             vec![auth, "Origin: http://gw.local:9090"],
             403,
+            None,
+        ),
+        (
+            "DNS rebinding: a name the box does not answer to",
+            "evil.example:8080",
+            vec![auth, "Origin: http://evil.example:8080"],
+            421,
             None,
         ),
         (
