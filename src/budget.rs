@@ -6,8 +6,9 @@ use crate::config::Config;
 
 /// Wire bytes of events a panel session queues for its socket before it flushes and
 /// stops reading the journal (one larger event is queued on its own). The events are
-/// the journal's shared bytes, queued by reference: this is what a panel can keep alive
-/// after the journal has dropped them, not a copy. 32 KiB, not 16: with 4 KiB events a
+/// the journal's shared bytes, queued by reference, not a copy: they cost memory of
+/// their own only once the journal has evicted them, and that is counted in the shared
+/// pool ([`held_pool_bytes`]), not per panel. 32 KiB, not 16: with 4 KiB events a
 /// 16 KiB queue flushed 3 frames at a time and delivered 10–30% less at saturation.
 pub const PANEL_WRITE_BUFFER: usize = 32 * 1024;
 /// Frames a panel session queues for its socket before it flushes: with
@@ -26,8 +27,11 @@ pub const PANEL_READ_HEADROOM: usize = 16;
 pub const PANEL_QUEUE_SLOTS: usize = 2 * PANEL_WRITE_FRAMES;
 const _: () =
     assert!(PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + MAX_FILTERS + 2 <= PANEL_QUEUE_SLOTS);
-/// Bytes per queued frame: its header and a reference to the shared payload.
-pub const PANEL_QUEUE_ENTRY: usize = 64;
+/// Bytes per queued frame: its header, a reference to the shared payload, its seq.
+pub const PANEL_QUEUE_ENTRY: usize = 72;
+/// Panels whose whole queue of evicted events the shared pool holds at once
+/// ([`held_pool_bytes`]); beyond it, a panel whose unsent events are evicted is closed.
+pub const HELD_POOL_PANELS: usize = 32;
 /// Room for control frames (hello, error, pong, ping, close) and the WebSocket layer's
 /// own replies on top of the events. Input is read only while less than half of it is
 /// queued past the events, and one op's replies (at most `MAX_FILTERS + 2` frames of
@@ -74,13 +78,24 @@ pub const AUTH_THROTTLE_ENTRY: usize = 128;
 /// and the exported duplicate-suppression entry.
 pub const SNAPSHOT_ENTRY: usize = 48;
 
-/// The most a panel's write side holds, in bytes: its frame queue, the events it keeps
-/// alive by reference (`PANEL_WRITE_BUFFER`, or one larger event frame), and control
-/// frames.
-pub fn panel_write_capacity(max_event_bytes: usize) -> usize {
-    PANEL_QUEUE_SLOTS * PANEL_QUEUE_ENTRY
-        + PANEL_WRITE_BUFFER.max(crate::event::max_frame_bytes(max_event_bytes) + FRAME_HEADER)
-        + CONTROL_ROOM
+/// The most a panel's write side holds of its own, in bytes: its frame queue's entries
+/// and control frames. The events it queues are the journal's (or, once evicted, the
+/// shared pool's: [`held_pool_bytes`]).
+pub fn panel_write_capacity() -> usize {
+    PANEL_QUEUE_SLOTS * PANEL_QUEUE_ENTRY + CONTROL_ROOM
+}
+
+/// Bytes of events one panel can have queued: [`PANEL_WRITE_BUFFER`], or one larger
+/// event frame.
+pub fn queued_event_bytes(max_event_bytes: usize) -> usize {
+    PANEL_WRITE_BUFFER.max(crate::event::max_frame_bytes(max_event_bytes) + FRAME_HEADER)
+}
+
+/// The shared pool of evicted frames (`panels::held`): bytes of events panels may still
+/// hold after the journal evicted them, enough for [`HELD_POOL_PANELS`] (or
+/// `max_panels`, if fewer) stalled panels with full queues.
+pub fn held_pool_bytes(max_panels: usize, max_event_bytes: usize) -> usize {
+    max_panels.min(HELD_POOL_PANELS) * queued_event_bytes(max_event_bytes)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +163,7 @@ pub fn compute(c: &Config) -> Budget {
     let j = &c.journal;
     let entry = crate::event::max_entry_bytes(j.max_event_bytes);
     let links = c.source.subscriptions.len();
-    let panel_write = panel_write_capacity(j.max_event_bytes);
+    let panel_write = panel_write_capacity();
     let frame = crate::event::max_frame_bytes(j.max_event_bytes);
     let mut lines = vec![
         Line {
@@ -180,10 +195,19 @@ pub fn compute(c: &Config) -> Budget {
         Line {
             item: "panel sessions",
             detail: format!(
-                "{} panels x ({} B write (frame queue, events held by reference, control) + {} B read + {} B state)",
+                "{} panels x ({} B write (frame queue, control frames) + {} B read + {} B state)",
                 c.panels.max_panels, panel_write, PANEL_READ_BUFFER, PANEL_STATE
             ),
             bytes: c.panels.max_panels * (panel_write + PANEL_READ_BUFFER + PANEL_STATE),
+        },
+        Line {
+            item: "evicted panel frames",
+            detail: format!(
+                "{} stalled panels x {} B of queued events the journal evicted (shared; a panel that does not fit is closed)",
+                c.panels.max_panels.min(HELD_POOL_PANELS),
+                queued_event_bytes(j.max_event_bytes)
+            ),
+            bytes: held_pool_bytes(c.panels.max_panels, j.max_event_bytes),
         },
         Line {
             item: "panel socket buffers",

@@ -588,6 +588,10 @@ metrics! {
         "events_skipped_total", "Events panels missed because they fell behind.";
     panels_disconnected_slow: Counter =>
         "panels_disconnected_slow_total", "Panels closed by slow_policy = disconnect.";
+    panels_held_bytes: Gauge => "panels_held_bytes",
+        "Bytes of events panels have not written yet that the journal has evicted (the shared pool in use).";
+    panels_disconnected_held: Counter => "panels_disconnected_held_total",
+        "Panels closed because the events their sockets had not taken were evicted and the shared pool was full.";
     // mirror
     mqtt_published: Counter => "mqtt_published_total", "Events published to MQTT.";
     mqtt_acked: Counter => "mqtt_acked_total", "MQTT publishes acknowledged by the broker.";

@@ -160,6 +160,10 @@ impl Ring {
 pub struct Journal {
     ring: Mutex<Ring>,
     latest: watch::Sender<u64>,
+    /// The oldest retained seq, sent each time it passes a multiple of
+    /// [`Journal::eviction_step`]: a few times per turn of the ring, for readers that hold
+    /// events and must learn when those are evicted without waking on every append.
+    evicted: watch::Sender<u64>,
     epoch: String,
     limits: Limits,
 }
@@ -187,6 +191,7 @@ pub fn new_epoch() -> String {
 impl Journal {
     pub fn new(limits: Limits, epoch: String) -> Arc<Self> {
         let (latest, _) = watch::channel(0);
+        let (evicted, _) = watch::channel(1);
         Arc::new(Journal {
             ring: Mutex::new(Ring {
                 slots: VecDeque::with_capacity(limits.events),
@@ -201,9 +206,22 @@ impl Journal {
                 last: last::LastValues::new(limits.last_values, limits.last_values_bytes),
             }),
             latest,
+            evicted,
             epoch,
             limits,
         })
+    }
+
+    /// Evictions are announced (by [`Journal::evictions`]) each time the oldest seq
+    /// passes a multiple of this: an eighth of `events`.
+    pub fn eviction_step(&self) -> u64 {
+        (self.limits.events as u64 / 8).max(1)
+    }
+
+    /// Watch the oldest retained seq, announced when it passes a multiple of
+    /// [`Journal::eviction_step`] (not on every eviction).
+    pub fn evictions(&self) -> watch::Receiver<u64> {
+        self.evicted.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
@@ -280,7 +298,7 @@ impl Journal {
                 limit: self.limits.max_entry_bytes.min(self.limits.bytes),
             });
         }
-        let seq = {
+        let (seq, evicted) = {
             let mut r = self.lock();
             if ev.seq != r.next_seq {
                 return Err(JournalError::OutOfOrder {
@@ -308,6 +326,7 @@ impl Journal {
                     _ => return Err(JournalError::Full),
                 }
             }
+            let oldest_before = r.oldest();
             r.slots.drain(..evict);
             // Only evictable slots were evicted.
             r.evictable -= evict;
@@ -320,9 +339,14 @@ impl Journal {
             r.push(ev.clone(), pinned);
             let oldest = r.oldest();
             r.last.record(&ev, oldest);
-            r.next_seq - 1
+            let step = self.eviction_step();
+            let evicted = (oldest / step != oldest_before / step).then_some(oldest);
+            (r.next_seq - 1, evicted)
         };
         self.latest.send_replace(seq);
+        if let Some(oldest) = evicted {
+            self.evicted.send_replace(oldest);
+        }
         Ok(seq)
     }
 
@@ -613,6 +637,29 @@ mod tests {
             },
             "e".into(),
         )
+    }
+
+    #[test]
+    fn evictions_are_announced_each_eighth_of_the_ring() {
+        let j = journal(16);
+        assert_eq!(j.eviction_step(), 2);
+        let mut rx = j.evictions();
+        let body = b"{}";
+        let mut announced = Vec::new();
+        for _ in 0..24 {
+            j.append(ev(j.next_seq(), body), false).unwrap();
+            if rx.has_changed().unwrap() {
+                announced.push((j.latest(), *rx.borrow_and_update()));
+            }
+        }
+        // Nothing while the ring fills (16 events); then oldest = latest - 15 each time
+        // it reaches a multiple of 2.
+        assert_eq!(
+            announced,
+            vec![(17, 2), (19, 4), (21, 6), (23, 8)],
+            "(latest, oldest announced)"
+        );
+        assert_eq!(journal(3).eviction_step(), 1);
     }
 
     /// `room()` computed the slow way: walk the unpinned run at the front.

@@ -85,6 +85,7 @@ pub(super) async fn connection(
     let shared = session::Shared {
         journal: &server.journal,
         metrics: &server.metrics,
+        held: &server.held,
     };
     let policy = server.policy.subscribe();
     session::run(ws, params, shared, policy, &server.opts, sd).await;
@@ -273,6 +274,7 @@ fn route(
             m.last_values.set(last.topics as u64);
             m.last_values_bytes.set(last.outside_bytes as u64);
             m.last_values_evicted.set(last.evicted);
+            m.panels_held_bytes.set(server.held.used() as u64);
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -11,6 +11,7 @@
 //!   [`Options::shutdown_grace`].
 
 pub mod fleet;
+mod held;
 mod http;
 pub mod origin;
 pub mod policy;
@@ -86,6 +87,9 @@ pub struct PanelSettings {
     /// `panels.peer_gateways`: the other boxes the built-in page fails over to
     /// ([`fleet`]); read at the start.
     pub peer_gateways: Vec<String>,
+    /// Bytes of evicted events that stalled panels may hold between them
+    /// ([`budget::held_pool_bytes`]); a panel whose share does not fit is closed.
+    pub held_pool: usize,
 }
 
 impl PanelSettings {
@@ -95,6 +99,7 @@ impl PanelSettings {
             updates: None,
             tls: None,
             peer_gateways: cfg.panels.peer_gateways.clone(),
+            held_pool: budget::held_pool_bytes(cfg.panels.max_panels, cfg.journal.max_event_bytes),
         }
     }
 }
@@ -259,6 +264,8 @@ pub(crate) struct Server {
     ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
     /// Failed authentications per source address.
     throttle: throttle::Throttle,
+    /// Evicted events stalled panels still hold.
+    held: held::HeldPool,
 }
 
 impl Server {
@@ -277,6 +284,7 @@ impl Server {
             .max_write_buffer_size(budget::CONTROL_ROOM)
             .max_message_size(Some(budget::MAX_CLIENT_FRAME))
             .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
+        let held = held::HeldPool::new(settings.held_pool);
         Server {
             journal,
             metrics,
@@ -286,6 +294,7 @@ impl Server {
             panels: AtomicUsize::new(0),
             ws_config,
             throttle: throttle::Throttle::default(),
+            held,
         }
     }
 

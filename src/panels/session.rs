@@ -10,6 +10,11 @@
 //! bounded queue and can never slow ingest or another panel. When it drains, its cursor may
 //! have fallen behind the oldest retained event: it gets a `gap` frame (`slow_policy =
 //! "skip"`) or is closed (`"disconnect"`).
+//!
+//! What a stalled panel queued stays in memory after the journal evicts it; while its
+//! flush waits, the session claims those bytes from the panels' shared pool
+//! ([`super::held`]) each time the journal announces evictions, and closes the connection
+//! when its claim does not fit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +31,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Options;
+use super::held::{Claim, HeldPool};
 use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter, shown_filter};
 use super::socket::{self, Kind};
@@ -82,6 +88,8 @@ enum End {
 pub(crate) struct Shared<'a> {
     pub journal: &'a Arc<Journal>,
     pub metrics: &'a Metrics,
+    /// Where panels claim the bytes of evicted events they still hold.
+    pub held: &'a HeldPool,
 }
 
 struct Session<'a> {
@@ -107,6 +115,8 @@ struct Session<'a> {
     sync: Option<LastSync>,
     /// Server frames queued for the socket.
     out: Writer,
+    /// This panel's share of the pool of evicted events still queued.
+    held: Claim<'a>,
     /// A flush is under way: the queue is not added to from the journal until it is
     /// written.
     flushing: bool,
@@ -158,6 +168,7 @@ pub(crate) fn run<'a>(
         batch: Vec::with_capacity(opts.batch),
         sync: None,
         out,
+        held: ctx.held.claim(),
         flushing: false,
         unread: true,
     };
@@ -308,6 +319,8 @@ impl Session<'_> {
         }
         let mut notify = self.ctx.journal.subscribe();
         notify.borrow_and_update();
+        let mut evictions = self.ctx.journal.evictions();
+        evictions.borrow_and_update();
         let start = Instant::now() + self.opts.ping_interval;
         let mut ping = tokio::time::interval_at(start, self.opts.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -326,7 +339,7 @@ impl Session<'_> {
                 // it waits, the select polls it again with this task's waker.
                 if self.flushing && !self.unread {
                     match self.out.flush().now_or_never() {
-                        Some(Ok(())) => self.flushing = false,
+                        Some(Ok(())) => self.flushed(),
                         Some(Err(e)) => {
                             log::debug!("panel {}: write failed: {e}", self.peer);
                             return End::Gone;
@@ -371,7 +384,17 @@ impl Session<'_> {
                         log::debug!("panel {}: write failed: {e}", self.peer);
                         return End::Gone;
                     }
-                    self.flushing = false;
+                    self.flushed();
+                }
+                // A flush that waits while the journal turns: claim what it holds of
+                // evicted events.
+                r = evictions.changed(), if self.flushing => {
+                    if r.is_err() {
+                        return End::Close(CloseCode::Away, "journal closed");
+                    }
+                    if let Err(end) = self.claim_held() {
+                        return end;
+                    }
                 }
                 // Not flushing means caught up: wait for the next append.
                 r = notify.changed(), if !self.flushing => {
@@ -390,6 +413,30 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// The queue is written: nothing is held any more.
+    fn flushed(&mut self) {
+        self.flushing = false;
+        self.held.resize(0);
+    }
+
+    /// Claim from the shared pool the bytes of queued events the journal has evicted;
+    /// when they do not fit, the panel must go (dropping the connection frees them: its
+    /// last frame may be half written, so no close frame can follow).
+    fn claim_held(&mut self) -> Result<(), End> {
+        let held = self.out.held_before(self.ctx.journal.oldest());
+        if self.held.resize(held) {
+            return Ok(());
+        }
+        self.ctx.metrics.panels_disconnected_held.inc();
+        log::info!(
+            "panel {}: closed: its socket has not taken {held} B of events the journal has \
+             evicted, and the panels' shared pool for those ({} B) is full",
+            self.peer,
+            self.ctx.held.limit()
+        );
+        Err(End::Gone)
     }
 
     /// Is there room in the queue for a frame of `len` wire bytes? The queue holds at
@@ -439,7 +486,7 @@ impl Session<'_> {
                     full = true;
                     break;
                 }
-                self.out.push(kind, prefix, body, tail);
+                self.out.push_event(ev.seq, kind, prefix, body, tail);
                 self.sync = Some(LastSync {
                     after: ev.seq,
                     ..sync
@@ -522,7 +569,7 @@ impl Session<'_> {
                     }
                 }
                 // The journal's shared bytes, by reference.
-                self.out.push(kind, b"", body, b"");
+                self.out.push_event(ev.seq, kind, b"", body, b"");
                 sent += 1;
             }
             if full {

@@ -128,6 +128,8 @@ struct OutFrame {
     head_len: u8,
     body: Bytes,
     tail: &'static [u8],
+    /// The journal seq of the event whose bytes `body` shares (0: not an event's).
+    seq: u64,
 }
 
 impl OutFrame {
@@ -198,12 +200,34 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
     /// `body` and `tail`, in that order. A text payload must be UTF-8 as a whole (the
     /// caller's duty: the journal's JSON is). Returns the frame's wire bytes.
     pub fn push(&mut self, kind: Kind, prefix: &[u8], body: Bytes, tail: &'static [u8]) -> usize {
+        self.push_event(0, kind, prefix, body, tail)
+    }
+
+    /// [`Outbound::push`] for a frame whose `body` is the journal's bytes of the event
+    /// `seq` (≥ 1), so that [`Outbound::held_before`] can tell once it is evicted.
+    pub fn push_event(
+        &mut self,
+        seq: u64,
+        kind: Kind,
+        prefix: &[u8],
+        body: Bytes,
+        tail: &'static [u8],
+    ) -> usize {
         let opcode = match kind {
             Kind::Text => OpCode::Data(Data::Text),
             Kind::Binary => OpCode::Data(Data::Binary),
             Kind::Ping => OpCode::Control(Control::Ping),
         };
-        self.push_frame(opcode, prefix, body, tail)
+        self.push_frame(opcode, seq, prefix, body, tail)
+    }
+
+    /// Bytes of event bodies queued (or partly written) whose seq is below `oldest`: what
+    /// this queue keeps alive of events the journal has evicted.
+    pub fn held_before(&self, oldest: u64) -> usize {
+        (self.queue.iter())
+            .filter(|f| f.seq != 0 && f.seq < oldest)
+            .map(|f| f.body.len())
+            .sum()
     }
 
     /// Queue a close frame (§5.5.1): the status code, then the reason (≤ 123 bytes).
@@ -212,6 +236,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         let code = u16::from(code).to_be_bytes();
         self.push_frame(
             OpCode::Control(Control::Close),
+            0,
             &code,
             Bytes::new(),
             reason.as_bytes(),
@@ -221,6 +246,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
     fn push_frame(
         &mut self,
         opcode: OpCode,
+        seq: u64,
         prefix: &[u8],
         body: Bytes,
         tail: &'static [u8],
@@ -247,6 +273,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             head_len: head_len as u8,
             body,
             tail,
+            seq,
         };
         let len = frame.len();
         self.bytes += len;
@@ -265,6 +292,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             head_len: 0,
             body: bytes,
             tail: b"",
+            seq: 0,
         });
     }
 

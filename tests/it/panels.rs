@@ -252,11 +252,35 @@ const STALL_EVENTS: u64 = 1500;
 /// journal. The appender waits only for the two reading panels, so if the stalled one
 /// slowed anything down, they would stall too.
 async fn stall_scenario(policy: &str) -> (Arc<asb_gateway::app::Context>, Client, Running) {
+    let (ctx, mut stalled, srv) = stall_scenario_with(policy, None, 1).await;
+    assert_eq!(ctx.metrics.panels_connected.get(), 3);
+    assert_eq!(
+        ctx.metrics.panels_disconnected_held.get(),
+        0,
+        "the shared pool holds one stalled panel's queue"
+    );
+    (ctx, stalled.pop().unwrap(), srv)
+}
+
+/// [`stall_scenario`] with `stalled` stalled panels and, if given, a shared pool of
+/// evicted frames of `held_pool` bytes.
+async fn stall_scenario_with(
+    policy: &str,
+    held_pool: Option<usize>,
+    stalled: usize,
+) -> (Arc<asb_gateway::app::Context>, Vec<Client>, Running) {
     let ctx = ctx(&format!(
         "[journal]\nevents = 64\nunsettled = 4\n[panels]\nslow_policy = \"{policy}\"\n"
     ));
-    let srv = start(ctx.clone(), Options::default()).await;
-    let stalled = stalled_client(srv.addr).await;
+    let mut settings = ctx.panel_settings();
+    if let Some(bytes) = held_pool {
+        settings.held_pool = bytes;
+    }
+    let srv = start_with(ctx.clone(), settings, Options::default()).await;
+    let mut clients = Vec::new();
+    for _ in 0..stalled {
+        clients.push(stalled_client(srv.addr).await);
+    }
     let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for _ in 0..2 {
@@ -297,13 +321,57 @@ async fn stall_scenario(policy: &str) -> (Arc<asb_gateway::app::Context>, Client
             "full stream, in order"
         );
     }
-    assert_eq!(ctx.metrics.panels_connected.get(), 3);
-    (ctx, stalled, srv)
+    (ctx, clients, srv)
+}
+
+/// Stalled panels hold what they queued after the journal evicts it, within the shared
+/// pool: with a pool too small for any of it, each stalled panel is closed (without a
+/// close frame: its last frame may be half written), the reading panels get every
+/// event, and the server lets go of what the stalled ones held.
+#[tokio::test]
+async fn stalled_panels_that_do_not_fit_the_shared_pool_are_closed() {
+    let (ctx, stalled, srv) = stall_scenario_with("skip", Some(1), 3).await;
+    wait_until(|| ctx.metrics.panels_disconnected_held.get() == 3).await;
+    wait_until(|| ctx.metrics.panels_connected.get() == 0).await;
+    for mut ws in stalled {
+        // What the kernel buffered, then the end of the stream without a close frame.
+        let end = loop {
+            match tokio::time::timeout(T, ws.next()).await.unwrap() {
+                Some(Ok(Message::Text(_))) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            !matches!(end, Some(Ok(Message::Close(Some(_))))),
+            "closed with a close frame: {end:?}"
+        );
+    }
+    let (status, _, metrics) = http::get(srv.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("asbgw_panels_held_bytes 0\n"),
+        "the closed panels gave their claims back"
+    );
+    assert!(metrics.contains("asbgw_panels_disconnected_held_total 3\n"));
+    srv.stop().await;
 }
 
 #[tokio::test]
 async fn stalled_panel_never_slows_others_and_then_gets_a_gap() {
     let (ctx, mut stalled, srv) = stall_scenario("skip").await;
+    // The stalled panel's queue was evicted from the journal under it: its claim on the
+    // shared pool is at most one queue of events.
+    let (status, _, metrics) = http::get(srv.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let held: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("asbgw_panels_held_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no asbgw_panels_held_bytes in {metrics}"));
+    assert!(
+        held > 0 && held <= asb_gateway::budget::PANEL_WRITE_BUFFER,
+        "held {held} B"
+    );
     // Now read the stalled panel: what was buffered, then a gap, then the newest events.
     let mut events = Vec::new();
     let mut gap = None;
