@@ -70,6 +70,11 @@ impl Claim<'_> {
     /// Hold `bytes` in all, more or fewer than now. `false` (and the claim unchanged)
     /// when the pool has no room for the increase.
     pub fn resize(&mut self, bytes: usize) -> bool {
+        // Every flush of every panel ends with `resize(0)`: leave the shared counter alone
+        // when nothing changes.
+        if bytes == self.bytes {
+            return true;
+        }
         if bytes > self.bytes {
             if !self.pool.take(bytes - self.bytes) {
                 return false;
@@ -84,7 +89,9 @@ impl Claim<'_> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.pool.give(self.bytes);
+        if self.bytes > 0 {
+            self.pool.give(self.bytes);
+        }
     }
 }
 
