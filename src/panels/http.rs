@@ -199,13 +199,17 @@ fn route(
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
         return text(StatusCode::BAD_REQUEST, "more than one Host header\n");
     }
-    // Every path, the page and /metrics included: DNS rebinding reads them too.
-    let host = req.headers().get(header::HOST).map(|v| v.to_str());
-    let refused = match host {
-        Some(Err(_)) => Some("malformed Host header".to_string()),
-        Some(Ok(host)) => policy::host_refused(&server.policy().server_names, Some(host)),
-        None => policy::host_refused(&server.policy().server_names, None),
-    };
+    // Every path, the page and /metrics included: DNS rebinding reads them too. A
+    // request target in absolute form (`GET http://name/ HTTP/1.1`) names the host the
+    // client meant as well (RFC 9112 §3.2.2): both must name this box.
+    let policy = server.policy();
+    let names = &policy.server_names;
+    // A value that is not visible ASCII is malformed: "" says so.
+    let host = (req.headers().get(header::HOST)).map(|v| v.to_str().unwrap_or(""));
+    let refused = policy::host_refused(names, host).or_else(|| {
+        let target = req.uri().authority()?;
+        policy::host_refused(names, Some(target.as_str()))
+    });
     if let Some(why) = refused {
         return reject(
             server,

@@ -742,6 +742,22 @@ async fn dns_rebinding_is_refused_on_every_path() {
     .await;
     assert_eq!(st, 421);
     refused += 1;
+    // A request target in absolute form names the host too; and a Host that is not
+    // visible ASCII is malformed.
+    for req in [
+        &b"GET http://evil.example/v1/last HTTP/1.1\r\nHost: gw17.plant.local\r\nConnection: close\r\n\r\n"[..],
+        b"GET /v1/last HTTP/1.1\r\nHost: gw17.plant.local\xe9\r\nConnection: close\r\n\r\n",
+    ] {
+        let resp = exchange(srv.addr, req).await;
+        assert_eq!(status(&resp), 421, "{resp}");
+        refused += 1;
+    }
+    let resp = exchange(
+        srv.addr,
+        b"GET http://GW17.plant.local:8080/v1/last HTTP/1.1\r\nHost: gw17.plant.local\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), 200, "{resp}");
     let (st, _) = upgrade(srv.addr, "gw17.plant.local", &with(&[])).await;
     assert_eq!(st, 101);
     let host_refusals = ctx
