@@ -91,11 +91,19 @@ pub fn queued_event_bytes(max_event_bytes: usize) -> usize {
     PANEL_WRITE_BUFFER.max(crate::event::max_frame_bytes(max_event_bytes) + FRAME_HEADER)
 }
 
-/// The shared pool of evicted frames (`panels::held`): bytes of events panels may still
+/// The shared pool of evicted frames ([`crate::held`]): bytes of events panels may still
 /// hold after the journal evicted them, enough for [`HELD_POOL_PANELS`] (or
 /// `max_panels`, if fewer) stalled panels with full queues.
 pub fn held_pool_bytes(max_panels: usize, max_event_bytes: usize) -> usize {
     max_panels.min(HELD_POOL_PANELS) * queued_event_bytes(max_event_bytes)
+}
+
+/// Evicted events panels may hold before they next pay for them: the journal announces
+/// evictions once an eighth of its bytes (`journal.memory_mib`) was evicted, or an
+/// eighth of its events, and one append evicts at most one largest entry (`entry`,
+/// bytes) past that.
+pub fn unpaid_evicted_bytes(journal_memory_mib: usize, entry: usize) -> usize {
+    (journal_memory_mib << 20) / 8 + entry
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,11 +211,13 @@ pub fn compute(c: &Config) -> Budget {
         Line {
             item: "evicted panel frames",
             detail: format!(
-                "{} stalled panels x {} B of queued events the journal evicted (shared; a panel that does not fit is closed)",
+                "pool: {} stalled panels x {} B of queued events the journal evicted (a panel that cannot pay is closed) + {} B evicted between two checks (1/8 of journal.memory_mib and one event)",
                 c.panels.max_panels.min(HELD_POOL_PANELS),
-                queued_event_bytes(j.max_event_bytes)
+                queued_event_bytes(j.max_event_bytes),
+                unpaid_evicted_bytes(j.memory_mib, entry)
             ),
-            bytes: held_pool_bytes(c.panels.max_panels, j.max_event_bytes),
+            bytes: held_pool_bytes(c.panels.max_panels, j.max_event_bytes)
+                + unpaid_evicted_bytes(j.memory_mib, entry),
         },
         Line {
             item: "panel socket buffers",

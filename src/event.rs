@@ -2,10 +2,14 @@
 //! panels and the mirror receive. An event is encoded once, at append time, into a JSON
 //! text frame and a postcard binary frame; readers share those bytes by reference.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use heapless::String as HString;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::held::Mark;
 
 /// Longest message-id, correlation-id and subject kept (bytes).
 pub const ID_MAX: usize = 128;
@@ -429,6 +433,13 @@ pub fn max_frame_bytes(max_event_bytes: usize) -> usize {
     max_postcard_frame(max_event_bytes).max(max_json_frame(max_event_bytes))
 }
 
+/// A JSON frame as tracked shared bytes ([`crate::held::tracked`]).
+fn tracked_json(json: String) -> (Utf8Bytes, Arc<Mark>) {
+    let (bytes, mark) = crate::held::tracked(json);
+    let json = Utf8Bytes::try_from(bytes).expect("a String is UTF-8");
+    (json, mark)
+}
+
 /// One event after encoding, as stored in the journal and shared by every reader.
 #[derive(Debug)]
 pub struct EncodedEvent {
@@ -439,6 +450,10 @@ pub struct EncodedEvent {
     pub json: Utf8Bytes,
     /// The complete `asbgw.v1.postcard` frame.
     pub postcard: Bytes,
+    /// The memory of `json` and of `postcard` ([`crate::held`]): marked when the journal
+    /// evicts the event, paid for by the panels that still hold it.
+    pub json_mark: Arc<Mark>,
+    pub postcard_mark: Arc<Mark>,
     /// When the event was enqueued at Service Bus and received by the gateway, for the
     /// latency histograms.
     pub times: EventTimes,
@@ -461,6 +476,13 @@ pub fn now_ms() -> i64 {
 }
 
 impl EncodedEvent {
+    /// The journal no longer holds the event: readers that still do pay for its frames
+    /// ([`crate::held`]).
+    pub fn mark_evicted(&self) {
+        self.json_mark.evict();
+        self.postcard_mark.evict();
+    }
+
     /// Encode an event once, for every reader.
     pub fn encode(seq: u64, topic: &Topic, meta: &EventMeta, body: &[u8]) -> Self {
         let props: Vec<(&str, &str)> = meta
@@ -482,11 +504,15 @@ impl EncodedEvent {
             truncated: meta.truncated,
             traceparent: meta.traceparent.as_deref(),
         });
+        let (json, json_mark) = tracked_json(frame.to_json());
+        let (postcard, postcard_mark) = crate::held::tracked(frame.to_postcard());
         EncodedEvent {
             seq,
             topic: topic.clone(),
-            json: Utf8Bytes::from(frame.to_json()),
-            postcard: Bytes::from(frame.to_postcard()),
+            json,
+            postcard,
+            json_mark,
+            postcard_mark,
             times: EventTimes {
                 enqueued_at_ms: meta.enqueued_at_ms,
                 received_at_ms: Some(now_ms()),
@@ -511,11 +537,15 @@ impl EncodedEvent {
             }
             _ => return None,
         };
+        let (json, json_mark) = tracked_json(json);
+        let (postcard, postcard_mark) = crate::held::tracked(postcard);
         Some(EncodedEvent {
             seq,
             topic,
-            json: Utf8Bytes::from(json),
+            json,
             postcard,
+            json_mark,
+            postcard_mark,
             times: EventTimes {
                 enqueued_at_ms,
                 received_at_ms: None,

@@ -35,6 +35,7 @@ pub mod emulator;
 pub mod event;
 #[cfg(feature = "emulator")]
 pub mod generator;
+pub mod held;
 pub mod identity;
 pub mod journal;
 pub mod jwt;

@@ -104,6 +104,9 @@ struct Ring {
     lost: VecDeque<Gap>,
     /// Bumped by every change a snapshot would record.
     changes: u64,
+    /// Events and bytes evicted since evictions were last announced.
+    unannounced: usize,
+    unannounced_bytes: usize,
     /// The newest event of each topic.
     last: last::LastValues,
 }
@@ -130,6 +133,7 @@ impl Ring {
     /// Remove the oldest slot (pinned or not).
     fn evict_front(&mut self) {
         if let Some(s) = self.slots.pop_front() {
+            s.ev.mark_evicted();
             self.bytes -= s.ev.heap_bytes();
             self.pinned -= usize::from(s.pinned);
             if s.pinned {
@@ -160,9 +164,10 @@ impl Ring {
 pub struct Journal {
     ring: Mutex<Ring>,
     latest: watch::Sender<u64>,
-    /// The oldest retained seq, sent each time it passes a multiple of
-    /// [`Journal::eviction_step`]: a few times per turn of the ring, for readers that hold
-    /// events and must learn when those are evicted without waking on every append.
+    /// The oldest retained seq, sent each time an eighth of the ring (by events or by
+    /// bytes) was evicted since the last time: a few times per turn of the ring, for
+    /// readers that hold events and must learn when those are evicted without waking on
+    /// every append.
     evicted: watch::Sender<u64>,
     epoch: String,
     limits: Limits,
@@ -203,6 +208,8 @@ impl Journal {
                 reserved_until: u64::MAX,
                 lost: VecDeque::with_capacity(LOST_MAX),
                 changes: 0,
+                unannounced: 0,
+                unannounced_bytes: 0,
                 last: last::LastValues::new(limits.last_values, limits.last_values_bytes),
             }),
             latest,
@@ -212,14 +219,10 @@ impl Journal {
         })
     }
 
-    /// Evictions are announced (by [`Journal::evictions`]) each time the oldest seq
-    /// passes a multiple of this: an eighth of `events`.
-    pub fn eviction_step(&self) -> u64 {
-        (self.limits.events as u64 / 8).max(1)
-    }
-
-    /// Watch the oldest retained seq, announced when it passes a multiple of
-    /// [`Journal::eviction_step`] (not on every eviction).
+    /// Watch the oldest retained seq, announced each time an eighth of the ring's events
+    /// (at least one) or of its byte limit was evicted since the last announcement (not
+    /// on every eviction). The frames of evicted events are marked first
+    /// ([`crate::held::Mark::evict`]).
     pub fn evictions(&self) -> watch::Receiver<u64> {
         self.evicted.subscribe()
     }
@@ -326,11 +329,13 @@ impl Journal {
                     _ => return Err(JournalError::Full),
                 }
             }
-            let oldest_before = r.oldest();
-            r.slots.drain(..evict);
+            for s in r.slots.drain(..evict) {
+                s.ev.mark_evicted();
+            }
             // Only evictable slots were evicted.
             r.evictable -= evict;
-            r.evictable_bytes -= r.bytes - bytes;
+            let evicted_bytes = r.bytes - bytes;
+            r.evictable_bytes -= evicted_bytes;
             r.bytes = bytes + size;
             r.pinned += usize::from(pinned);
             r.next_seq += 1;
@@ -339,8 +344,18 @@ impl Journal {
             r.push(ev.clone(), pinned);
             let oldest = r.oldest();
             r.last.record(&ev, oldest);
-            let step = self.eviction_step();
-            let evicted = (oldest / step != oldest_before / step).then_some(oldest);
+            // Announced when an eighth of the ring (by events or by bytes) was evicted
+            // since the last announcement.
+            r.unannounced += evict;
+            r.unannounced_bytes += evicted_bytes;
+            let evicted = (r.unannounced > 0
+                && (r.unannounced >= (r.slots.len() / 8).max(1)
+                    || r.unannounced_bytes >= self.limits.bytes / 8))
+                .then(|| {
+                    r.unannounced = 0;
+                    r.unannounced_bytes = 0;
+                    oldest
+                });
             (r.next_seq - 1, evicted)
         };
         self.latest.send_replace(seq);
@@ -641,25 +656,44 @@ mod tests {
 
     #[test]
     fn evictions_are_announced_each_eighth_of_the_ring() {
-        let j = journal(16);
-        assert_eq!(j.eviction_step(), 2);
-        let mut rx = j.evictions();
-        let body = b"{}";
-        let mut announced = Vec::new();
-        for _ in 0..24 {
-            j.append(ev(j.next_seq(), body), false).unwrap();
-            if rx.has_changed().unwrap() {
-                announced.push((j.latest(), *rx.borrow_and_update()));
+        let announced = |j: &Journal, appends: usize, body: &[u8]| {
+            let mut rx = j.evictions();
+            let mut seen = Vec::new();
+            for _ in 0..appends {
+                j.append(ev(j.next_seq(), body), false).unwrap();
+                if rx.has_changed().unwrap() {
+                    seen.push((j.latest(), *rx.borrow_and_update()));
+                }
             }
-        }
-        // Nothing while the ring fills (16 events); then oldest = latest - 15 each time
-        // it reaches a multiple of 2.
+            seen
+        };
+        // Limited by events: nothing while 16 fill, then every 16 / 8 = 2 evictions.
+        let j = journal(16);
+        j.append(ev(1, b"{}"), false).unwrap();
+        let first = j.get(1).unwrap();
         assert_eq!(
-            announced,
-            vec![(17, 2), (19, 4), (21, 6), (23, 8)],
+            announced(&j, 23, b"{}"),
+            vec![(18, 3), (20, 5), (22, 7), (24, 9)],
             "(latest, oldest announced)"
         );
-        assert_eq!(journal(3).eviction_step(), 1);
+        assert!(first.json_mark.is_evicted() && first.postcard_mark.is_evicted());
+        assert!(!j.get(9).unwrap().json_mark.is_evicted());
+        // Limited by bytes (the ring holds far fewer than `events`): every eighth of the
+        // byte limit, not every eighth of `events`.
+        let j = Journal::new(
+            Limits {
+                events: 4096,
+                bytes: 8 * 1024,
+                max_entry_bytes: max_entry_bytes(1024),
+                last_values: 0,
+                last_values_bytes: 0,
+            },
+            "e".into(),
+        );
+        let seen = announced(&j, 200, &[b'x'; 900]);
+        assert!(j.len() < 8, "{} events held", j.len());
+        // Each eviction frees more than 1 KiB, an eighth of the bytes: each is announced.
+        assert_eq!(seen.len(), 200 - j.len());
     }
 
     /// `room()` computed the slow way: walk the unpinned run at the front.

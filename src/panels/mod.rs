@@ -11,7 +11,6 @@
 //!   [`Options::shutdown_grace`].
 
 pub mod fleet;
-mod held;
 mod http;
 pub mod origin;
 pub mod policy;
@@ -88,7 +87,8 @@ pub struct PanelSettings {
     /// ([`fleet`]); read at the start.
     pub peer_gateways: Vec<String>,
     /// Bytes of evicted events that stalled panels may hold between them
-    /// ([`budget::held_pool_bytes`]); a panel whose share does not fit is closed.
+    /// ([`budget::held_pool_bytes`]); a panel that cannot pay for what it holds is
+    /// closed ([`crate::held`]).
     pub held_pool: usize,
 }
 
@@ -265,7 +265,7 @@ pub(crate) struct Server {
     /// Failed authentications per source address.
     throttle: throttle::Throttle,
     /// Evicted events stalled panels still hold.
-    held: held::HeldPool,
+    held: Arc<crate::held::HeldPool>,
 }
 
 impl Server {
@@ -284,7 +284,7 @@ impl Server {
             .max_write_buffer_size(budget::CONTROL_ROOM)
             .max_message_size(Some(budget::MAX_CLIENT_FRAME))
             .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
-        let held = held::HeldPool::new(settings.held_pool);
+        let held = Arc::new(crate::held::HeldPool::new(settings.held_pool));
         Server {
             journal,
             metrics,

@@ -81,7 +81,8 @@ pub fn host_name(host: &str) -> Option<String> {
 /// to loopback themselves, RFC 6761 §6.3)? A page on another site can point a name it
 /// owns at this box (DNS rebinding), but not an address or these names.
 pub fn is_address_or_localhost(name: &str) -> bool {
-    name.starts_with('[')
+    (name.strip_prefix('[').and_then(|n| n.strip_suffix(']')))
+        .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
         || name.parse::<std::net::Ipv4Addr>().is_ok()
         || name == "localhost"
         || name.ends_with(".localhost")
@@ -228,6 +229,7 @@ mod tests {
             "10.0.0.1.evil.example",
             "localhost.evil.example",
             "127.1",
+            "[evil.example]",
         ] {
             assert!(!is_address_or_localhost(other), "{other}");
         }

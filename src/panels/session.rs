@@ -12,9 +12,9 @@
 //! "skip"`) or is closed (`"disconnect"`).
 //!
 //! What a stalled panel queued stays in memory after the journal evicts it; while its
-//! flush waits, the session claims those bytes from the panels' shared pool
-//! ([`super::held`]) each time the journal announces evictions, and closes the connection
-//! when its claim does not fit.
+//! flush waits, the session pays for those frames from the panels' shared pool
+//! ([`crate::held`]) each time the journal announces evictions, and closes the
+//! connection when the pool has no room.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,6 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Options;
-use super::held::{Claim, HeldPool};
 use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter, shown_filter};
 use super::socket::{self, Kind};
@@ -43,6 +42,7 @@ use crate::config::SlowPolicy;
 use crate::event::EncodedEvent;
 use crate::event::now_ms;
 use crate::event::{Frame, GapReason};
+use crate::held::HeldPool;
 use crate::journal::GapKind;
 use crate::journal::Journal;
 use crate::metrics::{Metrics, Observations};
@@ -88,8 +88,8 @@ enum End {
 pub(crate) struct Shared<'a> {
     pub journal: &'a Arc<Journal>,
     pub metrics: &'a Metrics,
-    /// Where panels claim the bytes of evicted events they still hold.
-    pub held: &'a HeldPool,
+    /// What pays for the evicted events panels still hold.
+    pub held: &'a Arc<HeldPool>,
 }
 
 struct Session<'a> {
@@ -115,8 +115,6 @@ struct Session<'a> {
     sync: Option<LastSync>,
     /// Server frames queued for the socket.
     out: Writer,
-    /// This panel's share of the pool of evicted events still queued.
-    held: Claim<'a>,
     /// A flush is under way: the queue is not added to from the journal until it is
     /// written.
     flushing: bool,
@@ -168,7 +166,6 @@ pub(crate) fn run<'a>(
         batch: Vec::with_capacity(opts.batch),
         sync: None,
         out,
-        held: ctx.held.claim(),
         flushing: false,
         unread: true,
     };
@@ -339,7 +336,7 @@ impl Session<'_> {
                 // it waits, the select polls it again with this task's waker.
                 if self.flushing && !self.unread {
                     match self.out.flush().now_or_never() {
-                        Some(Ok(())) => self.flushed(),
+                        Some(Ok(())) => self.flushing = false,
                         Some(Err(e)) => {
                             log::debug!("panel {}: write failed: {e}", self.peer);
                             return End::Gone;
@@ -384,15 +381,15 @@ impl Session<'_> {
                         log::debug!("panel {}: write failed: {e}", self.peer);
                         return End::Gone;
                     }
-                    self.flushed();
+                    self.flushing = false;
                 }
-                // A flush that waits while the journal turns: claim what it holds of
+                // A flush that waits while the journal turns: pay for what it holds of
                 // evicted events.
                 r = evictions.changed(), if self.flushing => {
                     if r.is_err() {
                         return End::Close(CloseCode::Away, "journal closed");
                     }
-                    if let Err(end) = self.claim_held() {
+                    if let Err(end) = self.pay_evicted() {
                         return end;
                     }
                 }
@@ -415,20 +412,13 @@ impl Session<'_> {
         }
     }
 
-    /// The queue is written: nothing is held any more.
-    fn flushed(&mut self) {
-        self.flushing = false;
-        self.held.resize(0);
-    }
-
-    /// Claim from the shared pool the bytes of queued events the journal has evicted;
-    /// when they do not fit, the panel must go (dropping the connection frees them: its
-    /// last frame may be half written, so no close frame can follow).
-    fn claim_held(&mut self) -> Result<(), End> {
-        let held = self.out.held_before(self.ctx.journal.oldest());
-        if self.held.resize(held) {
+    /// Pay from the shared pool for the queued frames the journal has evicted; when the
+    /// pool has no room, the panel must go (dropping the connection frees what only it
+    /// held: its last frame may be half written, so no close frame can follow).
+    fn pay_evicted(&mut self) -> Result<(), End> {
+        let Err(held) = self.out.pay_evicted(self.ctx.held) else {
             return Ok(());
-        }
+        };
         self.ctx.metrics.panels_disconnected_held.inc();
         log::info!(
             "panel {}: closed: its socket has not taken {held} B of events the journal has \
@@ -486,7 +476,11 @@ impl Session<'_> {
                     full = true;
                     break;
                 }
-                self.out.push_event(ev.seq, kind, prefix, body, tail);
+                let mark = match self.enc {
+                    Encoding::Json => &ev.json_mark,
+                    Encoding::Postcard => &ev.postcard_mark,
+                };
+                self.out.push_event(mark, kind, prefix, body, tail);
                 self.sync = Some(LastSync {
                     after: ev.seq,
                     ..sync
@@ -547,9 +541,9 @@ impl Session<'_> {
                 if !self.filters.iter().any(|f| f.matches(&ev.topic)) {
                     continue;
                 }
-                let (kind, body) = match self.enc {
-                    Encoding::Json => (Kind::Text, Bytes::from(ev.json.clone())),
-                    Encoding::Postcard => (Kind::Binary, ev.postcard.clone()),
+                let (kind, body, mark) = match self.enc {
+                    Encoding::Json => (Kind::Text, Bytes::from(ev.json.clone()), &ev.json_mark),
+                    Encoding::Postcard => (Kind::Binary, ev.postcard.clone(), &ev.postcard_mark),
                 };
                 if !self.has_room(body.len() + FRAME_HEADER) {
                     // Read again after the flush; hold no events while waiting.
@@ -569,7 +563,7 @@ impl Session<'_> {
                     }
                 }
                 // The journal's shared bytes, by reference.
-                self.out.push_event(ev.seq, kind, b"", body, b"");
+                self.out.push_event(mark, kind, b"", body, b"");
                 sent += 1;
             }
             if full {

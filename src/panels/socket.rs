@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -22,6 +23,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::held::{HeldPool, Mark};
 
 /// Longest server frame header (2 bytes, plus 8 for a 64-bit payload length; a server
 /// never masks) plus one byte of payload prefix.
@@ -128,8 +131,9 @@ struct OutFrame {
     head_len: u8,
     body: Bytes,
     tail: &'static [u8],
-    /// The journal seq of the event whose bytes `body` shares (0: not an event's).
-    seq: u64,
+    /// The memory mark of the stored frame `body` shares ([`crate::held`]); `None`: not a
+    /// journal event's.
+    mark: Option<Arc<Mark>>,
 }
 
 impl OutFrame {
@@ -200,14 +204,26 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
     /// `body` and `tail`, in that order. A text payload must be UTF-8 as a whole (the
     /// caller's duty: the journal's JSON is). Returns the frame's wire bytes.
     pub fn push(&mut self, kind: Kind, prefix: &[u8], body: Bytes, tail: &'static [u8]) -> usize {
-        self.push_event(0, kind, prefix, body, tail)
+        self.push_frame_kind(None, kind, prefix, body, tail)
     }
 
-    /// [`Outbound::push`] for a frame whose `body` is the journal's bytes of the event
-    /// `seq` (≥ 1), so that [`Outbound::held_before`] can tell once it is evicted.
+    /// [`Outbound::push`] for a frame whose `body` is a stored frame of the journal
+    /// (tied to `mark`), so that [`Outbound::pay_evicted`] can pay for it once the
+    /// journal evicts it.
     pub fn push_event(
         &mut self,
-        seq: u64,
+        mark: &Arc<Mark>,
+        kind: Kind,
+        prefix: &[u8],
+        body: Bytes,
+        tail: &'static [u8],
+    ) -> usize {
+        self.push_frame_kind(Some(mark.clone()), kind, prefix, body, tail)
+    }
+
+    fn push_frame_kind(
+        &mut self,
+        mark: Option<Arc<Mark>>,
         kind: Kind,
         prefix: &[u8],
         body: Bytes,
@@ -218,16 +234,24 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             Kind::Binary => OpCode::Data(Data::Binary),
             Kind::Ping => OpCode::Control(Control::Ping),
         };
-        self.push_frame(opcode, seq, prefix, body, tail)
+        self.push_frame(opcode, mark, prefix, body, tail)
     }
 
-    /// Bytes of event bodies queued (or partly written) whose seq is below `oldest`: what
-    /// this queue keeps alive of events the journal has evicted.
-    pub fn held_before(&self, oldest: u64) -> usize {
-        (self.queue.iter())
-            .filter(|f| f.seq != 0 && f.seq < oldest)
-            .map(|f| f.body.len())
-            .sum()
+    /// Pay from `pool` for every queued (or partly written) frame whose event the journal
+    /// has evicted and that nobody has paid for yet ([`Mark::pay`]). `Err` with the
+    /// bytes of evicted frames queued when the pool has no room.
+    pub fn pay_evicted(&self, pool: &Arc<HeldPool>) -> Result<(), usize> {
+        let mut evicted = (self.queue.iter())
+            .filter_map(|f| f.mark.as_ref())
+            .filter(|m| m.is_evicted());
+        if evicted.all(|m| m.pay(pool)) {
+            return Ok(());
+        }
+        Err((self.queue.iter())
+            .filter_map(|f| f.mark.as_ref())
+            .filter(|m| m.is_evicted())
+            .map(|m| m.len())
+            .sum())
     }
 
     /// Queue a close frame (§5.5.1): the status code, then the reason (≤ 123 bytes).
@@ -236,7 +260,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         let code = u16::from(code).to_be_bytes();
         self.push_frame(
             OpCode::Control(Control::Close),
-            0,
+            None,
             &code,
             Bytes::new(),
             reason.as_bytes(),
@@ -246,7 +270,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
     fn push_frame(
         &mut self,
         opcode: OpCode,
-        seq: u64,
+        mark: Option<Arc<Mark>>,
         prefix: &[u8],
         body: Bytes,
         tail: &'static [u8],
@@ -273,7 +297,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             head_len: head_len as u8,
             body,
             tail,
-            seq,
+            mark,
         };
         let len = frame.len();
         self.bytes += len;
@@ -292,7 +316,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             head_len: 0,
             body: bytes,
             tail: b"",
-            seq: 0,
+            mark: None,
         });
     }
 

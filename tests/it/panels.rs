@@ -324,6 +324,25 @@ async fn stall_scenario_with(
     (ctx, clients, srv)
 }
 
+/// Three stalled panels hold the same evicted events: the pool pays for each frame once,
+/// so a pool of two queues holds all three (charged per panel, it would need three).
+#[tokio::test]
+async fn stalled_panels_holding_the_same_events_pay_for_them_once() {
+    let pool = 2 * asb_gateway::budget::PANEL_WRITE_BUFFER;
+    let (ctx, _stalled, srv) = stall_scenario_with("skip", Some(pool), 3).await;
+    // the reading panels hang up; the three stalled ones stay
+    wait_until(|| ctx.metrics.panels_connected.get() == 3).await;
+    assert_eq!(ctx.metrics.panels_disconnected_held.get(), 0);
+    let (_, _, metrics) = http::get(srv.addr, "/metrics").await;
+    let held: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("asbgw_panels_held_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no asbgw_panels_held_bytes in {metrics}"));
+    assert!(held > 0 && held <= pool, "held {held} B");
+    srv.stop().await;
+}
+
 /// Stalled panels hold what they queued after the journal evicts it, within the shared
 /// pool: with a pool too small for any of it, each stalled panel is closed (without a
 /// close frame: its last frame may be half written), the reading panels get every
