@@ -418,6 +418,7 @@ pub fn max_entry_bytes(max_event_bytes: usize) -> usize {
     max_postcard_frame(max_event_bytes)
         + max_json_frame(max_event_bytes)
         + std::mem::size_of::<EncodedEvent>()
+        + 2 * crate::held::TRACKED_OVERHEAD
 }
 
 fn max_postcard_frame(max_event_bytes: usize) -> usize {
@@ -609,9 +610,13 @@ impl EncodedEvent {
         }
     }
 
-    /// Bytes this entry holds on the heap, for the journal's byte accounting.
+    /// Bytes this entry holds on the heap, for the journal's byte accounting: its two
+    /// frames, itself, and the tracking of each frame ([`crate::held::TRACKED_OVERHEAD`]).
     pub fn heap_bytes(&self) -> usize {
-        self.json.len() + self.postcard.len() + std::mem::size_of::<Self>()
+        self.json.len()
+            + self.postcard.len()
+            + std::mem::size_of::<Self>()
+            + 2 * crate::held::TRACKED_OVERHEAD
     }
 }
 

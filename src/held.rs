@@ -23,6 +23,13 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
+/// Heap bytes each tracked frame costs besides its data: the [`Mark`] in its `Arc`
+/// (48 B) and the block `Bytes::from_owner` allocates for the owner (48 B), each in the
+/// allocator's 64 B size class.
+pub const TRACKED_OVERHEAD: usize = 128;
+// The mark and its Arc's two counters fit the half counted for them.
+const _: () = assert!(std::mem::size_of::<Mark>() + 16 <= TRACKED_OVERHEAD / 2);
+
 /// Bytes of evicted frames paid for, within a fixed limit.
 #[derive(Debug)]
 pub struct HeldPool {
