@@ -434,8 +434,10 @@ pub fn max_frame_bytes(max_event_bytes: usize) -> usize {
     max_postcard_frame(max_event_bytes).max(max_json_frame(max_event_bytes))
 }
 
-/// A JSON frame as tracked shared bytes ([`crate::held::tracked`]).
-fn tracked_json(json: String) -> (Utf8Bytes, Arc<Mark>) {
+/// A JSON frame as tracked shared bytes ([`crate::held::tracked`]), its buffer cut to
+/// its length (the journal counts the length; the buffer grew by doubling).
+fn tracked_json(mut json: String) -> (Utf8Bytes, Arc<Mark>) {
+    json.shrink_to_fit();
     let (bytes, mark) = crate::held::tracked(json);
     let json = Utf8Bytes::try_from(bytes).expect("a String is UTF-8");
     (json, mark)
@@ -506,7 +508,10 @@ impl EncodedEvent {
             traceparent: meta.traceparent.as_deref(),
         });
         let (json, json_mark) = tracked_json(frame.to_json());
-        let (postcard, postcard_mark) = crate::held::tracked(frame.to_postcard());
+        let mut postcard = frame.to_postcard();
+        // The journal counts a frame's length; its buffer grew by doubling.
+        postcard.shrink_to_fit();
+        let (postcard, postcard_mark) = crate::held::tracked(postcard);
         EncodedEvent {
             seq,
             topic: topic.clone(),

@@ -24,8 +24,8 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 /// Heap bytes each tracked frame costs besides its data: the [`Mark`] in its `Arc`
-/// (48 B) and the block `Bytes::from_owner` allocates for the owner (48 B), each in the
-/// allocator's 64 B size class.
+/// (48 B) and the block `Bytes::from_owner` allocates for the owner (40–48 B), each in
+/// glibc's 64 B size class.
 pub const TRACKED_OVERHEAD: usize = 128;
 // The mark and its Arc's two counters fit the half counted for them.
 const _: () = assert!(std::mem::size_of::<Mark>() + 16 <= TRACKED_OVERHEAD / 2);
@@ -89,13 +89,9 @@ impl Mark {
         self.evicted.load(Ordering::Acquire)
     }
 
-    /// The frame's bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// What the frame costs the pool once evicted: its bytes and its tracking.
+    pub fn cost(&self) -> usize {
+        self.len + TRACKED_OVERHEAD
     }
 
     /// Make sure the frame is paid for from `pool` (call it while holding a reference to
@@ -105,12 +101,13 @@ impl Mark {
         if self.paid.get().is_some() {
             return true;
         }
-        if !pool.take(self.len) {
-            return false;
+        if !pool.take(self.cost()) {
+            // Another panel may have paid for it meanwhile.
+            return self.paid.get().is_some();
         }
         if self.paid.set(pool.clone()).is_err() {
             // Another panel paid for it meanwhile.
-            pool.give(self.len);
+            pool.give(self.cost());
         }
         true
     }
@@ -132,7 +129,7 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for Owner<T> {
 impl<T> Drop for Owner<T> {
     fn drop(&mut self) {
         if let Some(pool) = self.mark.paid.get() {
-            pool.give(self.mark.len);
+            pool.give(self.mark.cost());
         }
     }
 }
@@ -157,17 +154,18 @@ mod tests {
 
     #[test]
     fn a_frame_is_paid_once_and_given_back_when_its_last_reference_goes() {
-        let pool = Arc::new(HeldPool::new(100));
+        let o = TRACKED_OVERHEAD;
+        let pool = Arc::new(HeldPool::new(100 + 2 * o));
         let (a, mark_a) = tracked(vec![1u8; 60]);
         let (b, mark_b) = tracked(vec![2u8; 50]);
         let a2 = a.slice(1..);
         assert!(mark_a.pay(&pool));
         assert!(mark_a.pay(&pool), "paid once for every holder");
-        assert_eq!(pool.used(), 60);
+        assert_eq!(pool.used(), 60 + o);
         assert!(!mark_b.pay(&pool), "60 + 50 > 100");
-        assert_eq!(pool.used(), 60, "a frame that did not fit took nothing");
+        assert_eq!(pool.used(), 60 + o, "a frame that did not fit took nothing");
         drop(a);
-        assert_eq!(pool.used(), 60, "a slice still holds the frame");
+        assert_eq!(pool.used(), 60 + o, "a slice still holds the frame");
         drop(a2);
         assert_eq!(pool.used(), 0);
         assert!(mark_b.pay(&pool));

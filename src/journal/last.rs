@@ -57,6 +57,10 @@ pub(super) struct LastValues {
     boundary: u64,
     outside_bytes: usize,
     evicted: u64,
+    /// Events dropped from here that the ring no longer had (now held by nothing in the
+    /// journal, their frames marked evicted), and their bytes, since the journal last
+    /// took them ([`LastValues::take_dropped`]).
+    dropped: (usize, usize),
 }
 
 impl LastValues {
@@ -71,12 +75,30 @@ impl LastValues {
             boundary: 0,
             outside_bytes: 0,
             evicted: 0,
+            dropped: (0, 0),
         }
+    }
+
+    /// Is the event `seq` held here?
+    pub(super) fn holds(&self, seq: u64) -> bool {
+        self.by_seq.contains_key(&seq)
+    }
+
+    /// Events (and bytes) this table dropped that the ring no longer had, since the last
+    /// call.
+    pub(super) fn take_dropped(&mut self) -> (usize, usize) {
+        std::mem::take(&mut self.dropped)
     }
 
     /// The ring's oldest retained seq is now `oldest`: entries below it are held here
     /// alone. Evicts the least recently updated topics while they hold too many bytes.
     pub(super) fn advance(&mut self, oldest: u64) {
+        self.move_boundary(oldest);
+        self.enforce();
+    }
+
+    /// [`LastValues::advance`] without evicting.
+    fn move_boundary(&mut self, oldest: u64) {
         if oldest > self.boundary {
             self.outside_bytes += self
                 .by_seq
@@ -85,7 +107,6 @@ impl LastValues {
                 .sum::<usize>();
             self.boundary = oldest;
         }
-        self.enforce();
     }
 
     /// `ev` is the newest event of its topic; `oldest` is the ring's oldest seq after
@@ -94,10 +115,14 @@ impl LastValues {
         if self.capacity == 0 {
             return;
         }
+        // First where the ring ends now: the entry this event replaces may have just
+        // left the ring, and then nothing holds it any more.
+        self.move_boundary(oldest);
         if let Some(old) = self.by_topic.take(ev.topic.as_str()) {
             if old.0.seq > ev.seq {
                 // A newer event of this topic is already here (restore order).
                 self.by_topic.insert(old);
+                self.enforce();
                 return;
             }
             self.remove_seq(old.0.seq);
@@ -107,14 +132,18 @@ impl LastValues {
         if ev.seq < self.boundary {
             self.outside_bytes += ev.heap_bytes();
         }
-        self.advance(oldest);
+        self.enforce();
     }
 
     fn remove_seq(&mut self, seq: u64) {
         if let Some(ev) = self.by_seq.remove(&seq)
             && seq < self.boundary
         {
+            // The ring no longer has it either: readers that still do pay for it.
+            ev.mark_evicted();
             self.outside_bytes -= ev.heap_bytes();
+            self.dropped.0 += 1;
+            self.dropped.1 += ev.heap_bytes();
         }
     }
 

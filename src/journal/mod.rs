@@ -133,7 +133,9 @@ impl Ring {
     /// Remove the oldest slot (pinned or not).
     fn evict_front(&mut self) {
         if let Some(s) = self.slots.pop_front() {
-            s.ev.mark_evicted();
+            if !self.last.holds(s.ev.seq) {
+                s.ev.mark_evicted();
+            }
             self.bytes -= s.ev.heap_bytes();
             self.pinned -= usize::from(s.pinned);
             if s.pinned {
@@ -329,8 +331,13 @@ impl Journal {
                     _ => return Err(JournalError::Full),
                 }
             }
-            for s in r.slots.drain(..evict) {
-                s.ev.mark_evicted();
+            let Ring { slots, last, .. } = &mut *r;
+            for s in slots.drain(..evict) {
+                // An event the last-value table keeps is not evicted yet (its bytes are
+                // that table's): it is marked when the table drops it.
+                if !last.holds(s.ev.seq) {
+                    s.ev.mark_evicted();
+                }
             }
             // Only evictable slots were evicted.
             r.evictable -= evict;
@@ -345,9 +352,10 @@ impl Journal {
             let oldest = r.oldest();
             r.last.record(&ev, oldest);
             // Announced when an eighth of the ring (by events or by bytes) was evicted
-            // since the last announcement.
-            r.unannounced += evict;
-            r.unannounced_bytes += evicted_bytes;
+            // since the last announcement (from the ring or from the last values).
+            let (dropped, dropped_bytes) = r.last.take_dropped();
+            r.unannounced += evict + dropped;
+            r.unannounced_bytes += evicted_bytes + dropped_bytes;
             let evicted = (r.unannounced > 0
                 && (r.unannounced >= (r.slots.len() / 8).max(1)
                     || r.unannounced_bytes >= self.limits.bytes / 8))
@@ -694,6 +702,49 @@ mod tests {
         assert!(j.len() < 8, "{} events held", j.len());
         // Each eviction frees more than 1 KiB, an eighth of the bytes: each is announced.
         assert_eq!(seen.len(), 200 - j.len());
+    }
+
+    #[test]
+    fn an_event_the_last_values_keep_is_marked_evicted_only_when_they_drop_it() {
+        let on = |seq: u64, topic: &str| {
+            EncodedEvent::encode(
+                seq,
+                &Topic::try_from(topic).unwrap(),
+                &EventMeta::default(),
+                b"{}",
+            )
+        };
+        let j = journal(4);
+        j.append(on(1, "quiet"), false).unwrap();
+        j.append(on(2, "busy"), false).unwrap();
+        let quiet = j.get(1).unwrap();
+        let busy = j.get(2).unwrap();
+        for seq in 3..=8 {
+            j.append(on(seq, "busy"), false).unwrap();
+        }
+        assert!(
+            j.get(1).is_none() && j.get(2).is_none(),
+            "both left the ring"
+        );
+        assert!(
+            !quiet.json_mark.is_evicted(),
+            "the last-value table still holds the quiet topic's event"
+        );
+        assert!(
+            busy.json_mark.is_evicted() && busy.postcard_mark.is_evicted(),
+            "a newer busy event replaced it in the table"
+        );
+        j.append(on(9, "quiet"), false).unwrap();
+        assert!(
+            quiet.json_mark.is_evicted(),
+            "replaced in the table, out of the ring"
+        );
+        // Ring and table let go of an event in the same append: it is marked too.
+        let j = journal(1);
+        j.append(on(1, "a"), false).unwrap();
+        let first = j.get(1).unwrap();
+        j.append(on(2, "a"), false).unwrap();
+        assert!(first.json_mark.is_evicted());
     }
 
     /// `room()` computed the slow way: walk the unpinned run at the front.

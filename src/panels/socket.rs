@@ -250,7 +250,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         Err((self.queue.iter())
             .filter_map(|f| f.mark.as_ref())
             .filter(|m| m.is_evicted())
-            .map(|m| m.len())
+            .map(|m| m.cost())
             .sum())
     }
 
