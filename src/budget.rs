@@ -27,7 +27,8 @@ pub const PANEL_READ_HEADROOM: usize = 16;
 pub const PANEL_QUEUE_SLOTS: usize = 2 * PANEL_WRITE_FRAMES;
 const _: () =
     assert!(PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + MAX_FILTERS + 2 <= PANEL_QUEUE_SLOTS);
-/// Bytes per queued frame: its header, a reference to the shared payload, its seq.
+/// Bytes per queued frame: its header, a reference to the shared payload, and the
+/// payload's mark ([`crate::held::Mark`]).
 pub const PANEL_QUEUE_ENTRY: usize = 72;
 /// Panels whose whole queue of evicted events the shared pool holds at once
 /// ([`held_pool_bytes`]); beyond it, a panel whose unsent events are evicted is closed.

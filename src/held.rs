@@ -9,9 +9,9 @@
 //!
 //! - each stored frame (an event's JSON or postcard bytes) is made by [`tracked`], which
 //!   ties its memory to a [`Mark`];
-//! - the journal marks the frames of the events it evicts ([`Mark::evict`]) and announces
-//!   evictions a few times per turn of its ring
-//!   ([`crate::journal::Journal::evictions`]);
+//! - the journal marks the frames of events that neither its ring nor its last-value
+//!   table holds any more ([`Mark::evict`]) and announces evictions a few times per turn
+//!   of its ring ([`crate::journal::Journal::evictions`]);
 //! - a panel that is waiting for its socket then pays, from the pool, for every evicted
 //!   frame it holds that nobody has paid for yet ([`Mark::pay`]); a frame is paid once,
 //!   however many panels hold it, and its memory returns to the pool when the last
@@ -73,7 +73,8 @@ impl HeldPool {
 /// paid for it once it was.
 #[derive(Debug)]
 pub struct Mark {
-    /// The frame's bytes (what its memory returns to the pool).
+    /// The frame's bytes (its memory, with [`TRACKED_OVERHEAD`], is what it costs the
+    /// pool).
     len: usize,
     evicted: AtomicBool,
     paid: OnceLock<Arc<HeldPool>>,
@@ -162,7 +163,7 @@ mod tests {
         assert!(mark_a.pay(&pool));
         assert!(mark_a.pay(&pool), "paid once for every holder");
         assert_eq!(pool.used(), 60 + o);
-        assert!(!mark_b.pay(&pool), "60 + 50 > 100");
+        assert!(!mark_b.pay(&pool), "60 + 50 > 100 (each with its overhead)");
         assert_eq!(pool.used(), 60 + o, "a frame that did not fit took nothing");
         drop(a);
         assert_eq!(pool.used(), 60 + o, "a slice still holds the frame");
