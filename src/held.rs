@@ -5,13 +5,13 @@
 //! stays in memory after the journal evicts it, until the panel's socket takes it. Only a
 //! stalled panel ever holds such events, so instead of charging every panel a whole
 //! queue of them in the memory budget, the panels share one pool
-//! ([`crate::budget::held_pool_bytes`]):
+//! (`budget::held_pool_bytes`):
 //!
 //! - each stored frame (an event's JSON or postcard bytes) is made by [`tracked`], which
 //!   ties its memory to a [`Mark`];
 //! - the journal marks the frames of events that neither its ring nor its last-value
 //!   table holds any more ([`Mark::evict`]) and announces evictions a few times per turn
-//!   of its ring ([`crate::journal::Journal::evictions`]);
+//!   of its ring (`Journal::evictions`);
 //! - a panel that is waiting for its socket then pays, from the pool, for every evicted
 //!   frame it holds that nobody has paid for yet ([`Mark::pay`]); a frame is paid once,
 //!   however many panels hold it, and its memory returns to the pool when the last
