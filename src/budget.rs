@@ -96,7 +96,12 @@ pub fn queued_event_bytes(max_event_bytes: usize) -> usize {
 /// hold after the journal evicted them, enough for [`HELD_POOL_PANELS`] (or
 /// `max_panels`, if fewer) stalled panels with full queues.
 pub fn held_pool_bytes(max_panels: usize, max_event_bytes: usize) -> usize {
-    max_panels.min(HELD_POOL_PANELS) * queued_event_bytes(max_event_bytes)
+    held_pool_for(max_panels, queued_event_bytes(max_event_bytes))
+}
+
+/// [`held_pool_bytes`] from one panel's [`queued_event_bytes`].
+pub fn held_pool_for(max_panels: usize, queued_event_bytes: usize) -> usize {
+    max_panels.min(HELD_POOL_PANELS) * queued_event_bytes
 }
 
 /// Evicted events panels may hold before they next pay for them: the journal announces

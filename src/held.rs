@@ -33,7 +33,7 @@ const _: () = assert!(std::mem::size_of::<Mark>() + 16 <= TRACKED_OVERHEAD / 2);
 /// Bytes of evicted frames paid for, within a fixed limit.
 #[derive(Debug)]
 pub struct HeldPool {
-    limit: usize,
+    limit: AtomicUsize,
     used: AtomicUsize,
 }
 
@@ -41,9 +41,15 @@ impl HeldPool {
     /// A pool of `limit` bytes.
     pub fn new(limit: usize) -> Self {
         HeldPool {
-            limit,
+            limit: AtomicUsize::new(limit),
             used: AtomicUsize::new(0),
         }
+    }
+
+    /// Resize the pool (a reload changed `max_panels`). Below what is paid now, nothing
+    /// more is paid for until enough is given back.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
     }
 
     /// Bytes paid for now.
@@ -53,13 +59,14 @@ impl HeldPool {
 
     /// The pool's size in bytes.
     pub fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Acquire)
     }
 
     fn take(&self, n: usize) -> bool {
+        let limit = self.limit();
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&total| total <= self.limit)
+                used.checked_add(n).filter(|&total| total <= limit)
             })
             .is_ok()
     }
@@ -172,6 +179,10 @@ mod tests {
         assert!(mark_b.pay(&pool));
         drop(b);
         assert_eq!(pool.used(), 0);
+        pool.set_limit(10);
+        let (c, mark_c) = tracked(vec![3u8; 5]);
+        assert!(!mark_c.pay(&pool), "a smaller pool");
+        drop(c);
         assert!(!mark_b.is_evicted());
         mark_b.evict();
         assert!(mark_b.is_evicted());

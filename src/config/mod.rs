@@ -1089,16 +1089,8 @@ impl PanelsConfig {
             }
         }
         for (i, n) in self.server_names.iter().enumerate() {
-            // A port (outside an IPv6 literal's brackets) or a scheme is a mistake here.
-            let after_literal = n.rsplit_once(']').map_or(n.as_str(), |(_, after)| after);
-            if crate::panels::origin::host_name(n).is_none()
-                || n.trim() != n
-                || after_literal.contains(':')
-            {
-                return Err(invalid(
-                    &format!("panels.server_names[{i}]"),
-                    "must be a host name without scheme or port, such as \"gw17.plant.local\"",
-                ));
+            if let Some(why) = crate::panels::origin::server_name_problem(n) {
+                return Err(invalid(&format!("panels.server_names[{i}]"), why));
             }
         }
         for (i, p) in self.peer_gateways.iter().enumerate() {

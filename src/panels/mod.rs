@@ -90,6 +90,9 @@ pub struct PanelSettings {
     /// ([`budget::held_pool_bytes`]); a panel that cannot pay for what it holds is
     /// closed ([`crate::held`]).
     pub held_pool: usize,
+    /// One panel's queue of events ([`budget::queued_event_bytes`]): a reload that
+    /// changes `max_panels` resizes the pool from it.
+    pub held_queue: usize,
 }
 
 impl PanelSettings {
@@ -100,6 +103,7 @@ impl PanelSettings {
             tls: None,
             peer_gateways: cfg.panels.peer_gateways.clone(),
             held_pool: budget::held_pool_bytes(cfg.panels.max_panels, cfg.journal.max_event_bytes),
+            held_queue: budget::queued_event_bytes(cfg.journal.max_event_bytes),
         }
     }
 }
@@ -189,6 +193,11 @@ pub async fn serve_with(
                         owed += cut - permits.forget_permits(cut);
                     }
                     limit = new.max_panels;
+                    if new.max_panels != server.policy().max_panels {
+                        // The budget line was checked against the new max_panels.
+                        let queue = server.settings.held_queue;
+                        server.held.set_limit(budget::held_pool_for(new.max_panels, queue));
+                    }
                     server.policy.send_replace(new);
                 }
             }

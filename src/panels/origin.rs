@@ -76,6 +76,38 @@ pub fn host_name(host: &str) -> Option<String> {
     Some(h)
 }
 
+/// Why `entry` cannot be a `panels.server_names` entry (`None`: it can): a host name,
+/// without scheme or port, in ASCII; IP addresses are accepted (they always pass).
+pub fn server_name_problem(entry: &str) -> Option<&'static str> {
+    const EXAMPLE: &str = "must be a host name, such as \"gw17.plant.local\"";
+    if entry.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    if entry.trim() != entry || entry.is_empty() {
+        return Some("must be a host name without surrounding spaces");
+    }
+    if entry.contains("://") || entry.contains('/') {
+        return Some("must be a host name without scheme or path, such as \"gw17.plant.local\"");
+    }
+    if entry.contains('*') {
+        return Some("wildcards are not supported: list each name the box is reached by");
+    }
+    if !entry.is_ascii() {
+        return Some(
+            "must be ASCII: write an internationalised name in its punycode form (xn--...), \
+             as browsers send it",
+        );
+    }
+    let after_literal = entry.rsplit_once(']').map_or(entry, |(_, after)| after);
+    if after_literal.contains(':') {
+        return Some("must be a host name without a port (any port is accepted)");
+    }
+    if host_name(entry).is_none() {
+        return Some(EXAMPLE);
+    }
+    None
+}
+
 /// Is `name` (from [`host_name`]) one that only this box can be reached by from a
 /// browser — an IP address, `localhost` or a `*.localhost` name (which browsers resolve
 /// to loopback themselves, RFC 6761 §6.3)? A page on another site can point a name it
@@ -212,6 +244,32 @@ mod tests {
         assert!(!o("https://gw.local").is_served_by("gw.local:80"));
         assert!(!o("http://evil.example").is_served_by("gw.local"));
         assert!(!o("ftp://gw.local").is_served_by("gw.local"));
+    }
+
+    #[test]
+    fn server_name_entries_say_what_is_wrong() {
+        for ok in [
+            "gw17.plant.local",
+            "GW17",
+            "10.0.0.17",
+            "fe80::1",
+            "[fe80::1]",
+            "xn--bcher-kva.plant",
+        ] {
+            assert_eq!(server_name_problem(ok), None, "{ok}");
+        }
+        for (bad, says) in [
+            ("gw17.plant.local:8080", "port"),
+            ("http://gw17.plant.local", "scheme"),
+            ("*.plant.local", "wildcards"),
+            ("bücher.plant", "punycode"),
+            (" gw17", "spaces"),
+            ("", "spaces"),
+            ("gw 17", "host name"),
+        ] {
+            let why = server_name_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(why.contains(says), "{bad:?}: {why}");
+        }
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub struct PanelPolicy {
     pub max_panels: usize,
     /// Origins (RFC 6454 serialisation) a browser may open the stream from; empty = any.
     pub allowed_origins: Vec<String>,
-    /// The names this box answers to (lowercase, no port); empty = any `Host`. See
-    /// [`host_refused`].
+    /// The names this box answers to (lowercase, without port or trailing dot); empty =
+    /// any `Host`. See [`host_refused`].
     pub server_names: Vec<String>,
     /// Access tokens; none = open.
     pub tokens: Vec<PanelToken>,
