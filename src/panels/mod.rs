@@ -86,12 +86,10 @@ pub struct PanelSettings {
     /// `panels.peer_gateways`: the other boxes the built-in page fails over to
     /// ([`fleet`]); read at the start.
     pub peer_gateways: Vec<String>,
-    /// Bytes of evicted events that stalled panels may hold between them
-    /// ([`budget::held_pool_bytes`]); a panel that cannot pay for what it holds is
-    /// closed ([`crate::held`]).
-    pub held_pool: usize,
-    /// One panel's queue of events ([`budget::queued_event_bytes`]): a reload that
-    /// changes `max_panels` resizes the pool from it.
+    /// One panel's queue of events ([`budget::queued_event_bytes`]): the pool of evicted
+    /// frames stalled panels may hold is this times `max_panels`, at most
+    /// [`budget::HELD_POOL_PANELS`] ([`budget::held_pool_for`]); a panel that cannot pay
+    /// for what it holds is closed ([`crate::held`]).
     pub held_queue: usize,
 }
 
@@ -102,7 +100,6 @@ impl PanelSettings {
             updates: None,
             tls: None,
             peer_gateways: cfg.panels.peer_gateways.clone(),
-            held_pool: budget::held_pool_bytes(cfg.panels.max_panels, cfg.journal.max_event_bytes),
             held_queue: budget::queued_event_bytes(cfg.journal.max_event_bytes),
         }
     }
@@ -193,11 +190,9 @@ pub async fn serve_with(
                         owed += cut - permits.forget_permits(cut);
                     }
                     limit = new.max_panels;
-                    if new.max_panels != server.policy().max_panels {
-                        // The budget line was checked against the new max_panels.
-                        let queue = server.settings.held_queue;
-                        server.held.set_limit(budget::held_pool_for(new.max_panels, queue));
-                    }
+                    // The budget line was checked against the new max_panels.
+                    let queue = server.settings.held_queue;
+                    server.held.set_limit(budget::held_pool_for(new.max_panels, queue));
                     server.policy.send_replace(new);
                 }
             }
@@ -293,7 +288,8 @@ impl Server {
             .max_write_buffer_size(budget::CONTROL_ROOM)
             .max_message_size(Some(budget::MAX_CLIENT_FRAME))
             .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
-        let held = Arc::new(crate::held::HeldPool::new(settings.held_pool));
+        let pool = budget::held_pool_for(settings.policy.max_panels, settings.held_queue);
+        let held = Arc::new(crate::held::HeldPool::new(pool));
         Server {
             journal,
             metrics,

@@ -262,8 +262,20 @@ async fn stall_scenario(policy: &str) -> (Arc<asb_gateway::app::Context>, Client
     (ctx, stalled.pop().unwrap(), srv)
 }
 
+/// `asbgw_panels_held_bytes` from the server's `/metrics`.
+async fn held_bytes(addr: std::net::SocketAddr) -> usize {
+    let (status, _, metrics) = http::get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("asbgw_panels_held_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no asbgw_panels_held_bytes in {metrics}"))
+}
+
 /// [`stall_scenario`] with `stalled` stalled panels and, if given, a shared pool of
-/// evicted frames of `held_pool` bytes.
+/// evicted frames of `held_pool` bytes (a multiple of `HELD_POOL_PANELS`, or less than
+/// it for an empty pool).
 async fn stall_scenario_with(
     policy: &str,
     held_pool: Option<usize>,
@@ -274,7 +286,8 @@ async fn stall_scenario_with(
     ));
     let mut settings = ctx.panel_settings();
     if let Some(bytes) = held_pool {
-        settings.held_pool = bytes;
+        // The pool is HELD_POOL_PANELS (fewer than the 256 max_panels) queues.
+        settings.held_queue = bytes / asb_gateway::budget::HELD_POOL_PANELS;
     }
     let srv = start_with(ctx.clone(), settings, Options::default()).await;
     let mut clients = Vec::new();
@@ -333,12 +346,7 @@ async fn stalled_panels_holding_the_same_events_pay_for_them_once() {
     // the reading panels hang up; the three stalled ones stay
     wait_until(|| ctx.metrics.panels_connected.get() == 3).await;
     assert_eq!(ctx.metrics.panels_disconnected_held.get(), 0);
-    let (_, _, metrics) = http::get(srv.addr, "/metrics").await;
-    let held: usize = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("asbgw_panels_held_bytes "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no asbgw_panels_held_bytes in {metrics}"));
+    let held = held_bytes(srv.addr).await;
     assert!(held > 0 && held <= pool, "held {held} B");
     srv.stop().await;
 }
@@ -380,13 +388,7 @@ async fn stalled_panel_never_slows_others_and_then_gets_a_gap() {
     let (ctx, mut stalled, srv) = stall_scenario("skip").await;
     // The stalled panel's queue was evicted from the journal under it: its claim on the
     // shared pool is at most one queue of events.
-    let (status, _, metrics) = http::get(srv.addr, "/metrics").await;
-    assert_eq!(status, 200);
-    let held: usize = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("asbgw_panels_held_bytes "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no asbgw_panels_held_bytes in {metrics}"));
+    let held = held_bytes(srv.addr).await;
     assert!(
         held > 0 && held <= asb_gateway::budget::PANEL_WRITE_BUFFER,
         "held {held} B"
