@@ -15,38 +15,44 @@ pub const PANEL_WRITE_BUFFER: usize = 32 * 1024;
 /// [`PANEL_WRITE_BUFFER`], what one flush (one vectored write when the socket takes it)
 /// sends at most.
 pub const PANEL_WRITE_FRAMES: usize = 32;
-/// Frames past [`PANEL_WRITE_FRAMES`] (and bytes past [`PANEL_WRITE_BUFFER`], up to half of
-/// [`CONTROL_ROOM`]) below which a panel's input is still read, so a panel that is behind
-/// — its queue refilled with events after every flush — still gets its pongs and its
-/// ops (an unsubscribe to catch up) handled at once.
+/// Frames past [`PANEL_WRITE_FRAMES`] below which a panel's input is still read, so a
+/// panel that is behind — its queue refilled with events after every flush — still gets
+/// its pongs and its ops (an unsubscribe to catch up) handled at once.
 pub const PANEL_READ_HEADROOM: usize = 16;
-/// Entries a panel's frame queue can have room for: input is read while fewer than
-/// `PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM` frames are queued and one client op adds at
-/// most `MAX_FILTERS + 2`, so the queue stays within 64 entries (its capacity doubles:
-/// 64 is the next power of two).
-pub const PANEL_QUEUE_SLOTS: usize = 2 * PANEL_WRITE_FRAMES;
-const _: () =
-    assert!(PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + MAX_FILTERS + 2 <= PANEL_QUEUE_SLOTS);
+/// Entries a panel's frame queue has room for of its own: input is read while fewer than
+/// `PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM` frames are queued, a client's control frame
+/// adds one reply, and a pump after it a gap and a `synced` frame.
+pub const PANEL_QUEUE_OWN: usize = PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + 2;
+/// Entries the queue may grow to while a grant ([`INPUT_GRANT`]) pays for an op's
+/// replies (at most `MAX_FILTERS + 2` frames).
+pub const PANEL_QUEUE_MAX: usize = 64;
+const _: () = assert!(PANEL_QUEUE_OWN + MAX_FILTERS + 2 <= PANEL_QUEUE_MAX);
 /// Bytes per queued frame: its header, a reference to the shared payload, and the
 /// payload's mark ([`crate::held::Mark`]).
-pub const PANEL_QUEUE_ENTRY: usize = 72;
+pub const PANEL_QUEUE_ENTRY: usize = 56;
 /// Panels whose whole queue of evicted events the shared pool holds at once
 /// ([`held_pool_bytes`]); beyond it, a panel whose unsent events are evicted is closed.
 pub const HELD_POOL_PANELS: usize = 32;
-/// Room for control frames (hello, error, pong, ping, close) and the WebSocket layer's
-/// own replies on top of the events. Input is read only while less than half of it is
-/// queued past the events, and one op's replies (at most `MAX_FILTERS + 2` frames of
-/// under 400 B: filters are at most 256 bytes and errors show 64 characters of them)
-/// fit the other half; the hello with 8 filters and the errors at the start fit too.
+/// Control frames a panel may have queued of its own (gap, synced, ping, the pongs and
+/// close replies to the client's control frames, each under 256 B with its allocation):
+/// its input is read only while less than half of it is queued.
+pub const CONTROL_OWN: usize = 1024;
+/// Room for the replies to one op, or to a panel's start (hello with 8 filters, errors
+/// at most `MAX_FILTERS + 2` frames of under 400 B: filters are at most 256 bytes and
+/// errors show 64 characters of them). Paid by a grant ([`INPUT_GRANT`]).
 pub const CONTROL_ROOM: usize = 8192;
 /// Largest WebSocket frame header the server writes (unmasked, 64-bit length).
 pub const FRAME_HEADER: usize = 10;
-/// Bytes of inbound frames a panel session buffers (client ops are at most 4 KiB).
-pub const PANEL_READ_BUFFER: usize = 8 * 1024;
-/// The read buffer a panel starts with: client ops are small; a larger frame (up to
-/// [`MAX_CLIENT_FRAME`]) grows it, within [`PANEL_READ_BUFFER`].
-pub const PANEL_READ_START: usize = 512;
-/// Per-panel state besides buffers: cursor, filters, task.
+/// One share of the panels' input pool (`panels::inbound`): the buffer of one client
+/// message ([`MAX_CLIENT_FRAME`]), the replies to it ([`CONTROL_ROOM`]) and the queue
+/// entries past [`PANEL_QUEUE_OWN`] they take.
+pub const INPUT_GRANT: usize =
+    MAX_CLIENT_FRAME + CONTROL_ROOM + (PANEL_QUEUE_MAX - PANEL_QUEUE_OWN) * PANEL_QUEUE_ENTRY;
+/// Grants in the input pool: panels that may read an op (or start) at once; the others
+/// wait their turn, their sockets unread.
+pub const INPUT_GRANTS: usize = 32;
+/// Per-panel state besides buffers: cursor, filters, the client-frame reader's header
+/// and control-frame bytes, the task.
 pub const PANEL_STATE: usize = 4 * 1024;
 /// `SO_SNDBUF` asked for each panel socket (the kernel doubles it for bookkeeping).
 pub const PANEL_SNDBUF: usize = 8 * 1024;
@@ -81,9 +87,22 @@ pub const SNAPSHOT_ENTRY: usize = 48;
 
 /// The most a panel's write side holds of its own, in bytes: its frame queue's entries
 /// and control frames. The events it queues are the journal's (or, once evicted, the
-/// shared pool's: [`held_pool_bytes`]).
+/// shared pool's: [`held_pool_bytes`]); an op's replies are its grant's
+/// ([`input_pool_bytes`]).
 pub fn panel_write_capacity() -> usize {
-    PANEL_QUEUE_SLOTS * PANEL_QUEUE_ENTRY + CONTROL_ROOM
+    PANEL_QUEUE_OWN * PANEL_QUEUE_ENTRY + CONTROL_OWN
+}
+
+/// The most one panel holds of its own, in bytes: [`panel_write_capacity`] and
+/// [`PANEL_STATE`] (the kernel's socket buffers are a line of their own).
+pub fn panel_bytes() -> usize {
+    panel_write_capacity() + PANEL_STATE
+}
+
+/// The panels' input pool: [`INPUT_GRANTS`] (or `max_panels`, if fewer) grants of
+/// [`INPUT_GRANT`] bytes.
+pub fn input_pool_bytes(max_panels: usize) -> usize {
+    max_panels.min(INPUT_GRANTS) * INPUT_GRANT
 }
 
 /// Bytes of events one panel can have queued: [`PANEL_WRITE_BUFFER`], or one larger
@@ -209,10 +228,21 @@ pub fn compute(c: &Config) -> Budget {
         Line {
             item: "panel sessions",
             detail: format!(
-                "{} panels x ({} B write (frame queue, control frames) + {} B read + {} B state)",
-                c.panels.max_panels, panel_write, PANEL_READ_BUFFER, PANEL_STATE
+                "{} panels x ({} B write (frame queue, control frames) + {} B state)",
+                c.panels.max_panels, panel_write, PANEL_STATE
             ),
-            bytes: c.panels.max_panels * (panel_write + PANEL_READ_BUFFER + PANEL_STATE),
+            bytes: c.panels.max_panels * panel_bytes(),
+        },
+        Line {
+            item: "panel input",
+            detail: format!(
+                "pool: {} panels' ops read at once x {} B ({} B message, {} B of replies and their queue entries); the others wait",
+                c.panels.max_panels.min(INPUT_GRANTS),
+                INPUT_GRANT,
+                MAX_CLIENT_FRAME,
+                INPUT_GRANT - MAX_CLIENT_FRAME
+            ),
+            bytes: input_pool_bytes(c.panels.max_panels),
         },
         Line {
             item: "evicted panel frames",

@@ -396,7 +396,7 @@ impl JsonWriter {
 /// Appended to an event object to make it a last value.
 const LAST_FIELD: &str = ",\"last\":true";
 /// What ends a last value's JSON frame: [`LAST_FIELD`] and the closing brace.
-const LAST_TAIL: &str = ",\"last\":true}";
+pub const LAST_TAIL: &str = ",\"last\":true}";
 
 /// The last instant RFC 3339 (four-digit years) can express: 9999-12-31T23:59:59.999Z.
 pub const RFC3339_MAX_MS: i64 = 253_402_300_799_999;

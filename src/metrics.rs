@@ -592,6 +592,10 @@ metrics! {
         "Bytes of events panels have not written yet that the journal has evicted (the shared pool in use).";
     panels_disconnected_held: Counter => "panels_disconnected_held_total",
         "Panels closed because the events their sockets had not taken were evicted and the shared pool was full.";
+    panels_input_grants: Gauge => "panels_input_grants",
+        "Grants of the panels' input pool held now (an op being read or its replies unwritten).";
+    panels_disconnected_input: Counter => "panels_disconnected_input_total",
+        "Panels closed for holding an input grant 10 s (a frame sent too slowly, or replies not read) while other panels waited.";
     // mirror
     mqtt_published: Counter => "mqtt_published_total", "Events published to MQTT.";
     mqtt_acked: Counter => "mqtt_acked_total", "MQTT publishes acknowledged by the broker.";

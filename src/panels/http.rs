@@ -86,6 +86,7 @@ pub(super) async fn connection(
         journal: &server.journal,
         metrics: &server.metrics,
         held: &server.held,
+        input: &server.input,
     };
     let policy = server.policy.subscribe();
     session::run(ws, params, shared, policy, &server.opts, sd).await;
@@ -180,7 +181,20 @@ where
         }
     };
     disarm.disarm();
-    let ws = super::socket::split(TokioIo::new(upgraded), server.ws_config).await;
+    // The hello and the replies to the query are the panel's first op: they wait for a
+    // grant of the input pool like any other.
+    let grant =
+        match tokio::time::timeout(server.opts.handshake_timeout, server.input.acquire()).await {
+            Ok(g) => g,
+            Err(_) => {
+                log::info!(
+                    "panel {peer}: dropped: no grant of the input pool within {:?}",
+                    server.opts.handshake_timeout
+                );
+                return None;
+            }
+        };
+    let ws = super::socket::split(TokioIo::new(upgraded), server.input.clone(), Some(grant));
     let accepted = Accepted {
         params: up.params,
         slot: up.slot,
@@ -279,6 +293,8 @@ fn route(
             m.last_values_bytes.set(last.outside_bytes as u64);
             m.last_values_evicted.set(last.evicted);
             m.panels_held_bytes.set(server.held.used() as u64);
+            m.panels_input_grants
+                .set((budget::INPUT_GRANTS - server.input.available()) as u64);
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

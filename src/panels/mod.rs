@@ -12,6 +12,7 @@
 
 pub mod fleet;
 mod http;
+mod inbound;
 pub mod origin;
 pub mod policy;
 pub mod protocol;
@@ -265,7 +266,8 @@ pub(crate) struct Server {
     opts: Options,
     /// Panels connected (or upgrading); never above `max_panels`.
     panels: AtomicUsize,
-    ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    /// Grants to read client ops with (`inbound`).
+    input: inbound::InputPool,
     /// Failed authentications per source address.
     throttle: throttle::Throttle,
     /// Evicted events stalled panels still hold.
@@ -279,15 +281,6 @@ impl Server {
         settings: PanelSettings,
         opts: Options,
     ) -> Self {
-        // tungstenite reads the client's frames; of writing it does only its own pong and
-        // close replies, each handed on at once (`socket::Inbound`), so its write buffer
-        // stays empty. Server frames go out by reference through `socket::Outbound`.
-        let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(budget::PANEL_READ_START)
-            .write_buffer_size(0)
-            .max_write_buffer_size(budget::CONTROL_ROOM)
-            .max_message_size(Some(budget::MAX_CLIENT_FRAME))
-            .max_frame_size(Some(budget::MAX_CLIENT_FRAME));
         let pool = budget::held_pool_for(settings.policy.max_panels, settings.held_queue);
         let held = Arc::new(crate::held::HeldPool::new(pool));
         Server {
@@ -297,7 +290,7 @@ impl Server {
             settings,
             opts,
             panels: AtomicUsize::new(0),
-            ws_config,
+            input: inbound::InputPool::new(budget::INPUT_GRANTS),
             throttle: throttle::Throttle::default(),
             held,
         }

@@ -20,22 +20,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, WriteHalf};
+use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Options;
+use super::inbound::{ClientMessage, GRANT_HOLD, ReadError};
 use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter, shown_filter};
-use super::socket::{self, Kind};
+use super::socket::{self, InputPool, Kind, Tail};
 use crate::budget::{
-    CONTROL_ROOM, FRAME_HEADER, MAX_FILTERS, PANEL_READ_HEADROOM, PANEL_WRITE_BUFFER,
+    CONTROL_OWN, FRAME_HEADER, MAX_FILTERS, PANEL_READ_HEADROOM, PANEL_WRITE_BUFFER,
     PANEL_WRITE_FRAMES,
 };
 use crate::config::SlowPolicy;
@@ -51,8 +50,8 @@ use crate::shutdown::Shutdown;
 
 /// The upgraded connection.
 pub(crate) type Io = TokioIo<Upgraded>;
-/// Client frames are read with tungstenite.
-pub(crate) type Reader = socket::Reader<Io>;
+/// Client frames are read into fixed bytes and, for an op, a grant of the input pool.
+pub(crate) type Reader = socket::Inbound<ReadHalf<Io>>;
 /// Server frames are written by reference.
 pub(crate) type Writer = socket::Outbound<WriteHalf<Io>>;
 
@@ -90,6 +89,8 @@ pub(crate) struct Shared<'a> {
     pub metrics: &'a Metrics,
     /// What pays for the evicted events panels still hold.
     pub held: &'a Arc<HeldPool>,
+    /// What pays for the ops panels send and their replies.
+    pub input: &'a InputPool,
 }
 
 struct Session<'a> {
@@ -207,13 +208,13 @@ async fn linger_close(
 ) {
     let deadline = Instant::now() + linger;
     if let Some((code, reason)) = close {
-        out.push_close(code, reason);
+        out.push_close(Some(code), reason);
     }
     let sent = tokio::time::timeout_at(deadline, out.flush()).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }
-    let mut io = rx.into_inner().into_inner();
+    let mut io = rx.into_inner();
     let _ = tokio::time::timeout_at(deadline, async {
         let _ = out.shutdown().await;
         let mut sink = [0u8; 1024];
@@ -349,8 +350,14 @@ impl Session<'_> {
             // that floods ops and does not read gets TCP back-pressure, not memory. The
             // room is above what a pump fills: a panel that is behind still has its
             // pings and ops answered between flushes.
-            let room = self.out.bytes() < PANEL_WRITE_BUFFER + CONTROL_ROOM / 2
+            // A grant pays for an op's replies until they are written.
+            if rx.grant_since().is_some() && self.out.control_bytes() == 0 {
+                rx.release_grant();
+                self.out.shrink();
+            }
+            let room = self.out.control_bytes() < CONTROL_OWN / 2
                 && self.out.frames() < PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM;
+            let held_since = rx.grant_since();
             tokio::select! {
                 biased;
                 _ = sd.recv() => return End::Close(CloseCode::Away, "server shutting down"),
@@ -366,12 +373,23 @@ impl Session<'_> {
                     last_heard = Instant::now();
                     // An op may have changed the filters or asked for the last values.
                     self.unread = true;
-                    if let Err(end) = self.on_message(rx, m).await {
+                    if let Err(end) = self.on_message(m) {
                         return end;
                     }
-                    // tungstenite's pong to a client's ping (RFC 6455 §5.5.3).
-                    if let Some(reply) = socket::replies(rx).await {
-                        self.out.push_raw(reply);
+                }
+                // A grant held long (a frame sent slowly, replies not read) while other
+                // panels wait for one: this panel goes, the others get their turn.
+                _ = grant_deadline(held_since) => {
+                    if self.ctx.input.available() > 0 {
+                        rx.renew_grant();
+                    } else {
+                        self.ctx.metrics.panels_disconnected_input.inc();
+                        log::info!(
+                            "panel {}: closed: it held a share of the panels' input pool for {GRANT_HOLD:?} ({}) while other panels waited",
+                            self.peer,
+                            if rx.in_message() { "a message sent too slowly" } else { "replies not read" }
+                        );
+                        return End::Close(CloseCode::Policy, "input held too long");
                     }
                 }
                 // After client input: a flush that is ready at once every time (a long
@@ -405,7 +423,7 @@ impl Session<'_> {
                         return End::Close(CloseCode::Policy, "idle timeout");
                     }
                     if !self.flushing {
-                        self.out.push(Kind::Ping, b"", Bytes::new(), b"");
+                        self.out.push(Kind::Ping, b"", Bytes::new(), Tail::None);
                     }
                 }
             }
@@ -465,14 +483,19 @@ impl Session<'_> {
                 let (kind, prefix, body, tail) = match self.enc {
                     Encoding::Json => {
                         let (body, tail) = ev.last_json_parts();
-                        (Kind::Text, &[][..], body, tail.as_bytes())
+                        let tail = if tail.is_empty() {
+                            Tail::None
+                        } else {
+                            Tail::Last
+                        };
+                        (Kind::Text, &[][..], body, tail)
                     }
                     Encoding::Postcard => {
                         let (tag, rest) = ev.last_postcard_parts();
-                        (Kind::Binary, tag, rest, &[][..])
+                        (Kind::Binary, tag, rest, Tail::None)
                     }
                 };
-                if !self.has_room(prefix.len() + body.len() + tail.len() + FRAME_HEADER) {
+                if !self.has_room(prefix.len() + body.len() + tail.bytes().len() + FRAME_HEADER) {
                     full = true;
                     break;
                 }
@@ -563,7 +586,7 @@ impl Session<'_> {
                     }
                 }
                 // The journal's shared bytes, by reference.
-                self.out.push_event(mark, kind, b"", body, b"");
+                self.out.push_event(mark, kind, b"", body, Tail::None);
                 sent += 1;
             }
             if full {
@@ -595,7 +618,7 @@ impl Session<'_> {
 
     /// Queue a control frame already encoded by [`encode`].
     fn push_control(&mut self, (kind, body): (Kind, Bytes)) {
-        self.out.push(kind, b"", body, b"");
+        self.out.push(kind, b"", body, Tail::None);
         self.ctx.metrics.frames_sent.inc();
     }
 
@@ -667,43 +690,37 @@ impl Session<'_> {
         Some(gap)
     }
 
-    async fn on_message(
-        &mut self,
-        rx: &mut Reader,
-        m: Option<Result<Message, WsError>>,
-    ) -> Result<(), End> {
+    fn on_message(&mut self, m: Result<ClientMessage, ReadError>) -> Result<(), End> {
         let bytes: Bytes = match m {
-            None => return Err(End::Gone),
-            Some(Ok(Message::Text(t))) => t.into(),
-            Some(Ok(Message::Binary(b))) => b,
-            // Pings are answered by the WebSocket layer; a pong only proves life.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return Ok(()),
-            Some(Ok(Message::Close(_))) => {
-                // The WebSocket layer made the close reply: it goes out like a close of
-                // ours, with the linger (the client may have sent more after its close).
-                if let Some(reply) = socket::replies(rx).await {
-                    self.out.push_raw(reply);
-                }
+            Ok(ClientMessage::Text(b) | ClientMessage::Binary(b)) => b,
+            // RFC 6455 §5.5.3: a pong with the ping's payload.
+            Ok(ClientMessage::Ping(payload)) => {
+                self.out.push(Kind::Pong, b"", payload, Tail::None);
+                return Ok(());
+            }
+            // A pong only proves life.
+            Ok(ClientMessage::Pong) => return Ok(()),
+            // §5.5.1: the reply echoes the status code. It goes out like a close of ours,
+            // with the linger (the client may have sent more after its close).
+            Ok(ClientMessage::Close(code)) => {
+                self.out.push_close(code.map(CloseCode::from), "");
                 return Err(End::Replied);
             }
-            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                return Err(End::Close(CloseCode::Size, "frame over 4 KiB"));
-            }
-            // RFC 6455 §8.1: invalid UTF-8 in a text frame fails the connection.
-            Some(Err(WsError::Utf8(_))) => {
-                return Err(End::Close(CloseCode::Invalid, "text frame is not UTF-8"));
-            }
-            // RFC 6455 §7.1.7: a client that breaks the framing rules (unmasked frame,
-            // reserved bits or opcodes, bad fragmentation) is failed with 1002.
-            Some(Err(WsError::Protocol(e)))
-                if !matches!(e, ProtocolError::ResetWithoutClosingHandshake) =>
-            {
-                log::debug!("panel protocol error: {e}");
-                return Err(End::Close(CloseCode::Protocol, "protocol error"));
-            }
-            Some(Err(e)) => {
-                log::debug!("panel read failed: {e}");
-                return Err(End::Gone);
+            Err(e) => {
+                let Some(code) = e.close_code() else {
+                    log::debug!("panel {}: read failed: {e}", self.peer);
+                    return Err(End::Gone);
+                };
+                log::debug!("panel {}: {e}", self.peer);
+                // §7.1.7: a client that breaks the framing rules is failed with 1002.
+                return Err(End::Close(
+                    code,
+                    match e {
+                        ReadError::TooBig => "frame over 4 KiB",
+                        ReadError::Utf8 => "text frame is not UTF-8",
+                        _ => "protocol error",
+                    },
+                ));
             }
         };
         match Op::parse(&bytes) {
@@ -762,10 +779,22 @@ impl Session<'_> {
     }
 }
 
-/// A control frame in the panel's encoding: its WebSocket frame kind and payload.
+/// A control frame in the panel's encoding: its WebSocket frame kind and payload, in an
+/// allocation of its length (what the budget counts).
 fn encode(enc: Encoding, f: &Frame<'_>) -> (Kind, Bytes) {
     match enc {
-        Encoding::Json => (Kind::Text, f.to_json().into()),
-        Encoding::Postcard => (Kind::Binary, f.to_postcard().into()),
+        Encoding::Json => (
+            Kind::Text,
+            f.to_json().into_bytes().into_boxed_slice().into(),
+        ),
+        Encoding::Postcard => (Kind::Binary, f.to_postcard().into_boxed_slice().into()),
+    }
+}
+
+/// When a grant held since `since` has been held [`GRANT_HOLD`]; never without one.
+async fn grant_deadline(since: Option<Instant>) {
+    match since {
+        Some(t) => tokio::time::sleep_until(t + GRANT_HOLD).await,
+        None => std::future::pending().await,
     }
 }

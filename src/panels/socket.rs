@@ -5,11 +5,9 @@
 //!   formatted by tungstenite's [`FrameHeader`] (2–10 bytes, never masked, §5.2) and its
 //!   payload by reference — the journal's shared bytes — and many frames go out in one
 //!   vectored write (`writev`). Nothing of an event is copied into a per-panel buffer.
-//! - [`Reader`] is tungstenite reading client frames (masking, UTF-8, fragmentation and
-//!   size checks, §5–§8) from the socket's read half, wrapped in [`Inbound`]. What
-//!   tungstenite writes on its own — the pong to a client's ping (§5.5.3), the reply to a
-//!   client's close (§5.5.1) — is kept in [`Inbound`] until the session hands it to
-//!   [`Outbound`] with [`Outbound::push_raw`], which sends it between whole frames.
+//! - [`Inbound`] reads client frames into fixed bytes of its own and, for an op, a
+//!   buffer paid by a grant from the panels' shared [`InputPool`]
+//!   ([`super::inbound`]).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -18,12 +16,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+pub(crate) use super::inbound::{Grant, Inbound, InputPool};
+use crate::budget::{PANEL_QUEUE_MAX, PANEL_QUEUE_OWN};
 use crate::held::{HeldPool, Mark};
 
 /// Longest server frame header (2 bytes, plus 8 for a 64-bit payload length; a server
@@ -34,118 +32,59 @@ const HEAD: usize = 11;
 /// larger flush takes one more write).
 const MAX_SLICES: usize = 96;
 
-/// What a client's frames are read with: tungstenite over [`Inbound`].
-pub(crate) type Reader<S> = WebSocketStream<Inbound<ReadHalf<S>>>;
-
-/// Split an upgraded connection (the HTTP 101 already sent) into its reader and its
-/// writer. `config` bounds what is read (`max_message_size`, `max_frame_size`,
-/// `read_buffer_size`); its write settings do not matter, tungstenite writes only its
-/// replies.
-pub(crate) async fn split<S>(io: S, config: WebSocketConfig) -> (Reader<S>, Outbound<WriteHalf<S>>)
+/// Split an upgraded connection (the HTTP 101 already sent) into its reader, holding
+/// `grant` for the panel's first frames (or none), and its writer.
+pub(crate) fn split<S>(
+    io: S,
+    pool: InputPool,
+    grant: Option<Grant>,
+) -> (Inbound<ReadHalf<S>>, Outbound<WriteHalf<S>>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (r, w) = tokio::io::split(io);
-    let inbound = Inbound {
-        io: r,
-        replies: Vec::new(),
-    };
-    let reader = WebSocketStream::from_raw_socket(inbound, Role::Server, Some(config)).await;
-    (reader, Outbound::new(w))
+    (Inbound::new(r, pool, grant), Outbound::new(w))
 }
 
-/// tungstenite's replies to what it has read (a pong, a close reply): whole frames, in
-/// order, for [`Outbound::push_raw`]. tungstenite keeps a reply until its next write or
-/// flush; this flushes it into [`Inbound`] (which never waits) and takes it.
-pub(crate) async fn replies<S>(reader: &mut Reader<S>) -> Option<Bytes>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // An error here is about the connection's state (e.g. closed), which the next read
-    // reports; what was written before it is kept.
-    let _ = futures_util::SinkExt::flush(reader).await;
-    reader.get_mut().take_replies()
+/// The static bytes a frame's payload ends with, after its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tail {
+    None,
+    /// The end of an event's JSON as a last value ([`crate::event::LAST_TAIL`]).
+    Last,
 }
 
-/// The read half as tungstenite sees it: reads come from the socket, writes are kept for
-/// [`Outbound`]. What is kept is bounded by the caller taking it ([`replies`]) after every
-/// message read: tungstenite makes at most one reply per message (a pong of ≤ 127 bytes,
-/// or a close reply), and its own write buffer is capped by the config's
-/// `max_write_buffer_size`.
-pub(crate) struct Inbound<R> {
-    io: R,
-    replies: Vec<u8>,
-}
-
-impl<R> Inbound<R> {
-    /// tungstenite's replies written since the last call: whole frames, in order.
-    fn take_replies(&mut self) -> Option<Bytes> {
-        if self.replies.is_empty() {
-            return None;
+impl Tail {
+    pub fn bytes(self) -> &'static [u8] {
+        match self {
+            Tail::None => b"",
+            Tail::Last => crate::event::LAST_TAIL.as_bytes(),
         }
-        Some(Bytes::from(std::mem::take(&mut self.replies)))
-    }
-
-    /// The socket's read half.
-    pub fn into_inner(self) -> R {
-        self.io
     }
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for Inbound<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<R: Unpin> AsyncWrite for Inbound<R> {
-    /// Always takes everything, so what is kept is whole frames and a flush never waits:
-    /// tungstenite writes its output buffer, which holds whole frames. (Refusing would
-    /// be a `Pending` that nothing wakes: this writer has no socket to wait for.)
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.replies.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// One queued frame: `head` (the header, then at most one byte of payload), `body` by
-/// reference, then the static `tail`.
+/// One queued frame: `head` (the header, then at most two bytes of payload: a tag or a
+/// close code), `body` by reference, then the static `tail`.
 struct OutFrame {
     head: [u8; HEAD],
     head_len: u8,
+    tail: Tail,
     body: Bytes,
-    tail: &'static [u8],
     /// The memory mark of the stored frame `body` shares ([`crate::held`]); `None`: not a
-    /// journal event's.
+    /// journal event's (a control frame).
     mark: Option<Arc<Mark>>,
 }
 
 impl OutFrame {
     fn len(&self) -> usize {
-        usize::from(self.head_len) + self.body.len() + self.tail.len()
+        usize::from(self.head_len) + self.body.len() + self.tail.bytes().len()
     }
 
     fn parts(&self) -> [&[u8]; 3] {
         [
             &self.head[..usize::from(self.head_len)],
             &self.body,
-            self.tail,
+            self.tail.bytes(),
         ]
     }
 }
@@ -157,8 +96,11 @@ const _: () = assert!(std::mem::size_of::<OutFrame>() <= crate::budget::PANEL_QU
 ///
 /// The queue has no limit of its own: the session decides how many frames and bytes it
 /// queues before it flushes ([`crate::budget::PANEL_WRITE_FRAMES`],
-/// [`crate::budget::PANEL_WRITE_BUFFER`]). A flush may be cancelled and resumed: what
-/// was written is recorded here, not in the future.
+/// [`crate::budget::PANEL_WRITE_BUFFER`]) and how many control frames
+/// ([`Outbound::control_bytes`]). Its room grows to [`PANEL_QUEUE_OWN`] entries, then at
+/// once to [`PANEL_QUEUE_MAX`] (an op's replies, paid by a grant), and
+/// [`Outbound::shrink`] gives the second part back. A flush may be cancelled and
+/// resumed: what was written is recorded here, not in the future.
 pub(crate) struct Outbound<W> {
     io: W,
     queue: VecDeque<OutFrame>,
@@ -166,6 +108,8 @@ pub(crate) struct Outbound<W> {
     written: usize,
     /// Wire bytes queued (including what of the front frame was written).
     bytes: usize,
+    /// Wire bytes of the control frames queued (those without a mark).
+    control: usize,
 }
 
 /// The frames the session sends (RFC 6455 §5.2 opcodes).
@@ -174,6 +118,7 @@ pub(crate) enum Kind {
     Text,
     Binary,
     Ping,
+    Pong,
 }
 
 impl<W: AsyncWrite + Unpin> Outbound<W> {
@@ -183,6 +128,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             queue: VecDeque::new(),
             written: 0,
             bytes: 0,
+            control: 0,
         }
     }
 
@@ -196,15 +142,28 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         self.bytes
     }
 
+    /// Wire bytes of control frames queued: what the session made itself (hello, error,
+    /// pong, gap, ping, close), not the journal's events.
+    pub fn control_bytes(&self) -> usize {
+        self.control
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Give back the queue's room past [`PANEL_QUEUE_OWN`] entries when it is not used.
+    pub fn shrink(&mut self) {
+        if self.queue.capacity() > PANEL_QUEUE_OWN && self.queue.len() <= PANEL_QUEUE_OWN {
+            self.queue.shrink_to(PANEL_QUEUE_OWN);
+        }
     }
 
     /// Queue one unfragmented message whose payload is `prefix` (at most one byte),
     /// `body` and `tail`, in that order. A text payload must be UTF-8 as a whole (the
     /// caller's duty: the journal's JSON is). Returns the frame's wire bytes.
-    pub fn push(&mut self, kind: Kind, prefix: &[u8], body: Bytes, tail: &'static [u8]) -> usize {
-        self.push_frame_kind(None, kind, prefix, body, tail)
+    pub fn push(&mut self, kind: Kind, prefix: &[u8], body: Bytes, tail: Tail) -> usize {
+        self.push_frame(opcode(kind), None, prefix, body, tail)
     }
 
     /// [`Outbound::push`] for a frame whose `body` is a stored frame of the journal
@@ -216,25 +175,9 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         kind: Kind,
         prefix: &[u8],
         body: Bytes,
-        tail: &'static [u8],
+        tail: Tail,
     ) -> usize {
-        self.push_frame_kind(Some(mark.clone()), kind, prefix, body, tail)
-    }
-
-    fn push_frame_kind(
-        &mut self,
-        mark: Option<Arc<Mark>>,
-        kind: Kind,
-        prefix: &[u8],
-        body: Bytes,
-        tail: &'static [u8],
-    ) -> usize {
-        let opcode = match kind {
-            Kind::Text => OpCode::Data(Data::Text),
-            Kind::Binary => OpCode::Data(Data::Binary),
-            Kind::Ping => OpCode::Control(Control::Ping),
-        };
-        self.push_frame(opcode, mark, prefix, body, tail)
+        self.push_frame(opcode(kind), Some(mark.clone()), prefix, body, tail)
     }
 
     /// Pay from `pool` for every queued (or partly written) frame whose event the journal
@@ -254,16 +197,17 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             .sum())
     }
 
-    /// Queue a close frame (§5.5.1): the status code, then the reason (≤ 123 bytes).
-    pub fn push_close(&mut self, code: CloseCode, reason: &'static str) -> usize {
+    /// Queue a close frame (§5.5.1): the status code (none: an empty close), then the
+    /// reason (≤ 123 bytes).
+    pub fn push_close(&mut self, code: Option<CloseCode>, reason: &'static str) -> usize {
         debug_assert!(reason.len() <= 123);
-        let code = u16::from(code).to_be_bytes();
+        let code = code.map(|c| u16::from(c).to_be_bytes());
         self.push_frame(
             OpCode::Control(Control::Close),
             None,
-            &code,
-            Bytes::new(),
-            reason.as_bytes(),
+            code.as_ref().map_or(&[][..], |c| &c[..]),
+            Bytes::from_static(reason.as_bytes()),
+            Tail::None,
         )
     }
 
@@ -273,9 +217,9 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         mark: Option<Arc<Mark>>,
         prefix: &[u8],
         body: Bytes,
-        tail: &'static [u8],
+        tail: Tail,
     ) -> usize {
-        let payload = prefix.len() + body.len() + tail.len();
+        let payload = prefix.len() + body.len() + tail.bytes().len();
         // The header is 10 bytes only for payloads of 64 KiB and more (§5.2): the prefix
         // fits beside it, 1 byte, or 2 for a close frame's status code.
         debug_assert!(prefix.len() <= 1 || (prefix.len() == 2 && payload <= 125));
@@ -295,29 +239,33 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         let frame = OutFrame {
             head,
             head_len: head_len as u8,
-            body,
             tail,
+            body,
             mark,
         };
         let len = frame.len();
         self.bytes += len;
+        if frame.mark.is_none() {
+            self.control += len;
+        }
+        self.grow();
         self.queue.push_back(frame);
         len
     }
 
-    /// Queue bytes that are already whole frames (tungstenite's replies).
-    pub fn push_raw(&mut self, bytes: Bytes) {
-        if bytes.is_empty() {
+    /// Room for one more entry: doubling up to [`PANEL_QUEUE_OWN`], then at once to
+    /// [`PANEL_QUEUE_MAX`] (room the session's bounds never exceed).
+    fn grow(&mut self) {
+        let (len, cap) = (self.queue.len(), self.queue.capacity());
+        if len < cap {
             return;
         }
-        self.bytes += bytes.len();
-        self.queue.push_back(OutFrame {
-            head: [0; HEAD],
-            head_len: 0,
-            body: bytes,
-            tail: b"",
-            mark: None,
-        });
+        let want = if cap < PANEL_QUEUE_OWN {
+            (cap * 2).clamp(8, PANEL_QUEUE_OWN)
+        } else {
+            PANEL_QUEUE_MAX.max(len + 1)
+        };
+        self.queue.reserve_exact(want - len);
     }
 
     /// Write everything queued, many frames per vectored write, then flush the socket.
@@ -371,8 +319,20 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             }
             n -= len;
             self.bytes -= len;
+            if f.mark.is_none() {
+                self.control -= len;
+            }
             self.queue.pop_front();
         }
+    }
+}
+
+fn opcode(kind: Kind) -> OpCode {
+    match kind {
+        Kind::Text => OpCode::Data(Data::Text),
+        Kind::Binary => OpCode::Data(Data::Binary),
+        Kind::Ping => OpCode::Control(Control::Ping),
+        Kind::Pong => OpCode::Control(Control::Pong),
     }
 }
 
@@ -492,16 +452,11 @@ mod tests {
                 stall: false,
             });
             let mut total = 0;
-            total += out.push(
-                Kind::Text,
-                b"",
-                Bytes::from_static(b"{\"a\":1"),
-                b",\"last\":true}",
-            );
-            total += out.push(Kind::Binary, &[6], mid.clone(), b"");
-            total += out.push(Kind::Binary, b"", big.clone(), b"");
-            total += out.push(Kind::Ping, b"", Bytes::new(), b"");
-            total += out.push_close(CloseCode::Away, "bye");
+            total += out.push(Kind::Text, b"", Bytes::from_static(b"{\"a\":1"), Tail::Last);
+            total += out.push(Kind::Binary, &[6], mid.clone(), Tail::None);
+            total += out.push(Kind::Binary, b"", big.clone(), Tail::None);
+            total += out.push(Kind::Ping, b"", Bytes::new(), Tail::None);
+            total += out.push_close(Some(CloseCode::Away), "bye");
             assert_eq!(out.bytes(), total);
             assert_eq!(out.frames(), 5);
             out.flush().await.unwrap();
@@ -521,7 +476,7 @@ mod tests {
         });
         let body = Bytes::from_static(b"{\"seq\":1}");
         for _ in 0..32 {
-            out.push(Kind::Text, b"", body.clone(), b"");
+            out.push(Kind::Text, b"", body.clone(), Tail::None);
         }
         out.flush().await.unwrap();
         // 2 slices per frame, 96 per write: 64 slices, one write.
@@ -546,7 +501,7 @@ mod tests {
             stall: true,
         });
         for f in &frames {
-            out.push(Kind::Binary, b"", f.clone(), b"");
+            out.push(Kind::Binary, b"", f.clone(), Tail::None);
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut stops = 0;
@@ -563,15 +518,27 @@ mod tests {
     /// its ping is answered and its close replied to through [`Outbound`].
     #[tokio::test]
     async fn a_tungstenite_client_reads_what_is_sent_and_gets_its_replies() {
+        use tokio_tungstenite::WebSocketStream;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+
+        use crate::panels::inbound::ClientMessage;
+
         let (server, client) = tokio::io::duplex(64);
-        let (mut reader, mut out) = split(server, WebSocketConfig::default()).await;
+        let (mut reader, mut out) = split(server, InputPool::new(1), None);
         let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
 
-        out.push(Kind::Text, b"", Bytes::from_static(b"hello"), b" world");
-        out.push(Kind::Binary, &[6], Bytes::from_static(b"\x01\x02"), b"");
+        out.push(Kind::Text, b"", Bytes::from_static(b"hello"), Tail::None);
+        out.push(
+            Kind::Binary,
+            &[6],
+            Bytes::from_static(b"\x01\x02"),
+            Tail::None,
+        );
+        assert_eq!(out.control_bytes(), out.bytes());
         let (flushed, first) = tokio::join!(out.flush(), client.next());
         flushed.unwrap();
-        assert_eq!(first.unwrap().unwrap(), Message::text("hello world"));
+        assert_eq!(out.control_bytes(), 0);
+        assert_eq!(first.unwrap().unwrap(), Message::text("hello"));
         assert_eq!(
             client.next().await.unwrap().unwrap(),
             Message::binary(vec![6, 1, 2])
@@ -581,10 +548,10 @@ mod tests {
             .send(Message::Ping(Bytes::from_static(b"p1")))
             .await
             .unwrap();
-        let got = reader.next().await.unwrap().unwrap();
-        assert_eq!(got, Message::Ping(Bytes::from_static(b"p1")));
-        let reply = replies(&mut reader).await.expect("a pong is queued");
-        out.push_raw(reply);
+        let ClientMessage::Ping(payload) = reader.next().await.unwrap() else {
+            panic!("not a ping");
+        };
+        out.push(Kind::Pong, b"", payload, Tail::None);
         out.flush().await.unwrap();
         assert_eq!(
             client.next().await.unwrap().unwrap(),
@@ -592,11 +559,8 @@ mod tests {
         );
 
         client.send(Message::Close(None)).await.unwrap();
-        assert!(matches!(
-            reader.next().await,
-            Some(Ok(Message::Close(None)))
-        ));
-        out.push_raw(replies(&mut reader).await.expect("a close reply"));
+        assert_eq!(reader.next().await.unwrap(), ClientMessage::Close(None));
+        out.push_close(None, "");
         out.flush().await.unwrap();
         assert!(matches!(
             client.next().await,
