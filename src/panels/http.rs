@@ -194,7 +194,12 @@ where
                 return None;
             }
         };
-    let ws = super::socket::split(TokioIo::new(upgraded), server.input.clone(), Some(grant));
+    let ws = super::socket::split(
+        TokioIo::new(upgraded),
+        server.input.clone(),
+        Some(grant),
+        server.opts.grant_hold,
+    );
     let accepted = Accepted {
         params: up.params,
         slot: up.slot,

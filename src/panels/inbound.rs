@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
@@ -37,11 +37,6 @@ use crate::budget::MAX_CLIENT_FRAME;
 const MAX_HEAD: usize = 14;
 /// Largest control frame payload (§5.5).
 const MAX_CONTROL: usize = 125;
-
-/// How long a panel may hold a grant while other panels wait for one: a client that
-/// sends the rest of a frame slower than this, or does not read the replies to its op,
-/// is closed rather than keep others' ops waiting.
-pub(crate) const GRANT_HOLD: Duration = Duration::from_secs(10);
 
 /// The grants panels read their ops with: `grants` panels at once may hold a message
 /// being read and its replies (each [`crate::budget::INPUT_GRANT`] bytes at most).
@@ -107,6 +102,10 @@ pub(crate) enum ReadError {
     TooBig,
     #[error("text is not UTF-8")]
     Utf8,
+    /// A message read slower than the grant it holds may be held while the pool has
+    /// none free.
+    #[error("a message sent too slowly while other panels waited for the input pool")]
+    TooSlow,
 }
 
 impl ReadError {
@@ -118,6 +117,7 @@ impl ReadError {
             ReadError::Protocol(_) => Some(CloseCode::Protocol),
             ReadError::TooBig => Some(CloseCode::Size),
             ReadError::Utf8 => Some(CloseCode::Invalid),
+            ReadError::TooSlow => Some(CloseCode::Policy),
         }
     }
 }
@@ -152,14 +152,19 @@ pub(crate) struct Inbound<R> {
     grant: Option<Grant>,
     /// Waiting for a grant (boxed: needed only while the pool is empty).
     acquiring: Option<Acquiring>,
+    /// How long a grant may be held while the pool has none free, and the timer of
+    /// that for a message partly read (boxed: needed only while one is).
+    hold: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
     /// A close frame was read.
     closed: bool,
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     /// A reader that already holds `grant` (the panel's start: its hello and first
-    /// replies are paid by it) or none.
-    pub fn new(io: R, pool: InputPool, grant: Option<Grant>) -> Self {
+    /// replies are paid by it) or none. A message partly read under a grant held for
+    /// `hold` while the pool has none free is [`ReadError::TooSlow`].
+    pub fn new(io: R, pool: InputPool, grant: Option<Grant>, hold: Duration) -> Self {
         Inbound {
             io,
             pool,
@@ -171,6 +176,8 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
             kind: None,
             grant,
             acquiring: None,
+            hold,
+            timer: None,
             closed: false,
         }
     }
@@ -202,6 +209,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     pub fn release_grant(&mut self) {
         if !self.in_message() {
             self.grant = None;
+            self.timer = None;
         }
     }
 
@@ -210,8 +218,38 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    /// Read until a message is whole.
+    /// Read until a message is whole; while one is partly read, watch how long its
+    /// grant is held.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<ClientMessage, ReadError>> {
+        let r = self.poll_frames(cx);
+        if r.is_ready() || !self.in_message() {
+            return r;
+        }
+        let Some(mut since) = self.grant_since() else {
+            return r;
+        };
+        loop {
+            let due = since + self.hold;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
+            ready!(timer.as_mut().poll(cx));
+            if self.pool.available() == 0 {
+                return Poll::Ready(Err(ReadError::TooSlow));
+            }
+            // Grants to spare: nobody waits for this one; watch it from now.
+            self.renew_grant();
+            since = Instant::now();
+            if self.hold.is_zero() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_frames(&mut self, cx: &mut Context<'_>) -> Poll<Result<ClientMessage, ReadError>> {
         loop {
             if self.closed {
                 return Poll::Ready(Err(ReadError::Eof));
@@ -425,7 +463,7 @@ mod tests {
     async fn a_tungstenite_clients_messages_are_read() {
         let (server, client) = tokio::io::duplex(64);
         let pool = InputPool::new(1);
-        let mut rx = Inbound::new(server, pool.clone(), None);
+        let mut rx = Inbound::new(server, pool.clone(), None, Duration::from_secs(10));
         let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
         let big = "x".repeat(MAX_CLIENT_FRAME);
         let sent = [
@@ -500,7 +538,7 @@ mod tests {
 
     async fn read_bytes(bytes: Vec<u8>, chunk: usize) -> Result<ClientMessage, ReadError> {
         let (mut w, r) = tokio::io::duplex(16);
-        let mut rx = Inbound::new(r, InputPool::new(1), None);
+        let mut rx = Inbound::new(r, InputPool::new(1), None, Duration::from_secs(10));
         let write = async move {
             for c in bytes.chunks(chunk) {
                 if w.write_all(c).await.is_err() {
@@ -593,6 +631,7 @@ mod tests {
                     Err(ReadError::TooBig) => Err("size"),
                     Err(ReadError::Utf8) => Err("utf8"),
                     Err(ReadError::Eof) => Err("eof"),
+                    Err(ReadError::TooSlow) => Err("slow"),
                     Err(ReadError::Io(e)) => panic!("{what}: {e}"),
                 };
                 assert_eq!(got, want, "{what}, read {chunk} bytes at a time");
@@ -617,7 +656,7 @@ mod tests {
         let pool = InputPool::new(1);
         let held = pool.acquire().await;
         let (mut w, r) = tokio::io::duplex(1024);
-        let mut rx = Inbound::new(r, pool.clone(), None);
+        let mut rx = Inbound::new(r, pool.clone(), None, Duration::from_secs(10));
         w.write_all(&[frame(0x89, b"hi"), frame(0x81, b"{\"op\":\"ping\"}")].concat())
             .await
             .unwrap();
@@ -641,5 +680,32 @@ mod tests {
         assert_eq!(pool.available(), 0);
         rx.release_grant();
         assert_eq!(pool.available(), 1);
+    }
+
+    /// A message partly read holds its grant; past `hold`, with no grant free it is
+    /// [`ReadError::TooSlow`], with grants to spare it may take its time.
+    #[tokio::test]
+    async fn a_half_sent_message_is_too_slow_only_when_the_pool_is_empty() {
+        let hold = Duration::from_millis(200);
+        let op = frame(0x81, b"{\"op\":\"ping\"}");
+        for (grants, want_slow) in [(1, true), (2, false)] {
+            let pool = InputPool::new(grants);
+            let (mut w, r) = tokio::io::duplex(1024);
+            let mut rx = Inbound::new(r, pool.clone(), None, hold);
+            w.write_all(&op[..8]).await.unwrap();
+            let first = tokio::time::timeout(hold * 3, rx.next()).await;
+            if want_slow {
+                assert!(matches!(first, Ok(Err(ReadError::TooSlow))), "{first:?}");
+                continue;
+            }
+            assert!(first.is_err(), "{grants} grants: {first:?}");
+            assert_eq!(pool.available(), grants - 1);
+            w.write_all(&op[8..]).await.unwrap();
+            let m = rx.next().await.unwrap();
+            assert_eq!(
+                m,
+                ClientMessage::Text(Bytes::from_static(b"{\"op\":\"ping\"}"))
+            );
+        }
     }
 }

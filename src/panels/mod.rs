@@ -57,6 +57,9 @@ pub struct Options {
     pub close_linger: Duration,
     /// Events read from the journal per lock.
     pub batch: usize,
+    /// How long a panel may hold a grant of the input pool (an op read slowly, or its
+    /// replies not read) while other panels wait for one; then it is closed (1008).
+    pub grant_hold: Duration,
 }
 
 impl Default for Options {
@@ -68,6 +71,7 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(2),
             close_linger: Duration::from_secs(1),
             batch: 64,
+            grant_hold: Duration::from_secs(10),
         }
     }
 }

@@ -29,7 +29,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Options;
-use super::inbound::{ClientMessage, GRANT_HOLD, ReadError};
+use super::inbound::{ClientMessage, ReadError};
 use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter, shown_filter};
 use super::socket::{self, InputPool, Kind, Tail};
@@ -357,7 +357,9 @@ impl Session<'_> {
             }
             let room = self.out.control_bytes() < CONTROL_OWN / 2
                 && self.out.frames() < PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM;
-            let held_since = rx.grant_since();
+            // The reader watches a grant while its message is partly read; this, one
+            // whose replies are not written yet.
+            let held_since = rx.grant_since().filter(|_| !rx.in_message());
             tokio::select! {
                 biased;
                 _ = sd.recv() => return End::Close(CloseCode::Away, "server shutting down"),
@@ -379,15 +381,15 @@ impl Session<'_> {
                 }
                 // A grant held long (a frame sent slowly, replies not read) while other
                 // panels wait for one: this panel goes, the others get their turn.
-                _ = grant_deadline(held_since) => {
+                _ = grant_deadline(held_since, self.opts.grant_hold) => {
                     if self.ctx.input.available() > 0 {
                         rx.renew_grant();
                     } else {
                         self.ctx.metrics.panels_disconnected_input.inc();
                         log::info!(
-                            "panel {}: closed: it held a share of the panels' input pool for {GRANT_HOLD:?} ({}) while other panels waited",
+                            "panel {}: closed: the replies to its op were not read within {:?} while other panels waited for the input pool",
                             self.peer,
-                            if rx.in_message() { "a message sent too slowly" } else { "replies not read" }
+                            self.opts.grant_hold,
                         );
                         return End::Close(CloseCode::Policy, "input held too long");
                     }
@@ -706,6 +708,15 @@ impl Session<'_> {
                 self.out.push_close(code.map(CloseCode::from), "");
                 return Err(End::Replied);
             }
+            Err(ReadError::TooSlow) => {
+                self.ctx.metrics.panels_disconnected_input.inc();
+                log::info!(
+                    "panel {}: closed: its op was not sent whole within {:?} while other panels waited for the input pool",
+                    self.peer,
+                    self.opts.grant_hold
+                );
+                return Err(End::Close(CloseCode::Policy, "input held too long"));
+            }
             Err(e) => {
                 let Some(code) = e.close_code() else {
                     log::debug!("panel {}: read failed: {e}", self.peer);
@@ -791,10 +802,10 @@ fn encode(enc: Encoding, f: &Frame<'_>) -> (Kind, Bytes) {
     }
 }
 
-/// When a grant held since `since` has been held [`GRANT_HOLD`]; never without one.
-async fn grant_deadline(since: Option<Instant>) {
+/// When a grant held since `since` has been held for `hold`; never without one.
+async fn grant_deadline(since: Option<Instant>, hold: Duration) {
     match since {
-        Some(t) => tokio::time::sleep_until(t + GRANT_HOLD).await,
+        Some(t) => tokio::time::sleep_until(t + hold).await,
         None => std::future::pending().await,
     }
 }

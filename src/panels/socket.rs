@@ -33,17 +33,19 @@ const HEAD: usize = 11;
 const MAX_SLICES: usize = 96;
 
 /// Split an upgraded connection (the HTTP 101 already sent) into its reader, holding
-/// `grant` for the panel's first frames (or none), and its writer.
+/// `grant` for the panel's first frames (or none; `hold`: [`Inbound::new`]), and its
+/// writer.
 pub(crate) fn split<S>(
     io: S,
     pool: InputPool,
     grant: Option<Grant>,
+    hold: std::time::Duration,
 ) -> (Inbound<ReadHalf<S>>, Outbound<WriteHalf<S>>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (r, w) = tokio::io::split(io);
-    (Inbound::new(r, pool, grant), Outbound::new(w))
+    (Inbound::new(r, pool, grant, hold), Outbound::new(w))
 }
 
 /// The static bytes a frame's payload ends with, after its body.
@@ -524,7 +526,12 @@ mod tests {
         use crate::panels::inbound::ClientMessage;
 
         let (server, client) = tokio::io::duplex(64);
-        let (mut reader, mut out) = split(server, InputPool::new(1), None);
+        let (mut reader, mut out) = split(
+            server,
+            InputPool::new(1),
+            None,
+            std::time::Duration::from_secs(10),
+        );
         let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
 
         out.push(Kind::Text, b"", Bytes::from_static(b"hello"), Tail::None);

@@ -1170,3 +1170,122 @@ async fn a_close_followed_by_pings_still_gets_the_close_reply() {
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
 }
+
+/// Read raw server frames until a `{"type":"pong"}` (`Ok`) or a close frame (`Err` with
+/// its code), within 10 s.
+async fn pong_or_close(s: &mut TcpStream) -> Result<(), Option<u16>> {
+    let mut buf = Vec::new();
+    let t0 = Instant::now();
+    loop {
+        let frames = server_frames(&buf);
+        if frames
+            .iter()
+            .any(|f| f.0 == 0x1 && f.1 == br#"{"type":"pong"}"#)
+        {
+            return Ok(());
+        }
+        if frames.iter().any(|f| f.0 == 0x8) {
+            return Err(close_code(&frames));
+        }
+        let mut chunk = [0u8; 4096];
+        let left = T.saturating_sub(t0.elapsed());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            other => panic!("neither a pong nor a close: {other:?} after {frames:?}"),
+        }
+    }
+}
+
+/// Poll `cond` every 20 ms until it holds (at most 10 s).
+async fn wait_until_async<F: std::future::Future<Output = bool>>(mut cond: impl FnMut() -> F) {
+    let t0 = Instant::now();
+    while !cond().await {
+        assert!(t0.elapsed() < T, "condition not reached within {T:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `asbgw_panels_input_grants` from `/metrics`.
+async fn input_grants(addr: SocketAddr) -> u64 {
+    let resp = exchange(
+        addr,
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    resp.lines()
+        .find_map(|l| l.strip_prefix("asbgw_panels_input_grants "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no input grants gauge in {resp}"))
+}
+
+/// Ops are read with grants of a shared pool (`budget::INPUT_GRANTS`). A client that
+/// sends part of an op and stalls holds a grant; with grants to spare it is left alone,
+/// but once every grant is held, panels that held theirs `grant_hold` are closed (1008)
+/// so that the others' ops get their turn. Meanwhile the others' pings are answered:
+/// control frames need no grant.
+#[tokio::test]
+async fn clients_that_hold_the_input_pool_with_half_sent_ops_are_closed_when_others_wait() {
+    const GRANTS: usize = asb_gateway::budget::INPUT_GRANTS;
+    let ctx = ctx("");
+    let opts = Options {
+        grant_hold: Duration::from_secs(3),
+        ..Options::default()
+    };
+    let srv = start(ctx.clone(), opts).await;
+    let op = frame(true, 0x1, br#"{"op":"ping"}"#);
+    // The header (6 bytes) and 2 bytes of the payload, then a stall.
+    let (part, rest) = op.split_at(8);
+
+    // Alone, with grants to spare: held past grant_hold, and still served.
+    let mut alone = ws_raw::upgrade(srv.addr).await;
+    alone.write_all(part).await.unwrap();
+    wait_until_async(|| async { input_grants(srv.addr).await == 1 }).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    alone.write_all(rest).await.unwrap();
+    assert_eq!(pong_or_close(&mut alone).await, Ok(()));
+    assert_eq!(ctx.metrics.panels_disconnected_input.get(), 0);
+
+    let mut calm = connect(srv.addr, "").await;
+    assert_eq!(next_json(&mut calm).await["type"], "hello");
+    let mut hogs = Vec::new();
+    for _ in 0..GRANTS {
+        let mut s = ws_raw::upgrade(srv.addr).await;
+        s.write_all(part).await.unwrap();
+        hogs.push(s);
+    }
+    wait_until_async(|| async { input_grants(srv.addr).await == GRANTS as u64 }).await;
+    // Every grant held: a ping is still answered, and nobody was closed for it.
+    calm.send(Message::Ping(bytes::Bytes::from_static(b"p")))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(T, calm.next()).await.expect("a pong");
+    assert_eq!(
+        m.unwrap().unwrap(),
+        Message::Pong(bytes::Bytes::from_static(b"p"))
+    );
+    assert_eq!(ctx.metrics.panels_disconnected_input.get(), 0);
+    // An op waits for a grant: it is answered only after a hog was closed.
+    send_op(&mut calm, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut calm).await["type"], "pong");
+    assert!(ctx.metrics.panels_disconnected_input.get() >= 1);
+    // Each hog was closed with 1008, or (once grants were free again) kept and served.
+    let mut closed = 0;
+    for mut s in hogs {
+        let _ = s.write_all(rest).await;
+        match pong_or_close(&mut s).await {
+            Ok(()) => {}
+            Err(code) => {
+                assert_eq!(code, Some(1008));
+                closed += 1;
+            }
+        }
+    }
+    assert!(closed >= 1);
+    assert_eq!(
+        ctx.metrics.panels_disconnected_input.get(),
+        closed,
+        "closed hogs and the counter"
+    );
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
