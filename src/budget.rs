@@ -51,9 +51,18 @@ pub const INPUT_GRANT: usize =
 /// Grants in the input pool: panels that may read an op (or start) at once; the others
 /// wait their turn, their sockets unread.
 pub const INPUT_GRANTS: usize = 32;
-/// Per-panel state besides buffers: cursor, filters, the client-frame reader's header
-/// and control-frame bytes, the task.
-pub const PANEL_STATE: usize = 4 * 1024;
+/// Per-panel state besides buffers and filters: the task (cursor, the client-frame
+/// reader's header and control-frame bytes), the socket and its registration, the
+/// connection's slot. Measured at 3.8 KB in a dev build (`tests/mem_panels.rs`).
+pub const PANEL_TASK: usize = 4 * 1024;
+/// Per-panel state: [`PANEL_TASK`], [`MAX_FILTERS`] filters of the longest length, and
+/// the `Origin` and `Host` it keeps ([`PANEL_ADMISSION`]). `tests/mem_panels.rs` holds
+/// a panel with all of them within it.
+pub const PANEL_STATE: usize =
+    PANEL_TASK + MAX_FILTERS * std::mem::size_of::<crate::routing::Filter>() + PANEL_ADMISSION;
+/// Bytes of `Origin` lines and `Host` a panel keeps to check them again after a reload
+/// (part of [`PANEL_STATE`]); a request with more gets 431.
+pub const PANEL_ADMISSION: usize = 512;
 /// `SO_SNDBUF` asked for each panel socket (the kernel doubles it for bookkeeping).
 pub const PANEL_SNDBUF: usize = 8 * 1024;
 /// Most filters one panel may hold.

@@ -82,8 +82,50 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The tests share the allocator's counter: one at a time (`cargo test` runs them on
+/// threads of one process; nextest, in processes of their own).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn an_idle_panel_holds_a_few_kilobytes_of_heap() {
+    let per_panel = heap_per_panel("filter=line1/%23", &[]);
+    println!("{per_panel} B per idle panel (bound {IDLE_PANEL_HEAP} B)");
+    assert!(
+        per_panel <= IDLE_PANEL_HEAP,
+        "an idle panel holds {per_panel} B of heap (bound {IDLE_PANEL_HEAP} B)"
+    );
+}
+
+/// The budget's state per panel (`budget::PANEL_STATE`) covers the most a connected panel
+/// keeps besides its frame queue and control frames: 8 filters of the longest length,
+/// and the most `Origin` and `Host` it may keep (`budget::PANEL_ADMISSION`).
+#[test]
+fn a_panel_with_the_most_filters_and_headers_stays_within_the_budgets_state() {
+    let filter = |i: usize| format!("{i}/{}", "f".repeat(asb_gateway::routing::FILTER_MAX - 2));
+    let query: Vec<String> = (0..asb_gateway::budget::MAX_FILTERS)
+        .map(|i| format!("filter={}", filter(i)))
+        .collect();
+    // With the separator, the Origin line fills what a panel may keep.
+    let host_len = "127.0.0.1:65535".len();
+    let origin = format!(
+        "https://{}.example",
+        "o".repeat(asb_gateway::budget::PANEL_ADMISSION - host_len - 1 - 8 - 8)
+    );
+    let per_panel = heap_per_panel(&query.join("&"), &[("Origin", &origin)]);
+    let state = asb_gateway::budget::PANEL_STATE as i64;
+    println!("{per_panel} B per panel with 8 longest filters (state in the budget: {state} B)");
+    assert!(
+        per_panel <= state,
+        "such a panel holds {per_panel} B of heap (the budget counts {state} B of state)"
+    );
+}
+
+/// Live server heap per connected panel: one panel connects first (the server's own
+/// buffers and tables reach their size), then [`PANELS`] more with `query` and
+/// `headers`, each gets its `hello`; after a short settle the growth of the live heap
+/// divided by [`PANELS`].
+fn heap_per_panel(query: &str, headers: &[(&str, &str)]) -> i64 {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .on_thread_start(|| SERVER_THREAD.with(|f| f.set(true)))
@@ -114,8 +156,18 @@ fn an_idle_panel_holds_a_few_kilobytes_of_heap() {
         let mut tasks = Vec::new();
         for _ in 0..n {
             let hellos = hellos.clone();
+            let query = query.to_string();
+            let headers: Vec<(String, String)> = (headers.iter())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             tasks.push(client_rt.spawn(async move {
-                let mut ws = support::panels::connect(addr, "filter=line1/%23").await;
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let mut ws = support::panels::try_connect(addr, &query, None, &headers)
+                    .await
+                    .expect("connect");
                 while let Some(Ok(m)) = ws.next().await {
                     if let Message::Text(t) = m
                         && t.as_str().starts_with("{\"type\":\"hello\"")
@@ -144,8 +196,7 @@ fn an_idle_panel_holds_a_few_kilobytes_of_heap() {
     let after = LIVE.load(Relaxed);
     let per_panel = (after - before) / PANELS as i64;
     println!(
-        "live server heap: {before} B with 1 panel, {after} B with {} panels: \
-         {per_panel} B per idle panel (bound {IDLE_PANEL_HEAP} B)",
+        "live server heap: {before} B with 1 panel, {after} B with {} panels",
         PANELS + 1
     );
     assert_eq!(ctx.metrics.panels_connected.get(), PANELS as u64 + 1);
@@ -153,11 +204,6 @@ fn an_idle_panel_holds_a_few_kilobytes_of_heap() {
         per_panel > 0,
         "the counting allocator sees the server's threads"
     );
-    assert!(
-        per_panel <= IDLE_PANEL_HEAP,
-        "an idle panel holds {per_panel} B of heap (bound {IDLE_PANEL_HEAP} B)"
-    );
-
     trigger.fire();
     server_rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await })
@@ -169,4 +215,5 @@ fn an_idle_panel_holds_a_few_kilobytes_of_heap() {
     }
     client_rt.shutdown_timeout(Duration::from_secs(1));
     server_rt.shutdown_timeout(Duration::from_secs(1));
+    per_panel
 }

@@ -263,8 +263,10 @@ pub struct PanelToken {
     /// Written as 64 hex digits.
     #[serde(deserialize_with = "sha256_hex")]
     pub sha256: [u8; 32],
+    /// Shared by every panel admitted with the token (an `Arc`: a long list is not
+    /// copied per panel).
     #[serde(default = "allow_all")]
-    pub allow: Vec<Filter>,
+    pub allow: std::sync::Arc<[Filter]>,
 }
 
 impl std::fmt::Debug for PanelToken {
@@ -277,8 +279,8 @@ impl std::fmt::Debug for PanelToken {
     }
 }
 
-fn allow_all() -> Vec<Filter> {
-    vec![Filter::parse("#").expect("# is a filter")]
+fn allow_all() -> std::sync::Arc<[Filter]> {
+    std::sync::Arc::new([Filter::parse("#").expect("# is a filter")])
 }
 
 fn opt_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TokenDigest>, D::Error> {

@@ -183,17 +183,27 @@ where
     disarm.disarm();
     // The hello and the replies to the query are the panel's first op: they wait for a
     // grant of the input pool like any other.
-    let grant =
-        match tokio::time::timeout(server.opts.handshake_timeout, server.input.acquire()).await {
-            Ok(g) => g,
-            Err(_) => {
-                log::info!(
-                    "panel {peer}: dropped: no grant of the input pool within {:?}",
-                    server.opts.handshake_timeout
-                );
-                return None;
-            }
-        };
+    let wait = tokio::time::timeout(server.opts.handshake_timeout, server.input.acquire());
+    let grant = tokio::select! {
+        g = wait => g.ok(),
+        _ = sd.recv() => None,
+    };
+    let Some(grant) = grant else {
+        log::info!(
+            "panel {peer}: closed (1013, try again later): no grant of the input pool within {:?}",
+            server.opts.handshake_timeout
+        );
+        // 1013 (try again later, IANA WebSocket close codes), written at once if the
+        // socket takes it: a server frame, unmasked, with a 2-byte payload.
+        let mut io = TokioIo::new(upgraded);
+        let close = [0x88, 0x02, 0x03, 0xf5];
+        let _ = tokio::time::timeout(
+            server.opts.close_linger,
+            tokio::io::AsyncWriteExt::write_all(&mut io, &close),
+        )
+        .await;
+        return None;
+    };
     let ws = super::socket::split(
         TokioIo::new(upgraded),
         server.input.clone(),
@@ -388,7 +398,7 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
 }
 
 /// The filters a token allows (`None`: no tokens configured, all allowed).
-type Allowed = Option<Vec<crate::routing::Filter>>;
+type Allowed = Option<std::sync::Arc<[crate::routing::Filter]>>;
 
 /// What a request was admitted with: the filters its token allows, and what a reload
 /// checks again ([`Admission`]).
@@ -515,6 +525,20 @@ fn admit(
     let policy = server.policy();
     let origin = origin_lines(h);
     let host = header_str(h, header::HOST);
+    // A panel keeps these to check them again after a reload: a fixed room of its own.
+    let kept = Admission::kept_bytes(&origin, host);
+    if kept > budget::PANEL_ADMISSION {
+        return Err(Box::new(reject(
+            server,
+            RejectReason::BadRequest,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            peer,
+            format!(
+                "Origin and Host headers of {kept} bytes; at most {} are kept for a panel",
+                budget::PANEL_ADMISSION
+            ),
+        )));
+    }
     if let Some(origin) = policy::origin_refused(&policy, &origin, host) {
         let origin = crate::redact::peer_text(origin);
         return Err(Box::new(reject(
@@ -542,11 +566,7 @@ fn admit(
         return Err(Box::new(r));
     }
     let (allow, token) = authorize(server, &policy, h, &query, peer)?;
-    let admission = Admission::new(
-        token.as_deref(),
-        origin.iter().map(|o| o.to_string()).collect(),
-        host.map(String::from),
-    );
+    let admission = Admission::new(token.as_deref(), &origin, host);
     Ok(Admitted {
         query,
         allow,
@@ -590,7 +610,10 @@ fn last_values(server: &Arc<Server>, req: &Request<Incoming>, peer: SocketAddr) 
     let filters = if !query.filters.is_empty() {
         query.filters
     } else {
-        allow.unwrap_or_else(|| vec![crate::routing::Filter::parse("#").expect("'#' is a filter")])
+        allow.map_or_else(
+            || vec![crate::routing::Filter::parse("#").expect("'#' is a filter")],
+            |a| a.to_vec(),
+        )
     };
     let journal = server.journal.clone();
     let upto = journal.latest();

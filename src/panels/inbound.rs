@@ -220,13 +220,25 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
 
     /// Read until a message is whole; while one is partly read, watch how long its
     /// grant is held.
+    ///
+    /// The hold is checked whatever the frames bring: a client that streams pings inside
+    /// a fragmented message it never finishes is as slow as one that sends nothing.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<ClientMessage, ReadError>> {
         let r = self.poll_frames(cx);
-        if r.is_ready() || !self.in_message() {
+        if !self.in_message() {
             return r;
         }
+        match self.poll_held_too_long(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(ReadError::TooSlow)),
+            Poll::Pending => r,
+        }
+    }
+
+    /// Ready once the grant has been held for `hold` while the pool has none free;
+    /// with grants to spare, the hold starts again.
+    pub fn poll_held_too_long(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(mut since) = self.grant_since() else {
-            return r;
+            return Poll::Pending;
         };
         loop {
             let due = since + self.hold;
@@ -238,7 +250,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
             }
             ready!(timer.as_mut().poll(cx));
             if self.pool.available() == 0 {
-                return Poll::Ready(Err(ReadError::TooSlow));
+                return Poll::Ready(());
             }
             // Grants to spare: nobody waits for this one; watch it from now.
             self.renew_grant();
@@ -263,8 +275,14 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
                 ready!(self.poll_grant(cx))?;
             }
             if data && self.message.len() < f.start + f.len {
-                // Exactly what the message needs (at most 4 KiB), paid by the grant.
-                self.message.reserve_exact(f.len);
+                // Paid by the grant: exactly the payload of an unfragmented message; for
+                // a fragmented one its most at once (no reallocation per fragment).
+                let room = if f.fin && f.start == 0 {
+                    f.len
+                } else {
+                    MAX_CLIENT_FRAME
+                };
+                self.message.reserve_exact(room - self.message.len());
                 self.message.resize(f.start + f.len, 0);
             }
             while f.done < f.len {
@@ -707,5 +725,28 @@ mod tests {
                 ClientMessage::Text(Bytes::from_static(b"{\"op\":\"ping\"}"))
             );
         }
+    }
+
+    /// Pings streamed inside a fragmented message that is never finished do not keep
+    /// its grant: every message the reader returns is checked against the hold.
+    #[tokio::test]
+    async fn pings_inside_an_unfinished_message_do_not_keep_its_grant() {
+        let hold = Duration::from_millis(200);
+        let pool = InputPool::new(1);
+        let (mut w, r) = tokio::io::duplex(4096);
+        let mut rx = Inbound::new(r, pool.clone(), None, hold);
+        w.write_all(&frame(0x01, b"{\"op\"")).await.unwrap();
+        let t0 = Instant::now();
+        loop {
+            assert!(t0.elapsed() < hold * 20, "the grant was kept");
+            w.write_all(&frame(0x89, b"x")).await.unwrap();
+            match rx.next().await {
+                Ok(ClientMessage::Ping(_)) => {}
+                Err(ReadError::TooSlow) => break,
+                other => panic!("{other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(t0.elapsed() >= hold);
     }
 }

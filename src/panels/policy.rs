@@ -58,19 +58,26 @@ pub(crate) type Withdrawn = &'static str;
 pub(crate) struct Admission {
     /// SHA-256 of the token it presented (`None`: none presented).
     pub token: Option<TokenDigest>,
-    /// Its `Origin` header lines (empty: not a browser).
-    pub origin: Vec<String>,
+    /// Its `Origin` header lines, joined by `\n` (empty: not a browser). One allocation
+    /// of their length: together with `host` at most `budget::PANEL_ADMISSION` bytes.
+    pub origin: Box<str>,
     /// Its `Host` header (the built-in page's own origin is always allowed).
-    pub host: Option<String>,
+    pub host: Option<Box<str>>,
 }
 
 impl Admission {
-    pub fn new(presented: Option<&str>, origin: Vec<String>, host: Option<String>) -> Self {
+    pub fn new(presented: Option<&str>, origin: &[&str], host: Option<&str>) -> Self {
         Admission {
             token: presented.map(|t| TokenDigest(Sha256::digest(t.as_bytes()).into())),
-            origin,
-            host,
+            origin: origin.join("\n").into(),
+            host: host.map(Box::from),
         }
+    }
+
+    /// Bytes of `Origin` lines and `Host` a panel admitted with `origin` and `host`
+    /// keeps (one separator per line).
+    pub fn kept_bytes(origin: &[&str], host: Option<&str>) -> usize {
+        origin.iter().map(|o| o.len() + 1).sum::<usize>() + host.map_or(0, str::len)
     }
 
     /// Check the panel against `policy`: the filters its token allows now (`None`:
@@ -79,11 +86,15 @@ impl Admission {
         &self,
         policy: &PanelPolicy,
         filters: impl IntoIterator<Item = &'f Filter>,
-    ) -> Result<Option<Vec<Filter>>, Withdrawn> {
+    ) -> Result<Option<std::sync::Arc<[Filter]>>, Withdrawn> {
         if host_refused(&policy.server_names, self.host.as_deref()).is_some() {
             return Err("host no longer in panels.server_names");
         }
-        let lines: Vec<&str> = self.origin.iter().map(String::as_str).collect();
+        let lines: Vec<&str> = if self.origin.is_empty() {
+            Vec::new()
+        } else {
+            self.origin.split('\n').collect()
+        };
         if origin_refused(policy, &lines, self.host.as_deref()).is_some() {
             return Err("origin no longer allowed");
         }
@@ -288,17 +299,17 @@ mod tests {
     #[test]
     fn a_reload_keeps_revokes_or_narrows() {
         let f = |s: &str| Filter::parse(s).unwrap();
-        let a = Admission::new(Some("s1"), vec![], None);
+        let a = Admission::new(Some("s1"), &[], None);
         let line1 = [f("line1/#")];
         let before = policy(vec![token("t", "s1", &["line1/#"])], &[]);
         assert_eq!(
             a.recheck(&before, &line1),
-            Ok(Some(vec![f("line1/#")])),
+            Ok(Some(vec![f("line1/#")].into())),
             "unchanged"
         );
         // The same token, renamed and widened: kept, with the new filters.
         let wider = policy(vec![token("renamed", "s1", &["#"])], &[]);
-        assert_eq!(a.recheck(&wider, &line1), Ok(Some(vec![f("#")])));
+        assert_eq!(a.recheck(&wider, &line1), Ok(Some(vec![f("#")].into())));
         // Gone, or no longer allowing line1: withdrawn.
         let gone = policy(vec![token("t", "s2", &["#"])], &[]);
         assert_eq!(a.recheck(&gone, &line1), Err("token revoked"));
@@ -310,18 +321,14 @@ mod tests {
         // Tokens removed altogether: open.
         assert_eq!(a.recheck(&policy(vec![], &[]), &line1), Ok(None));
         // A panel that came without a token while the port was open.
-        let anon = Admission::new(None, vec![], None);
+        let anon = Admission::new(None, &[], None);
         assert_eq!(anon.recheck(&before, &line1), Err("token revoked"));
     }
 
     #[test]
     fn origins_are_checked_again() {
         let f = [Filter::parse("#").unwrap()];
-        let a = Admission::new(
-            None,
-            vec!["https://hmi.plant".into()],
-            Some("gw:8080".into()),
-        );
+        let a = Admission::new(None, &["https://hmi.plant"], Some("gw:8080"));
         assert!(a.recheck(&policy(vec![], &[]), &f).is_ok());
         assert!(
             a.recheck(&policy(vec![], &["https://hmi.plant"]), &f)
@@ -331,8 +338,14 @@ mod tests {
             a.recheck(&policy(vec![], &["https://other.plant"]), &f),
             Err("origin no longer allowed")
         );
+        // Two Origin lines are kept as two: each must still be allowed.
+        let two = Admission::new(None, &["https://hmi.plant", "https://b.plant"], None);
+        let only_one = policy(vec![], &["https://hmi.plant"]);
+        assert_eq!(two.recheck(&only_one, &f), Err("origin no longer allowed"));
+        let both = policy(vec![], &["https://hmi.plant", "https://b.plant"]);
+        assert!(two.recheck(&both, &f).is_ok());
         // A client without Origin (not a browser) is never refused for it.
-        let cli = Admission::new(None, vec![], None);
+        let cli = Admission::new(None, &[], None);
         assert!(cli.recheck(&policy(vec![], &["https://x"]), &f).is_ok());
         // A name the box no longer answers to.
         let mut p = policy(vec![], &[]);

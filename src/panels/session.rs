@@ -64,8 +64,8 @@ pub(crate) struct Params {
     pub since: Option<Since>,
     /// `last=true`: the last values first.
     pub last: bool,
-    /// The matched token's allowed filters (`None` = open).
-    pub allow: Option<Vec<Filter>>,
+    /// The matched token's allowed filters (`None` = open), shared with the policy.
+    pub allow: Option<Arc<[Filter]>>,
     /// What it was admitted with, checked again when the policy changes.
     pub admission: Admission,
     pub peer: std::net::SocketAddr,
@@ -101,7 +101,7 @@ struct Session<'a> {
     peer: std::net::SocketAddr,
     opts: &'a Options,
     enc: Encoding,
-    allow: Option<Vec<Filter>>,
+    allow: Option<Arc<[Filter]>>,
     /// At most [`MAX_FILTERS`]; on the heap, sized to the filters held (a filter is
     /// ~260 B, and most panels hold one or two).
     filters: Vec<Filter>,
@@ -257,7 +257,7 @@ impl Session<'_> {
         let requested = if requested.is_empty() {
             // The default: everything the token allows ("#" when open).
             match &self.allow {
-                Some(allow) => allow.clone(),
+                Some(allow) => allow.to_vec(),
                 None => vec![Filter::parse("#").expect("'#' is a valid filter")],
             }
         } else {
@@ -324,6 +324,8 @@ impl Session<'_> {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
+            // Before a pump, which may queue a gap of the panel's own.
+            self.release_grant(rx);
             if !self.flushing {
                 if self.unread
                     && let Err(end) = self.pump()
@@ -346,20 +348,16 @@ impl Session<'_> {
                     }
                 }
             }
+            self.release_grant(rx);
             // Client input is read only while there is room for a reply, so a client
             // that floods ops and does not read gets TCP back-pressure, not memory. The
             // room is above what a pump fills: a panel that is behind still has its
             // pings and ops answered between flushes.
-            // A grant pays for an op's replies until they are written.
-            if rx.grant_since().is_some() && self.out.control_bytes() == 0 {
-                rx.release_grant();
-                self.out.shrink();
-            }
             let room = self.out.control_bytes() < CONTROL_OWN / 2
                 && self.out.frames() < PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM;
-            // The reader watches a grant while its message is partly read; this, one
-            // whose replies are not written yet.
-            let held_since = rx.grant_since().filter(|_| !rx.in_message());
+            // The reader watches a grant while it reads; this, while it is not read
+            // (no room) or its op's replies are not written.
+            let held_since = rx.grant_since();
             tokio::select! {
                 biased;
                 _ = sd.recv() => return End::Close(CloseCode::Away, "server shutting down"),
@@ -382,16 +380,12 @@ impl Session<'_> {
                 // A grant held long (a frame sent slowly, replies not read) while other
                 // panels wait for one: this panel goes, the others get their turn.
                 _ = grant_deadline(held_since, self.opts.grant_hold) => {
-                    if self.ctx.input.available() > 0 {
+                    // The reader may have started the hold again meanwhile.
+                    let due = rx.grant_since().is_some_and(|t| t + self.opts.grant_hold <= Instant::now());
+                    if due && self.ctx.input.available() > 0 {
                         rx.renew_grant();
-                    } else {
-                        self.ctx.metrics.panels_disconnected_input.inc();
-                        log::info!(
-                            "panel {}: closed: the replies to its op were not read within {:?} while other panels waited for the input pool",
-                            self.peer,
-                            self.opts.grant_hold,
-                        );
-                        return End::Close(CloseCode::Policy, "input held too long");
+                    } else if due {
+                        return self.held_too_long(rx.in_message());
                     }
                 }
                 // After client input: a flush that is ready at once every time (a long
@@ -430,6 +424,31 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Give the input pool's grant back once the replies it paid for are written.
+    fn release_grant(&mut self, rx: &mut Reader) {
+        if rx.grant_since().is_some() && self.out.control_bytes() == 0 {
+            rx.release_grant();
+            self.out.shrink();
+        }
+    }
+
+    /// The panel held a grant of the input pool `grant_hold` while the pool had none
+    /// free: it goes (1008), so that the others' ops get their turn.
+    fn held_too_long(&self, in_message: bool) -> End {
+        self.ctx.metrics.panels_disconnected_input.inc();
+        log::info!(
+            "panel {}: closed: {} within {:?} while the panels' input pool had no grant free",
+            self.peer,
+            if in_message {
+                "its op was not sent whole"
+            } else {
+                "the replies to its op were not read"
+            },
+            self.opts.grant_hold,
+        );
+        End::Close(CloseCode::Policy, "input held too long")
     }
 
     /// Pay from the shared pool for the queued frames the journal has evicted; when the
@@ -532,9 +551,12 @@ impl Session<'_> {
         let j = self.ctx.journal.clone();
         let mut sent = 0u64;
         let (mut age, mut delay) = (Observations::default(), Observations::default());
+        // At most one gap per pump: the panel's own room for control frames counts one.
+        let mut gapped = false;
         let result = loop {
             self.batch.clear();
             if let Some(gap) = j.read(&mut self.cursor, &mut self.batch, self.opts.batch) {
+                gapped = true;
                 let m = &self.ctx.metrics;
                 let policy = match gap.kind {
                     // Lost in a crash: nobody could have read them; not the panel's fault.
@@ -592,6 +614,11 @@ impl Session<'_> {
                 sent += 1;
             }
             if full {
+                break Ok(());
+            }
+            if gapped {
+                // The rest after a flush (a next gap, if any, in the next pump).
+                self.unread = true;
                 break Ok(());
             }
         };
@@ -708,15 +735,7 @@ impl Session<'_> {
                 self.out.push_close(code.map(CloseCode::from), "");
                 return Err(End::Replied);
             }
-            Err(ReadError::TooSlow) => {
-                self.ctx.metrics.panels_disconnected_input.inc();
-                log::info!(
-                    "panel {}: closed: its op was not sent whole within {:?} while other panels waited for the input pool",
-                    self.peer,
-                    self.opts.grant_hold
-                );
-                return Err(End::Close(CloseCode::Policy, "input held too long"));
-            }
+            Err(ReadError::TooSlow) => return Err(self.held_too_long(true)),
             Err(e) => {
                 let Some(code) = e.close_code() else {
                     log::debug!("panel {}: read failed: {e}", self.peer);

@@ -27,6 +27,9 @@ use crate::held::{HeldPool, Mark};
 /// Longest server frame header (2 bytes, plus 8 for a 64-bit payload length; a server
 /// never masks) plus one byte of payload prefix.
 const HEAD: usize = 11;
+/// What a control frame's payload costs besides its bytes: it is an allocation of its
+/// own (the allocator's smallest chunk is 32 B; larger ones round up by 16).
+const CONTROL_ALLOC: usize = 32;
 /// Most slices in one vectored write: up to 3 per frame (header, body, tail). Linux
 /// allows 1024 (`IOV_MAX`); 96 covers a flush of 32 events, 48 without a tail (a
 /// larger flush takes one more write).
@@ -110,7 +113,8 @@ pub(crate) struct Outbound<W> {
     written: usize,
     /// Wire bytes queued (including what of the front frame was written).
     bytes: usize,
-    /// Wire bytes of the control frames queued (those without a mark).
+    /// Bytes of the control frames queued (those without a mark), each with
+    /// [`CONTROL_ALLOC`].
     control: usize,
 }
 
@@ -144,8 +148,9 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         self.bytes
     }
 
-    /// Wire bytes of control frames queued: what the session made itself (hello, error,
-    /// pong, gap, ping, close), not the journal's events.
+    /// Bytes of control frames queued: what the session made itself (hello, error, pong,
+    /// gap, ping, close), not the journal's events; each frame's wire bytes and
+    /// [`CONTROL_ALLOC`] for its allocation.
     pub fn control_bytes(&self) -> usize {
         self.control
     }
@@ -248,7 +253,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         let len = frame.len();
         self.bytes += len;
         if frame.mark.is_none() {
-            self.control += len;
+            self.control += len + CONTROL_ALLOC;
         }
         self.grow();
         self.queue.push_back(frame);
@@ -322,7 +327,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             n -= len;
             self.bytes -= len;
             if f.mark.is_none() {
-                self.control -= len;
+                self.control -= len + CONTROL_ALLOC;
             }
             self.queue.pop_front();
         }
@@ -541,7 +546,7 @@ mod tests {
             Bytes::from_static(b"\x01\x02"),
             Tail::None,
         );
-        assert_eq!(out.control_bytes(), out.bytes());
+        assert_eq!(out.control_bytes(), out.bytes() + 2 * CONTROL_ALLOC);
         let (flushed, first) = tokio::join!(out.flush(), client.next());
         flushed.unwrap();
         assert_eq!(out.control_bytes(), 0);

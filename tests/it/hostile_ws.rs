@@ -1289,3 +1289,42 @@ async fn clients_that_hold_the_input_pool_with_half_sent_ops_are_closed_when_oth
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
 }
+
+/// What a panel keeps of its request to check again after a reload (its `Origin` lines
+/// and `Host`) is bounded: past `budget::PANEL_ADMISSION` bytes, one long line or many
+/// short ones, the upgrade gets 431 and nothing is kept.
+#[tokio::test]
+async fn origin_and_host_a_panel_keeps_are_bounded() {
+    const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let host = srv.addr.to_string();
+    let base = [
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        KEY,
+        "Sec-WebSocket-Version: 13",
+    ];
+    let upgrade_with = |extra: Vec<String>| {
+        let host = host.clone();
+        async move {
+            let mut lines: Vec<&str> = base.to_vec();
+            lines.extend(extra.iter().map(String::as_str));
+            upgrade(srv.addr, &host, &lines).await.0
+        }
+    };
+    let long = format!("Origin: https://{}.example", "a".repeat(1100));
+    assert_eq!(upgrade_with(vec![long]).await, 431);
+    let many: Vec<String> = (0..60)
+        .map(|i| format!("Origin: https://hmi{i}.example"))
+        .collect();
+    assert_eq!(upgrade_with(many).await, 431);
+    let long_host = format!("{}.example", "h".repeat(1100));
+    let (status, _) = upgrade(srv.addr, &long_host, &base).await;
+    assert_eq!(status, 431);
+    // An ordinary browser request is not refused for it.
+    let one = vec!["Origin: https://hmi.example:8443".to_string()];
+    assert_eq!(upgrade_with(one).await, 101);
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
