@@ -308,8 +308,7 @@ fn route(
             m.last_values_bytes.set(last.outside_bytes as u64);
             m.last_values_evicted.set(last.evicted);
             m.panels_held_bytes.set(server.held.used() as u64);
-            m.panels_input_grants
-                .set((budget::INPUT_GRANTS - server.input.available()) as u64);
+            m.panels_input_grants.set(server.input.held() as u64);
             response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -42,11 +42,16 @@ const MAX_CONTROL: usize = 125;
 /// being read and its replies (each [`crate::budget::INPUT_GRANT`] bytes at most).
 /// Waiters are served in order (tokio's semaphore is fair).
 #[derive(Clone, Debug)]
-pub(crate) struct InputPool(Arc<Semaphore>);
+pub(crate) struct InputPool(Arc<Semaphore>, usize);
 
 impl InputPool {
     pub fn new(grants: usize) -> Self {
-        InputPool(Arc::new(Semaphore::new(grants)))
+        InputPool(Arc::new(Semaphore::new(grants)), grants)
+    }
+
+    /// Grants held now.
+    pub fn held(&self) -> usize {
+        self.1 - self.available()
     }
 
     /// Grants not held now.

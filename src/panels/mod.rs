@@ -60,6 +60,9 @@ pub struct Options {
     /// How long a panel may hold a grant of the input pool (an op read slowly, or its
     /// replies not read) while other panels wait for one; then it is closed (1008).
     pub grant_hold: Duration,
+    /// Grants in the input pool (`budget::INPUT_GRANTS`, which the budget counts; tests
+    /// use fewer).
+    pub input_grants: usize,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
             close_linger: Duration::from_secs(1),
             batch: 64,
             grant_hold: Duration::from_secs(10),
+            input_grants: budget::INPUT_GRANTS,
         }
     }
 }
@@ -287,6 +291,7 @@ impl Server {
     ) -> Self {
         let pool = budget::held_pool_for(settings.policy.max_panels, settings.held_queue);
         let held = Arc::new(crate::held::HeldPool::new(pool));
+        let input = inbound::InputPool::new(opts.input_grants.min(budget::INPUT_GRANTS));
         Server {
             journal,
             metrics,
@@ -294,7 +299,7 @@ impl Server {
             settings,
             opts,
             panels: AtomicUsize::new(0),
-            input: inbound::InputPool::new(budget::INPUT_GRANTS),
+            input,
             throttle: throttle::Throttle::default(),
             held,
         }

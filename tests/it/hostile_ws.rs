@@ -1328,3 +1328,50 @@ async fn origin_and_host_a_panel_keeps_are_bounded() {
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
 }
+
+/// A panel that sent an op and does not read (its socket full of events, the reply
+/// queued behind them) keeps its grant of the input pool; once it has held it
+/// `grant_hold` with none free, it is closed, and the op another panel was waiting to
+/// send is answered. (One grant here, so one such panel fills the pool.)
+#[tokio::test]
+async fn a_panel_that_does_not_read_the_reply_to_its_op_gives_its_grant_up() {
+    let ctx = ctx("");
+    let opts = Options {
+        grant_hold: Duration::from_secs(1),
+        input_grants: 1,
+        ..Options::default()
+    };
+    let srv = start(ctx.clone(), opts).await;
+    let mut calm = connect(srv.addr, "filter=calm/%23").await;
+    assert_eq!(next_json(&mut calm).await["type"], "hello");
+    // A client with a small receive window that never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stalled = sock.connect(srv.addr).await.unwrap();
+    let mut stalled = ws_raw::upgrade_stream(stalled, srv.addr).await;
+    // Fill its socket: events until the server has sent what the kernel takes.
+    let body = format!("\"{}\"", "x".repeat(4000));
+    for _ in 0..200 {
+        append(&ctx, "busy/x", &body);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stalled
+        .write_all(&frame(true, 0x1, br#"{"op":"ping"}"#))
+        .await
+        .unwrap();
+    wait_until_async(|| async { input_grants(srv.addr).await == 1 }).await;
+    // The calm panel's op waits for the one grant, and is answered once the stalled
+    // panel has held it a second.
+    let t0 = Instant::now();
+    send_op(&mut calm, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut calm).await["type"], "pong");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(ctx.metrics.panels_disconnected_input.get(), 1);
+    drop(stalled);
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
