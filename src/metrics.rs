@@ -595,7 +595,7 @@ metrics! {
     panels_input_grants: Gauge => "panels_input_grants",
         "Grants of the panels' input pool held now (an op being read or its replies unwritten).";
     panels_disconnected_input: Counter => "panels_disconnected_input_total",
-        "Panels closed for holding an input grant 10 s (a frame sent too slowly, or replies not read) while other panels waited.";
+        "Panels closed for holding a grant of the input pool 10 s (a frame sent too slowly, or replies not read) while none was free.";
     // mirror
     mqtt_published: Counter => "mqtt_published_total", "Events published to MQTT.";
     mqtt_acked: Counter => "mqtt_acked_total", "MQTT publishes acknowledged by the broker.";

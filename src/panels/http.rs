@@ -185,24 +185,12 @@ where
     // grant of the input pool like any other.
     let wait = tokio::time::timeout(server.opts.handshake_timeout, server.input.acquire());
     let grant = tokio::select! {
-        g = wait => g.ok(),
-        _ = sd.recv() => None,
+        g = wait => g.map_err(|_| 1013u16),
+        _ = sd.recv() => Err(1001),
     };
-    let Some(grant) = grant else {
-        log::info!(
-            "panel {peer}: closed (1013, try again later): no grant of the input pool within {:?}",
-            server.opts.handshake_timeout
-        );
-        // 1013 (try again later, IANA WebSocket close codes), written at once if the
-        // socket takes it: a server frame, unmasked, with a 2-byte payload.
-        let mut io = TokioIo::new(upgraded);
-        let close = [0x88, 0x02, 0x03, 0xf5];
-        let _ = tokio::time::timeout(
-            server.opts.close_linger,
-            tokio::io::AsyncWriteExt::write_all(&mut io, &close),
-        )
-        .await;
-        return None;
+    let grant = match grant {
+        Ok(g) => g,
+        Err(code) => return refuse_upgraded(server, upgraded, peer, code).await,
     };
     let ws = super::socket::split(
         TokioIo::new(upgraded),
@@ -215,6 +203,33 @@ where
         slot: up.slot,
     };
     Some((accepted, ws))
+}
+
+/// Close an upgraded connection before its session starts: 1001 (going away: the
+/// server is shutting down) or 1013 (try again later: no grant of the input pool came
+/// within the handshake timeout; IANA WebSocket close codes). The close frame is written
+/// at once if the socket takes it: a server frame, unmasked, with a 2-byte payload.
+async fn refuse_upgraded(
+    server: &Server,
+    upgraded: hyper::upgrade::Upgraded,
+    peer: SocketAddr,
+    code: u16,
+) -> Option<(Accepted, (session::Reader, session::Writer))> {
+    if code == 1013 {
+        log::info!(
+            "panel {peer}: closed (1013, try again later): no grant of the input pool within {:?}",
+            server.opts.handshake_timeout
+        );
+    }
+    let mut io = TokioIo::new(upgraded);
+    let [hi, lo] = code.to_be_bytes();
+    let close = [0x88, 0x02, hi, lo];
+    let _ = tokio::time::timeout(
+        server.opts.close_linger,
+        tokio::io::AsyncWriteExt::write_all(&mut io, &close),
+    )
+    .await;
+    None
 }
 
 fn route(
@@ -512,8 +527,9 @@ fn metrics_refused(server: &Server, h: &HeaderMap, peer: SocketAddr) -> Option<R
     }
 }
 
-/// The checks `/v1/stream` and `/v1/last` share, in order: the `Origin` (403), the
-/// query (400), the address not blocked for failed logins (429), the token (401).
+/// The checks `/v1/stream` and `/v1/last` share, in order: the size of the `Origin`
+/// lines and `Host` a panel would keep (431), the `Origin` (403), the query (400), the
+/// address not blocked for failed logins (429), the token (401).
 /// Returns the query and the filters the token allows (`None`: open).
 fn admit(
     server: &Server,

@@ -42,26 +42,32 @@ const MAX_CONTROL: usize = 125;
 /// being read and its replies (each [`crate::budget::INPUT_GRANT`] bytes at most).
 /// Waiters are served in order (tokio's semaphore is fair).
 #[derive(Clone, Debug)]
-pub(crate) struct InputPool(Arc<Semaphore>, usize);
+pub(crate) struct InputPool {
+    semaphore: Arc<Semaphore>,
+    grants: usize,
+}
 
 impl InputPool {
     pub fn new(grants: usize) -> Self {
-        InputPool(Arc::new(Semaphore::new(grants)), grants)
+        InputPool {
+            semaphore: Arc::new(Semaphore::new(grants)),
+            grants,
+        }
     }
 
     /// Grants held now.
     pub fn held(&self) -> usize {
-        self.1 - self.available()
+        self.grants - self.available()
     }
 
     /// Grants not held now.
     pub fn available(&self) -> usize {
-        self.0.available_permits()
+        self.semaphore.available_permits()
     }
 
     /// Wait for a grant.
     pub async fn acquire(&self) -> Grant {
-        let permit = self.0.clone().acquire_owned().await;
+        let permit = self.semaphore.clone().acquire_owned().await;
         Grant::new(permit.expect("the pool's semaphore is never closed"))
     }
 }
@@ -378,14 +384,14 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     fn poll_grant(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ReadError>> {
         let waiting = match &mut self.acquiring {
             Some(w) => w,
-            None => match self.pool.0.clone().try_acquire_owned() {
+            None => match self.pool.semaphore.clone().try_acquire_owned() {
                 Ok(p) => {
                     self.grant = Some(Grant::new(p));
                     return Poll::Ready(Ok(()));
                 }
                 Err(_) => self
                     .acquiring
-                    .insert(Box::pin(self.pool.0.clone().acquire_owned())),
+                    .insert(Box::pin(self.pool.semaphore.clone().acquire_owned())),
             },
         };
         let permit = ready!(waiting.as_mut().poll(cx));

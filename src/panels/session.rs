@@ -369,14 +369,8 @@ impl Session<'_> {
                         return end;
                     }
                 }
-                m = rx.next(), if room => {
-                    last_heard = Instant::now();
-                    // An op may have changed the filters or asked for the last values.
-                    self.unread = true;
-                    if let Err(end) = self.on_message(m) {
-                        return end;
-                    }
-                }
+                // Before input: a client that keeps its socket full (pongs need no reply)
+                // must not keep these from ever being polled.
                 // A grant held long (a frame sent slowly, replies not read) while other
                 // panels wait for one: this panel goes, the others get their turn.
                 _ = grant_deadline(held_since, self.opts.grant_hold) => {
@@ -388,15 +382,6 @@ impl Session<'_> {
                         return self.held_too_long(rx.in_message());
                     }
                 }
-                // After client input: a flush that is ready at once every time (a long
-                // catch-up) must not leave pongs and ops unread.
-                r = self.out.flush(), if self.flushing => {
-                    if let Err(e) = r {
-                        log::debug!("panel {}: write failed: {e}", self.peer);
-                        return End::Gone;
-                    }
-                    self.flushing = false;
-                }
                 // A flush that waits while the journal turns: pay for what it holds of
                 // evicted events.
                 r = evictions.changed(), if self.flushing => {
@@ -406,6 +391,23 @@ impl Session<'_> {
                     if let Err(end) = self.pay_evicted() {
                         return end;
                     }
+                }
+                m = rx.next(), if room => {
+                    last_heard = Instant::now();
+                    // An op may have changed the filters or asked for the last values.
+                    self.unread = true;
+                    if let Err(end) = self.on_message(m) {
+                        return end;
+                    }
+                }
+                // After client input: a flush that is ready at once every time (a long
+                // catch-up) must not leave pongs and ops unread.
+                r = self.out.flush(), if self.flushing => {
+                    if let Err(e) = r {
+                        log::debug!("panel {}: write failed: {e}", self.peer);
+                        return End::Gone;
+                    }
+                    self.flushing = false;
                 }
                 // Not flushing means caught up: wait for the next append.
                 r = notify.changed(), if !self.flushing => {

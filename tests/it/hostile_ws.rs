@@ -1330,10 +1330,12 @@ async fn origin_and_host_a_panel_keeps_are_bounded() {
 }
 
 /// A panel that sent an op and does not read (its socket full of events, the reply
-/// queued behind them) keeps its grant of the input pool; once it has held it
-/// `grant_hold` with none free, it is closed, and the op another panel was waiting to
-/// send is answered. (One grant here, so one such panel fills the pool.)
-#[tokio::test]
+/// queued behind them) keeps its grant of the input pool, also while it floods the
+/// server with pongs; once it has held it `grant_hold` with none free, it is closed, and
+/// the op another panel was waiting to send is answered. (One grant here, so one such
+/// panel fills the pool.) Two worker threads, so that the flood keeps the server's
+/// socket full while its session runs, as a client on another machine would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panel_that_does_not_read_the_reply_to_its_op_gives_its_grant_up() {
     let ctx = ctx("");
     let opts = Options {
@@ -1360,6 +1362,10 @@ async fn a_panel_that_does_not_read_the_reply_to_its_op_gives_its_grant_up() {
         .await
         .unwrap();
     wait_until_async(|| async { input_grants(srv.addr).await == 1 }).await;
+    // Then it keeps the server reading: pongs need no reply, so its input stays open.
+    let (unread, mut wr) = stalled.into_split();
+    let pongs: Vec<u8> = (0..1000).flat_map(|_| frame(true, 0xA, b"")).collect();
+    let flood = tokio::spawn(async move { while wr.write_all(&pongs).await.is_ok() {} });
     // The calm panel's op waits for the one grant, and is answered once the stalled
     // panel has held it a second.
     let t0 = Instant::now();
@@ -1371,7 +1377,8 @@ async fn a_panel_that_does_not_read_the_reply_to_its_op_gives_its_grant_up() {
         t0.elapsed()
     );
     assert_eq!(ctx.metrics.panels_disconnected_input.get(), 1);
-    drop(stalled);
+    flood.abort();
+    drop(unread);
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
 }
