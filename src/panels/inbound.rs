@@ -4,7 +4,8 @@
 //! Headers are parsed by tungstenite's [`FrameHeader`] from at most 14 bytes kept in the
 //! reader; a control frame's payload (§5.5: at most 125 bytes) goes to a fixed array; a
 //! data message (a client op: text or binary, at most [`MAX_CLIENT_FRAME`] bytes, maybe
-//! fragmented, §5.4) is read into a buffer of exactly its size. That buffer, and the
+//! fragmented, §5.4) is read into a buffer of exactly its size (a fragmented one: of
+//! [`MAX_CLIENT_FRAME`] at once, never reallocated). That buffer, and the
 //! replies the op gets, are paid for by a *grant* from the panels' shared [`InputPool`]:
 //! a panel takes one when the first frame of a message arrives (or waits for one, its
 //! socket unread, so TCP pushes back) and gives it back once the replies are written
@@ -157,7 +158,7 @@ pub(crate) struct Inbound<R> {
     head_have: u8,
     frame: Option<Payload>,
     control: [u8; MAX_CONTROL],
-    /// The data message being read (exactly its size so far), and its kind.
+    /// The data message being read, and its kind.
     message: Vec<u8>,
     kind: Option<Data>,
     grant: Option<Grant>,
@@ -247,7 +248,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
 
     /// Ready once the grant has been held for `hold` while the pool has none free;
     /// with grants to spare, the hold starts again.
-    pub fn poll_held_too_long(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_held_too_long(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(mut since) = self.grant_since() else {
             return Poll::Pending;
         };
@@ -315,8 +316,8 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
-    /// Read and check the next frame's header; for a data frame, make room for its
-    /// payload in the message buffer.
+    /// Read and check the next frame's header (for a data frame, also against the
+    /// message so far).
     fn poll_header(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ReadError>> {
         let need = loop {
             let have = usize::from(self.head_have);

@@ -1142,10 +1142,7 @@ async fn still_serves_with_token(_ctx: &Context, addr: SocketAddr) {
 async fn a_close_followed_by_pings_still_gets_the_close_reply() {
     let ctx = ctx("");
     let srv = start(ctx.clone(), Options::default()).await;
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let s = sock.connect(srv.addr).await.unwrap();
-    let mut s = ws_raw::upgrade_stream(s, srv.addr).await;
+    let mut s = upgrade_small_window(srv.addr).await;
     // Events the client does not read yet: some wait in the server's send queue.
     let body = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
     for _ in 0..100 {
@@ -1194,6 +1191,15 @@ async fn pong_or_close(s: &mut TcpStream) -> Result<(), Option<u16>> {
             other => panic!("neither a pong nor a close: {other:?} after {frames:?}"),
         }
     }
+}
+
+/// A raw WebSocket client with a 4 KiB receive window, so that what it does not read
+/// soon waits in the server's send queue.
+async fn upgrade_small_window(addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let s = sock.connect(addr).await.unwrap();
+    ws_raw::upgrade_stream(s, addr).await
 }
 
 /// Poll `cond` every 20 ms until it holds (at most 10 s).
@@ -1346,11 +1352,8 @@ async fn a_panel_that_does_not_read_the_reply_to_its_op_gives_its_grant_up() {
     let srv = start(ctx.clone(), opts).await;
     let mut calm = connect(srv.addr, "filter=calm/%23").await;
     assert_eq!(next_json(&mut calm).await["type"], "hello");
-    // A client with a small receive window that never reads.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let stalled = sock.connect(srv.addr).await.unwrap();
-    let mut stalled = ws_raw::upgrade_stream(stalled, srv.addr).await;
+    // A client that never reads.
+    let mut stalled = upgrade_small_window(srv.addr).await;
     // Fill its socket: events until the server has sent what the kernel takes.
     let body = format!("\"{}\"", "x".repeat(4000));
     for _ in 0..200 {
