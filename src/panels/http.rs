@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::policy::{self, Admission, PanelPolicy};
 use super::protocol::{self, Access, Encoding, StreamQuery};
@@ -185,8 +186,8 @@ where
     // grant of the input pool like any other.
     let wait = tokio::time::timeout(server.opts.handshake_timeout, server.input.acquire());
     let grant = tokio::select! {
-        g = wait => g.map_err(|_| 1013u16),
-        _ = sd.recv() => Err(1001),
+        g = wait => g.map_err(|_| CloseCode::Again),
+        _ = sd.recv() => Err(CloseCode::Away),
     };
     let grant = match grant {
         Ok(g) => g,
@@ -205,30 +206,26 @@ where
     Some((accepted, ws))
 }
 
-/// Close an upgraded connection before its session starts: 1001 (going away: the
-/// server is shutting down) or 1013 (try again later: no grant of the input pool came
-/// within the handshake timeout; IANA WebSocket close codes). The close frame is written
-/// at once if the socket takes it: a server frame, unmasked, with a 2-byte payload.
+/// Close an upgraded connection before its session starts, with `code`: going away
+/// (the server is shutting down) or try again later (no grant of the input pool came
+/// within the handshake timeout; 1013 in the IANA registry of WebSocket close codes).
+/// The close frame is the session's own ([`super::socket::Outbound::push_close`]),
+/// written within `close_linger`.
 async fn refuse_upgraded(
     server: &Server,
     upgraded: hyper::upgrade::Upgraded,
     peer: SocketAddr,
-    code: u16,
+    code: CloseCode,
 ) -> Option<(Accepted, (session::Reader, session::Writer))> {
-    if code == 1013 {
+    if code == CloseCode::Again {
         log::info!(
             "panel {peer}: closed (1013, try again later): no grant of the input pool within {:?}",
             server.opts.handshake_timeout
         );
     }
-    let mut io = TokioIo::new(upgraded);
-    let [hi, lo] = code.to_be_bytes();
-    let close = [0x88, 0x02, hi, lo];
-    let _ = tokio::time::timeout(
-        server.opts.close_linger,
-        tokio::io::AsyncWriteExt::write_all(&mut io, &close),
-    )
-    .await;
+    let mut out = super::socket::Outbound::new(TokioIo::new(upgraded));
+    out.push_close(Some(code), "");
+    let _ = tokio::time::timeout(server.opts.close_linger, out.flush()).await;
     None
 }
 

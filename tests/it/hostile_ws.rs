@@ -1385,3 +1385,32 @@ async fn a_panel_that_does_not_read_the_reply_to_its_op_gives_its_grant_up() {
     still_serves(&ctx, srv.addr).await;
     srv.stop().await;
 }
+
+/// A new panel whose start gets no grant of the input pool within the handshake timeout
+/// is closed 1013 (try again later), not left hanging or dropped without a word.
+#[tokio::test]
+async fn a_panel_that_gets_no_start_grant_is_told_to_try_again_later() {
+    let ctx = ctx("");
+    let opts = Options {
+        handshake_timeout: Duration::from_secs(1),
+        grant_hold: Duration::from_secs(60),
+        input_grants: 1,
+        ..Options::default()
+    };
+    let srv = start(ctx.clone(), opts).await;
+    // The one grant, held by a half-sent op.
+    let mut hog = ws_raw::upgrade(srv.addr).await;
+    hog.write_all(&frame(true, 0x1, br#"{"op":"ping"}"#)[..8])
+        .await
+        .unwrap();
+    wait_until_async(|| async { input_grants(srv.addr).await == 1 }).await;
+    let mut late = ws_raw::upgrade(srv.addr).await;
+    let (frames, _) = read_all(&mut late, T).await;
+    assert_eq!(close_code(&frames), Some(1013), "{frames:?}");
+    assert!(
+        !frames.iter().any(|f| f.0 == 0x1),
+        "no hello without a grant: {frames:?}"
+    );
+    drop(hog);
+    srv.stop().await;
+}
