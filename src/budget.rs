@@ -17,8 +17,9 @@ pub const PANEL_WRITE_BUFFER: usize = 32 * 1024;
 pub const PANEL_WRITE_FRAMES: usize = 32;
 /// Frames past [`PANEL_WRITE_FRAMES`] below which a panel's input is still read, so a
 /// panel that is behind — its queue refilled with events after every flush — still gets
-/// its pongs and its ops (an unsubscribe to catch up) handled at once.
-pub const PANEL_READ_HEADROOM: usize = 16;
+/// its pongs and its ops handled at once. 5: its room for control frames
+/// ([`CONTROL_READ`]) stops reading after two of the largest anyway.
+pub const PANEL_READ_HEADROOM: usize = 5;
 /// Entries a panel's frame queue has room for of its own: input is read while fewer than
 /// `PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM` frames are queued, a client's control frame
 /// adds one reply, and a pump after it a gap and a `synced` frame.
@@ -27,16 +28,28 @@ pub const PANEL_QUEUE_OWN: usize = PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + 2;
 /// replies (at most `MAX_FILTERS + 2` frames).
 pub const PANEL_QUEUE_MAX: usize = 64;
 const _: () = assert!(PANEL_QUEUE_OWN + MAX_FILTERS + 2 <= PANEL_QUEUE_MAX);
-/// Bytes per queued frame: its header, a reference to the shared payload, and the
-/// payload's mark ([`crate::held::Mark`]).
-pub const PANEL_QUEUE_ENTRY: usize = 56;
+/// Bytes per queued frame: a reference to the shared payload, the payload's mark
+/// ([`crate::held::Mark`]), the opcode and a 2-byte prefix (the header is formatted
+/// when the frame is written).
+pub const PANEL_QUEUE_ENTRY: usize = 48;
 /// Panels whose whole queue of evicted events the shared pool holds at once
 /// ([`held_pool_bytes`]); beyond it, a panel whose unsent events are evicted is closed.
 pub const HELD_POOL_PANELS: usize = 32;
-/// Control frames a panel may have queued of its own (gap, synced, ping, the pongs and
-/// close replies to the client's control frames, each under 256 B with its allocation):
-/// its input is read only while less than half of it is queued.
-pub const CONTROL_OWN: usize = 1024;
+/// The largest control frame a panel queues of its own, with its allocation: a pong
+/// (the ping's payload, at most 125 B, §5.5), a close, a ping, a `gap` or a `synced`
+/// frame (under 100 B with 20-digit seqs), each a 2-byte header, at most 125 B of
+/// payload and 32 B for its allocation (`panels::socket`).
+pub const OWN_CONTROL_FRAME: usize = 2 + 125 + 32;
+/// A panel's input is read only while less than this is queued of its control frames:
+/// room for two of the largest.
+pub const CONTROL_READ: usize = 2 * OWN_CONTROL_FRAME;
+/// Control frames a panel may have queued of its own (no grant held), in bytes. The most
+/// it reaches: just under [`CONTROL_READ`], then the reply to one client frame and our
+/// close; or, after a pump (which runs once the queue is written), one reply, a gap, a
+/// `synced` frame and our close. Each at most [`OWN_CONTROL_FRAME`].
+pub const CONTROL_OWN: usize = CONTROL_READ + 2 * OWN_CONTROL_FRAME;
+const _: () = assert!(CONTROL_READ - 1 + 2 * OWN_CONTROL_FRAME <= CONTROL_OWN);
+const _: () = assert!(4 * OWN_CONTROL_FRAME <= CONTROL_OWN);
 /// Room for the replies to one op, or to a panel's start (hello with 8 filters, errors
 /// at most `MAX_FILTERS + 2` frames of under 400 B: filters are at most 256 bytes and
 /// errors show 64 characters of them). Paid by a grant ([`INPUT_GRANT`]).
@@ -53,8 +66,9 @@ pub const INPUT_GRANT: usize =
 pub const INPUT_GRANTS: usize = 32;
 /// Per-panel state besides buffers and filters: the task (cursor, the client-frame
 /// reader's header and control-frame bytes), the socket and its registration, the
-/// connection's slot. Measured at 3.8 KB in a dev build (`tests/mem_panels.rs`).
-pub const PANEL_TASK: usize = 4 * 1024;
+/// connection's slot. Measured at 2,864 B in a dev build (`tests/mem_panels.rs`; the
+/// task's future alone is 2,136 B of it).
+pub const PANEL_TASK: usize = 3 * 1024;
 /// Per-panel state: [`PANEL_TASK`], [`MAX_FILTERS`] filters of the longest length, and
 /// the `Origin` and `Host` it keeps ([`PANEL_ADMISSION`]). `tests/mem_panels.rs` holds
 /// a panel with all of them within it.

@@ -225,9 +225,10 @@ pub const FILTER_MAX: usize = 256;
 
 /// A validated MQTT-style topic filter.
 /// Deserialized from its text (`panels.tokens[].allow`), so a config holds it parsed.
+/// 258 B: its length is a `u16`, not a `usize` (a panel holds up to 8).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(try_from = "String")]
-pub struct Filter(heapless::String<FILTER_MAX>);
+pub struct Filter(heapless::String<FILTER_MAX, u16>);
 
 impl Filter {
     pub fn parse(s: &str) -> Result<Self, RoutingError> {

@@ -19,7 +19,9 @@
 //! being sized for its start (the TLS stream and the HTTP exchange's result, kept in the
 //! task for the panel's whole life) and the session's state was held once, not also as
 //! the arguments it was built from (the task went from 5,928 to 2,176 B); 4,119 B with
-//! client frames read without tungstenite's read buffer and state. The bound
+//! client frames read without tungstenite's read buffer and state; 3,521 B with the
+//! journal's read batch kept per runtime thread rather than per panel (512 B), queue
+//! entries of 48 B (the header formatted when written) and filters of 258 B. The bound
 //! [`IDLE_PANEL_HEAP`] is issue 18's goal; the budget (`check-config`) counts each
 //! panel's worst case: a full frame queue, which a panel reaches only while events
 //! flow, and the state the second test measures.
@@ -99,7 +101,9 @@ fn an_idle_panel_holds_a_few_kilobytes_of_heap() {
 
 /// The budget's state per panel (`budget::PANEL_STATE`) covers the most a connected panel
 /// keeps besides its frame queue and control frames: 8 filters of the longest length,
-/// and the most `Origin` and `Host` it may keep (`budget::PANEL_ADMISSION`).
+/// and the most `Origin` and `Host` it may keep (`budget::PANEL_ADMISSION`). The panel's
+/// queue is measured with it: after the hello it has room for 8 frames (its first
+/// growth), which the budget counts in the queue's line, not in the state.
 #[test]
 fn a_panel_with_the_most_filters_and_headers_stays_within_the_budgets_state() {
     let filter = |i: usize| format!("{i}/{}", "f".repeat(asb_gateway::routing::FILTER_MAX - 2));
@@ -114,10 +118,15 @@ fn a_panel_with_the_most_filters_and_headers_stays_within_the_budgets_state() {
     );
     let per_panel = heap_per_panel(&query.join("&"), &[("Origin", &origin)]);
     let state = asb_gateway::budget::PANEL_STATE as i64;
-    println!("{per_panel} B per panel with 8 longest filters (state in the budget: {state} B)");
+    let queue = 8 * asb_gateway::budget::PANEL_QUEUE_ENTRY as i64;
+    println!(
+        "{per_panel} B per panel with 8 longest filters (the budget: {state} B of state, \
+         {queue} B for the queue's first 8 entries)"
+    );
     assert!(
-        per_panel <= state,
-        "such a panel holds {per_panel} B of heap (the budget counts {state} B of state)"
+        per_panel <= state + queue,
+        "such a panel holds {per_panel} B of heap (the budget counts {state} B of state and \
+         {queue} B for the queue's room it has)"
     );
 }
 

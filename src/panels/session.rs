@@ -34,7 +34,7 @@ use super::policy::{Admission, PanelPolicy};
 use super::protocol::{Encoding, Op, OpError, Since, allowed, parse_filter, shown_filter};
 use super::socket::{self, InputPool, Kind, Tail};
 use crate::budget::{
-    CONTROL_OWN, FRAME_HEADER, MAX_FILTERS, PANEL_READ_HEADROOM, PANEL_WRITE_BUFFER,
+    CONTROL_READ, FRAME_HEADER, MAX_FILTERS, PANEL_READ_HEADROOM, PANEL_WRITE_BUFFER,
     PANEL_WRITE_FRAMES,
 };
 use crate::config::SlowPolicy;
@@ -109,8 +109,6 @@ struct Session<'a> {
     /// The first seq that was not in the journal when the panel connected: events from
     /// here on are live (the latency histograms count those).
     live_from: u64,
-    /// Reused for every journal read; holds events only inside `pump`.
-    batch: Vec<Arc<EncodedEvent>>,
     /// Last values still to send (`last=true` or the `last` op), paged through the
     /// journal's table so that a stalled panel holds none of them.
     sync: Option<LastSync>,
@@ -164,7 +162,6 @@ pub(crate) fn run<'a>(
         filters: Vec::new(),
         cursor: ctx.journal.latest() + 1,
         live_from: ctx.journal.latest() + 1,
-        batch: Vec::with_capacity(opts.batch),
         sync: None,
         out,
         flushing: false,
@@ -210,6 +207,7 @@ async fn linger_close(
     if let Some((code, reason)) = close {
         out.push_close(Some(code), reason);
     }
+    own_control_within_budget(&out, &rx);
     let sent = tokio::time::timeout_at(deadline, out.flush()).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
@@ -227,6 +225,53 @@ async fn linger_close(
         }
     })
     .await;
+}
+
+/// Debug builds check what the budget assumes: without a grant, a panel's control frames
+/// stay within its own room ([`crate::budget::CONTROL_OWN`]).
+fn own_control_within_budget(out: &Writer, rx: &Reader) {
+    debug_assert!(
+        rx.grant_since().is_some() || out.control_bytes() <= crate::budget::CONTROL_OWN,
+        "{} B of control frames queued without a grant",
+        out.control_bytes()
+    );
+}
+
+/// The events one journal read hands a pump: a vector per runtime thread, reused by
+/// every panel that pumps on it, not one per panel (64 `Arc`s, 512 B each). It holds
+/// events only inside a pump, which is synchronous: no panel's session can see another's.
+struct Batch(Vec<Arc<EncodedEvent>>);
+
+thread_local! {
+    static BATCH: std::cell::Cell<Vec<Arc<EncodedEvent>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Batch {
+    fn take() -> Self {
+        Batch(BATCH.take())
+    }
+}
+
+/// Back to the thread, empty.
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.0.clear();
+        let v = std::mem::take(&mut self.0);
+        let _ = BATCH.try_with(|b| b.set(v));
+    }
+}
+
+impl std::ops::Deref for Batch {
+    type Target = Vec<Arc<EncodedEvent>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Batch {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Session<'_> {
@@ -324,6 +369,7 @@ impl Session<'_> {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
+            own_control_within_budget(&self.out, rx);
             // Before a pump, which may queue a gap of the panel's own.
             self.release_grant(rx);
             if !self.flushing {
@@ -353,7 +399,7 @@ impl Session<'_> {
             // that floods ops and does not read gets TCP back-pressure, not memory. The
             // room is above what a pump fills: a panel that is behind still has its
             // pings and ops answered between flushes.
-            let room = self.out.control_bytes() < CONTROL_OWN / 2
+            let room = self.out.control_bytes() < CONTROL_READ
                 && self.out.frames() < PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM;
             // The reader watches a grant while it reads; this, while it is not read
             // (no room) or its op's replies are not written.
@@ -483,25 +529,26 @@ impl Session<'_> {
     /// before the end (the rest goes after the flush).
     fn pump_last(&mut self) -> bool {
         let j = self.ctx.journal.clone();
+        let mut batch = Batch::take();
         let mut sent = 0u64;
         let done = loop {
             let Some(sync) = self.sync else { break true };
-            self.batch.clear();
+            batch.clear();
             let filters = &self.filters;
             j.last_values_page(
                 sync.after,
                 sync.upto,
                 |topic| filters.iter().any(|f| f.matches(topic)),
-                &mut self.batch,
+                &mut batch,
                 self.opts.batch,
             );
-            if self.batch.is_empty() {
+            if batch.is_empty() {
                 self.sync = None;
                 self.control(&Frame::Synced { latest: sync.upto });
                 break true;
             }
             let mut full = false;
-            for ev in &self.batch {
+            for ev in batch.iter() {
                 // The stored frame with its last-value mark, by reference (no copy).
                 let (kind, prefix, body, tail) = match self.enc {
                     Encoding::Json => {
@@ -537,7 +584,7 @@ impl Session<'_> {
                 break false;
             }
         };
-        self.batch.clear();
+        drop(batch);
         self.ctx.metrics.frames_sent.add(sent);
         done
     }
@@ -555,9 +602,10 @@ impl Session<'_> {
         let (mut age, mut delay) = (Observations::default(), Observations::default());
         // At most one gap per pump: the panel's own room for control frames counts one.
         let mut gapped = false;
+        let mut batch = Batch::take();
         let result = loop {
-            self.batch.clear();
-            if let Some(gap) = j.read(&mut self.cursor, &mut self.batch, self.opts.batch) {
+            batch.clear();
+            if let Some(gap) = j.read(&mut self.cursor, &mut batch, self.opts.batch) {
                 gapped = true;
                 let m = &self.ctx.metrics;
                 let policy = match gap.kind {
@@ -581,12 +629,12 @@ impl Session<'_> {
                     reason,
                 });
             }
-            if self.batch.is_empty() {
+            if batch.is_empty() {
                 break Ok(());
             }
             let mut full = false;
             let now = now_ms();
-            for ev in &self.batch {
+            for ev in batch.iter() {
                 if !self.filters.iter().any(|f| f.matches(&ev.topic)) {
                     continue;
                 }
@@ -624,7 +672,7 @@ impl Session<'_> {
                 break Ok(());
             }
         };
-        self.batch.clear();
+        drop(batch);
         self.ctx.metrics.frames_sent.add(sent);
         self.record(&age, &delay);
         result

@@ -25,8 +25,8 @@ use crate::budget::{PANEL_QUEUE_MAX, PANEL_QUEUE_OWN};
 use crate::held::{HeldPool, Mark};
 
 /// Longest server frame header (2 bytes, plus 8 for a 64-bit payload length; a server
-/// never masks) plus one byte of payload prefix.
-const HEAD: usize = 11;
+/// never masks) plus the payload's prefix (1 byte, or a close frame's 2-byte code).
+const HEAD: usize = 12;
 /// What a control frame's payload costs besides its bytes: it is an allocation of its
 /// own (the allocator's smallest chunk is 32 B; larger ones round up by 16).
 const CONTROL_ALLOC: usize = 32;
@@ -34,6 +34,8 @@ const CONTROL_ALLOC: usize = 32;
 /// allows 1024 (`IOV_MAX`); 96 covers a flush of 32 events, 48 without a tail (a
 /// larger flush takes one more write).
 const MAX_SLICES: usize = 96;
+/// Most frames in one vectored write: their headers are formatted on the stack for it.
+const MAX_FRAMES: usize = MAX_SLICES / 2;
 
 /// Split an upgraded connection (the HTTP 101 already sent) into its reader, holding
 /// `grant` for the panel's first frames (or none; `hold`: [`Inbound::new`]), and its
@@ -68,29 +70,50 @@ impl Tail {
     }
 }
 
-/// One queued frame: `head` (the header, then at most two bytes of payload: a tag or a
-/// close code), `body` by reference, then the static `tail`.
+/// One queued frame: its opcode and payload — `prefix` (a tag or a close code), `body`
+/// by reference, then the static `tail`. The header is not stored: it follows from
+/// them and is formatted when the frame is written ([`OutFrame::head`]).
 struct OutFrame {
-    head: [u8; HEAD],
-    head_len: u8,
-    tail: Tail,
     body: Bytes,
     /// The memory mark of the stored frame `body` shares ([`crate::held`]); `None`: not a
     /// journal event's (a control frame).
     mark: Option<Arc<Mark>>,
+    opcode: OpCode,
+    prefix: [u8; 2],
+    prefix_len: u8,
+    tail: Tail,
 }
 
 impl OutFrame {
-    fn len(&self) -> usize {
-        usize::from(self.head_len) + self.body.len() + self.tail.bytes().len()
+    fn payload_len(&self) -> usize {
+        usize::from(self.prefix_len) + self.body.len() + self.tail.bytes().len()
     }
 
-    fn parts(&self) -> [&[u8]; 3] {
-        [
-            &self.head[..usize::from(self.head_len)],
-            &self.body,
-            self.tail.bytes(),
-        ]
+    /// Wire bytes: the header (§5.2: 2 bytes, 4 from 126 bytes of payload, 10 from
+    /// 64 KiB) and the payload.
+    fn len(&self) -> usize {
+        let payload = self.payload_len();
+        let header = match payload {
+            0..=125 => 2,
+            126..=0xFFFF => 4,
+            _ => 10,
+        };
+        header + payload
+    }
+
+    /// Format the header and the prefix into `buf`; returns their length.
+    fn head(&self, buf: &mut [u8; HEAD]) -> usize {
+        let header = FrameHeader {
+            opcode: self.opcode,
+            ..FrameHeader::default()
+        };
+        let mut w: &mut [u8] = buf;
+        header
+            .format(self.payload_len() as u64, &mut w)
+            .expect("a server frame header fits in 10 bytes");
+        let prefix = &self.prefix[..usize::from(self.prefix_len)];
+        w[..prefix.len()].copy_from_slice(prefix);
+        HEAD - w.len() + prefix.len()
     }
 }
 
@@ -232,24 +255,20 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         debug_assert!(prefix.len() <= 1 || (prefix.len() == 2 && payload <= 125));
         // §5.5: a control frame's payload is at most 125 bytes.
         debug_assert!(matches!(opcode, OpCode::Data(_)) || payload <= 125);
-        let mut head = [0u8; HEAD];
-        let header = FrameHeader {
-            opcode,
-            ..FrameHeader::default()
-        };
-        let mut w: &mut [u8] = &mut head;
-        header
-            .format(payload as u64, &mut w)
-            .expect("a server frame header fits in 10 bytes");
-        w[..prefix.len()].copy_from_slice(prefix);
-        let head_len = HEAD - w.len() + prefix.len();
+        let mut p = [0u8; 2];
+        p[..prefix.len()].copy_from_slice(prefix);
         let frame = OutFrame {
-            head,
-            head_len: head_len as u8,
-            tail,
             body,
             mark,
+            opcode,
+            prefix: p,
+            prefix_len: prefix.len() as u8,
+            tail,
         };
+        debug_assert_eq!(
+            frame.len(),
+            frame.head(&mut [0; HEAD]) + frame.body.len() + frame.tail.bytes().len()
+        );
         let len = frame.len();
         self.bytes += len;
         if frame.mark.is_none() {
@@ -280,11 +299,16 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
     /// a write of 0 bytes is [`io::ErrorKind::WriteZero`].
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.queue.is_empty() {
+            let mut heads = [[0u8; HEAD]; MAX_FRAMES];
+            let mut head_lens = [0usize; MAX_FRAMES];
+            for ((buf, len), f) in heads.iter_mut().zip(&mut head_lens).zip(&self.queue) {
+                *len = f.head(buf);
+            }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut n = 0;
             let mut skip = self.written;
-            'frames: for f in &self.queue {
-                for part in f.parts() {
+            'frames: for ((head, len), f) in heads.iter().zip(head_lens).zip(&self.queue) {
+                for part in [&head[..len], &f.body[..], f.tail.bytes()] {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;

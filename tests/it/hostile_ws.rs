@@ -1414,3 +1414,41 @@ async fn a_panel_that_gets_no_start_grant_is_told_to_try_again_later() {
     drop(hog);
     srv.stop().await;
 }
+
+/// A client that sends pings with the largest payload and reads nothing: the server
+/// answers each with a pong, but reads on only while little of its own control room is
+/// queued (`budget::CONTROL_READ`), so TCP pushes back on the client instead of pongs
+/// piling up in the server (a debug build checks the room, `budget::CONTROL_OWN`, after
+/// every step of a session). Once the client reads, every ping has its pong, in order and
+/// with its payload, and the close after them is answered.
+#[tokio::test]
+async fn a_ping_flood_that_reads_nothing_gets_every_pong_in_order_without_piling_up() {
+    const PINGS: usize = 5000;
+    let ctx = ctx("");
+    let srv = start(ctx.clone(), Options::default()).await;
+    let s = upgrade_small_window(srv.addr).await;
+    let (mut r, mut w) = s.into_split();
+    let payload = |i: usize| [format!("{i:08}").into_bytes(), vec![b'p'; 117]].concat();
+    let writer = tokio::spawn(async move {
+        for i in 0..PINGS {
+            w.write_all(&frame(true, 0x9, &payload(i))).await?;
+        }
+        w.write_all(&frame(true, 0x8, &1000u16.to_be_bytes()))
+            .await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    // Nothing read meanwhile: the pongs fill the client's window and the server's queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, r.read_to_end(&mut buf)).await;
+    let _w = writer.await.unwrap().expect("the server read every ping");
+    let frames = server_frames(&buf);
+    let pongs: Vec<&Vec<u8>> = frames.iter().filter(|f| f.0 == 0xA).map(|f| &f.1).collect();
+    assert_eq!(pongs.len(), PINGS, "a pong for every ping");
+    for (i, p) in pongs.iter().enumerate() {
+        assert_eq!(**p, payload(i), "pong {i} echoes its ping's payload");
+    }
+    assert_eq!(close_code(&frames), Some(1000), "the close is answered");
+    still_serves(&ctx, srv.addr).await;
+    srv.stop().await;
+}
