@@ -13,7 +13,7 @@
 //! serve many panels, and what a panel holds of its own stays a few hundred bytes.
 //!
 //! What is checked (the client is failed with the close code of [`ReadError::close_code`]):
-//! masking (§5.1), reserved bits and opcodes (§5.2), control frames unfragmented and at
+//! masking (§5.1), reserved bits and opcodes, a 64-bit length's top bit (§5.2), control frames unfragmented and at
 //! most 125 bytes (§5.5), continuation only inside a fragmented message and no new
 //! message inside one (§5.4), the message size (1009, before its payload is read), UTF-8
 //! of a whole text message and of a close reason (1007, §8.1), the close code (§7.4).
@@ -336,6 +336,10 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         let parsed = FrameHeader::parse(&mut Cursor::new(&self.head[..need]))
             .map_err(|_| ReadError::Protocol("reserved opcode"))?;
         let (h, len) = parsed.expect("the header's length was read first");
+        // §5.2: a 64-bit length's most significant bit MUST be 0.
+        if self.head[1] & 0x7F == 127 && self.head[2] & 0x80 != 0 {
+            return Err(ReadError::Protocol("64-bit length with its top bit set")).into();
+        }
         if h.rsv1 || h.rsv2 || h.rsv3 {
             return Err(ReadError::Protocol("reserved bits set")).into();
         }
@@ -677,6 +681,12 @@ mod tests {
         head.extend_from_slice(&[1, 2, 3, 4]);
         let got = read_bytes(head, 4096).await;
         assert!(matches!(got, Err(ReadError::TooBig)), "{got:?}");
+        // A length with its most significant bit set is not a length at all (§5.2).
+        let mut head = vec![0x82, 0x80 | 127];
+        head.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4]);
+        let got = read_bytes(head, 4096).await;
+        assert!(matches!(got, Err(ReadError::Protocol(_))), "{got:?}");
     }
 
     /// With the pool empty, a data message waits (its payload unread) until a grant is
