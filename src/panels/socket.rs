@@ -497,6 +497,50 @@ mod tests {
         }
     }
 
+    /// The header is formatted when a frame is written: at each boundary of the
+    /// length's encoding (§5.2), with the payload's prefix counted, and across writes
+    /// of more frames than one write formats (`MAX_FRAMES`).
+    #[tokio::test]
+    async fn headers_at_every_length_boundary_and_past_one_writes_frames() {
+        let mut frames: Vec<(usize, usize)> = Vec::new(); // (prefix, body)
+        for payload in [0, 1, 125, 126, 127, 0xFFFF, 0x1_0000, 0x1_0001] {
+            frames.push((0, payload));
+            if payload > 0 {
+                frames.push((1, payload - 1));
+            }
+        }
+        frames.extend((0..2 * MAX_FRAMES + 3).map(|i| (i % 2, i)));
+        let body = |n: usize| Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let expected = reference(
+            &frames
+                .iter()
+                .map(|&(p, n)| {
+                    (
+                        OpCode::Data(Data::Binary),
+                        [&[7u8][..p], &body(n)[..]].concat(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        for chunk in [13, 4096, 1 << 20] {
+            let mut out = Outbound::new(Trickle {
+                out: Vec::new(),
+                chunk,
+                calls: 0,
+                stall: false,
+            });
+            let mut total = 0;
+            for &(p, n) in &frames {
+                total += out.push(Kind::Binary, &[7u8][..p], body(n), Tail::None);
+            }
+            assert_eq!(out.bytes(), total, "chunk {chunk}");
+            assert_eq!(total, expected.len(), "chunk {chunk}");
+            out.flush().await.unwrap();
+            assert!(out.is_empty());
+            assert_same(&out.io.out, &expected, &format!("chunk {chunk}"));
+        }
+    }
+
     #[tokio::test]
     async fn many_frames_go_out_in_one_write() {
         let mut out = Outbound::new(Trickle {
