@@ -20,14 +20,16 @@ pub const PANEL_WRITE_FRAMES: usize = 32;
 /// its pongs and its ops handled at once. 5: its room for control frames
 /// ([`CONTROL_READ`]) stops reading after two of the largest anyway.
 pub const PANEL_READ_HEADROOM: usize = 5;
-/// Entries a panel's frame queue has room for of its own: input is read while fewer than
-/// `PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM` frames are queued, a client's control frame
-/// adds one reply, and a pump after it a gap and a `synced` frame.
+/// Entries a panel's frame queue has room for of its own (no grant held): input is read
+/// while fewer than `PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM` frames are queued, a
+/// client's control frame adds one reply, then our close may follow (a pump, which runs
+/// only once the queue is written, stays within [`PANEL_WRITE_FRAMES`] and a gap and a
+/// `synced` frame). One entry to spare; a debug build checks it.
 pub const PANEL_QUEUE_OWN: usize = PANEL_WRITE_FRAMES + PANEL_READ_HEADROOM + 2;
 /// Entries the queue may grow to while a grant ([`INPUT_GRANT`]) pays for an op's
-/// replies (at most `MAX_FILTERS + 2` frames).
-pub const PANEL_QUEUE_MAX: usize = 64;
-const _: () = assert!(PANEL_QUEUE_OWN + MAX_FILTERS + 2 <= PANEL_QUEUE_MAX);
+/// replies (at most `MAX_FILTERS + 2` frames: the errors of an op's 8 filters, or a
+/// start's hello, 8 errors and a gap).
+pub const PANEL_QUEUE_MAX: usize = PANEL_QUEUE_OWN + MAX_FILTERS + 2;
 /// Bytes per queued frame: a reference to the shared payload, the payload's mark
 /// ([`crate::held::Mark`]), the opcode and a 2-byte prefix (the header is formatted
 /// when the frame is written).
@@ -112,15 +114,17 @@ pub const SNAPSHOT_ENTRY: usize = 48;
 /// and control frames. The events it queues are the journal's (or, once evicted, the
 /// shared pool's: [`held_pool_bytes`]); an op's replies are its grant's
 /// ([`input_pool_bytes`]).
-pub fn panel_write_capacity() -> usize {
+pub const fn panel_write_capacity() -> usize {
     PANEL_QUEUE_OWN * PANEL_QUEUE_ENTRY + CONTROL_OWN
 }
 
 /// The most one panel holds of its own, in bytes: [`panel_write_capacity`] and
 /// [`PANEL_STATE`] (the kernel's socket buffers are a line of their own).
-pub fn panel_bytes() -> usize {
+pub const fn panel_bytes() -> usize {
     panel_write_capacity() + PANEL_STATE
 }
+// Issue 18: a panel's worst case, besides the kernel's socket buffers, is at most 8 KiB.
+const _: () = assert!(panel_bytes() <= 8 * 1024);
 
 /// The panels' input pool: [`INPUT_GRANTS`] (or `max_panels`, if fewer) grants of
 /// [`INPUT_GRANT`] bytes.

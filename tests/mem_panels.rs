@@ -21,8 +21,9 @@
 //! the arguments it was built from (the task went from 5,928 to 2,176 B); 4,119 B with
 //! client frames read without tungstenite's read buffer and state; 3,521 B with the
 //! journal's read batch kept per runtime thread rather than per panel (512 B), queue
-//! entries of 48 B (the header formatted when written) and filters of 258 B. The bound
-//! [`IDLE_PANEL_HEAP`] is issue 18's goal; the budget (`check-config`) counts each
+//! entries of 48 B (the header formatted when written) and filters of 258 B. Issue 18's
+//! goal is 6 KiB; the bound [`IDLE_PANEL_HEAP`] is kept near what is measured, so that
+//! a panel growing by a few hundred bytes fails here. The budget (`check-config`) counts each
 //! panel's worst case: a full frame queue, which a panel reaches only while events
 //! flow, and the state the second test measures.
 
@@ -39,8 +40,8 @@ use asb_gateway::shutdown;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Most heap bytes one connected idle panel may hold on the server.
-const IDLE_PANEL_HEAP: i64 = 6 * 1024;
+/// Most heap bytes one connected idle panel may hold on the server (3,521 B measured).
+const IDLE_PANEL_HEAP: i64 = 4 * 1024;
 const PANELS: usize = 200;
 
 struct Counting;

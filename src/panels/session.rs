@@ -2,7 +2,7 @@
 //! bounded queue of frames sent by reference, driven by one task.
 //!
 //! The loop alternates between *pumping* (read a batch of shared events from the journal,
-//! filter, queue their frames — header plus the journal's shared bytes, no copy — until
+//! filter, queue their frames — the journal's shared bytes, no copy — until
 //! [`PANEL_WRITE_BUFFER`] bytes or [`PANEL_WRITE_FRAMES`] frames are queued) and
 //! *flushing* (vectored writes of many frames each, [`super::socket`]). While a flush is
 //! pending — the panel's TCP window is full — the session does not read the journal at
@@ -207,7 +207,7 @@ async fn linger_close(
     if let Some((code, reason)) = close {
         out.push_close(Some(code), reason);
     }
-    own_control_within_budget(&out, &rx);
+    queue_within_budget(&out, &rx);
     let sent = tokio::time::timeout_at(deadline, out.flush()).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
@@ -228,12 +228,26 @@ async fn linger_close(
 }
 
 /// Debug builds check what the budget assumes: without a grant, a panel's control frames
-/// stay within its own room ([`crate::budget::CONTROL_OWN`]).
-fn own_control_within_budget(out: &Writer, rx: &Reader) {
+/// and queue entries stay within its own room ([`crate::budget::CONTROL_OWN`],
+/// [`crate::budget::PANEL_QUEUE_OWN`]); with one, its queue within
+/// [`crate::budget::PANEL_QUEUE_MAX`].
+fn queue_within_budget(out: &Writer, rx: &Reader) {
+    use crate::budget::{CONTROL_OWN, PANEL_QUEUE_MAX, PANEL_QUEUE_OWN};
+    let granted = rx.grant_since().is_some();
     debug_assert!(
-        rx.grant_since().is_some() || out.control_bytes() <= crate::budget::CONTROL_OWN,
+        granted || out.control_bytes() <= CONTROL_OWN,
         "{} B of control frames queued without a grant",
         out.control_bytes()
+    );
+    let most = if granted {
+        PANEL_QUEUE_MAX
+    } else {
+        PANEL_QUEUE_OWN
+    };
+    debug_assert!(
+        out.frames() <= most,
+        "{} frames queued (grant held: {granted})",
+        out.frames()
     );
 }
 
@@ -369,7 +383,7 @@ impl Session<'_> {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
-            own_control_within_budget(&self.out, rx);
+            queue_within_budget(&self.out, rx);
             // Before a pump, which may queue a gap of the panel's own.
             self.release_grant(rx);
             if !self.flushing {
@@ -378,6 +392,7 @@ impl Session<'_> {
                 {
                     return end;
                 }
+                queue_within_budget(&self.out, rx);
                 self.flushing = !self.out.is_empty();
                 // A caught-up panel's few frames almost always go at once: write them now
                 // rather than in another turn of the select below. (A panel that is

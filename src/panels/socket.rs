@@ -250,8 +250,7 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
         tail: Tail,
     ) -> usize {
         let payload = prefix.len() + body.len() + tail.bytes().len();
-        // The header is 10 bytes only for payloads of 64 KiB and more (§5.2): the prefix
-        // fits beside it, 1 byte, or 2 for a close frame's status code.
+        // A prefix is a tag (1 byte) or a close frame's status code (2 bytes, §5.5.1).
         debug_assert!(prefix.len() <= 1 || (prefix.len() == 2 && payload <= 125));
         // §5.5: a control frame's payload is at most 125 bytes.
         debug_assert!(matches!(opcode, OpCode::Data(_)) || payload <= 125);
@@ -299,16 +298,16 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
     /// a write of 0 bytes is [`io::ErrorKind::WriteZero`].
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.queue.is_empty() {
+            // Each header is formatted as its frame joins the write, into its own
+            // bytes here, which the write's slices then borrow.
             let mut heads = [[0u8; HEAD]; MAX_FRAMES];
-            let mut head_lens = [0usize; MAX_FRAMES];
-            for ((buf, len), f) in heads.iter_mut().zip(&mut head_lens).zip(&self.queue) {
-                *len = f.head(buf);
-            }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut n = 0;
             let mut skip = self.written;
-            'frames: for ((head, len), f) in heads.iter().zip(head_lens).zip(&self.queue) {
-                for part in [&head[..len], &f.body[..], f.tail.bytes()] {
+            'frames: for (buf, f) in heads.iter_mut().zip(&self.queue) {
+                let len = f.head(buf);
+                let head: &[u8] = &buf[..len];
+                for part in [head, &f.body[..], f.tail.bytes()] {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;
