@@ -540,6 +540,40 @@ mod tests {
         }
     }
 
+    /// A write that runs out of slices inside a frame (one 2-slice frame, then frames of
+    /// 3: prefix in the header's slice, body, tail) goes on from that frame's body.
+    #[tokio::test]
+    async fn a_write_that_ends_inside_a_frame_goes_on_from_its_body() {
+        let tail = crate::event::LAST_TAIL.as_bytes();
+        let body = |i: usize| Bytes::from(format!("{{\"seq\":{i}"));
+        let mut want = vec![(OpCode::Data(Data::Text), b"{\"first\":1}".to_vec())];
+        want.extend((0..40).map(|i| {
+            (
+                OpCode::Data(Data::Binary),
+                [&[9u8][..], &body(i), tail].concat(),
+            )
+        }));
+        let mut out = Outbound::new(Trickle {
+            out: Vec::new(),
+            chunk: 1 << 20,
+            calls: 0,
+            stall: false,
+        });
+        out.push(
+            Kind::Text,
+            b"",
+            Bytes::from_static(b"{\"first\":1}"),
+            Tail::None,
+        );
+        for i in 0..40 {
+            out.push(Kind::Binary, &[9], body(i), Tail::Last);
+        }
+        out.flush().await.unwrap();
+        // 2 + 31 × 3 slices, and the 33rd frame's header: 96, one write; then the rest.
+        assert_eq!(out.io.calls, 2);
+        assert_same(&out.io.out, &reference(&want), "two writes");
+    }
+
     #[tokio::test]
     async fn many_frames_go_out_in_one_write() {
         let mut out = Outbound::new(Trickle {
