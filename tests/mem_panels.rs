@@ -23,9 +23,9 @@
 //! journal's read batch kept per runtime thread rather than per panel (512 B), queue
 //! entries of 48 B (the header formatted when written) and filters of 258 B. Issue 18's
 //! goal is 6 KiB; the bound [`IDLE_PANEL_HEAP`] is kept near what is measured, so that
-//! a panel growing by a few hundred bytes fails here. The budget (`check-config`) counts each
-//! panel's worst case: a full frame queue, which a panel reaches only while events
-//! flow, and the state the second test measures.
+//! a panel growing by a few hundred bytes fails here. The budget (`check-config`)
+//! counts each panel's worst case: a full frame queue, which a panel reaches only while
+//! events flow, and the state the second test measures.
 
 mod support;
 

@@ -13,10 +13,11 @@
 //! serve many panels, and what a panel holds of its own stays a few hundred bytes.
 //!
 //! What is checked (the client is failed with the close code of [`ReadError::close_code`]):
-//! masking (§5.1), reserved bits and opcodes, a 64-bit length's top bit (§5.2), control frames unfragmented and at
-//! most 125 bytes (§5.5), continuation only inside a fragmented message and no new
-//! message inside one (§5.4), the message size (1009, before its payload is read), UTF-8
-//! of a whole text message and of a close reason (1007, §8.1), the close code (§7.4).
+//! masking (§5.1), reserved bits and opcodes and a 64-bit length's top bit (§5.2),
+//! control frames unfragmented and at most 125 bytes (§5.5), continuation only inside a
+//! fragmented message and no new message inside one (§5.4), the message size (1009,
+//! before its payload is read), UTF-8 of a whole text message and of a close reason
+//! (1007, §8.1), the close code (§7.4).
 
 use std::future::Future;
 use std::io::{self, Cursor};

@@ -16,6 +16,7 @@
 //! ([`crate::held`]) each time the journal announces evictions, and closes the
 //! connection when the pool has no room.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -252,12 +253,13 @@ fn queue_within_budget(out: &Writer, rx: &Reader) {
 }
 
 /// The events one journal read hands a pump: a vector per runtime thread, reused by
-/// every panel that pumps on it, not one per panel (64 `Arc`s, 512 B each). It holds
-/// events only inside a pump, which is synchronous: no panel's session can see another's.
+/// every panel that pumps on it, not one per panel (room for `Options::batch` = 64
+/// `Arc`s: 512 B each panel kept before). It holds events only inside a pump, which is
+/// synchronous: no panel's session can see another's.
 struct Batch(Vec<Arc<EncodedEvent>>);
 
 thread_local! {
-    static BATCH: std::cell::Cell<Vec<Arc<EncodedEvent>>> = const { std::cell::Cell::new(Vec::new()) };
+    static BATCH: Cell<Vec<Arc<EncodedEvent>>> = const { Cell::new(Vec::new()) };
 }
 
 impl Batch {
