@@ -425,6 +425,17 @@ mod tests {
         }
     }
 
+    /// A writer of [`Trickle`]: `chunk` bytes per call, a stall every other call if
+    /// `stall`.
+    fn trickle(chunk: usize, stall: bool) -> Outbound<Trickle> {
+        Outbound::new(Trickle {
+            out: Vec::new(),
+            chunk,
+            calls: 0,
+            stall,
+        })
+    }
+
     /// Byte-equal, or a short message: where they first differ.
     fn assert_same(got: &[u8], want: &[u8], what: &str) {
         if got != want {
@@ -475,12 +486,7 @@ mod tests {
             ),
         ]);
         for chunk in [1, 7, 13, 4096, 1 << 20] {
-            let mut out = Outbound::new(Trickle {
-                out: Vec::new(),
-                chunk,
-                calls: 0,
-                stall: false,
-            });
+            let mut out = trickle(chunk, false);
             let mut total = 0;
             total += out.push(Kind::Text, b"", Bytes::from_static(b"{\"a\":1"), Tail::Last);
             total += out.push(Kind::Binary, &[6], mid.clone(), Tail::None);
@@ -522,12 +528,7 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         for chunk in [13, 4096, 1 << 20] {
-            let mut out = Outbound::new(Trickle {
-                out: Vec::new(),
-                chunk,
-                calls: 0,
-                stall: false,
-            });
+            let mut out = trickle(chunk, false);
             let mut total = 0;
             for &(p, n) in &frames {
                 total += out.push(Kind::Binary, &[7u8][..p], body(n), Tail::None);
@@ -553,12 +554,7 @@ mod tests {
                 [&[9u8][..], &body(i), tail].concat(),
             )
         }));
-        let mut out = Outbound::new(Trickle {
-            out: Vec::new(),
-            chunk: 1 << 20,
-            calls: 0,
-            stall: false,
-        });
+        let mut out = trickle(1 << 20, false);
         out.push(
             Kind::Text,
             b"",
@@ -576,12 +572,7 @@ mod tests {
 
     #[tokio::test]
     async fn many_frames_go_out_in_one_write() {
-        let mut out = Outbound::new(Trickle {
-            out: Vec::new(),
-            chunk: 1 << 20,
-            calls: 0,
-            stall: false,
-        });
+        let mut out = trickle(1 << 20, false);
         let body = Bytes::from_static(b"{\"seq\":1}");
         for _ in 0..32 {
             out.push(Kind::Text, b"", body.clone(), Tail::None);
@@ -602,12 +593,7 @@ mod tests {
                 .map(|f| (OpCode::Data(Data::Binary), f.to_vec()))
                 .collect::<Vec<_>>(),
         );
-        let mut out = Outbound::new(Trickle {
-            out: Vec::new(),
-            chunk: 333,
-            calls: 0,
-            stall: true,
-        });
+        let mut out = trickle(333, true);
         for f in &frames {
             out.push(Kind::Binary, b"", f.clone(), Tail::None);
         }
