@@ -5,7 +5,10 @@
 //!
 //! Then the whole gateway: the ASB emulator → source → journal (→ mirror → mosquitto →
 //! subscriber) → complete, with the mirror off, on over loopback TCP, and on over
-//! mosquitto's Unix-domain socket, in the same run.
+//! mosquitto's Unix-domain socket, in the same run. The gateway runs on its own runtime
+//! (threads named `gateway`), the emulator and the test subscriber on another (`peers`),
+//! so that the CPU each path costs is reported apart: the gateway's threads, the peers'
+//! threads, mosquitto.
 //!
 //! Run: `cargo bench --bench mirror` (needs mosquitto: scripts/setup/mirror.sh).
 //! Optional: `MIRROR_BENCH_EVENTS=50000`, `MIRROR_BENCH_GATEWAY_EVENTS=10000`,
@@ -14,7 +17,8 @@
 //! mirror-on gateway path, for a profiler). To test what bounds the gateway path:
 //! `MIRROR_BENCH_INFLIGHT=32` (`mqtt.inflight`), `MIRROR_BENCH_UNSETTLED=256`
 //! (`journal.unsettled`), `MIRROR_BENCH_BROKER='max_inflight_messages 0'` (lines added to
-//! mosquitto.conf, `\n` between them; this one lifts the Receive Maximum of 20).
+//! mosquitto.conf, `\n` between them; this one lifts the Receive Maximum of 20),
+//! `MIRROR_BENCH_GATEWAY_WORKERS=2` (worker threads of the gateway's runtime).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -29,10 +33,21 @@ use asb_gateway::event::{ContentType, EncodedEvent, EventMeta, IdString, Topic};
 use asb_gateway::{mirror, shutdown};
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Batch, Body, Data, Message, Properties};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 const CS: &str = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
 const UNSETTLED: usize = 256;
+
+/// Worker threads of the gateway's runtime: `MIRROR_BENCH_GATEWAY_WORKERS`, else 2 (what
+/// `asb-gateway run` starts on a box of two cores or more).
+fn gateway_workers() -> usize {
+    std::env::var("MIRROR_BENCH_GATEWAY_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1)
+}
 
 /// `journal.unsettled` of the gateway path: `MIRROR_BENCH_UNSETTLED`, else [`UNSETTLED`].
 fn gateway_unsettled() -> usize {
@@ -182,9 +197,8 @@ fn asb_message(i: u64, body: &str) -> Message<Body<Value>> {
         .build()
 }
 
-/// CPU seconds (user + system) of a process so far, from `/proc/PID/stat`.
-fn cpu_secs(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// CPU seconds (user + system) in a `/proc/…/stat` line, 0 when it cannot be read.
+fn stat_cpu_secs(stat: &str) -> f64 {
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -192,14 +206,45 @@ fn cpu_secs(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds (user + system) of a process so far, from `/proc/PID/stat`.
+fn cpu_secs(pid: &str) -> f64 {
+    stat_cpu_secs(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// CPU seconds of this process's threads named `name` (`/proc/self/task/*/stat`; the
+/// name is the runtime's `thread_name`, cut to 15 bytes by the kernel). Threads that
+/// ended are not counted, so the runtimes keep theirs alive (no blocking-pool expiry
+/// within a run).
+fn threads_cpu_secs(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter(|stat| {
+            let comm = stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')'));
+            comm.is_some_and(|(c, _)| c == name)
+        })
+        .map(|stat| stat_cpu_secs(&stat))
+        .sum()
+}
+
+/// Thread names of the two runtimes.
+const GATEWAY_THREADS: &str = "gateway";
+const PEER_THREADS: &str = "peers";
+
 /// emulator → source → journal (→ mirror → mosquitto QoS 1 → subscriber) → complete.
 /// N messages are loaded into the emulator first; the time runs from starting the
 /// gateway until the emulator has N completed (and, with the mirror, the subscriber has
-/// all N). Returns events/s.
-async fn gateway_path(broker: &Broker, n: u64, via: Via) -> Path {
+/// all N). Returns events/s. The emulator and the subscriber run on `peers`.
+async fn gateway_path(broker: &Broker, peers: &Handle, n: u64, via: Via) -> Path {
     let port = broker.port;
     let with_mirror = via != Via::Off;
-    let emu = support::emulator::start_default().await;
+    let emu = peers
+        .spawn(support::emulator::start_default())
+        .await
+        .unwrap();
     // Straight into the emulator's store: the time is the gateway's, not a publisher's.
     let body = format!(
         "{{\"value\":21.5,\"unit\":\"C\",\"note\":\"{}\"}}",
@@ -233,14 +278,20 @@ async fn gateway_path(broker: &Broker, n: u64, via: Via) -> Path {
     );
     let ctx = Context::new(Config::parse(&text, &LoadEnv::default()).unwrap());
     let sub = if with_mirror {
-        Some(support::mqtt::counter(port, &format!("{prefix}/#")).await)
+        let filter = format!("{prefix}/#");
+        Some(
+            peers
+                .spawn(async move { support::mqtt::counter(port, &filter).await })
+                .await
+                .unwrap(),
+        )
     } else {
         None
     };
     let (trigger, sd) = shutdown::channel();
     let (ack_tx, ack_rx) = mpsc::channel(UNSETTLED * 2);
     let start = Instant::now();
-    let (cpu0, broker_cpu0) = (cpu_secs("self"), broker.cpu());
+    let cpu0 = Cpu::now(broker);
     let cx = ctx.source_context();
     let src = tokio::spawn(asb_gateway::source::run(cx, ack_rx, sd.clone()));
     let mir = if with_mirror {
@@ -262,8 +313,7 @@ async fn gateway_path(broker: &Broker, n: u64, via: Via) -> Path {
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let path = Path {
         rate,
-        cpu_us: (cpu_secs("self") - cpu0) * 1e6 / n as f64,
-        broker_cpu_us: (broker.cpu() - broker_cpu0) * 1e6 / n as f64,
+        cpu: Cpu::now(broker).per_event_since(&cpu0, n),
     };
     trigger.fire();
     let _ = tokio::time::timeout(Duration::from_secs(5), src).await;
@@ -273,7 +323,7 @@ async fn gateway_path(broker: &Broker, n: u64, via: Via) -> Path {
     if let Some((_, task)) = sub {
         task.abort();
     }
-    emu.shutdown().await;
+    peers.spawn(emu.shutdown()).await.unwrap();
     path
 }
 
@@ -286,12 +336,59 @@ enum Via {
     Unix,
 }
 
-/// One gateway path run: events/s, and CPU µs per event of this process (gateway,
-/// emulator, subscriber) and of the broker.
+/// One gateway path run: events/s, and CPU µs per event.
 struct Path {
     rate: f64,
-    cpu_us: f64,
-    broker_cpu_us: f64,
+    cpu: Cpu,
+}
+
+/// CPU seconds so far (or, from [`Cpu::per_event_since`], µs per event): this whole
+/// process, its gateway threads, its peer threads (emulator, test subscriber), mosquitto.
+#[derive(Clone, Copy)]
+struct Cpu {
+    process: f64,
+    gateway: f64,
+    peers: f64,
+    broker: f64,
+}
+
+impl Cpu {
+    fn now(broker: &Broker) -> Cpu {
+        Cpu {
+            process: cpu_secs("self"),
+            gateway: threads_cpu_secs(GATEWAY_THREADS),
+            peers: threads_cpu_secs(PEER_THREADS),
+            broker: broker.cpu(),
+        }
+    }
+
+    fn per_event_since(&self, before: &Cpu, n: u64) -> Cpu {
+        let us = |now: f64, then: f64| (now - then) * 1e6 / n as f64;
+        Cpu {
+            process: us(self.process, before.process),
+            gateway: us(self.gateway, before.gateway),
+            peers: us(self.peers, before.peers),
+            broker: us(self.broker, before.broker),
+        }
+    }
+
+    const NAN: Cpu = Cpu {
+        process: f64::NAN,
+        gateway: f64::NAN,
+        peers: f64::NAN,
+        broker: f64::NAN,
+    };
+}
+
+impl std::fmt::Display for Cpu {
+    /// µs per event: gateway threads + peer threads + mosquitto.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} gateway + {:.1} peers + {:.1} mosquitto µs CPU/event",
+            self.gateway, self.peers, self.broker
+        )
+    }
 }
 
 type Broker = support::mosquitto::Mosquitto;
@@ -311,11 +408,20 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // Blocking-pool threads live for the whole run: a thread that ended would take its
+    // CPU time out of the per-thread sums.
+    let runtime = |name: &str, workers: usize| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name(name)
+            .thread_keep_alive(Duration::from_secs(3600))
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let rt = runtime(GATEWAY_THREADS, gateway_workers());
+    let peers_rt = runtime(PEER_THREADS, 2);
+    let peers = peers_rt.handle().clone();
     let gw_n: u64 = std::env::var("MIRROR_BENCH_GATEWAY_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -353,42 +459,45 @@ fn main() {
             gateway_unsettled()
         );
         let (mut offs, mut ons, mut unixes) = (Vec::new(), Vec::new(), Vec::new());
+        // The gateway threads' CPU µs per event: off, on over TCP, on over the socket.
+        let mut gw_cpu: [Vec<f64>; 3] = Default::default();
         for round in 1..=rounds {
             let off = if skip_off {
                 Path {
                     rate: f64::NAN,
-                    cpu_us: f64::NAN,
-                    broker_cpu_us: 0.0,
+                    cpu: Cpu::NAN,
                 }
             } else {
-                gateway_path(&broker, gw_n, Via::Off).await
+                gateway_path(&broker, &peers, gw_n, Via::Off).await
             };
             // TCP and the Unix socket take turns going first.
             let (on, unix) = if round % 2 == 1 {
-                let on = gateway_path(&broker, gw_n, Via::Tcp).await;
-                (on, gateway_path(&broker, gw_n, Via::Unix).await)
+                let on = gateway_path(&broker, &peers, gw_n, Via::Tcp).await;
+                (on, gateway_path(&broker, &peers, gw_n, Via::Unix).await)
             } else {
-                let unix = gateway_path(&broker, gw_n, Via::Unix).await;
-                (gateway_path(&broker, gw_n, Via::Tcp).await, unix)
+                let unix = gateway_path(&broker, &peers, gw_n, Via::Unix).await;
+                (gateway_path(&broker, &peers, gw_n, Via::Tcp).await, unix)
             };
-            println!(
-                "  round {round}: mirror off {:>8.0} events/s completed ({:.1} µs CPU/event), \
-                 mirror on {:>8.0} events/s completed and at the subscriber ({:.1} µs CPU/event \
-                 + mosquitto {:.1}), over the Unix socket {:>8.0} ({:.1} + mosquitto {:.1})",
-                off.rate,
-                off.cpu_us,
-                on.rate,
-                on.cpu_us,
-                on.broker_cpu_us,
-                unix.rate,
-                unix.cpu_us,
-                unix.broker_cpu_us
-            );
+            println!("  round {round}:");
+            for (what, p) in [
+                ("mirror off", &off),
+                ("mirror on, TCP", &on),
+                ("mirror on, Unix socket", &unix),
+            ] {
+                println!(
+                    "    {what:<24} {:>8.0} events/s ({}; process {:.1})",
+                    p.rate, p.cpu, p.cpu.process
+                );
+            }
             offs.push(off.rate);
             ons.push(on.rate);
             unixes.push(unix.rate);
+            gw_cpu[0].push(off.cpu.gateway);
+            gw_cpu[1].push(on.cpu.gateway);
+            gw_cpu[2].push(unix.cpu.gateway);
         }
         let (off, on, unix) = (median(&mut offs), median(&mut ons), median(&mut unixes));
+        let [gw_off, gw_on, gw_unix] = gw_cpu.map(|mut v| median(&mut v));
         println!(
             "{:<44} {:>12.0} events/s completed (median)",
             "emulator -> gateway, mirror off", off
@@ -406,6 +515,19 @@ fn main() {
             "{:<44} {:>12.2}",
             "mirror on (Unix socket) / mirror off",
             unix / off
+        );
+        // What the gateway alone would sustain on cores of its own, its peers (the
+        // emulator standing in for ASB, the broker and its subscriber) elsewhere: the
+        // ratio of its CPU per event.
+        println!(
+            "{:<44} {:>12.1} off, {:.1} on (TCP), {:.1} on (Unix socket)",
+            "gateway threads, CPU µs/event (median)", gw_off, gw_on, gw_unix
+        );
+        println!(
+            "{:<44} {:>12.2} (TCP), {:.2} (Unix socket)",
+            "gateway CPU/event, mirror off / mirror on",
+            gw_off / gw_on,
+            gw_off / gw_unix
         );
     });
 }
