@@ -13,7 +13,8 @@
 //! serve many panels, and what a panel holds of its own stays a few hundred bytes.
 //!
 //! What is checked (the client is failed with the close code of [`ReadError::close_code`]):
-//! masking (§5.1), reserved bits and opcodes and a 64-bit length's top bit (§5.2),
+//! masking (§5.1), reserved bits and opcodes, a 64-bit length's top bit and a length in
+//! more bytes than it needs (§5.2),
 //! control frames unfragmented and at most 125 bytes (§5.5), continuation only inside a
 //! fragmented message and no new message inside one (§5.4), the message size (1009,
 //! before its payload is read), UTF-8 of a whole text message and of a close reason
@@ -337,9 +338,14 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         let parsed = FrameHeader::parse(&mut Cursor::new(&self.head[..need]))
             .map_err(|_| ReadError::Protocol("reserved opcode"))?;
         let (h, len) = parsed.expect("the header's length was read first");
-        // §5.2: a 64-bit length's most significant bit MUST be 0.
-        if self.head[1] & 0x7F == 127 && self.head[2] & 0x80 != 0 {
+        // §5.2: a 64-bit length's most significant bit MUST be 0, and "the minimal
+        // number of bytes MUST be used to encode the length".
+        let code = self.head[1] & 0x7F;
+        if code == 127 && self.head[2] & 0x80 != 0 {
             return Err(ReadError::Protocol("64-bit length with its top bit set")).into();
+        }
+        if (code == 126 && len < 126) || (code == 127 && len <= 0xFFFF) {
+            return Err(ReadError::Protocol("length not in its shortest form")).into();
         }
         if h.rsv1 || h.rsv2 || h.rsv3 {
             return Err(ReadError::Protocol("reserved bits set")).into();
@@ -553,19 +559,27 @@ mod tests {
 
     /// A masked client frame, for the cases a client library would not send.
     fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut out = vec![first];
+        let mut len = Vec::with_capacity(9);
         match payload.len() {
-            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 0..=125 => len.push(0x80 | n as u8),
             n @ 126..=0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
+                len.push(0x80 | 126);
+                len.extend_from_slice(&(n as u16).to_be_bytes());
             }
             n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
+                len.push(0x80 | 127);
+                len.extend_from_slice(&(n as u64).to_be_bytes());
             }
         }
+        masked(first, &len, payload)
+    }
+
+    /// A frame with its header's length bytes as given (`len`: the second byte and any
+    /// extended length), masked `payload` after them.
+    fn masked(first: u8, len: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![first];
+        out.extend_from_slice(len);
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         out
@@ -649,6 +663,44 @@ mod tests {
                 "close 1001 with a reason",
                 frame(0x88, b"\x03\xe9bye"),
                 Ok(ClientMessage::Close(Some(1001))),
+            ),
+            (
+                "16-bit length of 5",
+                masked(0x81, &[0x80 | 126, 0, 5], b"hello"),
+                Err("protocol"),
+            ),
+            (
+                "16-bit length of 125",
+                masked(0x81, &[0x80 | 126, 0, 125], &[b'a'; 125]),
+                Err("protocol"),
+            ),
+            (
+                "64-bit length of 5",
+                masked(
+                    0x81,
+                    &[&[0x80 | 127][..], &5u64.to_be_bytes()].concat(),
+                    b"hello",
+                ),
+                Err("protocol"),
+            ),
+            (
+                "64-bit length of 65,535",
+                masked(
+                    0x81,
+                    &[&[0x80 | 127][..], &0xffffu64.to_be_bytes()].concat(),
+                    b"",
+                ),
+                Err("protocol"),
+            ),
+            (
+                "16-bit length of 126, the least it may carry",
+                frame(0x81, &[b'a'; 126]),
+                Ok(ClientMessage::Text(Bytes::from(vec![b'a'; 126]))),
+            ),
+            (
+                "64-bit length of 65,536, the least it may carry",
+                frame(0x81, &vec![b'a'; 65_536]),
+                Err("size"),
             ),
             ("cut mid-header", vec![0x81, 0x80 | 126, 0], Err("eof")),
             (

@@ -395,6 +395,12 @@ async fn fragmented_frames_are_reassembled_and_bounded() {
         ]
         .concat(), // RSV1 set
         frame(false, 0x9, b"fragmented ping"),
+        {
+            // A 16-bit length for a payload of 13 bytes (§5.2: the shortest form MUST be
+            // used).
+            let f = frame(true, 0x1, br#"{"op":"ping"}"#);
+            [vec![f[0], 0x80 | 126, 0, f[1] & 0x7f], f[2..].to_vec()].concat()
+        },
     ] {
         let mut s = ws_raw::upgrade(srv.addr).await;
         let _ = s.write_all(&bytes).await;
