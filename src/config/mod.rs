@@ -1351,17 +1351,52 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
         key = "config".into();
     }
     // serde quotes offending values ("invalid type: integer `123456`"): never for a key
-    // that holds a secret.
-    let reason = if !duplicate && SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or("")) {
-        "invalid value (not shown: this key may hold a secret); expected a string".to_string()
+    // that holds a secret. Our own checks of such keys ("must be 64 hex digits") never
+    // quote the value, and say what is wrong: they are kept.
+    let secret = SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or(""));
+    let reason = if !duplicate && secret && may_quote_value(&reason, text, e.span()) {
+        let expected = reason
+            .split_once(", expected ")
+            .map_or(String::new(), |(_, what)| format!("; expected {what}"));
+        format!("invalid value (not shown: this key may hold a secret){expected}")
     } else {
         reason
     };
+    // Key names come from the file and serde repeats them: a control character (ESC,
+    // NUL, a newline) must not reach a terminal or a log line as it is.
     ConfigError::Syntax {
-        key,
+        key: escape_controls(&key),
         location,
-        reason,
+        reason: escape_controls(&reason),
     }
+}
+
+/// Might a toml or serde error `reason` quote the value at `span` of `text`? Its
+/// "invalid type" and "invalid value" forms do, and so does any reason that holds the
+/// value's text (an empty value has nothing to show).
+fn may_quote_value(reason: &str, text: &str, span: Option<std::ops::Range<usize>>) -> bool {
+    if reason.starts_with("invalid type") || reason.starts_with("invalid value") {
+        return true;
+    }
+    let value = span.and_then(|s| text.get(s)).unwrap_or("");
+    let value = value.trim().trim_matches(['"', '\'']);
+    !value.is_empty() && reason.contains(value)
+}
+
+/// `s` with each control character written as an escape (`\u{1b}`, `\0`, `\n`).
+fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A name or path from the config must not hold control characters (NUL, ESC, newline…):
@@ -1876,6 +1911,51 @@ mod tests {
             assert!(e.contains(key), "{e}");
             assert!(e.contains("not shown"), "{e}");
             assert!(!e.contains("987654321"), "{e}");
+        }
+    }
+
+    /// A string that is not a digest (the token itself pasted by mistake, the likeliest
+    /// error) is told what is wrong, and the string is never shown.
+    #[test]
+    fn a_token_pasted_where_its_digest_goes_is_told_why_and_not_shown() {
+        for (text, key) in [
+            (
+                minimal() + "[panels]\nmetrics_token = \"hunter2\"\n",
+                "panels.metrics_token",
+            ),
+            (
+                minimal()
+                    + "[[panels.tokens]]\nname = \"a\"\nsha256 = \"hunter2\"\nallow = [\"#\"]\n",
+                "sha256",
+            ),
+        ] {
+            let e = Config::parse(&text, &LoadEnv::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+            assert!(e.contains("must be 64 hex digits"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(!e.contains("expected a string"), "{e}");
+        }
+    }
+
+    /// Key names are the file's own text: a control character in one is written as an
+    /// escape in the error (which reaches terminals and the journal), never as it is.
+    #[test]
+    fn control_characters_in_a_key_are_escaped_in_the_error() {
+        for (bad, shown) in [
+            // TOML escapes in the key's quotes, and what the error shows.
+            (r"ev\u001b[31mRED", r"ev\u{1b}[31mRED"),
+            (r"a\u0000b", r"a\0b"),
+            (r"line\nbreak", r"line\nbreak"),
+        ] {
+            let text = minimal() + &format!("[journal]\n\"{bad}\" = 5\n");
+            let e = Config::parse(&text, &LoadEnv::default())
+                .unwrap_err()
+                .to_string();
+            assert!(!e.chars().any(char::is_control), "{e:?}");
+            assert!(e.contains(&format!("journal.{shown}")), "{e}");
+            assert!(e.contains("unknown field"), "{e}");
         }
     }
 
