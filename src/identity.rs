@@ -183,15 +183,17 @@ fn check_scheme(uri: &Uri, what: &str) -> Result<(), String> {
     }
 }
 
-/// Loopback, or IPv4 link-local (Azure IMDS's 169.254.169.254): addresses a plain
-/// `http://` token request never leaves the box or its host for.
+/// Loopback, or IPv4 link-local (Azure IMDS's 169.254.169.254), also written as
+/// IPv4-mapped IPv6 (`[::ffff:127.0.0.1]`): addresses a plain `http://` token request
+/// never leaves the box or its host for.
 fn is_loopback(host: &str) -> bool {
     let h = host.trim_matches(['[', ']']);
     h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
-            std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
-            std::net::IpAddr::V6(v6) => v6.is_loopback(),
-        })
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| match ip.to_canonical() {
+                std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => v6.is_loopback(),
+            })
 }
 
 /// An access token and when it expires (seconds since the Unix epoch).
@@ -637,6 +639,15 @@ mod tests {
         let imds = "http://169.254.169.254/metadata/identity/oauth2/token";
         assert!(identity_endpoint(imds).is_ok(), "Azure IMDS is link-local");
         assert!(identity_endpoint("http://10.0.0.1/token").is_err());
+        // The same addresses written as IPv4-mapped IPv6, and IPv6 loopback.
+        for local in [
+            "http://[::ffff:127.0.0.1]:40342/token",
+            "http://[::ffff:169.254.169.254]/token",
+            "http://[::1]:40342/token",
+        ] {
+            assert!(identity_endpoint(local).is_ok(), "{local}");
+        }
+        assert!(identity_endpoint("http://[::ffff:10.0.0.1]/token").is_err());
         assert!(identity_endpoint("ftp://localhost/x").is_err());
     }
 

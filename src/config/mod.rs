@@ -744,7 +744,7 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         let p = &self.panels;
-        if !p.listen.ip().is_loopback() && p.tls.is_none() {
+        if !p.listen.ip().to_canonical().is_loopback() && p.tls.is_none() {
             w.push(format!(
                 "panels.listen {} is reachable from the network without TLS: tokens and events \
                  travel in clear text (set panels.tls_cert and panels.tls_key)",
@@ -1070,7 +1070,7 @@ impl PanelsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         range("panels.max_panels", self.max_panels, 1, 100_000)?;
         range("panels.last_values", self.last_values, 0, 1_000_000)?;
-        if !self.listen.ip().is_loopback() && self.tokens.is_empty() && !self.open {
+        if !self.listen.ip().to_canonical().is_loopback() && self.tokens.is_empty() && !self.open {
             return Err(invalid(
                 "panels.listen",
                 format!(

@@ -160,11 +160,16 @@ fn a_network_bind_needs_tokens_or_open_and_warns_without_tls() {
     ))
     .unwrap();
     assert!(tokens.warnings()[0].contains("clear text"));
+    // Loopback, also written as IPv6 or IPv4-mapped IPv6: no tokens needed, no warning.
+    for listen in ["127.0.0.1:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080"] {
+        let c = parse(&format!("[panels]\nlisten = \"{listen}\"\n"));
+        let c = c.unwrap_or_else(|e| panic!("{listen}: {e}"));
+        assert!(c.warnings().is_empty(), "{listen}: {:?}", c.warnings());
+    }
+    let e = parse("[panels]\nlisten = \"[::ffff:192.0.2.1]:8080\"\n").unwrap_err();
     assert!(
-        parse("[panels]\nlisten = \"127.0.0.1:8080\"\n")
-            .unwrap()
-            .warnings()
-            .is_empty()
+        e.contains("panels.open = true"),
+        "a mapped network address: {e}"
     );
     // the daemon refuses to start such a config, saying why
     let d = TempDir::new("open");
