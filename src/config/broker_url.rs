@@ -58,8 +58,10 @@ impl BrokerUrl {
         } else {
             return Err("must start with mqtt://, mqtts:// or unix://".into());
         };
-        let (authority, after) = rest.split_once('/').unwrap_or((rest, ""));
-        if !after.is_empty() {
+        // The authority ends at the first '/', '?' or '#' (RFC 3986 §3.2); one trailing
+        // '/' is allowed.
+        let (authority, after) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+        if !after.is_empty() && after != "/" {
             return Err("may hold only mqtt[s]://HOST:PORT (no path, query or fragment)".into());
         }
         if !crate::authority::has_port(authority) {
@@ -178,7 +180,13 @@ mod tests {
             ("mqtt://h\u{0}:1883", "invalid host"),
             ("mqtt://h%41:1883", "invalid host"),
             ("mqtt://x:1883/topic", "no path"),
-            ("mqtt://x:1883?y#z", "invalid port"),
+            ("mqtt://x:1883?y#z", "no path, query or fragment"),
+            (
+                "mqtt://x:1883?password=hunter2",
+                "no path, query or fragment",
+            ),
+            ("mqtt://x:1883#hunter2", "no path, query or fragment"),
+            ("mqtt://x:1883/?y", "no path, query or fragment"),
             ("mqtt://user:hunter2", "invalid port"),
             ("mqtt://user:hunter2\u{ff20}x:1883", "invalid port"),
         ] {

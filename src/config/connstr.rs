@@ -156,8 +156,11 @@ impl ConnectionString {
             .or_else(|| endpoint.strip_prefix("amqps://"))
             .or_else(|| endpoint.strip_prefix("amqp://"))
             .ok_or(ConnStrError::BadEndpoint)?;
-        let authority = rest.split('/').next().unwrap_or("");
-        if authority.is_empty() || authority.contains('@') {
+        // The authority ends at the first '/', '?' or '#' (RFC 3986 §3.2). A path is
+        // ignored, as the SDKs do; a query or fragment has no meaning here.
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, after) = rest.split_at(end);
+        if authority.is_empty() || authority.contains('@') || after.starts_with(['?', '#']) {
             return Err(ConnStrError::BadEndpoint);
         }
         let default_port = default_port(!emulator, websockets);
@@ -320,6 +323,8 @@ mod tests {
             ("sb://n s/", ConnStrError::BadEndpoint),
             ("sb://n\u{0}s/", ConnStrError::BadEndpoint),
             ("sb://ns?x=1", ConnStrError::BadEndpoint),
+            ("sb://ns:5671?x=1", ConnStrError::BadEndpoint),
+            ("sb://ns:5671#x", ConnStrError::BadEndpoint),
             ("sb://a:b:5671/", ConnStrError::BadPort),
             ("sb://ns:+5671/", ConnStrError::BadPort),
             ("sb://::1/", ConnStrError::BadPort),
