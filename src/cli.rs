@@ -121,7 +121,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             ("emulator", Long("tls-cert")) => tls_cert = Some(p.value()?.into()),
             ("emulator", Long("tls-key")) => tls_key = Some(p.value()?.into()),
             ("emulator", Long("jwt-public-key")) => jwt_public_key = Some(p.value()?.into()),
-            ("demo", Long("mqtt")) => mqtt = Some(p.value()?.to_string_lossy().into_owned()),
+            ("demo", Long("mqtt")) => {
+                // Checked here, before the demo starts anything, by the config's own rule
+                // (its reason never quotes the URL).
+                let url = p.value()?.to_string_lossy().into_owned();
+                crate::config::BrokerUrl::parse(&url)
+                    .map_err(|why| UsageError(format!("--mqtt: the URL {why}")))?;
+                mqtt = Some(url);
+            }
             ("demo", Long("rate")) => {
                 let v = p.value()?.to_string_lossy().into_owned();
                 rate = v
@@ -130,7 +137,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
                     .filter(|r: &f64| *r > 0.0 && *r <= 100_000.0)
                     .ok_or_else(|| {
                         UsageError(format!(
-                            "--rate: '{v}' is not a rate between 0 and 100000 events/s"
+                            "--rate: '{v}' is not a rate above 0 and at most 100000 events/s"
                         ))
                     })?;
             }
@@ -507,5 +514,32 @@ mod tests {
         assert!(p(&["check-config", "--config"]).is_err());
         assert!(p(&["emulator", "--tls-cert", "c"]).is_err());
         assert!(p(&["emulator", "--tls-cert", "c", "--tls-key", "k"]).is_err());
+    }
+
+    /// A bad `--mqtt` URL is refused when the command line is read, before the demo
+    /// starts its emulator, with the config's own reason and without the URL.
+    #[test]
+    fn a_bad_demo_mqtt_url_is_a_usage_error_that_says_why() {
+        for (url, why) in [
+            ("mqtt://h:1\u{1b}", "invalid port"),
+            (
+                "mqtt://h:1883?password=hunter2",
+                "no path, query or fragment",
+            ),
+            ("tcp://h:1883", "must start with"),
+            ("mqtt://u:hunter2@h:1883", "credentials"),
+        ] {
+            let e = p(&["demo", "--mqtt", url]).unwrap_err().0;
+            assert!(e.starts_with("--mqtt: the URL "), "{url}: {e}");
+            assert!(e.contains(why), "{url}: {e}");
+            assert!(
+                !e.contains("hunter2") && !e.chars().any(char::is_control),
+                "{e:?}"
+            );
+        }
+        for rate in ["0", "100001", "x"] {
+            let e = p(&["demo", "--rate", rate]).unwrap_err().0;
+            assert!(e.contains("above 0 and at most 100000"), "{e}");
+        }
     }
 }

@@ -52,15 +52,33 @@ pub enum DemoError {
 /// The gateway config of the demo, as TOML (so it goes through the same validation).
 pub fn config_text(connection_string: &str, listen: SocketAddr, mqtt: Option<&str>) -> String {
     let mut text = format!(
-        "[source]\nconnection_string = {cs:?}\n\n[[source.subscriptions]]\ntopic = {TOPIC:?}\nsubscription = {SUBSCRIPTION:?}\n\n[routing]\ntopic = \"{{prop:line}}/{{prop:station}}/{{subject}}\"\n\n[panels]\nlisten = \"{listen}\"\n",
-        cs = connection_string,
+        "[source]\nconnection_string = {cs}\n\n[[source.subscriptions]]\ntopic = {TOPIC:?}\nsubscription = {SUBSCRIPTION:?}\n\n[routing]\ntopic = \"{{prop:line}}/{{prop:station}}/{{subject}}\"\n\n[panels]\nlisten = \"{listen}\"\n",
+        cs = toml_string(connection_string),
     );
     if let Some(url) = mqtt {
         text += &format!(
-            "\n[mqtt]\nurl = {url:?}\nclient_id = \"asb-gateway-demo\"\nprefix = \"factory/asb\"\n"
+            "\n[mqtt]\nurl = {}\nclient_id = \"asb-gateway-demo\"\nprefix = \"factory/asb\"\n",
+            toml_string(url)
         );
     }
     text
+}
+
+/// `s` as a TOML basic string (TOML 1.0 §String): quoted, with `"` and `\` escaped
+/// and each control character written as `\uXXXX`.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Run the demo until `shutdown` fires: bind the panel address, start the emulator on a
@@ -133,4 +151,26 @@ pub async fn run(options: DemoOptions, mut shutdown: Shutdown) -> Result<(), Dem
     let _ = generator.await;
     emulator.shutdown().await;
     result.map_err(DemoError::Gateway)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever `--mqtt` holds reaches the config as the same string: quotes,
+    /// backslashes, control characters and combining marks included.
+    #[test]
+    fn the_generated_config_holds_the_mqtt_url_as_given() {
+        let cs = "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true";
+        let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let url = "unix:///run/a\"b\\c\u{301}\u{1b}.sock";
+        let text = config_text(cs, listen, Some(url));
+        let doc: toml::Table = text.parse().unwrap_or_else(|e| panic!("{text}\n{e}"));
+        assert_eq!(doc["mqtt"]["url"].as_str(), Some(url));
+        assert_eq!(doc["source"]["connection_string"].as_str(), Some(cs));
+        // A URL the config takes gives a config that parses.
+        let good = config_text(cs, listen, Some("unix:///run/mqtt \"x\".sock"));
+        let c = Config::parse(&good, &LoadEnv::default()).unwrap();
+        assert!(c.mqtt.is_some());
+    }
 }
