@@ -260,6 +260,11 @@ fn route(
             why,
         );
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host MUST get 400. (With
+    // `server_names` set it got 421 above, like any request that does not name us.)
+    if host.is_none() && req.version() == hyper::Version::HTTP_11 {
+        return text(StatusCode::BAD_REQUEST, "a Host header is required\n");
+    }
     let path = req.uri().path();
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     match path {
