@@ -521,16 +521,11 @@ fn arc_key(endpoint: &Uri, challenge: Option<&str>) -> Result<String, IdentityEr
             path.display()
         )));
     }
-    let meta = std::fs::metadata(path)
+    // Capped as it is read: a size from the metadata says nothing of a device.
+    let key = crate::file_limit::read_capped(path, MAX_ARC_KEY)
         .map_err(|e| err(format!("cannot read the key file {}: {e}", path.display())))?;
-    if meta.len() > MAX_ARC_KEY {
-        return Err(err(format!(
-            "the key file {} is over 4 KiB",
-            path.display()
-        )));
-    }
-    let key = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("cannot read the key file {}: {e}", path.display())))?;
+    let key = String::from_utf8(key)
+        .map_err(|_| err(format!("the key file {} is not UTF-8 text", path.display())))?;
     Ok(key.trim().to_string())
 }
 

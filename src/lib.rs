@@ -33,6 +33,7 @@ pub mod durable;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod event;
+pub mod file_limit;
 #[cfg(feature = "emulator")]
 pub mod generator;
 pub mod held;

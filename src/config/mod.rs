@@ -678,10 +678,11 @@ fn env_either(upper: &str, lower: &str) -> Option<String> {
 impl Config {
     /// Read and validate a config file, with credentials from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|e| ConfigError::Read {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = crate::file_limit::read_capped(path, crate::file_limit::MAX_FILE_BYTES)
+            .map_err(|e| ConfigError::Read {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let text = decode_text(&bytes).map_err(|why| ConfigError::Read {
             path: path.to_path_buf(),
             reason: format!("the file {why}"),
@@ -966,9 +967,10 @@ fn resolve_identity(
                 }
                 (None, Some(p)) => {
                     let key = "source.entra.certificate_file";
-                    let pem = std::fs::read(p).map_err(|e| {
-                        invalid(key, format!("{}: cannot read: {e}", shown_path(p)))
-                    })?;
+                    let pem = crate::file_limit::read_capped(p, crate::file_limit::MAX_FILE_BYTES)
+                        .map_err(|e| {
+                            invalid(key, format!("{}: cannot read: {e}", shown_path(p)))
+                        })?;
                     let (x5t, x5t_s256) = crate::jwt::thumbprints(&pem)
                         .map_err(|e| invalid(key, format!("{}: {e}", shown_path(p))))?;
                     let signer = crate::jwt::RsaSigner::from_pem(&pem)

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use crate::file_limit::{MAX_FILE_BYTES, read_capped};
 use crate::redact::shown_path;
 
 /// The UTF-8 encoding of U+FEFF.
@@ -47,11 +48,12 @@ fn utf8(bytes: &[u8]) -> Result<String, String> {
     })
 }
 
-/// Read a text file, accepting a leading byte-order mark (see [`decode_text`]). The error
-/// names the path (as [`shown_path`] shows it) and the reason, never the content.
+/// Read a text file of at most [`MAX_FILE_BYTES`], accepting a leading byte-order mark
+/// (see [`decode_text`]). The error names the path (as [`shown_path`] shows it) and the
+/// reason, never the content.
 pub fn read_text_file(path: &Path) -> Result<String, String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", shown_path(path)))?;
+    let bytes = read_capped(path, MAX_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", shown_path(path)))?;
     decode_text(&bytes).map_err(|why| format!("{} {why}", shown_path(path)))
 }
 

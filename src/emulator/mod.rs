@@ -527,12 +527,13 @@ pub async fn serve(options: ServeOptions, mut shutdown: Shutdown) -> Result<(), 
     } = options;
     let jwt_key = match jwt_public_key {
         Some(p) => {
-            let pem = std::fs::read(&p).map_err(|e| {
-                EmulatorError::Config(format!(
-                    "--jwt-public-key {}: cannot read: {e}",
-                    p.display()
-                ))
-            })?;
+            let pem = crate::file_limit::read_capped(&p, crate::file_limit::MAX_FILE_BYTES)
+                .map_err(|e| {
+                    EmulatorError::Config(format!(
+                        "--jwt-public-key {}: cannot read: {e}",
+                        p.display()
+                    ))
+                })?;
             Some(Arc::new(crate::jwt::RsaVerifier::from_pem(&pem).map_err(
                 |e| EmulatorError::Config(format!("--jwt-public-key {}: {e}", p.display())),
             )?))

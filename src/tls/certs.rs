@@ -84,9 +84,11 @@ pub fn expiry_warning(key: &str, files: &CertFiles, not_after: SystemTime) -> Op
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|e| CertError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
+    crate::file_limit::read_capped(path, crate::file_limit::MAX_FILE_BYTES).map_err(|e| {
+        CertError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
     })
 }
 
