@@ -260,10 +260,24 @@ fn route(
             why,
         );
     }
-    // RFC 9112 §3.2: an HTTP/1.1 request without Host MUST get 400. (With
-    // `server_names` set it got 421 above, like any request that does not name us.)
-    if host.is_none() && req.version() == hyper::Version::HTTP_11 {
-        return text(StatusCode::BAD_REQUEST, "a Host header is required\n");
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host, or a Host that is not
+    // host[:port], MUST get 400. (With `server_names` set both got 421 above, like any
+    // request that does not name this box.)
+    let bad_host = match host {
+        None if req.version() == hyper::Version::HTTP_11 => Some("a Host header is required"),
+        None => None,
+        Some(h) => super::origin::host_name(h)
+            .is_none()
+            .then_some("malformed Host header"),
+    };
+    if let Some(why) = bad_host {
+        return reject(
+            server,
+            RejectReason::Host,
+            StatusCode::BAD_REQUEST,
+            peer,
+            why.into(),
+        );
     }
     let path = req.uri().path();
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);

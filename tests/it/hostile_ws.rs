@@ -1459,23 +1459,39 @@ async fn a_ping_flood_that_reads_nothing_gets_every_pong_in_order_without_piling
     srv.stop().await;
 }
 
-/// RFC 9112 §3.2: an HTTP/1.1 request without a Host header gets 400, on every path and
-/// for the upgrade. HTTP/1.0 has no Host header and is served.
+/// RFC 9112 §3.2: an HTTP/1.1 request without a Host header, or with a Host that is not
+/// host[:port], gets 400, on every path and for the upgrade, counted as a refusal.
+/// HTTP/1.0 has no Host header and is served.
 #[tokio::test]
 async fn an_http_1_1_request_without_host_is_a_bad_request() {
     let ctx = ctx("");
     let srv = start(ctx.clone(), Options::default()).await;
+    let mut refused = 0;
     for path in ["/", "/page.js", "/healthz", "/metrics", "/v1/last", "/nope"] {
-        let req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n");
-        let resp = exchange(srv.addr, req.as_bytes()).await;
-        assert_eq!(status(&resp), 400, "{path}: {resp}");
-        assert!(resp.contains("a Host header is required"), "{path}: {resp}");
+        for (host, why) in [
+            ("", "a Host header is required"),
+            ("Host: a b\r\n", "malformed Host header"),
+            ("Host: gw:80:80\r\n", "malformed Host header"),
+        ] {
+            let req = format!("GET {path} HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
+            let resp = exchange(srv.addr, req.as_bytes()).await;
+            assert_eq!(status(&resp), 400, "{path} {host:?}: {resp}");
+            assert!(resp.contains(why), "{path} {host:?}: {resp}");
+            refused += 1;
+        }
     }
     let upgrade = "GET /v1/stream HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     let resp = exchange(srv.addr, upgrade.as_bytes()).await;
     assert_eq!(status(&resp), 400, "{resp}");
+    refused += 1;
     assert_eq!(ctx.metrics.panels_connected.get(), 0);
+    let rejected = ctx
+        .metrics
+        .panels_rejected
+        .of(asb_gateway::metrics::RejectReason::Host)
+        .get();
+    assert_eq!(rejected, refused, "each refusal is counted");
     // /healthz answers 503 here: no source is connected.
     let resp = exchange(srv.addr, b"GET /healthz HTTP/1.0\r\n\r\n").await;
     assert_eq!(status(&resp), 503, "{resp}");
