@@ -57,8 +57,10 @@ pub enum Command {
     Version,
 }
 
+/// A bad command line, with what is wrong. Displayed with control characters escaped
+/// ([`crate::redact::escaped`]): it repeats what the user typed.
 #[derive(Debug, thiserror::Error, PartialEq)]
-#[error("{0}")]
+#[error("{}", crate::redact::escaped(.0))]
 pub struct UsageError(pub String);
 
 impl From<lexopt::Error> for UsageError {
@@ -541,5 +543,12 @@ mod tests {
             let e = p(&["demo", "--rate", rate]).unwrap_err().0;
             assert!(e.contains("above 0 and at most 100000"), "{e}");
         }
+        // What the user typed is repeated with its control characters escaped.
+        let e = p(&["demo", "--rate", "1\u{1b}[31m"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(r"'1\u{1b}[31m'"), "{e:?}");
+        let e = p(&["frob\u{0}"]).unwrap_err().to_string();
+        assert!(e.contains(r"'frob\0'"), "{e:?}");
     }
 }

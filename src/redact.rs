@@ -7,7 +7,8 @@
 //! looks like one.
 //!
 //! Text a peer sent (a broker's error description, a token service's challenge, a
-//! browser's `Origin`) is shown through [`peer_text`]: bounded, and one line.
+//! browser's `Origin`) is shown through [`peer_text`]: bounded, and one line. Text the
+//! user wrote (a config key, a command-line value) is shown through [`escaped`].
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -50,9 +51,36 @@ pub fn peer_text(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Text from the user's own file or command line (a config key, an option's value) as
+/// errors show it: each control character written as an escape (`\u{1b}`, `\0`, `\n`),
+/// so that ESC or NUL never reaches a terminal or a log line as it is. Not cut: the user
+/// wrote it.
+pub fn escaped(s: &str) -> Cow<'_, str> {
+    if !s.contains(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_debug().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_writes_control_characters_as_escapes() {
+        assert_eq!(escaped("journal.events"), "journal.events");
+        assert_eq!(escaped("a\u{1b}[31m\0\nb"), "a\\u{1b}[31m\\0\\nb");
+    }
 
     #[test]
     fn peer_text_is_one_bounded_line() {

@@ -287,11 +287,13 @@ fn opt_sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Token
     sha256_hex(d).map(|h| Some(TokenDigest(h)))
 }
 
+/// Why a `sha256`/`metrics_token` value is refused; it never quotes the value.
+const NOT_A_DIGEST: &str = "must be 64 hex digits (the SHA-256 of the token)";
+
 fn sha256_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
     let text = String::deserialize(d)?;
     // The value is never quoted back: a token pasted here by mistake stays private.
-    decode_sha256(&text)
-        .ok_or_else(|| serde::de::Error::custom("must be 64 hex digits (the SHA-256 of the token)"))
+    decode_sha256(&text).ok_or_else(|| serde::de::Error::custom(NOT_A_DIGEST))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1353,10 +1355,13 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
         key = "config".into();
     }
     // serde quotes offending values ("invalid type: integer `123456`"): never for a key
-    // that holds a secret. Our own checks of such keys ("must be 64 hex digits") never
-    // quote the value, and say what is wrong: they are kept.
+    // that holds a secret. Kept are only reasons known to quote no value: a key unknown
+    // or missing (they name keys), and our own check of a digest.
     let secret = SECRET_KEYS.contains(&key.rsplit('.').next().unwrap_or(""));
-    let reason = if !duplicate && secret && may_quote_value(&reason, text, e.span()) {
+    let quotes_nothing = reason.starts_with("unknown field `")
+        || reason.starts_with("missing field `")
+        || reason == NOT_A_DIGEST;
+    let reason = if !duplicate && secret && !quotes_nothing {
         let expected = reason
             .split_once(", expected ")
             .map_or(String::new(), |(_, what)| format!("; expected {what}"));
@@ -1367,38 +1372,10 @@ fn syntax(text: &str, path: String, e: toml::de::Error) -> ConfigError {
     // Key names come from the file and serde repeats them: a control character (ESC,
     // NUL, a newline) must not reach a terminal or a log line as it is.
     ConfigError::Syntax {
-        key: escape_controls(&key),
+        key: crate::redact::escaped(&key).into_owned(),
         location,
-        reason: escape_controls(&reason),
+        reason: crate::redact::escaped(&reason).into_owned(),
     }
-}
-
-/// Might a toml or serde error `reason` quote the value at `span` of `text`? Its
-/// "invalid type" and "invalid value" forms do, and so does any reason that holds the
-/// value's text (an empty value has nothing to show).
-fn may_quote_value(reason: &str, text: &str, span: Option<std::ops::Range<usize>>) -> bool {
-    if reason.starts_with("invalid type") || reason.starts_with("invalid value") {
-        return true;
-    }
-    let value = span.and_then(|s| text.get(s)).unwrap_or("");
-    let value = value.trim().trim_matches(['"', '\'']);
-    !value.is_empty() && reason.contains(value)
-}
-
-/// `s` with each control character written as an escape (`\u{1b}`, `\0`, `\n`).
-fn escape_controls(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// A name or path from the config must not hold control characters (NUL, ESC, newline…):
@@ -1939,6 +1916,21 @@ mod tests {
             assert!(!e.contains("hunter2"), "{e}");
             assert!(!e.contains("expected a string"), "{e}");
         }
+        // A value short enough to appear in the reason by chance changes nothing.
+        let e = Config::parse(
+            &(minimal() + "[panels]\nmetrics_token = \"a\"\n"),
+            &LoadEnv::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be 64 hex digits"), "{e}");
+        // A secret key in the wrong table is an unknown key, and told so.
+        let text = minimal().replace("[[source", "password = \"hunter2\"\n[[source");
+        let e = Config::parse(&text, &LoadEnv::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("source.password: unknown field"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     /// Key names are the file's own text: a control character in one is written as an
