@@ -160,7 +160,7 @@ impl ConnectionString {
         // ignored, as the SDKs do; a query or fragment has no meaning here.
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, after) = rest.split_at(end);
-        if authority.is_empty() || authority.contains('@') || after.starts_with(['?', '#']) {
+        if authority.is_empty() || authority.contains('@') || after.contains(['?', '#']) {
             return Err(ConnStrError::BadEndpoint);
         }
         let default_port = default_port(!emulator, websockets);
@@ -325,6 +325,8 @@ mod tests {
             ("sb://ns?x=1", ConnStrError::BadEndpoint),
             ("sb://ns:5671?x=1", ConnStrError::BadEndpoint),
             ("sb://ns:5671#x", ConnStrError::BadEndpoint),
+            ("sb://ns/?x=1", ConnStrError::BadEndpoint),
+            ("sb://ns/#x", ConnStrError::BadEndpoint),
             ("sb://a:b:5671/", ConnStrError::BadPort),
             ("sb://ns:+5671/", ConnStrError::BadPort),
             ("sb://::1/", ConnStrError::BadPort),
