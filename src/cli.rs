@@ -521,6 +521,7 @@ mod tests {
     /// A bad `--mqtt` URL is refused when the command line is read, before the demo
     /// starts its emulator, with the config's own reason and without the URL.
     #[test]
+    #[cfg(feature = "emulator")]
     fn a_bad_demo_mqtt_url_is_a_usage_error_that_says_why() {
         for (url, why) in [
             ("mqtt://h:1\u{1b}", "invalid port"),
@@ -543,12 +544,19 @@ mod tests {
             let e = p(&["demo", "--rate", rate]).unwrap_err().0;
             assert!(e.contains("above 0 and at most 100000"), "{e}");
         }
-        // What the user typed is repeated with its control characters escaped.
         let e = p(&["demo", "--rate", "1\u{1b}[31m"])
             .unwrap_err()
             .to_string();
         assert!(e.contains(r"'1\u{1b}[31m'"), "{e:?}");
+    }
+
+    /// What the user typed is repeated with its control characters escaped.
+    #[test]
+    fn usage_errors_escape_control_characters() {
         let e = p(&["frob\u{0}"]).unwrap_err().to_string();
         assert!(e.contains(r"'frob\0'"), "{e:?}");
+        let e = p(&["run", "--config\u{1b}[31m"]).unwrap_err().to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains(r"\u{1b}[31m"), "{e:?}");
     }
 }
