@@ -152,11 +152,56 @@ impl Node {
         }
     }
 
+    /// Publish `bodies` in order, each accepted before the next is sent. RabbitMQ has
+    /// been seen to close a fresh connection (`close` without an error) part way
+    /// through, and fe2o3's `send` then waits for ever: each send is bounded, and
+    /// after a failure the rest goes out on a new connection (at most 5 of them), with
+    /// the broker's log printed to say why.
     async fn publish(&self, address: &str, bodies: impl IntoIterator<Item = String>) {
-        let mut c = self.connect().await.unwrap();
-        let mut s = Session::begin(&mut c).await.unwrap();
-        let mut tx = Sender::attach(&mut s, "publisher", address).await.unwrap();
-        for (i, b) in bodies.into_iter().enumerate() {
+        let bodies: Vec<String> = bodies.into_iter().collect();
+        let mut next = 0;
+        for attempt in 1.. {
+            match self.publish_from(address, &bodies, &mut next).await {
+                Ok(()) => return,
+                Err(e) => {
+                    assert!(
+                        attempt < 5,
+                        "publishing to RabbitMQ failed 5 times, last: {e}\n{}",
+                        self.log()
+                    );
+                    eprintln!(
+                        "publish to RabbitMQ failed at message {next} of {}: {e}; again on a \
+                         new connection. Broker log:\n{}",
+                        bodies.len(),
+                        self.log()
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Send `bodies[*next..]` on one connection, moving `next` past each accepted one.
+    async fn publish_from(
+        &self,
+        address: &str,
+        bodies: &[String],
+        next: &mut usize,
+    ) -> Result<(), String> {
+        let step = Duration::from_secs(10);
+        let within = |what: &'static str| move |_| format!("{what}: nothing within 10 s");
+        let mut c = tokio::time::timeout(step, self.connect())
+            .await
+            .map_err(within("connect"))??;
+        let mut s = tokio::time::timeout(step, Session::begin(&mut c))
+            .await
+            .map_err(within("begin"))?
+            .map_err(|e| e.to_string())?;
+        let mut tx = tokio::time::timeout(step, Sender::attach(&mut s, "publisher", address))
+            .await
+            .map_err(within("attach"))?
+            .map_err(|e| e.to_string())?;
+        while let Some(b) = bodies.get(*next) {
             let msg = Message::builder()
                 .properties(
                     Properties::builder()
@@ -167,19 +212,24 @@ impl Node {
                 )
                 .application_properties(
                     ApplicationProperties::builder()
-                        .insert("n", SimpleValue::Long(i as i64))
+                        .insert("n", SimpleValue::Long(*next as i64))
                         .build(),
                 )
-                .value(b)
+                .value(b.clone())
                 .build();
-            let outcome = tx.send(msg).await.unwrap();
+            let outcome = tokio::time::timeout(step, tx.send(msg))
+                .await
+                .map_err(within("send"))?
+                .map_err(|e| e.to_string())?;
             assert!(outcome.is_accepted(), "{outcome:?}");
+            *next += 1;
         }
         // RabbitMQ 3.10 answers a closing detach in a way fe2o3 reports as an
         // illegal state; the messages are accepted already, so ignore it.
         let _ = tx.close().await;
         let _ = s.end().await;
         let _ = c.close().await;
+        Ok(())
     }
 
     /// Drain what is left in the queue with a plain receiver (accepting it), up to the
