@@ -207,7 +207,7 @@ async fn reloader(
             Ok(cert) => {
                 log::info!(
                     "reload: {key} {} re-read, valid until {}",
-                    files.cert.display(),
+                    crate::redact::escaped_path(&files.cert),
                     humantime::format_rfc3339_seconds(cert.not_after)
                 );
                 if let Some(w) = crate::tls::certs::expiry_warning(key, files, cert.not_after) {
@@ -249,7 +249,7 @@ fn reload_config(path: &std::path::Path, running: &mut Running) {
         Err(e) => {
             log::error!(
                 "reload: {}: {e}; refused, the running config stays",
-                path.display()
+                crate::redact::escaped_path(path)
             );
             return;
         }
@@ -259,7 +259,7 @@ fn reload_config(path: &std::path::Path, running: &mut Running) {
         log::error!(
             "reload: {}: budget.memory_mib: the worst case ({} bytes) exceeds the budget \
              ({} bytes); refused, the running config stays",
-            path.display(),
+            crate::redact::escaped_path(path),
             budget.total(),
             budget.limit_bytes
         );
@@ -279,7 +279,11 @@ fn reload_config(path: &std::path::Path, running: &mut Running) {
             crate::appliance::logging::choose_level(rust_log.as_deref(), &running.config.log.level);
         log::set_max_level(level);
     }
-    log::info!("reload: {}: {}", path.display(), changes.summary());
+    log::info!(
+        "reload: {}: {}",
+        crate::redact::escaped_path(path),
+        changes.summary()
+    );
 }
 
 /// Run the gateway on `listener` (the panel port) until `shutdown_signal` resolves or a

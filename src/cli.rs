@@ -292,19 +292,19 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                 println!("{w}");
             }
             if b.fits() {
-                println!("{}: ok", path.display());
+                println!("{}: ok", crate::redact::escaped_path(path));
                 ExitCode::SUCCESS
             } else {
                 eprintln!(
                     "{}: budget.memory_mib: the worst case exceeds the budget; {}",
-                    path.display(),
+                    crate::redact::escaped_path(path),
                     b.advice()
                 );
                 ExitCode::from(1)
             }
         }
         Err(e) => {
-            eprintln!("{}: {e}", path.display());
+            eprintln!("{}: {e}", crate::redact::escaped_path(path));
             ExitCode::from(1)
         }
     }
@@ -314,7 +314,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{}: {e}", path.display());
+            eprintln!("{}: {e}", crate::redact::escaped_path(path));
             return ExitCode::from(1);
         }
     };
@@ -323,7 +323,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         eprint!("{}", budget.render());
         eprintln!(
             "{}: budget.memory_mib: the worst case exceeds the budget; refusing to start: {}",
-            path.display(),
+            crate::redact::escaped_path(path),
             budget.advice()
         );
         return ExitCode::from(1);

@@ -518,14 +518,16 @@ fn arc_key(endpoint: &Uri, challenge: Option<&str>) -> Result<String, IdentityEr
     if path.extension().and_then(|e| e.to_str()) != Some("key") || !path.is_absolute() {
         return Err(err(format!(
             "the challenge names {}, not an absolute path to a .key file",
-            path.display()
+            crate::redact::peer_text(&path.to_string_lossy())
         )));
     }
+    // The path is the endpoint's text: shown as a peer's.
+    let shown = crate::redact::peer_text(&path.to_string_lossy()).into_owned();
     // Capped as it is read: a size from the metadata says nothing of a device.
     let key = crate::file_limit::read_capped(path, MAX_ARC_KEY)
-        .map_err(|e| err(format!("cannot read the key file {}: {e}", path.display())))?;
+        .map_err(|e| err(format!("cannot read the key file {shown}: {e}")))?;
     let key = String::from_utf8(key)
-        .map_err(|_| err(format!("the key file {} is not UTF-8 text", path.display())))?;
+        .map_err(|_| err(format!("the key file {shown} is not UTF-8 text")))?;
     Ok(key.trim().to_string())
 }
 
@@ -743,6 +745,19 @@ mod tests {
         assert!(arc_key(&uri, Some(&format!("Basic realm={}", txt.display()))).is_err());
         assert!(arc_key(&uri, Some("Bearer realm=x")).is_err());
         assert!(arc_key(&uri, None).is_err());
+        // The path is the endpoint's text: errors show it without control characters,
+        // whether it fails the shape check or the read.
+        for realm in ["/tmp/x\u{1b}[31m.txt", "/nonexistent/x\u{1b}[31m.key"] {
+            let e = arc_key(&uri, Some(&format!("Basic realm={realm}")))
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains('\u{1b}'), "{e:?}");
+        }
+        // Twice the cap is refused as it is read.
+        let big = dir.join("big.key");
+        std::fs::write(&big, vec![b'a'; 2 * MAX_ARC_KEY as usize]).unwrap();
+        let e = arc_key(&uri, Some(&format!("Basic realm={}", big.display())));
+        assert!(e.unwrap_err().to_string().contains("more than 4 KiB"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

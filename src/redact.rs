@@ -59,17 +59,21 @@ pub fn escaped(s: &str) -> Cow<'_, str> {
     if !s.contains(char::is_control) {
         return Cow::Borrowed(s);
     }
-    Cow::Owned(
-        s.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_debug().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
-    )
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A path the user gave (on the command line, in the config) as messages show it:
+/// through [`escaped`]. Unlike [`shown_path`] it is always shown: it names no secret.
+pub fn escaped_path(p: &Path) -> String {
+    escaped(&p.to_string_lossy()).into_owned()
 }
 
 #[cfg(test)]
@@ -80,6 +84,10 @@ mod tests {
     fn escaped_writes_control_characters_as_escapes() {
         assert_eq!(escaped("journal.events"), "journal.events");
         assert_eq!(escaped("a\u{1b}[31m\0\nb"), "a\\u{1b}[31m\\0\\nb");
+        assert_eq!(
+            escaped_path(Path::new("/etc/x\u{1b}.toml")),
+            "/etc/x\\u{1b}.toml"
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl std::fmt::Display for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {reason}")]
+    #[error("cannot read {}: {reason}", crate::redact::escaped_path(path))]
     Read { path: PathBuf, reason: String },
     #[error("{location}{key}: {reason}")]
     Syntax {
@@ -1951,6 +1951,17 @@ mod tests {
             assert!(e.contains(&format!("journal.{shown}")), "{e}");
             assert!(e.contains("unknown field"), "{e}");
         }
+    }
+
+    /// The config's own path, as the user typed it, is shown with its control
+    /// characters escaped when it cannot be read.
+    #[test]
+    fn an_unreadable_config_path_is_shown_escaped() {
+        let e = Config::load(Path::new("/nonexistent/x\u{1b}[31m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(r"/nonexistent/x\u{1b}[31m.toml"), "{e:?}");
+        assert!(!e.contains('\u{1b}'), "{e:?}");
     }
 
     #[test]

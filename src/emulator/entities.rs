@@ -453,8 +453,9 @@ impl Entities {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, EmulatorError> {
         let path = path.as_ref();
         let text = crate::config::read_text_file(path).map_err(EmulatorError::Config)?;
-        Self::from_json(&text)
-            .map_err(|e| EmulatorError::Config(format!("{}: {e}", path.display())))
+        Self::from_json(&text).map_err(|e| {
+            EmulatorError::Config(format!("{}: {e}", crate::redact::escaped_path(path)))
+        })
     }
 }
 

@@ -531,11 +531,16 @@ pub async fn serve(options: ServeOptions, mut shutdown: Shutdown) -> Result<(), 
                 .map_err(|e| {
                     EmulatorError::Config(format!(
                         "--jwt-public-key {}: cannot read: {e}",
-                        p.display()
+                        crate::redact::escaped_path(&p)
                     ))
                 })?;
             Some(Arc::new(crate::jwt::RsaVerifier::from_pem(&pem).map_err(
-                |e| EmulatorError::Config(format!("--jwt-public-key {}: {e}", p.display())),
+                |e| {
+                    EmulatorError::Config(format!(
+                        "--jwt-public-key {}: {e}",
+                        crate::redact::escaped_path(&p)
+                    ))
+                },
             )?))
         }
         None => None,

@@ -76,7 +76,7 @@ pub fn expiry_warning(key: &str, files: &CertFiles, not_after: SystemTime) -> Op
     (left < EXPIRY_WARNING).then(|| {
         format!(
             "{key} {}: the certificate expires in {} days ({})",
-            files.cert.display(),
+            crate::redact::escaped_path(&files.cert),
             left.as_secs() / 86_400,
             humantime::format_rfc3339_seconds(not_after)
         )
